@@ -1,0 +1,107 @@
+//! The `fast` backend's register-only context switch for x86_64 (System V ABI).
+//!
+//! A suspended context is a single stack pointer. [`switch`] pushes what it must keep and
+//! parks the stack pointer; the other side pops the same shape:
+//!
+//! ```text
+//!            higher addresses
+//!          +-------------------+
+//!          | saved rbp         |   rbp and rbx cannot be named as asm operands in Rust
+//!          | saved rbx         |   (frame pointer / reserved by LLVM), so they go on the stack
+//!   sp --> | resume address    |   label `2:` inside the switch that suspended this context
+//!          +-------------------+
+//!            lower addresses
+//! ```
+//!
+//! Every other register is declared clobbered (`clobber_abi("C")` plus `r12`-`r15`), so the
+//! compiler spills only what is live across the switch at that call site instead of us
+//! saving all callee-saved registers every time. MXCSR and the x87 control word are not
+//! switched: coroutines are expected to leave them as the ABI default.
+//!
+//! The switch ends in an indirect `jmp` to the popped resume address rather than `ret`: a
+//! `ret` to a return address that no `call` pushed empties the return stack buffer's
+//! prediction and mispredicts every time, while the indirect jump is predicted per site.
+//! No syscall is made, unlike glibc's `swapcontext`, which calls `rt_sigprocmask`.
+
+use std::arch::asm;
+
+/// Saves the current context into `*save_sp` and resumes the context whose stack pointer is
+/// `load_sp`. Returns when some other context switches back to the saved one.
+///
+/// # Safety
+/// `save_sp` must be writable. `load_sp` must be a stack pointer saved by [`switch`] or
+/// [`bootstrap`] whose context has not been resumed since, on a stack that is still mapped.
+#[inline(always)]
+pub(crate) unsafe fn switch(save_sp: *mut *mut u8, load_sp: *mut u8) {
+    // SAFETY: the caller guarantees both pointers; the asm restores rsp, rbx and rbp to
+    // their entry values before falling through at `2:`, and declares all other registers
+    // clobbered.
+    unsafe {
+        asm!(
+            "push rbp",
+            "push rbx",
+            "lea rax, [rip + 2f]",
+            "push rax",
+            "mov [{save}], rsp",
+            "mov rsp, {load}",
+            "pop rax",
+            "jmp rax",
+            "2:",
+            "pop rbx",
+            "pop rbp",
+            save = in(reg) save_sp,
+            load = in(reg) load_sp,
+            out("rax") _,
+            out("r12") _,
+            out("r13") _,
+            out("r14") _,
+            out("r15") _,
+            clobber_abi("C"),
+        );
+    }
+}
+
+/// Saves the current context into `*save_sp` exactly as [`switch`] does, then calls
+/// `enter(arg)` on the current stack below the saved frame. `enter` must never return; it
+/// leaves for another stack (through `setcontext`), and the first [`switch`] back to the
+/// saved pointer makes this function return.
+///
+/// This is how the `fast` backend uses `makecontext` only once per new stack: `enter` jumps
+/// into the `makecontext`-prepared trampoline, which parks itself with [`switch`] straight
+/// back to us.
+///
+/// # Safety
+/// As for [`switch`]; additionally `enter` must not return and must not unwind.
+#[inline(always)]
+pub(crate) unsafe fn bootstrap(
+    save_sp: *mut *mut u8,
+    enter: unsafe extern "C" fn(*mut u8) -> !,
+    arg: *mut u8,
+) {
+    // SAFETY: as in `switch`; the stack below the saved frame is ours to use because rsp
+    // points at the saved frame, and `enter` never returns into this asm.
+    unsafe {
+        asm!(
+            "push rbp",
+            "push rbx",
+            "lea rax, [rip + 2f]",
+            "push rax",
+            "mov [{save}], rsp",
+            "and rsp, -16",
+            "call {enter}",
+            "ud2",
+            "2:",
+            "pop rbx",
+            "pop rbp",
+            save = in(reg) save_sp,
+            enter = in(reg) enter,
+            in("rdi") arg,
+            out("rax") _,
+            out("r12") _,
+            out("r13") _,
+            out("r14") _,
+            out("r15") _,
+            clobber_abi("C"),
+        );
+    }
+}

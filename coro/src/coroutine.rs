@@ -1,0 +1,247 @@
+//! The safe coroutine API: create, resume, yield, finish, drop.
+//!
+//! # Dropping a coroutine
+//! Dropping a coroutine that never ran drops its closure. Dropping a *suspended* coroutine
+//! unwinds it: it is resumed once more, its pending [`yield_now`] panics with a private
+//! payload (without invoking the panic hook), the destructors of everything on its stack run,
+//! and its stack goes back to the pool. A coroutine that catches that unwind and yields
+//! again is unwound again until it returns.
+//!
+//! # Send
+//! A coroutine is `!Send`: its stack may hold thread-local references, and it is resumed by
+//! the thread that owns its pool.
+//!
+//! ```compile_fail
+//! fn needs_send<T: Send>(_: T) {}
+//! needs_send(coro::Coroutine::new(|| 1));
+//! ```
+
+use std::io;
+use std::marker::PhantomData;
+use std::panic;
+use std::ptr::NonNull;
+use std::thread;
+
+use crate::fiber::{self, Backend, Fiber, Payload};
+use crate::stack::DEFAULT_STACK_SIZE;
+
+/// Where a coroutine is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Created, not yet resumed.
+    Ready,
+    /// Running now (only observable from inside, through nested code).
+    Running,
+    /// Yielded; `resume` continues it.
+    Suspended,
+    /// Returned or panicked; its stack is back in the pool.
+    Done,
+}
+
+/// What one `resume` produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resumed<T> {
+    /// The coroutine called [`yield_now`] and can be resumed again.
+    Yielded,
+    /// The coroutine returned this value and is done.
+    Returned(T),
+}
+
+/// The unwind payload that cancels a suspended coroutine being dropped.
+struct Cancelled;
+
+/// How to make a coroutine: backend, stack size, and whether to use the per-thread pool.
+#[derive(Clone, Copy, Debug)]
+pub struct Builder {
+    backend: Backend,
+    stack_size: usize,
+    pooled: bool,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            backend: Backend::default(),
+            stack_size: DEFAULT_STACK_SIZE,
+            pooled: true,
+        }
+    }
+}
+
+impl Builder {
+    /// The default: `Fast` where available, 256 KiB stacks, pooled.
+    pub fn new() -> Builder {
+        Builder::default()
+    }
+
+    /// Chooses the switch backend.
+    pub fn backend(mut self, backend: Backend) -> Builder {
+        self.backend = backend;
+        self
+    }
+
+    /// Chooses the usable stack size (rounded up to pages, at least
+    /// [`MIN_STACK_SIZE`](crate::MIN_STACK_SIZE)).
+    pub fn stack_size(mut self, bytes: usize) -> Builder {
+        self.stack_size = bytes;
+        self
+    }
+
+    /// Whether stacks come from and return to the per-thread pool (default true). Unpooled
+    /// coroutines map and unmap a fresh stack each; useful to measure what the pool saves.
+    pub fn pooled(mut self, pooled: bool) -> Builder {
+        self.pooled = pooled;
+        self
+    }
+
+    /// The backend coroutines from this builder will actually use.
+    pub fn get_backend(&self) -> Backend {
+        self.backend.effective()
+    }
+
+    /// Creates a coroutine that will run `f` when first resumed.
+    ///
+    /// Fails only if a new stack cannot be mapped.
+    pub fn spawn<F, T>(self, f: F) -> io::Result<Coroutine<T>>
+    where
+        F: FnOnce() -> T + 'static,
+        T: 'static,
+    {
+        let fib = Fiber::acquire(self.backend, self.stack_size, self.pooled)?;
+        // SAFETY: an acquired fiber is parked with no job and an empty payload.
+        unsafe { Fiber::start::<F, T>(fib.as_ptr(), f) };
+        Ok(Coroutine {
+            fiber: Some(fib),
+            state: State::Ready,
+            builder: self,
+            _marker: PhantomData,
+        })
+    }
+}
+
+/// `*mut ()` makes the handle `!Send` and `!Sync`; `fn() -> T` records the output type
+/// without claiming to own a `T`.
+type NotSendReturning<T> = (*mut (), fn() -> T);
+
+/// A stackful coroutine returning `T`. See the module docs for drop and `Send` rules.
+pub struct Coroutine<T> {
+    fiber: Option<NonNull<Fiber>>,
+    state: State,
+    builder: Builder,
+    _marker: PhantomData<NotSendReturning<T>>,
+}
+
+impl<T: 'static> Coroutine<T> {
+    /// Creates a coroutine with the default [`Builder`].
+    ///
+    /// # Panics
+    /// If no stack can be mapped (address space or memory exhausted), like `thread::spawn`.
+    pub fn new<F>(f: F) -> Coroutine<T>
+    where
+        F: FnOnce() -> T + 'static,
+    {
+        match Builder::new().spawn(f) {
+            Ok(c) => c,
+            Err(e) => panic!("failed to map a coroutine stack: {e}"),
+        }
+    }
+}
+
+impl<T> Coroutine<T> {
+    /// Where this coroutine is in its life.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Runs the coroutine until it yields or returns.
+    ///
+    /// # Panics
+    /// Re-raises a panic from inside the coroutine (which is then done), and panics if the
+    /// coroutine is already done.
+    pub fn resume(&mut self) -> Resumed<T> {
+        let fib = match (self.state, self.fiber) {
+            (State::Ready | State::Suspended, Some(f)) => f.as_ptr(),
+            _ => panic!("resume of a coroutine that is {:?}", self.state),
+        };
+        self.state = State::Running;
+        // SAFETY: the fiber is parked (Ready or Suspended) and owned by this handle.
+        unsafe { fiber::switch_in(fib) };
+        // SAFETY: the fiber switched back, so it is parked again.
+        if unsafe { Fiber::is_finished(fib) } {
+            match self.finish() {
+                Ok(v) => Resumed::Returned(v),
+                Err(p) => panic::resume_unwind(p),
+            }
+        } else {
+            self.state = State::Suspended;
+            Resumed::Yielded
+        }
+    }
+
+    /// Takes the outcome of a finished job and returns its fiber to the pool.
+    fn finish(&mut self) -> thread::Result<T> {
+        self.state = State::Done;
+        let Some(fib) = self.fiber.take() else {
+            unreachable!("finish without a fiber")
+        };
+        // SAFETY: a finished job left a `thread::Result<T>` in the payload; after reading
+        // it the fiber is parked with nothing live, as `release` requires.
+        unsafe {
+            let outcome = Payload::read::<thread::Result<T>>(&raw mut (*fib.as_ptr()).payload);
+            Fiber::release(fib, self.builder.pooled, self.builder.stack_size);
+            outcome
+        }
+    }
+}
+
+impl<T> Drop for Coroutine<T> {
+    fn drop(&mut self) {
+        let Some(fib) = self.fiber else { return };
+        let fib_ptr = fib.as_ptr();
+        match self.state {
+            State::Ready => {
+                self.fiber = None;
+                // SAFETY: the job was installed and never ran; afterwards the fiber is
+                // parked and empty.
+                unsafe {
+                    Fiber::discard_job(fib_ptr);
+                    Fiber::release(fib, self.builder.pooled, self.builder.stack_size);
+                }
+            }
+            State::Suspended => {
+                // SAFETY: the fiber is parked mid-job; resuming it with `cancel` set makes
+                // its `yield_now` unwind until the job returns.
+                unsafe {
+                    (*fib_ptr).cancel = true;
+                    while !Fiber::is_finished(fib_ptr) {
+                        fiber::switch_in(fib_ptr);
+                    }
+                }
+                // The outcome is normally our own `Cancelled`; any value is dropped too.
+                drop(self.finish());
+            }
+            State::Running | State::Done => {}
+        }
+    }
+}
+
+/// Suspends the running coroutine and returns to whoever resumed it.
+///
+/// # Panics
+/// When called outside a coroutine. Inside a coroutine being dropped, it unwinds instead of
+/// returning (see the module docs).
+pub fn yield_now() {
+    let fib = fiber::current();
+    assert!(!fib.is_null(), "yield_now called outside a coroutine");
+    // SAFETY: `fib` is the fiber we are running on, entered by `switch_in`.
+    unsafe { fiber::switch_out(fib) };
+    // SAFETY: we were resumed, so `fib` is still alive.
+    if unsafe { (*fib).cancel } {
+        panic::resume_unwind(Box::new(Cancelled));
+    }
+}
+
+/// Whether the caller is running inside a coroutine.
+pub fn in_coroutine() -> bool {
+    !fiber::current().is_null()
+}

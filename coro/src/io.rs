@@ -1,0 +1,244 @@
+//! io_uring for coroutines: submit an operation, park, resume with its result.
+//!
+//! Each operation gets a slot keyed by the SQE's `user_data`. The calling task parks until
+//! [`Ring::reap`] has posted the CQE's result into the slot and woken it. Submissions are not
+//! sent one by one: they sit in the submission queue until the scheduler has run every ready
+//! task, then go to the kernel in a single `io_uring_enter` ([`Ring::submit`]).
+//!
+//! The ring signals an eventfd on every completion so an outside epoll loop (the vhost-user
+//! worker) can sleep on it alongside guest kicks.
+//!
+//! Buffers: the iovec arrays and data buffers passed in here belong to the parked caller and
+//! stay valid until it is resumed, which happens only after the completion. The scheduler's
+//! `Drop` waits for all operations in flight before unwinding any task, so cancellation
+//! cannot free memory the kernel still writes to.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use io_uring::{opcode, squeue, types, IoUring};
+use slab::Slab;
+
+use crate::sched::{self, TaskId};
+
+struct Op {
+    task: TaskId,
+    result: Option<i32>,
+}
+
+/// An io_uring plus the bookkeeping that maps completions back to parked tasks.
+pub struct Ring {
+    uring: IoUring,
+    eventfd: OwnedFd,
+    ops: Slab<Op>,
+    /// SQEs pushed but not yet submitted.
+    queued: usize,
+}
+
+impl Ring {
+    /// A ring with `entries` submission slots and a fresh non-blocking eventfd.
+    pub fn new(entries: u32) -> io::Result<Ring> {
+        // SAFETY: eventfd has no memory preconditions; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+        Ring::with_eventfd(entries, unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// A ring that signals the given eventfd on completions (e.g. one already registered
+    /// with an epoll loop before the worker thread created its scheduler).
+    pub fn with_eventfd(entries: u32, eventfd: OwnedFd) -> io::Result<Ring> {
+        let uring = IoUring::new(entries)?;
+        uring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        Ok(Ring {
+            uring,
+            eventfd,
+            ops: Slab::new(),
+            queued: 0,
+        })
+    }
+
+    /// The completion eventfd.
+    pub fn eventfd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
+    }
+
+    /// Operations pushed and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Queues `entry` for `task`; returns the slot key.
+    fn push(&mut self, entry: squeue::Entry, task: TaskId) -> io::Result<usize> {
+        let key = self.ops.insert(Op { task, result: None });
+        let entry = entry.user_data(key as u64);
+        loop {
+            // SAFETY: the buffers `entry` points to belong to the parked calling task and
+            // outlive the operation (see the module docs).
+            let pushed = unsafe { self.uring.submission().push(&entry) };
+            match pushed {
+                Ok(()) => {
+                    self.queued += 1;
+                    return Ok(key);
+                }
+                Err(_) => {
+                    // Submission queue full: flush it now rather than fail the request.
+                    if let Err(e) = self.uring.submit() {
+                        self.ops.remove(key);
+                        return Err(e);
+                    }
+                    self.queued = 0;
+                }
+            }
+        }
+    }
+
+    /// Sends queued SQEs to the kernel; true if there were any.
+    pub(crate) fn submit(&mut self) -> io::Result<bool> {
+        if self.queued == 0 {
+            return Ok(false);
+        }
+        self.uring.submit()?;
+        self.queued = 0;
+        Ok(true)
+    }
+
+    /// Records the results of completed operations and calls `wake` with each owner;
+    /// returns whether there were any.
+    pub(crate) fn reap(&mut self, mut wake: impl FnMut(TaskId)) -> bool {
+        let mut any = false;
+        for cqe in self.uring.completion() {
+            if let Some(op) = self.ops.get_mut(cqe.user_data() as usize) {
+                op.result = Some(cqe.result());
+                wake(op.task);
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// Resets the eventfd's counter after an epoll wake-up, so level-triggered epoll does
+    /// not report it again. Completions are reaped independently of the counter.
+    pub fn clear_eventfd(&self) {
+        let mut counter = 0u64;
+        // SAFETY: reading 8 bytes into a u64 from our own non-blocking eventfd; EAGAIN
+        // (nothing to clear) is fine.
+        unsafe { libc::read(self.eventfd.as_raw_fd(), (&raw mut counter).cast(), 8) };
+    }
+
+    /// Blocks until at least `want` completions are available (submitting queued SQEs).
+    pub(crate) fn wait(&self, want: usize) -> io::Result<()> {
+        match self.uring.submit_and_wait(want) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits for every operation in flight, discarding results (used on scheduler drop).
+    pub(crate) fn drain(&mut self) {
+        while self.ops.iter().any(|(_, op)| op.result.is_none()) {
+            if self.uring.submit_and_wait(1).is_err() {
+                break;
+            }
+            for cqe in self.uring.completion() {
+                if let Some(op) = self.ops.get_mut(cqe.user_data() as usize) {
+                    op.result = Some(cqe.result());
+                }
+            }
+        }
+    }
+
+    fn take_result(&mut self, key: usize) -> Option<i32> {
+        match self.ops.get(key) {
+            Some(Op {
+                result: Some(r), ..
+            }) => {
+                let r = *r;
+                self.ops.remove(key);
+                Some(r)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Submits `entry` from the current task, parks until it completes, returns the raw result.
+fn submit_and_park(entry: squeue::Entry) -> io::Result<i32> {
+    let key = sched::with_active(|s| {
+        s.ensure_ring()?;
+        let task = s.current();
+        let mut ring = s.ring.borrow_mut();
+        match ring.as_mut() {
+            Some(ring) => ring.push(entry, task),
+            None => Err(io::Error::other("no io_uring")),
+        }
+    })?;
+    loop {
+        let done = sched::with_active(|s| s.ring.borrow_mut().as_mut().and_then(|r| r.take_result(key)));
+        if let Some(res) = done {
+            return Ok(res);
+        }
+        sched::park();
+    }
+}
+
+fn to_result(res: i32) -> io::Result<usize> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error(-res))
+    } else {
+        Ok(res as usize)
+    }
+}
+
+fn iov_len(iov: &[libc::iovec]) -> io::Result<u32> {
+    u32::try_from(iov.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Reads into `iov` from `fd` at `offset`; returns bytes read (short at end of file).
+pub fn readv(fd: RawFd, iov: &[libc::iovec], offset: u64) -> io::Result<usize> {
+    let e = opcode::Readv::new(types::Fd(fd), iov.as_ptr(), iov_len(iov)?)
+        .offset(offset)
+        .build();
+    to_result(submit_and_park(e)?)
+}
+
+/// Writes `iov` to `fd` at `offset`; returns bytes written.
+pub fn writev(fd: RawFd, iov: &[libc::iovec], offset: u64) -> io::Result<usize> {
+    let e = opcode::Writev::new(types::Fd(fd), iov.as_ptr(), iov_len(iov)?)
+        .offset(offset)
+        .build();
+    to_result(submit_and_park(e)?)
+}
+
+/// `fsync` (or `fdatasync` when `datasync`) of `fd`.
+pub fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
+    let mut op = opcode::Fsync::new(types::Fd(fd));
+    if datasync {
+        op = op.flags(types::FsyncFlags::DATASYNC);
+    }
+    to_result(submit_and_park(op.build())?).map(drop)
+}
+
+/// `fallocate(fd, mode, offset, len)`: preallocate, punch holes, zero ranges.
+pub fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    let e = opcode::Fallocate::new(types::Fd(fd), len)
+        .offset(offset)
+        .mode(mode)
+        .build();
+    to_result(submit_and_park(e)?).map(drop)
+}
+
+/// Parks the current task for `d`, using an io_uring timeout so that the same eventfd that
+/// reports I/O completions also reports timer expiry.
+pub fn sleep(d: Duration) {
+    let ts = types::Timespec::new()
+        .sec(d.as_secs())
+        .nsec(d.subsec_nanos());
+    let e = opcode::Timeout::new(&ts).build();
+    // -ETIME is the normal expiry; any other outcome (e.g. no ring) still ends the sleep.
+    let _ = submit_and_park(e);
+}

@@ -1,0 +1,374 @@
+//! A single-threaded scheduler: spawn tasks (coroutines), run the ready ones, park and wake.
+//!
+//! The scheduler does not block or own an event loop: [`Scheduler::run`] resumes ready tasks
+//! until none is left, submits the io_uring operations they queued in one batch, and returns.
+//! The caller's loop (the vhost-user worker's epoll) calls it again when something happens:
+//! a guest kick that spawned tasks, or the ring's completion eventfd
+//! ([`Scheduler::completion_fd`]). [`Scheduler::run_until_idle`] is the blocking variant
+//! for tests and tools that have no loop of their own.
+//!
+//! Inside a task, [`park`] suspends until some [`wake`]; the task id comes from
+//! [`current_task`]. Wake-ups are remembered, so a wake that lands before the park is not
+//! lost; callers still re-check their condition in a loop, as with condition variables.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::panic::{self, AssertUnwindSafe};
+use std::os::fd::RawFd;
+use std::ptr;
+use std::rc::Rc;
+
+use slab::Slab;
+
+use crate::coroutine::{self, Builder, Coroutine, Resumed};
+use crate::io::Ring;
+
+/// Identifies a task within its scheduler. The generation makes a stale id (of a finished
+/// task whose slot was reused) harmless: waking it does nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TaskId {
+    index: u32,
+    gen: u32,
+}
+
+struct Task {
+    /// `None` while the task is running (its handle is taken out to resume it).
+    co: Option<Coroutine<()>>,
+    gen: u32,
+    /// A wake arrived since the task was last resumed.
+    notified: bool,
+    /// In the ready queue.
+    queued: bool,
+}
+
+pub(crate) struct Inner {
+    builder: Builder,
+    tasks: RefCell<Slab<Task>>,
+    ready: RefCell<VecDeque<TaskId>>,
+    current: Cell<Option<TaskId>>,
+    next_gen: Cell<u32>,
+    ring_entries: u32,
+    pub(crate) ring: RefCell<Option<Ring>>,
+}
+
+thread_local! {
+    static ACTIVE: Cell<*const Inner> = const { Cell::new(ptr::null()) };
+}
+
+/// Calls `f` with the scheduler running the current task.
+///
+/// # Panics
+/// Outside a task of a running scheduler.
+pub(crate) fn with_active<R>(f: impl FnOnce(&Inner) -> R) -> R {
+    let p = ACTIVE.with(Cell::get);
+    assert!(!p.is_null(), "called outside a task of a coro::Scheduler");
+    // SAFETY: ACTIVE is set only while `Scheduler::run` holds an `Rc<Inner>` alive on this
+    // thread, and reset before it returns.
+    f(unsafe { &*p })
+}
+
+/// Single-threaded executor of coroutine tasks. `!Send`, like the coroutines it owns.
+pub struct Scheduler {
+    inner: Rc<Inner>,
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Scheduler::new(Builder::default())
+    }
+}
+
+impl Scheduler {
+    /// A scheduler whose tasks are made by `builder` (backend, stack size, pooling).
+    pub fn new(builder: Builder) -> Scheduler {
+        Scheduler {
+            inner: Rc::new(Inner {
+                builder,
+                tasks: RefCell::new(Slab::new()),
+                ready: RefCell::new(VecDeque::new()),
+                current: Cell::new(None),
+                next_gen: Cell::new(0),
+                ring_entries: 256,
+                ring: RefCell::new(None),
+            }),
+        }
+    }
+
+    /// Installs the io_uring that tasks' I/O goes through. Without one, the first I/O
+    /// creates a default ring of 256 entries.
+    pub fn with_ring(self, ring: Ring) -> Scheduler {
+        *self.inner.ring.borrow_mut() = Some(ring);
+        self
+    }
+
+    /// Adds a task that will run `f` on the next [`run`](Self::run).
+    pub fn spawn<F>(&self, f: F) -> io::Result<TaskId>
+    where
+        F: FnOnce() + 'static,
+    {
+        self.inner.spawn(f)
+    }
+
+    /// Wakes a parked task (from outside any task, e.g. an I/O completion handler).
+    pub fn wake(&self, id: TaskId) {
+        self.inner.wake(id)
+    }
+
+    /// Tasks not yet finished.
+    pub fn task_count(&self) -> usize {
+        self.inner.tasks.borrow().len()
+    }
+
+    /// Whether any task is ready to run now.
+    pub fn has_ready(&self) -> bool {
+        !self.inner.ready.borrow().is_empty()
+    }
+
+    /// Operations submitted to the ring and not yet completed.
+    pub fn io_in_flight(&self) -> usize {
+        self.inner.ring.borrow().as_ref().map_or(0, Ring::in_flight)
+    }
+
+    /// The eventfd the ring signals on each completion, for an outside epoll loop; creates
+    /// the default ring if none was installed.
+    pub fn completion_fd(&self) -> io::Result<RawFd> {
+        self.inner.ensure_ring()?;
+        Ok(self.inner.ring.borrow().as_ref().map_or(-1, Ring::eventfd))
+    }
+
+    /// Call after the completion eventfd fired: clears it, then [`run`](Self::run)s.
+    pub fn on_completion_event(&self) -> io::Result<usize> {
+        if let Some(ring) = self.inner.ring.borrow().as_ref() {
+            ring.clear_eventfd();
+        }
+        self.run()
+    }
+
+    /// Resumes ready tasks (and those woken by completions) until none is ready, then submits
+    /// their queued I/O in one batch. Returns how many resumes it did. Never blocks.
+    ///
+    /// # Panics
+    /// Re-raises a panic from a task.
+    pub fn run(&self) -> io::Result<usize> {
+        let _enter = Enter::new(&self.inner);
+        let mut resumed = 0;
+        loop {
+            self.inner.reap();
+            while let Some(id) = self.inner.pop_ready() {
+                self.inner.resume(id);
+                resumed += 1;
+            }
+            if !self.inner.submit()? && self.inner.ready.borrow().is_empty() {
+                // Nothing new went to the kernel and nobody is ready: done for now.
+                if !self.inner.reap() {
+                    return Ok(resumed);
+                }
+            }
+        }
+    }
+
+    /// Like [`run`](Self::run), but blocks on the ring until every task has finished, or
+    /// until the remaining tasks are all parked with no I/O in flight (they wait for an
+    /// outside [`wake`](Self::wake)). Returns the number of tasks still alive.
+    pub fn run_until_idle(&self) -> io::Result<usize> {
+        loop {
+            self.run()?;
+            if self.task_count() == 0 || self.io_in_flight() == 0 {
+                return Ok(self.task_count());
+            }
+            if let Some(ring) = self.inner.ring.borrow().as_ref() {
+                ring.wait(1)?;
+            }
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        // The kernel may still write into buffers on parked tasks' stacks: wait for every
+        // operation in flight before unwinding the tasks that own them.
+        if let Some(ring) = self.inner.ring.borrow_mut().as_mut() {
+            ring.drain();
+        }
+        let _enter = Enter::new(&self.inner);
+        let tasks: Vec<Task> = self.inner.tasks.borrow_mut().drain().collect();
+        drop(tasks);
+    }
+}
+
+/// Marks a scheduler active on this thread for the duration of a run.
+struct Enter {
+    prev: *const Inner,
+}
+
+impl Enter {
+    fn new(inner: &Rc<Inner>) -> Enter {
+        let prev = ACTIVE.with(|a| a.replace(Rc::as_ptr(inner)));
+        Enter { prev }
+    }
+}
+
+impl Drop for Enter {
+    fn drop(&mut self) {
+        ACTIVE.with(|a| a.set(self.prev));
+    }
+}
+
+impl Inner {
+    fn spawn<F>(&self, f: F) -> io::Result<TaskId>
+    where
+        F: FnOnce() + 'static,
+    {
+        let co = self.builder.spawn(f)?;
+        let gen = self.next_gen.get().wrapping_add(1);
+        self.next_gen.set(gen);
+        let index = self.tasks.borrow_mut().insert(Task {
+            co: Some(co),
+            gen,
+            notified: false,
+            queued: true,
+        });
+        let id = TaskId {
+            index: u32::try_from(index).map_err(|_| io::Error::other("too many tasks"))?,
+            gen,
+        };
+        self.ready.borrow_mut().push_back(id);
+        Ok(id)
+    }
+
+    pub(crate) fn wake(&self, id: TaskId) {
+        let mut tasks = self.tasks.borrow_mut();
+        let Some(task) = tasks.get_mut(id.index as usize) else {
+            return;
+        };
+        if task.gen != id.gen {
+            return;
+        }
+        task.notified = true;
+        if !task.queued && task.co.is_some() {
+            task.queued = true;
+            self.ready.borrow_mut().push_back(id);
+        }
+    }
+
+    pub(crate) fn current(&self) -> TaskId {
+        match self.current.get() {
+            Some(id) => id,
+            None => panic!("called outside a task of a coro::Scheduler"),
+        }
+    }
+
+    /// Consumes a pending wake-up of the current task; true if there was one.
+    pub(crate) fn take_notified(&self, id: TaskId) -> bool {
+        let mut tasks = self.tasks.borrow_mut();
+        match tasks.get_mut(id.index as usize) {
+            Some(t) if t.gen == id.gen => std::mem::take(&mut t.notified),
+            _ => false,
+        }
+    }
+
+    fn pop_ready(&self) -> Option<TaskId> {
+        self.ready.borrow_mut().pop_front()
+    }
+
+    fn resume(&self, id: TaskId) {
+        let co = {
+            let mut tasks = self.tasks.borrow_mut();
+            match tasks.get_mut(id.index as usize) {
+                Some(t) if t.gen == id.gen => {
+                    t.queued = false;
+                    t.notified = false;
+                    t.co.take()
+                }
+                _ => None,
+            }
+        };
+        let Some(mut co) = co else { return };
+        let prev = self.current.replace(Some(id));
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| co.resume()));
+        self.current.set(prev);
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(p) => {
+                // The task is done (it panicked); forget it before re-raising.
+                self.tasks.borrow_mut().remove(id.index as usize);
+                panic::resume_unwind(p);
+            }
+        };
+        let mut tasks = self.tasks.borrow_mut();
+        match outcome {
+            Resumed::Yielded => {
+                if let Some(t) = tasks.get_mut(id.index as usize) {
+                    let requeue = t.notified && !t.queued;
+                    t.co = Some(co);
+                    if requeue {
+                        t.queued = true;
+                        self.ready.borrow_mut().push_back(id);
+                    }
+                }
+            }
+            Resumed::Returned(()) => {
+                tasks.remove(id.index as usize);
+            }
+        }
+    }
+
+    pub(crate) fn ensure_ring(&self) -> io::Result<()> {
+        let mut ring = self.ring.borrow_mut();
+        if ring.is_none() {
+            *ring = Some(Ring::new(self.ring_entries)?);
+        }
+        Ok(())
+    }
+
+    /// Posts finished operations' results and wakes their tasks; true if any.
+    fn reap(&self) -> bool {
+        match self.ring.borrow_mut().as_mut() {
+            Some(ring) => ring.reap(|id| self.wake(id)),
+            None => false,
+        }
+    }
+
+    /// Submits queued operations; true if any went to the kernel.
+    fn submit(&self) -> io::Result<bool> {
+        match self.ring.borrow_mut().as_mut() {
+            Some(ring) => ring.submit(),
+            None => Ok(false),
+        }
+    }
+}
+
+/// Suspends the current task until it is woken. Returns at once if a wake-up arrived since
+/// it was last resumed. Callers re-check what they wait for: wake-ups may be spurious.
+pub fn park() {
+    let notified = with_active(|s| s.take_notified(s.current()));
+    if !notified {
+        coroutine::yield_now();
+    }
+}
+
+/// Wakes a task of the scheduler running the current task.
+pub fn wake(id: TaskId) {
+    with_active(|s| s.wake(id))
+}
+
+/// The id of the running task.
+pub fn current_task() -> TaskId {
+    with_active(Inner::current)
+}
+
+/// Lets the other ready tasks run, then continues.
+pub fn yield_task() {
+    // The pending wake makes the scheduler requeue us at the back once we yield.
+    wake(current_task());
+    coroutine::yield_now();
+}
+
+/// Spawns a sibling task from inside a task.
+pub fn spawn<F>(f: F) -> io::Result<TaskId>
+where
+    F: FnOnce() + 'static,
+{
+    with_active(|s| s.spawn(f))
+}

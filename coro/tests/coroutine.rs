@@ -1,0 +1,283 @@
+//! Coroutine semantics, run against both switch backends.
+
+use std::cell::RefCell;
+use std::panic::{self, AssertUnwindSafe};
+use std::process::Command;
+use std::rc::Rc;
+
+use coro::{yield_now, Backend, Builder, Coroutine, Resumed, State};
+
+/// Defines `mod name { fn fast(); fn ucontext(); }` running `body(builder)` on each backend.
+macro_rules! both_backends {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn fast() {
+                ($body)(Builder::new().backend(Backend::Fast))
+            }
+            #[test]
+            fn ucontext() {
+                ($body)(Builder::new().backend(Backend::Ucontext))
+            }
+        }
+    };
+}
+
+both_backends!(ping_pong, |b: Builder| {
+    // cloudwu's example: two coroutines printing 0..5 and 100..105, interleaved by main.
+    let out = Rc::new(RefCell::new(Vec::new()));
+    let make = |start: i32| {
+        let out = out.clone();
+        b.spawn(move || {
+            for i in 0..5 {
+                out.borrow_mut().push(start + i);
+                yield_now();
+            }
+        })
+        .expect("spawn")
+    };
+    let mut co1 = make(0);
+    let mut co2 = make(100);
+    while co1.state() != State::Done && co2.state() != State::Done {
+        co1.resume();
+        co2.resume();
+    }
+    assert_eq!(
+        *out.borrow(),
+        vec![0, 100, 1, 101, 2, 102, 3, 103, 4, 104]
+    );
+});
+
+both_backends!(states_and_return_value, |b: Builder| {
+    let mut co = b
+        .spawn(|| {
+            yield_now();
+            String::from("done")
+        })
+        .expect("spawn");
+    assert_eq!(co.state(), State::Ready);
+    assert_eq!(co.resume(), Resumed::Yielded);
+    assert_eq!(co.state(), State::Suspended);
+    assert_eq!(co.resume(), Resumed::Returned(String::from("done")));
+    assert_eq!(co.state(), State::Done);
+});
+
+both_backends!(large_values_are_boxed_transparently, |b: Builder| {
+    let big = [7u64; 100]; // 800 bytes: larger than the inline payload
+    let mut co = b.spawn(move || big).expect("spawn");
+    assert_eq!(co.resume(), Resumed::Returned([7u64; 100]));
+});
+
+both_backends!(nested_coroutines, |b: Builder| {
+    let mut outer = b
+        .spawn(move || {
+            let mut inner = b
+                .spawn(|| {
+                    yield_now();
+                    2
+                })
+                .expect("spawn inner");
+            assert_eq!(inner.resume(), Resumed::Yielded);
+            yield_now(); // yields the outer one while the inner is suspended
+            match inner.resume() {
+                Resumed::Returned(v) => v + 1,
+                Resumed::Yielded => 0,
+            }
+        })
+        .expect("spawn outer");
+    assert_eq!(outer.resume(), Resumed::Yielded);
+    assert_eq!(outer.resume(), Resumed::Returned(3));
+});
+
+fn recurse(depth: u32) -> u64 {
+    let buf = std::hint::black_box([depth as u8; 256]);
+    if depth == 0 {
+        buf[0] as u64
+    } else {
+        recurse(depth - 1) + buf[1] as u64
+    }
+}
+
+both_backends!(deep_recursion_within_stack, |b: Builder| {
+    // ~300 bytes per frame x 400 frames = ~120 KiB of a 256 KiB stack.
+    let mut co = b.spawn(|| recurse(400)).expect("spawn");
+    let expected: u64 = (1..=400u64).map(|d| d as u8 as u64).sum();
+    assert_eq!(co.resume(), Resumed::Returned(expected));
+});
+
+both_backends!(panic_propagates_to_resumer, |b: Builder| {
+    let mut co = b
+        .spawn(|| {
+            yield_now();
+            panic!("boom in coroutine");
+        })
+        .expect("spawn");
+    co.resume();
+    let err = panic::catch_unwind(AssertUnwindSafe(|| co.resume())).expect_err("must panic");
+    assert_eq!(err.downcast_ref::<&str>(), Some(&"boom in coroutine"));
+    assert_eq!(co.state(), State::Done);
+});
+
+struct SetOnDrop(Rc<RefCell<bool>>);
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        *self.0.borrow_mut() = true;
+    }
+}
+
+both_backends!(drop_suspended_unwinds_and_returns_stack, |b: Builder| {
+    // Warm the pool so the count below is about this coroutine's stack.
+    drop(b.spawn(|| ()).expect("spawn"));
+    let before = coro::pool_idle_count();
+    let dropped = Rc::new(RefCell::new(false));
+    let flag = dropped.clone();
+    let mut co = b
+        .spawn(move || {
+            let _guard = SetOnDrop(flag);
+            loop {
+                yield_now();
+            }
+        })
+        .expect("spawn");
+    assert_eq!(co.resume(), Resumed::Yielded);
+    assert_eq!(coro::pool_idle_count(), before - 1);
+    assert!(!*dropped.borrow());
+    drop(co);
+    assert!(*dropped.borrow(), "destructor on the coroutine stack must run");
+    assert_eq!(coro::pool_idle_count(), before, "stack must return to the pool");
+});
+
+both_backends!(drop_unstarted_drops_closure, |b: Builder| {
+    let dropped = Rc::new(RefCell::new(false));
+    let guard = SetOnDrop(dropped.clone());
+    let co = b.spawn(move || drop(guard)).expect("spawn");
+    assert!(!*dropped.borrow());
+    drop(co);
+    assert!(*dropped.borrow());
+});
+
+fn rss_pages() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
+    statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("rss field")
+}
+
+/// Runs in a child process (see `create_finish_100k_no_rss_growth_*`): RSS is per process,
+/// so parallel tests in the same process would disturb the measurement.
+#[test]
+fn rss_child() {
+    let Ok(backend) = std::env::var("CORO_RSS_CHILD") else {
+        return; // Only meaningful in the child process.
+    };
+    let b = Builder::new().backend(backend.parse().expect("backend"));
+    let cycle = |n: u32| {
+        for i in 0..n {
+            let mut co = b.spawn(move || i.wrapping_mul(3)).expect("spawn");
+            assert_eq!(co.resume(), Resumed::Returned(i.wrapping_mul(3)));
+        }
+    };
+    cycle(1000); // warm-up: pool and allocator reach steady state
+    let before = rss_pages();
+    cycle(100_000);
+    let after = rss_pages();
+    // 64 pages (256 KiB) of slack for allocator noise in the test harness.
+    assert!(
+        after <= before + 64,
+        "RSS grew from {before} to {after} pages over 100k cycles"
+    );
+}
+
+#[test]
+fn create_finish_100k_no_rss_growth_fast() {
+    run_child("rss_child", "CORO_RSS_CHILD", "fast");
+}
+
+#[test]
+fn create_finish_100k_no_rss_growth_ucontext() {
+    run_child("rss_child", "CORO_RSS_CHILD", "ucontext");
+}
+
+both_backends!(unpooled_stacks_are_unmapped, |b: Builder| {
+    let b = b.pooled(false);
+    let before = coro::pool_idle_count();
+    for _ in 0..100 {
+        let mut co = b.spawn(|| 1).expect("spawn");
+        assert_eq!(co.resume(), Resumed::Returned(1));
+    }
+    assert_eq!(coro::pool_idle_count(), before);
+});
+
+#[test]
+#[should_panic(expected = "yield_now called outside a coroutine")]
+fn yield_outside_coroutine_panics() {
+    yield_now();
+}
+
+#[test]
+#[should_panic(expected = "resume of a coroutine that is Done")]
+fn resume_after_done_panics() {
+    let mut co = Coroutine::new(|| ());
+    co.resume();
+    co.resume();
+}
+
+/// Runs in a child process (see `stack_overflow_is_reported`): overflows a small stack.
+#[test]
+fn overflow_child() {
+    let Ok(backend) = std::env::var("CORO_OVERFLOW_CHILD") else {
+        return; // Only meaningful in the child process spawned below.
+    };
+    let backend: Backend = backend.parse().expect("backend");
+    #[allow(unconditional_recursion)] // the point: run off the stack
+    fn runaway(n: u64) -> u64 {
+        let buf = std::hint::black_box([n; 64]);
+        runaway(n + 1) + buf[3]
+    }
+    let mut co = Builder::new()
+        .backend(backend)
+        .stack_size(coro::MIN_STACK_SIZE)
+        .spawn(|| runaway(0))
+        .expect("spawn");
+    co.resume();
+}
+
+/// Runs the test `name` of this binary alone in a child process with `var=value` set.
+fn run_child(name: &str, var: &str, value: &str) -> std::process::Output {
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(var, value)
+        .output()
+        .expect("run child");
+    if var != "CORO_OVERFLOW_CHILD" {
+        assert!(
+            out.status.success(),
+            "child {name} failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    out
+}
+
+fn overflow_in_child(backend: &str) {
+    let out = run_child("overflow_child", "CORO_OVERFLOW_CHILD", backend);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "child must die, stderr: {stderr}");
+    assert!(
+        stderr.contains("coroutine stack overflow"),
+        "missing overflow message, stderr: {stderr}"
+    );
+}
+
+#[test]
+fn stack_overflow_is_reported_fast() {
+    overflow_in_child("fast");
+}
+
+#[test]
+fn stack_overflow_is_reported_ucontext() {
+    overflow_in_child("ucontext");
+}

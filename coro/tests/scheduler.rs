@@ -1,0 +1,253 @@
+//! Scheduler, sync primitives and io_uring, run against both switch backends.
+
+use std::cell::{Cell, RefCell};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use coro::sync::{Condvar, Mutex};
+use coro::{Backend, Builder, Scheduler};
+
+macro_rules! both_backends {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn fast() {
+                ($body)(Scheduler::new(Builder::new().backend(Backend::Fast)))
+            }
+            #[test]
+            fn ucontext() {
+                ($body)(Scheduler::new(Builder::new().backend(Backend::Ucontext)))
+            }
+        }
+    };
+}
+
+both_backends!(park_and_outside_wake, |s: Scheduler| {
+    let log = Rc::new(RefCell::new(Vec::new()));
+    let l = log.clone();
+    let id = Rc::new(Cell::new(None));
+    let idc = id.clone();
+    s.spawn(move || {
+        idc.set(Some(coro::current_task()));
+        l.borrow_mut().push("parked");
+        coro::park();
+        l.borrow_mut().push("woken");
+    })
+    .expect("spawn");
+    s.run().expect("run");
+    assert_eq!(*log.borrow(), vec!["parked"]);
+    assert_eq!(s.task_count(), 1);
+    // A second run without a wake does nothing.
+    assert_eq!(s.run().expect("run"), 0);
+    s.wake(id.get().expect("task id"));
+    s.run().expect("run");
+    assert_eq!(*log.borrow(), vec!["parked", "woken"]);
+    assert_eq!(s.task_count(), 0);
+    // Waking a finished task (stale id) is harmless.
+    s.wake(id.get().expect("task id"));
+    assert_eq!(s.run().expect("run"), 0);
+});
+
+both_backends!(yield_task_round_robins, |s: Scheduler| {
+    let log = Rc::new(RefCell::new(Vec::new()));
+    for t in 0..3 {
+        let l = log.clone();
+        s.spawn(move || {
+            for i in 0..3 {
+                l.borrow_mut().push(t * 10 + i);
+                coro::yield_task();
+            }
+        })
+        .expect("spawn");
+    }
+    s.run().expect("run");
+    assert_eq!(*log.borrow(), vec![0, 10, 20, 1, 11, 21, 2, 12, 22]);
+});
+
+both_backends!(mutex_is_fair_fifo, |s: Scheduler| {
+    // Each task takes the lock three times, yielding while holding it. With FIFO hand-off
+    // the acquisitions alternate strictly; an unfair lock lets one task re-take it at once.
+    let m = Rc::new(Mutex::new(Vec::new()));
+    for t in 0..3 {
+        let m = m.clone();
+        s.spawn(move || {
+            for _ in 0..3 {
+                let mut g = m.lock();
+                g.push(t);
+                coro::yield_task();
+                drop(g);
+            }
+        })
+        .expect("spawn");
+    }
+    s.run().expect("run");
+    assert_eq!(s.task_count(), 0);
+    let order = m.try_lock().expect("unlocked at the end").clone();
+    assert_eq!(order, vec![0, 1, 2, 0, 1, 2, 0, 1, 2]);
+});
+
+both_backends!(condvar_producer_consumer, |s: Scheduler| {
+    let queue = Rc::new((Mutex::new(Vec::<u32>::new()), Condvar::new()));
+    let got = Rc::new(RefCell::new(Vec::new()));
+    for _ in 0..2 {
+        let (q, g) = (queue.clone(), got.clone());
+        s.spawn(move || loop {
+            let mut items = q.0.lock();
+            while items.is_empty() {
+                items = q.1.wait(items);
+            }
+            let v = items.remove(0);
+            drop(items);
+            if v == u32::MAX {
+                return;
+            }
+            g.borrow_mut().push(v);
+        })
+        .expect("spawn");
+    }
+    let q = queue.clone();
+    s.spawn(move || {
+        for v in (1..=6).chain([u32::MAX, u32::MAX]) {
+            q.0.lock().push(v);
+            q.1.notify_one();
+            coro::yield_task();
+        }
+    })
+    .expect("spawn");
+    s.run().expect("run");
+    assert_eq!(s.task_count(), 0, "consumers must see both stop markers");
+    let mut got = got.borrow().clone();
+    got.sort();
+    assert_eq!(got, vec![1, 2, 3, 4, 5, 6]);
+});
+
+both_backends!(sleep_orders_by_deadline, |s: Scheduler| {
+    let log = Rc::new(RefCell::new(Vec::new()));
+    for (i, ms) in [(0u32, 30u64), (1, 10), (2, 20)] {
+        let l = log.clone();
+        s.spawn(move || {
+            coro::sleep(Duration::from_millis(ms));
+            l.borrow_mut().push(i);
+        })
+        .expect("spawn");
+    }
+    let t0 = Instant::now();
+    assert_eq!(s.run_until_idle().expect("run"), 0);
+    assert!(t0.elapsed() >= Duration::from_millis(30));
+    assert_eq!(*log.borrow(), vec![1, 2, 0]);
+});
+
+both_backends!(io_uring_reads_resume_in_completion_order, |s: Scheduler| {
+    // 64 tasks read distinct 4 KiB blocks of a real file. Each first sleeps for a time that
+    // decreases with its index, so completions (and thus resumptions) arrive in reverse
+    // spawn order; every task must get its own block's bytes.
+    const N: usize = 64;
+    const BS: usize = 4096;
+    let mut file = tempfile::tempfile().expect("temp file");
+    let mut content = vec![0u8; N * BS];
+    for (i, chunk) in content.chunks_mut(BS).enumerate() {
+        for (j, b) in chunk.iter_mut().enumerate() {
+            *b = (i * 31 + j * 7) as u8;
+        }
+    }
+    file.write_all(&content).expect("write");
+    let fd = file.as_raw_fd();
+    let content = Rc::new(content);
+    let order = Rc::new(RefCell::new(Vec::new()));
+    for i in 0..N {
+        let (content, order) = (content.clone(), order.clone());
+        s.spawn(move || {
+            coro::sleep(Duration::from_millis(2 * (N - i) as u64));
+            let mut buf = vec![0u8; BS];
+            let iov = [libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: BS,
+            }];
+            let n = coro::io::readv(fd, &iov, (i * BS) as u64).expect("readv");
+            assert_eq!(n, BS);
+            assert_eq!(&buf[..], &content[i * BS..(i + 1) * BS], "block {i}");
+            order.borrow_mut().push(i);
+        })
+        .expect("spawn");
+    }
+    s.run().expect("run");
+    assert_eq!(s.io_in_flight(), N, "all tasks parked on their timers");
+    assert_eq!(s.run_until_idle().expect("run"), 0);
+    let expected: Vec<usize> = (0..N).rev().collect();
+    assert_eq!(*order.borrow(), expected);
+    drop(file);
+});
+
+both_backends!(io_uring_write_fsync_fallocate_roundtrip, |s: Scheduler| {
+    let file = tempfile::tempfile().expect("temp file");
+    let fd = file.as_raw_fd();
+    let ok = Rc::new(Cell::new(false));
+    let okc = ok.clone();
+    s.spawn(move || {
+        let data = vec![0xabu8; 8192];
+        let iov = [libc::iovec {
+            iov_base: data.as_ptr() as *mut _,
+            iov_len: data.len(),
+        }];
+        assert_eq!(coro::io::writev(fd, &iov, 4096).expect("writev"), 8192);
+        coro::io::fsync(fd, true).expect("fdatasync");
+        // Zero the middle 4 KiB, keeping the size.
+        coro::io::fallocate(
+            fd,
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            8192,
+            4096,
+        )
+        .expect("zero range");
+        let mut back = vec![0u8; 12288];
+        let iov = [libc::iovec {
+            iov_base: back.as_mut_ptr().cast(),
+            iov_len: back.len(),
+        }];
+        assert_eq!(coro::io::readv(fd, &iov, 0).expect("readv"), 12288);
+        assert!(back[..4096].iter().all(|&b| b == 0));
+        assert!(back[4096..8192].iter().all(|&b| b == 0xab));
+        assert!(back[8192..].iter().all(|&b| b == 0));
+        // Reading at EOF returns 0 bytes, not an error.
+        assert_eq!(coro::io::readv(fd, &iov, 1 << 20).expect("readv eof"), 0);
+        // An invalid descriptor is an error for this request only.
+        assert!(coro::io::readv(-1, &iov, 0).is_err());
+        okc.set(true);
+    })
+    .expect("spawn");
+    assert_eq!(s.run_until_idle().expect("run"), 0);
+    assert!(ok.get());
+    drop(file);
+});
+
+both_backends!(dropping_scheduler_unwinds_parked_tasks, |s: Scheduler| {
+    struct Flag(Rc<Cell<bool>>);
+    impl Drop for Flag {
+        fn drop(&mut self) {
+            self.0.set(true);
+        }
+    }
+    let dropped = Rc::new(Cell::new(false));
+    let d = dropped.clone();
+    s.spawn(move || {
+        let _f = Flag(d);
+        coro::sleep(Duration::from_millis(5)); // in flight when the scheduler is dropped
+        coro::park();
+    })
+    .expect("spawn");
+    s.run().expect("run");
+    assert_eq!(s.io_in_flight(), 1);
+    drop(s);
+    assert!(dropped.get());
+});
+
+both_backends!(task_panic_reaches_run, |s: Scheduler| {
+    s.spawn(|| panic!("task failed")).expect("spawn");
+    let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.run()))
+        .expect_err("panic must propagate");
+    assert_eq!(err.downcast_ref::<&str>(), Some(&"task failed"));
+    assert_eq!(s.task_count(), 0);
+});
