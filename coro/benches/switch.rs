@@ -93,7 +93,9 @@ fn main() {
     let only = std::env::args().skip(1).find(|a| !a.starts_with("--"));
     let cases: &[(&str, &dyn Fn() -> f64)] = &[
         ("raw-swapcontext-roundtrip", &|| raw::roundtrip(200_000)),
-        ("ucontext-roundtrip", &|| roundtrip(Backend::Ucontext, 200_000)),
+        ("ucontext-roundtrip", &|| {
+            roundtrip(Backend::Ucontext, 200_000)
+        }),
         ("fast-roundtrip", &|| roundtrip(Backend::Fast, 20_000_000)),
         ("fast-create-finish-pooled", &|| {
             create_finish(Backend::Fast, true, 5_000_000)
@@ -116,6 +118,10 @@ fn main() {
     }
     let get = |n: &str| results.iter().find(|r| r.0 == n).map(|r| r.1);
     if let (Some(raw), Some(fast)) = (get("raw-swapcontext-roundtrip"), get("fast-roundtrip")) {
-        println!("{:<34} {:>10.1} x", "fast speedup over swapcontext", raw / fast);
+        println!(
+            "{:<34} {:>10.1} x",
+            "fast speedup over swapcontext",
+            raw / fast
+        );
     }
 }

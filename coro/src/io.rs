@@ -178,7 +178,12 @@ fn submit_and_park(entry: squeue::Entry) -> io::Result<i32> {
         }
     })?;
     loop {
-        let done = sched::with_active(|s| s.ring.borrow_mut().as_mut().and_then(|r| r.take_result(key)));
+        let done = sched::with_active(|s| {
+            s.ring
+                .borrow_mut()
+                .as_mut()
+                .and_then(|r| r.take_result(key))
+        });
         if let Some(res) = done {
             return Ok(res);
         }

@@ -101,7 +101,9 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut l
         let mut buf = [0u8; 18];
         write_stderr(b"corodev: coroutine stack overflow (fault at ");
         write_stderr(hex(addr, &mut buf));
-        write_stderr(b" in a guard page); raise the coroutine stack size (--stack-size). Aborting.\n");
+        write_stderr(
+            b" in a guard page); raise the coroutine stack size (--stack-size). Aborting.\n",
+        );
         std::process::abort();
     }
     // Not ours: put the previous handler back and return; the fault repeats under it.

@@ -43,10 +43,7 @@ both_backends!(ping_pong, |b: Builder| {
         co1.resume();
         co2.resume();
     }
-    assert_eq!(
-        *out.borrow(),
-        vec![0, 100, 1, 101, 2, 102, 3, 103, 4, 104]
-    );
+    assert_eq!(*out.borrow(), vec![0, 100, 1, 101, 2, 102, 3, 103, 4, 104]);
 });
 
 both_backends!(states_and_return_value, |b: Builder| {
@@ -144,8 +141,15 @@ both_backends!(drop_suspended_unwinds_and_returns_stack, |b: Builder| {
     assert_eq!(coro::pool_idle_count(), before - 1);
     assert!(!*dropped.borrow());
     drop(co);
-    assert!(*dropped.borrow(), "destructor on the coroutine stack must run");
-    assert_eq!(coro::pool_idle_count(), before, "stack must return to the pool");
+    assert!(
+        *dropped.borrow(),
+        "destructor on the coroutine stack must run"
+    );
+    assert_eq!(
+        coro::pool_idle_count(),
+        before,
+        "stack must return to the pool"
+    );
 });
 
 both_backends!(drop_unstarted_drops_closure, |b: Builder| {

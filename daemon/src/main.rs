@@ -1,0 +1,115 @@
+//! `corodev`: serves a virtio-blk device to QEMU guests over a vhost-user socket.
+//!
+//! Startup order matters for operators: every option and the disk are validated before the
+//! socket is created, so a bad invocation fails with one line and leaves nothing behind.
+
+mod cli;
+mod device;
+mod error;
+mod server;
+mod socket;
+mod worker;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+use corodev_devices::backend::{BlockBackend, FileBackend, NullBackend};
+use corodev_devices::config::DeviceConfig;
+
+use crate::cli::{BackendKind, Cli, CoroutineBackend};
+use crate::error::Error;
+use crate::server::{ServerConfig, Stop};
+
+fn open_disk(cli: &Cli) -> Result<Arc<dyn BlockBackend>, Error> {
+    match (cli.backend, &cli.disk) {
+        (BackendKind::Null, _) => Ok(Arc::new(NullBackend::new(
+            cli.size.unwrap_or(0),
+            std::time::Duration::from_micros(cli.null_latency_us),
+        ))),
+        (BackendKind::File, Some(path)) => {
+            let disk = FileBackend::open(path, cli.readonly, cli.direct)
+                .map_err(|e| Error::OpenDisk(path.clone(), e))?;
+            let size = disk.size();
+            if size == 0 {
+                return Err(Error::DiskEmpty(path.clone()));
+            }
+            if size % u64::from(cli.block_size) != 0 {
+                return Err(Error::DiskSize {
+                    path: path.clone(),
+                    size,
+                    block_size: cli.block_size,
+                });
+            }
+            Ok(Arc::new(disk))
+        }
+        (BackendKind::File, None) => Err(Error::Vhost("--disk is required".into())),
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    let disk = open_disk(&cli)?;
+    let device = DeviceConfig::new(
+        &*disk,
+        cli.num_queues,
+        cli.queue_size,
+        cli.block_size,
+        cli.readonly,
+        &cli.serial,
+    );
+    let cfg = ServerConfig {
+        socket: cli.socket.clone(),
+        disk,
+        device,
+        threads: usize::from(cli.worker_threads()),
+        coroutine_backend: match cli.coroutine_backend {
+            CoroutineBackend::Fast => coro::Backend::Fast,
+            CoroutineBackend::Ucontext => coro::Backend::Ucontext,
+        },
+        stack_size: usize::try_from(cli.stack_size).unwrap_or(coro::DEFAULT_STACK_SIZE),
+        once: cli.once,
+    };
+    let stop = Arc::new(Stop::default());
+    install_signal_handlers(stop.clone(), cfg.socket.clone())?;
+    server::serve(&cfg, &stop)
+}
+
+/// SIGTERM/SIGINT: end the current connection gracefully (in-flight I/O completes), or,
+/// when idle in accept, remove the socket and exit at once.
+fn install_signal_handlers(stop: Arc<Stop>, socket: std::path::PathBuf) -> Result<(), Error> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| Error::Os("installing signal handlers", e))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                log::info!("signal {sig}: shutting down");
+                if !stop.request() {
+                    let _ = std::fs::remove_file(&socket);
+                    std::process::exit(0);
+                }
+            }
+        })
+        .map_err(|e| Error::Os("starting the signal thread", e))?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let cli = Cli::parse();
+    if let Err(msg) = cli.validate() {
+        eprintln!("corodev: error: {msg}");
+        return ExitCode::from(2);
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("corodev: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! The connection loop: one vhost-user connection at a time, each with fresh device state.
+//!
+//! A connection gets a new `VhostUserDaemon` (and so new worker threads, vrings and guest
+//! memory map), while the disk stays open. When the frontend goes away (guest shutdown,
+//! QEMU exit or a protocol error), dropping the daemon joins its worker threads; each
+//! worker's scheduler waits for its in-flight I/O before its coroutines are unwound, so no
+//! request outlives the memory it writes to. Then we accept the next connection on the same
+//! socket, unless `--once`.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vmm_sys_util::epoll::EventSet;
+
+use corodev_devices::backend::BlockBackend;
+use corodev_devices::config::DeviceConfig;
+
+use crate::device::{completion_event_id, BlkDevice, Shared};
+use crate::error::Error;
+
+/// What every connection is served with.
+pub struct ServerConfig {
+    pub socket: PathBuf,
+    pub disk: Arc<dyn BlockBackend>,
+    pub device: DeviceConfig,
+    pub threads: usize,
+    pub coroutine_backend: coro::Backend,
+    pub stack_size: usize,
+    pub once: bool,
+}
+
+/// Lets a signal handler end the current connection and the loop.
+#[derive(Default)]
+pub struct Stop {
+    requested: AtomicBool,
+    current: Mutex<Option<ShutdownHandle>>,
+}
+
+impl Stop {
+    /// Ends the current connection (if any) and stops accepting new ones. Returns whether
+    /// a connection was active (if not, the caller may exit at once).
+    pub fn request(&self) -> bool {
+        self.requested.store(true, Ordering::Release);
+        match self.current.lock() {
+            Ok(cur) => cur.as_ref().map(ShutdownHandle::shutdown).is_some(),
+            Err(_) => false,
+        }
+    }
+
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    fn set(&self, h: Option<ShutdownHandle>) {
+        if let Ok(mut cur) = self.current.lock() {
+            *cur = h;
+        }
+    }
+}
+
+/// Serves connections until `--once` is done or a stop is requested.
+pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
+    let mut listener = crate::socket::bind(&cfg.socket)?;
+    log::info!(
+        "listening on {} ({} bytes, {} queue(s) on {} thread(s), {:?} coroutines)",
+        cfg.socket.display(),
+        cfg.disk.size(),
+        cfg.device.num_queues(),
+        cfg.threads,
+        cfg.coroutine_backend,
+    );
+    let mut connection = 0u64;
+    while !stop.requested() {
+        connection += 1;
+        let shared = Shared::new(
+            cfg.disk.clone(),
+            cfg.device.clone(),
+            cfg.threads,
+            cfg.coroutine_backend,
+            cfg.stack_size,
+        )
+        .map_err(|e| Error::Os("creating completion eventfds", e))?;
+        let shared = Arc::new(shared);
+        let mem = shared.mem.clone();
+        let mut daemon = VhostUserDaemon::new("corodev".into(), BlkDevice(shared.clone()), mem)
+            .map_err(|e| Error::Vhost(e.to_string()))?;
+        let event = completion_event_id(usize::from(cfg.device.num_queues()));
+        for (t, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            let fd = shared
+                .completion_eventfd(t)
+                .ok_or_else(|| Error::Vhost(format!("no completion eventfd for worker {t}")))?;
+            handler
+                .register_listener(fd.as_raw_fd(), EventSet::IN, event)
+                .map_err(|e| Error::Os("registering the completion eventfd", e))?;
+        }
+        if let Err(e) = daemon.start(&mut listener) {
+            log::error!("accepting connection {connection} failed: {e}");
+            continue;
+        }
+        log::info!("connection {connection}: frontend connected");
+        stop.set(daemon.shutdown_handle());
+        match daemon.wait() {
+            Ok(()) => log::info!("connection {connection}: frontend disconnected"),
+            Err(e) => log::warn!("connection {connection}: closed: {e}"),
+        }
+        stop.set(None);
+        drop(daemon); // joins the workers, which finish in-flight I/O first
+        log::info!("connection {connection}: in-flight requests drained");
+        if cfg.once {
+            break;
+        }
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    Ok(())
+}

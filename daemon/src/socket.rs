@@ -1,0 +1,59 @@
+//! The listening socket: refuse a live one, replace a stale one.
+//!
+//! A socket file left behind by a daemon that crashed would make `bind` fail with
+//! EADDRINUSE, so an operator would have to delete it by hand after every crash. We probe it
+//! instead: if a connect succeeds another daemon is serving it and we refuse to start; if
+//! the connect is refused nobody listens and the file is removed.
+
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use vhost::vhost_user::Listener;
+
+use crate::error::Error;
+
+/// Binds `path` for vhost-user, after checking it is not in use.
+pub fn bind(path: &Path) -> Result<Listener, Error> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(Error::SocketNotASocket(path.to_owned()));
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => return Err(Error::SocketInUse(path.to_owned())),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                log::info!("replacing stale socket {}", path.display());
+                std::fs::remove_file(path).map_err(|e| Error::Socket(path.to_owned(), e))?;
+            }
+            Err(e) => return Err(Error::Socket(path.to_owned(), e)),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::Socket(path.to_owned(), e)),
+    }
+    Listener::new(path, false).map_err(|e| Error::Socket(path.to_owned(), io::Error::other(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn refuses_live_replaces_stale_rejects_regular_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = dir.path().join("live.sock");
+        let _keep = UnixListener::bind(&live).expect("bind");
+        assert!(matches!(bind(&live), Err(Error::SocketInUse(_))));
+
+        let stale = dir.path().join("stale.sock");
+        drop(UnixListener::bind(&stale).expect("bind"));
+        assert!(stale.exists(), "a closed listener leaves its file behind");
+        assert!(bind(&stale).is_ok());
+
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").expect("write");
+        assert!(matches!(bind(&file), Err(Error::SocketNotASocket(_))));
+        assert_eq!(std::fs::read(&file).expect("read"), b"x", "nothing is lost");
+    }
+}

@@ -1,0 +1,427 @@
+//! A hostile guest: every malformed request gets IOERR/UNSUPP (or, without a usable status
+//! descriptor, a used element of length 0) and the daemon keeps serving verified I/O.
+//! Each test breaks one thing, through a real vhost-user connection with hand-built rings.
+
+mod support;
+
+use std::time::Duration;
+
+use support::frontend::*;
+use support::Server;
+
+const Q: usize = 0;
+const WAIT: Duration = Duration::from_secs(10);
+const HDR: u64 = DATA_BASE - 4096;
+const STATUS: u64 = DATA_BASE - 16;
+const BUF: u64 = DATA_BASE;
+
+fn setup() -> (Server, TestFrontend) {
+    let server = Server::start(&[]);
+    let fe = TestFrontend::connect(server.socket(), 1, 128).expect("connect");
+    (server, fe)
+}
+
+fn header(fe: &TestFrontend, kind: u32, sector: u64) {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&kind.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    fe.mem.write(HDR, &h);
+    fe.mem.write(STATUS, &[0xff]);
+}
+
+fn d(addr: u64, len: u32, flags: u16, next: u16) -> Desc {
+    Desc {
+        addr,
+        len,
+        flags,
+        next,
+    }
+}
+
+const N: u16 = VIRTQ_DESC_F_NEXT;
+const W: u16 = VIRTQ_DESC_F_WRITE;
+
+/// Submits a chain at slots 0.. and returns (used element, status byte).
+fn submit(fe: &mut TestFrontend, descs: &[Desc]) -> (Option<(u32, u32)>, u8) {
+    let slots: Vec<(u16, Desc)> = descs
+        .iter()
+        .copied()
+        .enumerate()
+        .map(|(i, d)| (i as u16, d))
+        .collect();
+    fe.put_descs(Q, &slots);
+    fe.publish(Q, 0);
+    let used = fe.wait_used(Q, WAIT);
+    (used, fe.mem.read(STATUS, 1)[0])
+}
+
+/// After a hostile request: the same connection still does verified I/O.
+fn still_serves(server: &mut Server, fe: &mut TestFrontend) {
+    server.assert_alive();
+    assert!(
+        fe.verified_io(Q, 8, &pattern(42, 8192)),
+        "verified I/O after the hostile request failed; log: {}",
+        server.log_text()
+    );
+    server.assert_alive();
+}
+
+fn expect_status(descs: &[Desc], kind: u32, sector: u64, want: u8) {
+    let (mut server, mut fe) = setup();
+    header(&fe, kind, sector);
+    let (used, status) = submit(&mut fe, descs);
+    assert!(
+        used.is_some(),
+        "no used element; log: {}",
+        server.log_text()
+    );
+    assert_eq!(status, want, "status byte; log: {}", server.log_text());
+    still_serves(&mut server, &mut fe);
+}
+
+fn read_chain(len: u32) -> Vec<Desc> {
+    vec![d(HDR, 16, N, 1), d(BUF, len, W | N, 2), d(STATUS, 1, W, 0)]
+}
+
+#[test]
+fn good_read_write_flush_and_split_header() {
+    let (mut server, mut fe) = setup();
+    still_serves(&mut server, &mut fe);
+    assert_eq!(fe.run(Q, T_FLUSH, 0, &[]), S_OK);
+    // A header split over two descriptors (8 + 8 bytes) is legal.
+    header(&fe, T_IN, 8);
+    let (used, status) = submit(
+        &mut fe,
+        &[
+            d(HDR, 8, N, 1),
+            d(HDR + 8, 8, N, 2),
+            d(BUF, 4096, W | N, 3),
+            d(STATUS, 1, W, 0),
+        ],
+    );
+    assert_eq!(status, S_OK);
+    assert_eq!(used.map(|u| u.1), Some(4097), "used length = data + status");
+    assert_eq!(fe.mem.read(BUF, 4096), pattern(42, 8192)[..4096].to_vec());
+}
+
+#[test]
+fn data_address_outside_memory() {
+    expect_status(
+        &[
+            d(HDR, 16, N, 1),
+            d(MEM_SIZE as u64 + 4096, 4096, W | N, 2),
+            d(STATUS, 1, W, 0),
+        ],
+        T_IN,
+        0,
+        S_IOERR,
+    );
+}
+
+#[test]
+fn data_address_wraps_u64() {
+    expect_status(
+        &[
+            d(HDR, 16, N, 1),
+            d(u64::MAX - 511, 4096, W | N, 2),
+            d(STATUS, 1, W, 0),
+        ],
+        T_IN,
+        0,
+        S_IOERR,
+    );
+}
+
+#[test]
+fn header_shorter_than_16_bytes() {
+    expect_status(&[d(HDR, 8, N, 1), d(STATUS, 1, W, 0)], T_IN, 0, S_IOERR);
+}
+
+#[test]
+fn no_status_descriptor() {
+    let (mut server, mut fe) = setup();
+    header(&fe, T_OUT, 0);
+    let (used, status) = submit(&mut fe, &[d(HDR, 16, N, 1), d(BUF, 4096, 0, 0)]);
+    assert_eq!(used.map(|u| u.1), Some(0), "completed with nothing written");
+    assert_eq!(status, 0xff);
+    still_serves(&mut server, &mut fe);
+}
+
+#[test]
+fn device_readable_status_descriptor() {
+    let (mut server, mut fe) = setup();
+    header(&fe, T_IN, 0);
+    let (used, status) = submit(
+        &mut fe,
+        &[d(HDR, 16, N, 1), d(BUF, 512, W | N, 2), d(STATUS, 1, 0, 0)],
+    );
+    assert_eq!(used.map(|u| u.1), Some(0));
+    assert_eq!(
+        status, 0xff,
+        "a read-only status descriptor must not be written"
+    );
+    still_serves(&mut server, &mut fe);
+}
+
+#[test]
+fn read_into_device_readable_buffer() {
+    expect_status(
+        &[d(HDR, 16, N, 1), d(BUF, 512, N, 2), d(STATUS, 1, W, 0)],
+        T_IN,
+        0,
+        S_IOERR,
+    );
+}
+
+#[test]
+fn write_from_device_writable_buffer() {
+    expect_status(
+        &[d(HDR, 16, N, 1), d(BUF, 512, W | N, 2), d(STATUS, 1, W, 0)],
+        T_OUT,
+        0,
+        S_IOERR,
+    );
+}
+
+#[test]
+fn zero_length_data() {
+    expect_status(&read_chain(0), T_IN, 0, S_IOERR);
+}
+
+#[test]
+fn sector_beyond_capacity() {
+    expect_status(&read_chain(512), T_IN, support::IMAGE_SIZE / 512, S_IOERR);
+}
+
+#[test]
+fn sector_plus_length_crosses_capacity() {
+    expect_status(
+        &read_chain(4096),
+        T_IN,
+        support::IMAGE_SIZE / 512 - 1,
+        S_IOERR,
+    );
+}
+
+#[test]
+fn sector_times_512_overflows() {
+    expect_status(&read_chain(512), T_IN, u64::MAX / 256, S_IOERR);
+}
+
+#[test]
+fn length_not_multiple_of_sector() {
+    expect_status(&read_chain(1000), T_IN, 0, S_IOERR);
+}
+
+#[test]
+fn unknown_request_type() {
+    expect_status(&read_chain(512), 0x7777, 0, S_UNSUPP);
+}
+
+#[test]
+fn get_id_short_buffer_gets_what_fits() {
+    let (mut server, mut fe) = setup();
+    fe.mem.write(BUF, &[0u8; 20]);
+    header(&fe, T_GET_ID, 0);
+    let (used, status) = submit(
+        &mut fe,
+        &[d(HDR, 16, N, 1), d(BUF, 7, W | N, 2), d(STATUS, 1, W, 0)],
+    );
+    assert!(used.is_some());
+    assert_eq!(status, S_OK);
+    assert_eq!(
+        fe.mem.read(BUF, 8),
+        b"corodev\0".to_vec(),
+        "7 bytes of the serial, nothing past the buffer"
+    );
+    still_serves(&mut server, &mut fe);
+}
+
+fn segment(sector: u64, num: u32, flags: u32) -> [u8; 16] {
+    let mut s = [0u8; 16];
+    s[0..8].copy_from_slice(&sector.to_le_bytes());
+    s[8..12].copy_from_slice(&num.to_le_bytes());
+    s[12..16].copy_from_slice(&flags.to_le_bytes());
+    s
+}
+
+fn segments_case(kind: u32, segs: &[[u8; 16]], want: u8) {
+    let (mut server, mut fe) = setup();
+    let bytes: Vec<u8> = segs.iter().flatten().copied().collect();
+    fe.mem.write(BUF, &bytes);
+    header(&fe, kind, 0);
+    let (used, status) = submit(
+        &mut fe,
+        &[
+            d(HDR, 16, N, 1),
+            d(BUF, bytes.len() as u32, N, 2),
+            d(STATUS, 1, W, 0),
+        ],
+    );
+    assert!(
+        used.is_some(),
+        "no used element; log: {}",
+        server.log_text()
+    );
+    assert_eq!(status, want, "log: {}", server.log_text());
+    still_serves(&mut server, &mut fe);
+}
+
+#[test]
+fn discard_zero_sectors() {
+    segments_case(T_DISCARD, &[segment(0, 0, 0)], S_IOERR);
+}
+
+#[test]
+fn discard_beyond_capacity() {
+    segments_case(
+        T_DISCARD,
+        &[segment(support::IMAGE_SIZE / 512 - 4, 8, 0)],
+        S_IOERR,
+    );
+}
+
+#[test]
+fn write_zeroes_reserved_flags() {
+    segments_case(T_WRITE_ZEROES, &[segment(0, 8, 0x80)], S_UNSUPP);
+}
+
+#[test]
+fn write_zeroes_multiple_segments_zero_data() {
+    let (mut server, mut fe) = setup();
+    assert!(fe.verified_io(Q, 0, &pattern(7, 16384)));
+    let segs = [segment(0, 8, 0), segment(16, 8, 1)];
+    let bytes: Vec<u8> = segs.iter().flatten().copied().collect();
+    fe.mem.write(BUF, &bytes);
+    header(&fe, T_WRITE_ZEROES, 0);
+    let (_, status) = submit(
+        &mut fe,
+        &[d(HDR, 16, N, 1), d(BUF, 32, N, 2), d(STATUS, 1, W, 0)],
+    );
+    assert_eq!(status, S_OK, "log: {}", server.log_text());
+    let out = BUF + (8 << 20);
+    assert_eq!(fe.run(Q, T_IN, 0, &[(out, 16384)]), S_OK);
+    let got = fe.mem.read(out, 16384);
+    let orig = pattern(7, 16384);
+    assert!(got[..4096].iter().all(|&b| b == 0), "segment 1 zeroed");
+    assert_eq!(got[4096..8192], orig[4096..8192], "gap untouched");
+    assert!(got[8192..12288].iter().all(|&b| b == 0), "segment 2 zeroed");
+    assert_eq!(got[12288..], orig[12288..], "tail untouched");
+    still_serves(&mut server, &mut fe);
+}
+
+#[test]
+fn descriptor_next_loop() {
+    let (mut server, mut fe) = setup();
+    header(&fe, T_IN, 0);
+    // 0 -> 1 -> 2 -> 1 -> 2 ...: never reaches a status descriptor.
+    let (used, _) = submit(
+        &mut fe,
+        &[
+            d(HDR, 16, N, 1),
+            d(BUF, 512, W | N, 2),
+            d(BUF + 512, 512, W | N, 1),
+        ],
+    );
+    assert!(used.is_some(), "a looping chain must still be completed");
+    still_serves(&mut server, &mut fe);
+}
+
+#[test]
+fn indirect_table_loops() {
+    let (mut server, mut fe) = setup();
+    header(&fe, T_IN, 0);
+    let table = BUF + (2 << 20);
+    let entries = [d(HDR, 16, N, 1), d(BUF, 512, W | N, 0)];
+    for (i, e) in entries.iter().enumerate() {
+        fe.mem.write(table + 16 * i as u64, &e.bytes());
+    }
+    let (used, _) = submit(&mut fe, &[d(table, 32, VIRTQ_DESC_F_INDIRECT, 0)]);
+    assert!(used.is_some());
+    still_serves(&mut server, &mut fe);
+}
+
+#[test]
+fn indirect_table_nested() {
+    let (mut server, mut fe) = setup();
+    header(&fe, T_IN, 0);
+    let table = BUF + (2 << 20);
+    fe.mem
+        .write(table, &d(table, 16, VIRTQ_DESC_F_INDIRECT, 0).bytes());
+    let (used, _) = submit(&mut fe, &[d(table, 16, VIRTQ_DESC_F_INDIRECT, 0)]);
+    assert!(used.is_some());
+    still_serves(&mut server, &mut fe);
+}
+
+#[test]
+fn indirect_table_bad_length() {
+    let (mut server, mut fe) = setup();
+    header(&fe, T_IN, 0);
+    let (used, _) = submit(&mut fe, &[d(BUF + (2 << 20), 20, VIRTQ_DESC_F_INDIRECT, 0)]);
+    assert!(used.is_some());
+    still_serves(&mut server, &mut fe);
+}
+
+#[test]
+fn indirect_table_outside_memory() {
+    let (mut server, mut fe) = setup();
+    header(&fe, T_IN, 0);
+    let (used, _) = submit(
+        &mut fe,
+        &[d(MEM_SIZE as u64 - 16, 64, VIRTQ_DESC_F_INDIRECT, 0)],
+    );
+    assert!(used.is_some());
+    still_serves(&mut server, &mut fe);
+}
+
+#[test]
+fn good_indirect_request() {
+    let (mut server, mut fe) = setup();
+    assert!(fe.verified_io(Q, 0, &pattern(3, 4096)));
+    header(&fe, T_IN, 0);
+    let table = BUF + (2 << 20);
+    let out = BUF + (3 << 20);
+    let entries = [d(HDR, 16, N, 1), d(out, 4096, W | N, 2), d(STATUS, 1, W, 0)];
+    for (i, e) in entries.iter().enumerate() {
+        fe.mem.write(table + 16 * i as u64, &e.bytes());
+    }
+    let (used, status) = submit(&mut fe, &[d(table, 48, VIRTQ_DESC_F_INDIRECT, 0)]);
+    assert!(used.is_some());
+    assert_eq!(status, S_OK);
+    assert_eq!(fe.mem.read(out, 4096), pattern(3, 4096));
+    still_serves(&mut server, &mut fe);
+}
+
+#[test]
+fn head_index_beyond_queue_size() {
+    let (mut server, mut fe) = setup();
+    header(&fe, T_IN, 0);
+    fe.put_descs(Q, &[(0, d(HDR, 16, N, 1)), (1, d(STATUS, 1, W, 0))]);
+    fe.publish(Q, 500);
+    // Nothing can be completed for a head that does not exist; the daemon must survive.
+    std::thread::sleep(Duration::from_millis(300));
+    server.assert_alive();
+    let _ = fe.wait_used(Q, Duration::from_millis(100));
+    still_serves(&mut server, &mut fe);
+}
+
+#[test]
+fn avail_index_jumps_past_queue_size_then_new_connection_works() {
+    let (mut server, mut fe) = setup();
+    fe.publish_raw_idx(Q, 1000);
+    std::thread::sleep(Duration::from_millis(300));
+    server.assert_alive();
+    drop(fe);
+    let mut fe2 = TestFrontend::connect(server.socket(), 1, 128).expect("reconnect");
+    still_serves(&mut server, &mut fe2);
+}
+
+#[test]
+fn write_on_readonly_export_fails() {
+    let mut server = Server::start(&["--readonly"]);
+    let mut fe = TestFrontend::connect(server.socket(), 1, 128).expect("connect");
+    fe.mem.write(BUF, &pattern(1, 4096));
+    assert_eq!(fe.run(Q, T_OUT, 0, &[(BUF, 4096)]), S_IOERR);
+    assert_eq!(fe.run(Q, T_IN, 0, &[(BUF, 4096)]), S_OK);
+    server.assert_alive();
+}

@@ -1,0 +1,414 @@
+//! A test-side vhost-user frontend: a real client over the socket, guest memory in a memfd
+//! shared with the backend, and split virtqueues built by hand so that tests can place any
+//! descriptor, well-formed or hostile, exactly where they want it.
+//!
+//! The protocol handshake uses the `vhost` crate's frontend (an independent implementation
+//! from the backend library the daemon uses); [`raw_message`] sends arbitrary bytes for
+//! malformed-message tests.
+
+#![allow(dead_code)] // Each test binary uses a different subset.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+pub const VIRTQ_DESC_F_NEXT: u16 = 1;
+pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+pub const T_FLUSH: u32 = 4;
+pub const T_GET_ID: u32 = 8;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
+
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
+pub const S_UNSUPP: u8 = 2;
+
+const F_VERSION_1: u64 = 1 << 32;
+const F_INDIRECT_DESC: u64 = 1 << 28;
+const F_SEG_MAX: u64 = 1 << 2;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_MQ: u64 = 1 << 12;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+
+/// Guest physical memory: one memfd mapped at GPA 0 here and in the backend.
+pub struct GuestMem {
+    file: File,
+    ptr: *mut u8,
+    size: usize,
+}
+
+impl GuestMem {
+    pub fn new(size: usize) -> GuestMem {
+        // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"corodev-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+        // SAFETY: `fd` is a fresh descriptor we own.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size as u64).expect("size guest memory");
+        // SAFETY: mapping `size` bytes of our own memfd, shared so the backend sees writes.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap guest memory");
+        GuestMem {
+            file,
+            ptr: ptr.cast(),
+            size,
+        }
+    }
+
+    fn check(&self, gpa: u64, len: usize) -> usize {
+        let start = usize::try_from(gpa).expect("gpa fits usize");
+        assert!(
+            start.checked_add(len).is_some_and(|end| end <= self.size),
+            "test bug: access {gpa:#x}+{len} outside guest memory"
+        );
+        start
+    }
+
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        let start = self.check(gpa, data.len());
+        // SAFETY: bounds checked above; the mapping lives as long as `self`.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(start), data.len()) };
+    }
+
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let start = self.check(gpa, len);
+        let mut out = vec![0u8; len];
+        // SAFETY: bounds checked above; the mapping lives as long as `self`.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(start), out.as_mut_ptr(), len) };
+        out
+    }
+
+    pub fn write_u16(&self, gpa: u64, v: u16) {
+        self.write(gpa, &v.to_le_bytes());
+    }
+
+    pub fn read_u16(&self, gpa: u64) -> u16 {
+        let b = self.read(gpa, 2);
+        u16::from_le_bytes([b[0], b[1]])
+    }
+
+    pub fn read_u32(&self, gpa: u64) -> u32 {
+        let b = self.read(gpa, 4);
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size as u64
+    }
+}
+
+impl Drop for GuestMem {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.size) };
+    }
+}
+
+/// A descriptor as the driver writes it.
+#[derive(Clone, Copy, Debug)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
+impl Desc {
+    pub fn bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&self.addr.to_le_bytes());
+        b[8..12].copy_from_slice(&self.len.to_le_bytes());
+        b[12..14].copy_from_slice(&self.flags.to_le_bytes());
+        b[14..16].copy_from_slice(&self.next.to_le_bytes());
+        b
+    }
+}
+
+/// One split virtqueue laid out in guest memory.
+pub struct Queue {
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub kick: EventFd,
+    pub call: EventFd,
+    pub avail_idx: u16,
+    pub used_seen: u16,
+}
+
+/// Fixed guest memory layout: rings at 64 KiB steps from 0, data from 1 MiB.
+pub const DATA_BASE: u64 = 1 << 20;
+pub const MEM_SIZE: usize = 16 << 20;
+
+/// A connected frontend with its queues started.
+pub struct TestFrontend {
+    pub fe: Frontend,
+    pub mem: GuestMem,
+    pub queues: Vec<Queue>,
+    pub features: u64,
+}
+
+impl TestFrontend {
+    /// Connects and brings up `nq` queues of `qsize` entries.
+    pub fn connect(sock: &Path, nq: usize, qsize: u16) -> io::Result<TestFrontend> {
+        let stream = UnixStream::connect(sock)?;
+        let mut fe = Frontend::from_stream(stream, nq as u64);
+        let mem = GuestMem::new(MEM_SIZE);
+        let err = |e: vhost::Error| io::Error::other(e.to_string());
+        fe.set_owner().map_err(err)?;
+        let offered = fe.get_features().map_err(err)?;
+        let wanted = F_VERSION_1
+            | F_INDIRECT_DESC
+            | F_SEG_MAX
+            | F_BLK_SIZE
+            | F_FLUSH
+            | F_MQ
+            | F_DISCARD
+            | F_WRITE_ZEROES
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let features = offered & wanted;
+        fe.set_features(features).map_err(err)?;
+        let pf = fe.get_protocol_features().map_err(err)?;
+        fe.set_protocol_features(
+            pf & (VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK),
+        )
+        .map_err(err)?;
+        fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: mem.size(),
+            userspace_addr: mem.ptr as u64,
+            mmap_offset: 0,
+            mmap_handle: mem.file.as_raw_fd(),
+        }])
+        .map_err(err)?;
+        let mut queues = Vec::new();
+        for q in 0..nq {
+            let base = (q as u64) << 16;
+            let n = u64::from(qsize);
+            let desc = base;
+            let avail = desc + 16 * n;
+            let used = (avail + 6 + 2 * n + 3) & !3;
+            assert!(
+                used + 6 + 8 * n < (q as u64 + 1) << 16,
+                "queue fits its 64K slot"
+            );
+            let queue = Queue {
+                size: qsize,
+                desc,
+                avail,
+                used,
+                kick: EventFd::new(libc::EFD_NONBLOCK)?,
+                call: EventFd::new(libc::EFD_NONBLOCK)?,
+                avail_idx: 0,
+                used_seen: 0,
+            };
+            fe.set_vring_num(q, qsize).map_err(err)?;
+            // Ring addresses travel as frontend virtual addresses (vhost-user spec,
+            // "Vring address description"); the backend maps them through the memory table.
+            let va = mem.ptr as u64;
+            fe.set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: qsize,
+                    queue_size: qsize,
+                    flags: 0,
+                    desc_table_addr: va + desc,
+                    used_ring_addr: va + used,
+                    avail_ring_addr: va + avail,
+                    log_addr: None,
+                },
+            )
+            .map_err(err)?;
+            fe.set_vring_base(q, 0).map_err(err)?;
+            fe.set_vring_call(q, &queue.call).map_err(err)?;
+            fe.set_vring_kick(q, &queue.kick).map_err(err)?;
+            fe.set_vring_enable(q, true).map_err(err)?;
+            queues.push(queue);
+        }
+        Ok(TestFrontend {
+            fe,
+            mem,
+            queues,
+            features,
+        })
+    }
+
+    /// Writes descriptors at the given table slots.
+    pub fn put_descs(&self, q: usize, descs: &[(u16, Desc)]) {
+        let queue = &self.queues[q];
+        for (slot, d) in descs {
+            self.mem
+                .write(queue.desc + 16 * u64::from(*slot), &d.bytes());
+        }
+    }
+
+    /// Publishes `head` in the avail ring and kicks.
+    pub fn publish(&mut self, q: usize, head: u16) {
+        let queue = &mut self.queues[q];
+        let slot = u64::from(queue.avail_idx % queue.size);
+        self.mem.write_u16(queue.avail + 4 + 2 * slot, head);
+        queue.avail_idx = queue.avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem.write_u16(queue.avail + 2, queue.avail_idx);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        queue.kick.write(1).expect("kick");
+    }
+
+    /// Sets the avail index to any value (for the "index jumps" hostile case) and kicks.
+    pub fn publish_raw_idx(&mut self, q: usize, idx: u16) {
+        let queue = &mut self.queues[q];
+        self.mem.write_u16(queue.avail + 2, idx);
+        queue.kick.write(1).expect("kick");
+    }
+
+    /// Waits for the next used element: `(id, len)`, or None on timeout.
+    pub fn wait_used(&mut self, q: usize, timeout: Duration) -> Option<(u32, u32)> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let queue = &mut self.queues[q];
+            let used_idx = self.mem.read_u16(queue.used + 2);
+            if used_idx != queue.used_seen {
+                let slot = u64::from(queue.used_seen % queue.size);
+                let id = self.mem.read_u32(queue.used + 4 + 8 * slot);
+                let len = self.mem.read_u32(queue.used + 8 + 8 * slot);
+                queue.used_seen = queue.used_seen.wrapping_add(1);
+                return Some((id, len));
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let mut pfd = libc::pollfd {
+                fd: queue.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polling one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(100) as i32) };
+            let _ = queue.call.read();
+        }
+    }
+
+    /// Builds a well-formed request in slots 0.. of the table: header, data buffers,
+    /// status, and returns the status GPA. `data` are (gpa, len) pairs.
+    pub fn request(&mut self, q: usize, kind: u32, sector: u64, data: &[(u64, u32)]) -> u64 {
+        let hdr = DATA_BASE - 4096;
+        let status = DATA_BASE - 16;
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write(hdr, &h);
+        self.mem.write(status, &[0xff]);
+        let data_flags = if kind == T_IN || kind == T_GET_ID {
+            VIRTQ_DESC_F_WRITE
+        } else {
+            0
+        };
+        let mut descs = vec![Desc {
+            addr: hdr,
+            len: 16,
+            flags: VIRTQ_DESC_F_NEXT,
+            next: 1,
+        }];
+        for (i, (addr, len)) in data.iter().enumerate() {
+            descs.push(Desc {
+                addr: *addr,
+                len: *len,
+                flags: data_flags | VIRTQ_DESC_F_NEXT,
+                next: i as u16 + 2,
+            });
+        }
+        descs.push(Desc {
+            addr: status,
+            len: 1,
+            flags: VIRTQ_DESC_F_WRITE,
+            next: 0,
+        });
+        let slots: Vec<(u16, Desc)> = descs
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| (i as u16, d))
+            .collect();
+        self.put_descs(q, &slots);
+        self.publish(q, 0);
+        status
+    }
+
+    /// Runs a well-formed request and returns its status byte (0xff if none was written).
+    pub fn run(&mut self, q: usize, kind: u32, sector: u64, data: &[(u64, u32)]) -> u8 {
+        let status = self.request(q, kind, sector, data);
+        let used = self.wait_used(q, Duration::from_secs(10));
+        assert!(used.is_some(), "request type {kind} got no used element");
+        self.mem.read(status, 1)[0]
+    }
+
+    /// Writes `data` at `sector` and reads it back; true if it round-trips.
+    pub fn verified_io(&mut self, q: usize, sector: u64, data: &[u8]) -> bool {
+        let len = data.len() as u32;
+        self.mem.write(DATA_BASE, data);
+        if self.run(q, T_OUT, sector, &[(DATA_BASE, len)]) != S_OK {
+            return false;
+        }
+        self.mem
+            .write(DATA_BASE + (4 << 20), &vec![0u8; data.len()]);
+        if self.run(q, T_IN, sector, &[(DATA_BASE + (4 << 20), len)]) != S_OK {
+            return false;
+        }
+        self.mem.read(DATA_BASE + (4 << 20), data.len()) == data
+    }
+}
+
+/// Sends one raw vhost-user message (header fields + payload, optional fds) and returns the
+/// stream, for malformed-message tests.
+pub fn raw_message(
+    stream: &mut UnixStream,
+    request: u32,
+    flags: u32,
+    size: u32,
+    payload: &[u8],
+) -> io::Result<()> {
+    let mut msg = Vec::with_capacity(12 + payload.len());
+    msg.extend_from_slice(&request.to_le_bytes());
+    msg.extend_from_slice(&flags.to_le_bytes());
+    msg.extend_from_slice(&size.to_le_bytes());
+    msg.extend_from_slice(payload);
+    stream.write_all(&msg)
+}
+
+/// A deterministic pseudo-random buffer.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

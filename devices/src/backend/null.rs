@@ -1,0 +1,59 @@
+//! The null backend: reads return zeroes, writes are discarded, optionally after a fixed
+//! latency. For benchmarks that measure the data path rather than storage, and for tests.
+
+use std::io;
+use std::time::Duration;
+
+use super::{BlockBackend, GuestBuffers};
+
+/// A device of a given size that stores nothing.
+pub struct NullBackend {
+    size: u64,
+    latency: Duration,
+}
+
+impl NullBackend {
+    /// A null device of `size` bytes; each request first sleeps `latency` (zero: none)
+    /// in its coroutine, as storage with that service time would.
+    pub fn new(size: u64, latency: Duration) -> NullBackend {
+        NullBackend { size, latency }
+    }
+
+    fn wait(&self) {
+        if !self.latency.is_zero() {
+            coro::sleep(self.latency);
+        }
+    }
+}
+
+impl BlockBackend for NullBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, bufs: &GuestBuffers<'_>, _offset: u64) -> io::Result<()> {
+        self.wait();
+        bufs.zero_from(0);
+        Ok(())
+    }
+
+    fn write(&self, _bufs: &GuestBuffers<'_>, _offset: u64) -> io::Result<()> {
+        self.wait();
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.wait();
+        Ok(())
+    }
+
+    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        self.wait();
+        Ok(())
+    }
+
+    fn write_zeroes(&self, _offset: u64, _len: u64, _may_unmap: bool) -> io::Result<()> {
+        self.wait();
+        Ok(())
+    }
+}

@@ -1,0 +1,25 @@
+//! corodev's device models and storage backends.
+//!
+//! - [`config`]: the virtio-blk configuration space and feature bits the device offers.
+//! - [`request`]: turning an untrusted descriptor chain into a validated [`request::Request`]
+//!   whose data buffers are iovecs pointing straight into guest memory.
+//! - [`execute`]: running a request against a [`backend::BlockBackend`] inside a coroutine
+//!   and writing its status byte (the only place that does).
+//! - [`backend`]: storage (`file` through io_uring, `null`), as blocking-style calls that
+//!   park the calling coroutine.
+//! - [`ratelimit`]: logging that a guest cannot use to flood the host's journal.
+//!
+//! This crate knows nothing of vhost-user or threads: the daemon hands it descriptor chains
+//! and runs [`execute::serve`] in a coroutine.
+
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
+pub mod backend;
+pub mod config;
+pub mod execute;
+pub mod ratelimit;
+pub mod request;
+
+/// The virtio-blk sector: request offsets are always in 512-byte units, whatever the
+/// logical block size.
+pub const SECTOR_SIZE: u64 = 512;
