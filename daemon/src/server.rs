@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vmm_sys_util::epoll::EventSet;
 
@@ -103,7 +104,11 @@ pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
         log::info!("connection {connection}: frontend connected");
         stop.set(daemon.shutdown_handle());
         match daemon.wait() {
-            Ok(()) => log::info!("connection {connection}: frontend disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => log::info!("connection {connection}: frontend disconnected"),
+            // A malformed message ends only this connection.
             Err(e) => log::warn!("connection {connection}: closed: {e}"),
         }
         stop.set(None);
