@@ -3,13 +3,6 @@
 //! Startup order matters for operators: every option and the disk are validated before the
 //! socket is created, so a bad invocation fails with one line and leaves nothing behind.
 
-mod cli;
-mod device;
-mod error;
-mod server;
-mod socket;
-mod worker;
-
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -19,9 +12,9 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use corodev_devices::backend::{BlockBackend, FileBackend, NullBackend};
 use corodev_devices::config::DeviceConfig;
 
-use crate::cli::{BackendKind, Cli, CoroutineBackend};
-use crate::error::Error;
-use crate::server::{ServerConfig, Stop};
+use corodev::cli::{BackendKind, Cli, CoroutineBackend};
+use corodev::error::Error;
+use corodev::server::{self, ServerConfig, Stop};
 
 fn open_disk(cli: &Cli) -> Result<Arc<dyn BlockBackend>, Error> {
     match (cli.backend, &cli.disk) {

@@ -78,7 +78,7 @@ pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
         connection += 1;
         let shared = Shared::new(
             cfg.disk.clone(),
-            cfg.device.clone(),
+            cfg.device.reset(),
             cfg.threads,
             cfg.coroutine_backend,
             cfg.stack_size,

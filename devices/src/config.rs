@@ -123,6 +123,25 @@ impl DeviceConfig {
         }))
     }
 
+    /// The same device in its reset state (writeback on, nothing negotiated), for a new
+    /// connection: what one guest set must not leak into the next.
+    pub fn reset(&self) -> DeviceConfig {
+        let c = &self.0;
+        DeviceConfig(Arc::new(Inner {
+            num_queues: c.num_queues,
+            queue_size: c.queue_size,
+            block_size: c.block_size,
+            readonly: c.readonly,
+            serial: c.serial.clone(),
+            capacity_sectors: c.capacity_sectors,
+            physical_block_exp: c.physical_block_exp,
+            min_io_blocks: c.min_io_blocks,
+            opt_io_blocks: c.opt_io_blocks,
+            writeback: AtomicBool::new(true),
+            acked: AtomicU64::new(0),
+        }))
+    }
+
     /// Number of virtqueues.
     pub fn num_queues(&self) -> u16 {
         self.0.num_queues
@@ -158,10 +177,12 @@ impl DeviceConfig {
         u32::from(self.0.queue_size).saturating_sub(2).max(1)
     }
 
-    /// Whether the volatile write cache is on (writeback); if not, writes are flushed
-    /// before they complete.
+    /// Whether writes may complete before they are durable. The driver's `writeback`
+    /// setting counts only if it can flush: without VIRTIO_BLK_F_FLUSH negotiated the
+    /// device must write through (virtio 1.2, 5.2.5.1).
     pub fn writeback(&self) -> bool {
-        self.0.writeback.load(Ordering::Acquire)
+        let flush = self.0.acked.load(Ordering::Acquire) & (1 << VIRTIO_BLK_F_FLUSH) != 0;
+        flush && self.0.writeback.load(Ordering::Acquire)
     }
 
     /// The virtio feature bits offered (vhost-user's own bit is added by the daemon).
@@ -184,13 +205,9 @@ impl DeviceConfig {
         f
     }
 
-    /// Records the features the driver accepted. Without FLUSH the driver cannot order
-    /// writes against our cache, so we must write through (virtio 1.2, 5.2.5.1).
+    /// Records the features the driver accepted (see [`writeback`](Self::writeback)).
     pub fn ack_features(&self, features: u64) {
         self.0.acked.store(features, Ordering::Release);
-        if features & (1 << VIRTIO_BLK_F_FLUSH) == 0 {
-            self.0.writeback.store(false, Ordering::Release);
-        }
     }
 
     /// The config space bytes `[offset, offset + size)`; out-of-range bytes are omitted.
@@ -232,7 +249,10 @@ impl DeviceConfig {
         put(offset::PHYSICAL_BLOCK_EXP, &[c.physical_block_exp]);
         put(offset::MIN_IO_SIZE, &c.min_io_blocks.to_le_bytes());
         put(offset::OPT_IO_SIZE, &c.opt_io_blocks.to_le_bytes());
-        put(offset::WRITEBACK, &[u8::from(self.writeback())]);
+        put(
+            offset::WRITEBACK,
+            &[u8::from(self.0.writeback.load(Ordering::Acquire))],
+        );
         put(offset::NUM_QUEUES, &c.num_queues.to_le_bytes());
         let align = c.block_size / SECTOR_SIZE as u32;
         put(
@@ -308,6 +328,8 @@ mod tests {
     #[test]
     fn only_writeback_is_writable() {
         let c = cfg(false);
+        c.ack_features(c.virtio_features());
+        assert!(c.writeback());
         assert_eq!(c.write(32, &[0]), Ok(()));
         assert!(!c.writeback());
         assert_eq!(c.read(32, 1), vec![0]);
@@ -340,5 +362,26 @@ mod tests {
         let c = cfg(false);
         c.ack_features(c.virtio_features() & !(1 << VIRTIO_BLK_F_FLUSH));
         assert!(!c.writeback());
+        assert_eq!(
+            c.read(32, 1),
+            vec![1],
+            "the config byte still shows the setting"
+        );
+        c.ack_features(c.virtio_features());
+        assert!(
+            c.writeback(),
+            "a later negotiation with FLUSH restores writeback"
+        );
+    }
+
+    #[test]
+    fn reset_forgets_the_guest_setting() {
+        let c = cfg(false);
+        c.ack_features(c.virtio_features());
+        assert_eq!(c.write(32, &[0]), Ok(()));
+        let fresh = c.reset();
+        assert_eq!(fresh.read(32, 1), vec![1]);
+        assert!(!fresh.writeback(), "nothing negotiated yet");
+        assert_eq!(fresh.bytes()[..32], c.bytes()[..32], "same geometry");
     }
 }
