@@ -7,7 +7,7 @@
 
 use std::io;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
 use vhost::vhost_user::Listener;
@@ -31,13 +31,26 @@ pub fn bind(path: &Path) -> Result<Listener, Error> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::Socket(path.to_owned(), e)),
     }
-    Listener::new(path, false).map_err(|e| Error::Socket(path.to_owned(), io::Error::other(e)))
+    // Bind under a temporary name and rename into place, so the socket file appears only
+    // once it accepts connections: a frontend (or a test, or systemd) that waits for the
+    // file never sees ECONNREFUSED from a bound-but-not-listening socket.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(|e| Error::Socket(path.to_owned(), e))?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::Socket(path.to_owned(), e));
+    }
+    Ok(Listener::from(listener))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::net::UnixListener;
 
     #[test]
     fn refuses_live_replaces_stale_rejects_regular_file() {

@@ -22,7 +22,11 @@ pub const IMAGE_SIZE: u64 = 64 << 20;
 
 impl Server {
     pub fn start(extra: &[&str]) -> Server {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Server::start_in(tempfile::tempdir().expect("tempdir"), extra)
+    }
+
+    /// Like [`start`](Self::start), with the image (and socket) in `dir`.
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Server {
         let socket = dir.path().join("blk.sock");
         let image = dir.path().join("disk.img");
         let log = dir.path().join("server.log");
