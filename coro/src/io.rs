@@ -120,6 +120,12 @@ impl Ring {
         any
     }
 
+    /// Whether completions are waiting in the completion queue (a userspace check, no
+    /// syscall), for callers that poll instead of sleeping on the eventfd.
+    pub fn has_completions(&mut self) -> bool {
+        !self.uring.completion().is_empty()
+    }
+
     /// Resets the eventfd's counter after an epoll wake-up, so level-triggered epoll does
     /// not report it again. Completions are reaped independently of the counter.
     pub fn clear_eventfd(&self) {

@@ -130,6 +130,15 @@ impl Scheduler {
         self.inner.ring.borrow().as_ref().map_or(0, Ring::in_flight)
     }
 
+    /// Whether I/O completions are ready to be reaped (a userspace check of the ring).
+    pub fn has_completions(&self) -> bool {
+        self.inner
+            .ring
+            .borrow_mut()
+            .as_mut()
+            .is_some_and(Ring::has_completions)
+    }
+
     /// The eventfd the ring signals on each completion, for an outside epoll loop; creates
     /// the default ring if none was installed.
     pub fn completion_fd(&self) -> io::Result<RawFd> {

@@ -47,8 +47,12 @@ pub struct Shared {
     thread_masks: Vec<u64>,
     /// One completion eventfd per worker thread, registered in that thread's epoll.
     completion_fds: Vec<EventFd>,
+    /// Coroutine switch backend for the workers' schedulers.
     pub coroutine_backend: coro::Backend,
+    /// Coroutine stack size.
     pub stack_size: usize,
+    /// How long a worker keeps polling after its last work (zero: never poll).
+    pub poll: Duration,
     log: RateLimitedLog,
 }
 
@@ -70,6 +74,7 @@ impl Shared {
         threads: usize,
         coroutine_backend: coro::Backend,
         stack_size: usize,
+        poll: Duration,
     ) -> io::Result<Shared> {
         let nq = usize::from(config.num_queues());
         let thread_masks = spread_queues(nq, threads);
@@ -88,6 +93,7 @@ impl Shared {
             completion_fds,
             coroutine_backend,
             stack_size,
+            poll,
             log: RateLimitedLog::default(),
         })
     }
@@ -98,7 +104,7 @@ impl Shared {
     }
 
     /// Global queue index of local vring `local` of worker `thread`.
-    fn global_queue(&self, thread: usize, local: usize) -> Option<usize> {
+    pub fn global_queue(&self, thread: usize, local: usize) -> Option<usize> {
         let mask = *self.thread_masks.get(thread)?;
         (0..64).filter(|q| mask >> q & 1 == 1).nth(local)
     }
@@ -127,7 +133,8 @@ impl Shared {
         }
     }
 
-    fn is_broken(&self, queue: usize) -> bool {
+    /// Whether a queue was marked broken and is being ignored until restarted.
+    pub fn is_broken(&self, queue: usize) -> bool {
         self.broken
             .get(queue)
             .is_some_and(|b| b.load(Ordering::Acquire))
@@ -256,6 +263,7 @@ impl VhostUserBackend for BlkDevice {
             log::warn!("worker {thread_id}: event for unknown source {device_event}");
         }
         worker.notify(vrings);
+        worker.poll(&self.0, vrings, thread_id);
         Ok(())
     }
 }

@@ -62,6 +62,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             CoroutineBackend::Ucontext => coro::Backend::Ucontext,
         },
         stack_size: usize::try_from(cli.stack_size).unwrap_or(coro::DEFAULT_STACK_SIZE),
+        poll: std::time::Duration::from_micros(cli.poll_us),
         once: cli.once,
     };
     let stop = Arc::new(Stop::default());

@@ -24,12 +24,21 @@ use crate::error::Error;
 
 /// What every connection is served with.
 pub struct ServerConfig {
+    /// Socket path to listen on.
     pub socket: PathBuf,
+    /// The storage, open for the daemon's lifetime.
     pub disk: Arc<dyn BlockBackend>,
+    /// Device parameters; each connection starts from its reset state.
     pub device: DeviceConfig,
+    /// Worker threads per connection.
     pub threads: usize,
+    /// Coroutine switch backend.
     pub coroutine_backend: coro::Backend,
+    /// Coroutine stack size in bytes.
     pub stack_size: usize,
+    /// Busy-poll window after each event (zero disables polling).
+    pub poll: std::time::Duration,
+    /// Serve a single connection.
     pub once: bool,
 }
 
@@ -82,6 +91,7 @@ pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
             cfg.threads,
             cfg.coroutine_backend,
             cfg.stack_size,
+            cfg.poll,
         )
         .map_err(|e| Error::Os("creating completion eventfds", e))?;
         let shared = Arc::new(shared);

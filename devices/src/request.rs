@@ -15,6 +15,7 @@
 use std::ops::Deref;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -219,7 +220,7 @@ pub struct Request {
     pub op: Op,
     /// Data buffers as host iovecs into guest memory (IN/OUT/GET_ID); valid while
     /// `completion` (which holds the memory map) lives.
-    pub data: Vec<libc::iovec>,
+    pub data: IoVecs,
     /// Where the outcome goes.
     pub completion: Completion,
 }
@@ -234,6 +235,10 @@ pub struct Rejected {
 
 /// A contiguous run of guest bytes: (guest address, length).
 type Span = (u64, u64);
+/// Spans of one direction; inline for the common few-descriptor request (no allocation).
+type Spans = SmallVec<[Span; 8]>;
+/// Host iovecs of a request's data; inline up to 8 segments.
+pub type IoVecs = SmallVec<[libc::iovec; 8]>;
 
 impl Request {
     /// Parses and validates `chain` (whose memory is `mem`) for a device described by
@@ -247,7 +252,7 @@ impl Request {
         M: Deref<Target = GuestMemoryMmap>,
     {
         let head = chain.head_index();
-        let (mut readable, mut writable) = (Vec::<Span>::new(), Vec::<Span>::new());
+        let (mut readable, mut writable) = (Spans::new(), Spans::new());
         let (mut count, mut last_next, mut last_writable, mut misordered) =
             (0, false, false, false);
         for desc in chain {
@@ -304,10 +309,10 @@ impl Request {
 /// Validates everything after the chain's shape: header, type, data, ranges, segments.
 fn validate(
     mem: &GuestMemoryMmap,
-    readable: Vec<Span>,
-    writable: Vec<Span>,
+    readable: Spans,
+    writable: Spans,
     config: &DeviceConfig,
-) -> Result<(Op, Vec<libc::iovec>), Error> {
+) -> Result<(Op, IoVecs), Error> {
     let (header, rest) = take_bytes::<HEADER_LEN>(mem, &readable)?;
     let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let sector = u64::from_le_bytes([
@@ -334,7 +339,7 @@ fn validate(
             let offset = byte_range(sector, len, config)?;
             Ok((Op::Write { offset }, iov))
         }
-        VIRTIO_BLK_T_FLUSH => Ok((Op::Flush, Vec::new())),
+        VIRTIO_BLK_T_FLUSH => Ok((Op::Flush, IoVecs::new())),
         VIRTIO_BLK_T_GET_ID => {
             if total(&rest) != 0 {
                 return Err(Error::DataDirection { kind: "get-id" });
@@ -359,7 +364,7 @@ fn validate(
                 } else {
                     Op::WriteZeroes(segs)
                 },
-                Vec::new(),
+                IoVecs::new(),
             ))
         }
         other => Err(Error::Unsupported(other)),
@@ -375,10 +380,10 @@ fn total(spans: &[Span]) -> u64 {
 fn take_bytes<const N: usize>(
     mem: &GuestMemoryMmap,
     spans: &[Span],
-) -> Result<([u8; N], Vec<Span>), Error> {
+) -> Result<([u8; N], Spans), Error> {
     let mut out = [0u8; N];
     let mut got = 0usize;
-    let mut rest = Vec::new();
+    let mut rest = Spans::new();
     for &(addr, len) in spans {
         if got < N {
             let n = (N - got).min(usize::try_from(len).unwrap_or(usize::MAX));
@@ -402,33 +407,38 @@ fn take_bytes<const N: usize>(
 }
 
 /// Host iovecs for data spans; rejects empty data and any empty span.
-fn iovecs(mem: &GuestMemoryMmap, spans: &[Span]) -> Result<(Vec<libc::iovec>, u64), Error> {
+fn iovecs(mem: &GuestMemoryMmap, spans: &[Span]) -> Result<(IoVecs, u64), Error> {
     if spans.is_empty() || spans.iter().any(|s| s.1 == 0) {
         return Err(Error::ZeroLength);
     }
     iovecs_allow_empty(mem, spans)
 }
 
-fn iovecs_allow_empty(
-    mem: &GuestMemoryMmap,
-    spans: &[Span],
-) -> Result<(Vec<libc::iovec>, u64), Error> {
-    let mut iov = Vec::with_capacity(spans.len());
+fn iovecs_allow_empty(mem: &GuestMemoryMmap, spans: &[Span]) -> Result<(IoVecs, u64), Error> {
+    let mut iov = IoVecs::with_capacity(spans.len());
     let mut len = 0u64;
     for &(addr, l) in spans {
         let bad = Error::GuestMemory { addr, len: l };
         let count = usize::try_from(l).map_err(|_| bad.clone())?;
         addr.checked_add(l).ok_or_else(|| bad.clone())?;
-        if !mem.check_range(GuestAddress(addr), count) {
-            return Err(bad);
-        }
-        // A span crossing a region boundary becomes one iovec per region.
-        for slice in mem.get_slices(GuestAddress(addr), count) {
-            let slice = slice.map_err(|_| bad.clone())?;
+        // Fast path: the span lies in one region (one lookup, one iovec).
+        if let Ok(slice) = mem.get_slice(GuestAddress(addr), count) {
             iov.push(libc::iovec {
                 iov_base: slice.ptr_guard_mut().as_ptr().cast(),
                 iov_len: slice.len(),
             });
+        } else {
+            if !mem.check_range(GuestAddress(addr), count) {
+                return Err(bad);
+            }
+            // A span crossing a region boundary becomes one iovec per region.
+            for slice in mem.get_slices(GuestAddress(addr), count) {
+                let slice = slice.map_err(|_| bad.clone())?;
+                iov.push(libc::iovec {
+                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: slice.len(),
+                });
+            }
         }
         len = len.checked_add(l).ok_or_else(|| bad.clone())?;
     }

@@ -31,6 +31,7 @@ fn server() -> &'static PathBuf {
             threads: 1,
             coroutine_backend: coro::Backend::Fast,
             stack_size: coro::DEFAULT_STACK_SIZE,
+            poll: Duration::ZERO,
             once: false,
         };
         std::thread::spawn(move || serve(&cfg, &Stop::default()).expect("server"));
