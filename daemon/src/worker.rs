@@ -179,9 +179,14 @@ impl Worker {
             if idle_spins % 64 == 0 && last_work.elapsed() >= shared.poll {
                 // Idle: re-arm notifications. A buffer that arrived in between would get no
                 // kick, so if re-arming reports one, keep polling.
-                let raced = vrings
-                    .iter()
-                    .any(|v| v.enable_notification().unwrap_or(false));
+                // Broken queues are skipped: their avail index never catches up, so they
+                // would look like a race forever.
+                let raced = vrings.iter().enumerate().any(|(local, v)| {
+                    shared
+                        .global_queue(thread_id, local)
+                        .is_some_and(|q| !shared.is_broken(q))
+                        && v.enable_notification().unwrap_or(false)
+                });
                 if !raced {
                     return;
                 }

@@ -401,6 +401,7 @@ fn head_index_beyond_queue_size() {
     // Nothing can be completed for a head that does not exist; the daemon must survive.
     std::thread::sleep(Duration::from_millis(300));
     server.assert_alive();
+    server.assert_idle();
     let _ = fe.wait_used(Q, Duration::from_millis(100));
     still_serves(&mut server, &mut fe);
 }
@@ -411,6 +412,7 @@ fn avail_index_jumps_past_queue_size_then_new_connection_works() {
     fe.publish_raw_idx(Q, 1000);
     std::thread::sleep(Duration::from_millis(300));
     server.assert_alive();
+    server.assert_idle();
     drop(fe);
     let mut fe2 = TestFrontend::connect(server.socket(), 1, 128).expect("reconnect");
     still_serves(&mut server, &mut fe2);

@@ -99,6 +99,32 @@ impl Server {
         }
     }
 
+    /// CPU seconds (user + system) the server has used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("server /proc stat");
+        // Fields after the ")" closing the command name: state is field 3; utime 14, stime 15.
+        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 =
+            f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
+        // SAFETY: sysconf has no preconditions.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
+    /// Asserts the server is not burning CPU while the guest does nothing (a guest must
+    /// not be able to make a worker spin).
+    pub fn assert_idle(&mut self) {
+        std::thread::sleep(Duration::from_millis(200));
+        let before = self.cpu_seconds();
+        std::thread::sleep(Duration::from_millis(500));
+        let used = self.cpu_seconds() - before;
+        assert!(
+            used < 0.2,
+            "server used {used:.2} CPU-s in 0.5 s of guest idleness"
+        );
+    }
+
     pub fn socket(&self) -> &Path {
         &self.socket
     }
