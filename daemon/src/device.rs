@@ -7,8 +7,9 @@
 //! need `handle_event` on the worker thread to complete, so the wrapper would deadlock.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -53,7 +54,25 @@ pub struct Shared {
     pub stack_size: usize,
     /// How long a worker keeps polling after its last work (zero: never poll).
     pub poll: Duration,
+    /// Exit-event consumer descriptors handed to the library (see [`Drop for Shared`]).
+    exit_fds: Mutex<Vec<RawFd>>,
     log: RateLimitedLog,
+}
+
+/// vhost-user-backend 0.24 registers each worker's exit-event consumer in epoll with
+/// `into_raw_fd()` and never closes it: one eventfd leaked per worker per connection, so a
+/// daemon that serves many connections (or a fuzzer) runs out of descriptors. We remember
+/// those descriptors and close them when the connection's device state goes away, which
+/// happens only after the library has joined its workers and dropped their epoll.
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let fds = std::mem::take(self.exit_fds.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for fd in fds {
+            // SAFETY: the library took these descriptors with `into_raw_fd` and never closes
+            // them, so nothing else owns them; its workers and epoll are gone by now.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
 }
 
 /// Per-connection device handle given to the vhost-user library.
@@ -94,6 +113,7 @@ impl Shared {
             coroutine_backend,
             stack_size,
             poll,
+            exit_fds: Mutex::new(Vec::new()),
             log: RateLimitedLog::default(),
         })
     }
@@ -206,7 +226,12 @@ impl VhostUserBackend for BlkDevice {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
+            Ok(pair) => {
+                if let Ok(mut fds) = self.0.exit_fds.lock() {
+                    fds.push(pair.0.as_raw_fd());
+                }
+                Some(pair)
+            }
             Err(e) => {
                 log::error!("cannot create a worker exit event: {e}");
                 None

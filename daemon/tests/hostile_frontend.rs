@@ -120,3 +120,28 @@ fn vring_addr_outside_memory() {
         (999, 0, vec![]),
     ]);
 }
+
+#[test]
+fn many_connections_leak_no_descriptors() {
+    let mut server = Server::start(&["--num-queues", "2"]);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", server.child.id()))
+            .expect("server fd dir")
+            .count()
+    };
+    // Warm up: the first connection may create lazily-made state.
+    drop(TestFrontend::connect(server.socket(), 2, 64).expect("connect"));
+    std::thread::sleep(Duration::from_millis(200));
+    let before = fds();
+    for i in 0..30u64 {
+        let mut fe = TestFrontend::connect(server.socket(), 2, 64).expect("connect");
+        assert!(fe.verified_io((i % 2) as usize, i * 8, &pattern(i, 4096)));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = fds();
+    assert!(
+        after <= before + 2,
+        "descriptors grew from {before} to {after} over 30 connections"
+    );
+    server.assert_alive();
+}
