@@ -130,3 +130,67 @@ fn write_to_readonly_file_fails_cleanly() {
         );
     });
 }
+
+/// A loop device over a temp file, detached on drop (needs root, as CI has).
+struct Loop {
+    dev: String,
+    _file: tempfile::NamedTempFile,
+}
+
+impl Loop {
+    fn new(size: u64) -> Loop {
+        let file = tempfile::NamedTempFile::new_in(env!("CARGO_TARGET_TMPDIR")).expect("temp");
+        file.as_file().set_len(size).expect("size");
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file.path())
+            .output()
+            .expect("run losetup");
+        assert!(
+            out.status.success(),
+            "losetup failed (this test needs root and loop devices): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Loop { dev, _file: file }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.dev])
+            .status();
+    }
+}
+
+#[test]
+fn block_device_size_io_discard_and_zeroes() {
+    let lo = Loop::new(8 << 20);
+    let disk = FileBackend::open(std::path::Path::new(&lo.dev), false, true).expect("open loop");
+    assert_eq!(disk.size(), 8 << 20, "size from BLKGETSIZE64");
+    assert!(disk.topology().physical_block_size >= 512);
+    run_in_task(move || {
+        let mut data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        let v = [iov(&mut data)];
+        // SAFETY: the buffer outlives `bufs`.
+        let bufs = unsafe { GuestBuffers::new(&v) };
+        disk.write(&bufs, 0).expect("write");
+        disk.write_zeroes(0, 4096, false).expect("zero range");
+        disk.discard(8192, 4096).expect("discard");
+        disk.flush().expect("flush");
+        let mut back = vec![0xffu8; 65536];
+        let v = [iov(&mut back)];
+        // SAFETY: as above.
+        let bufs = unsafe { GuestBuffers::new(&v) };
+        disk.read(&bufs, 0).expect("read");
+        let orig: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        assert!(back[..4096].iter().all(|&b| b == 0), "zeroed");
+        assert_eq!(back[4096..8192], orig[4096..8192]);
+        assert!(
+            back[8192..12288].iter().all(|&b| b == 0),
+            "punched hole reads zero"
+        );
+        assert_eq!(back[12288..], orig[12288..]);
+    });
+}

@@ -2,9 +2,14 @@
 //! boot a real Linux guest (QEMU, `scripts/run-vm.sh`) that runs one test through the
 //! kernel's virtio_blk driver, and parse the results it prints on the serial console.
 //!
+//! [`frontend`] is a second, protocol-level client: it speaks vhost-user itself with
+//! hand-built rings, for the hostile-guest and hostile-frontend tests.
+//!
 //! Nothing here is skipped silently: a missing QEMU, kernel or daemon binary is a test
 //! failure with a message saying how to get it. Guests are serialised (one at a time):
 //! under TCG on a 2-core machine two guests would only make each other time out.
+
+pub mod frontend;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -57,13 +62,20 @@ pub struct Image {
     _dir: tempfile::TempDir,
 }
 
+/// The image size of [`Daemon::with_image`]: 64 MiB.
+pub const TEST_IMAGE_SIZE: u64 = 64 << 20;
+
 impl Image {
     /// A sparse image of `size` bytes. Kept under target/ rather than /tmp: tmpfs refuses
     /// O_DIRECT.
     pub fn new(size: u64) -> Image {
         let base = workspace().join("target/test-images");
         std::fs::create_dir_all(&base).expect("create target/test-images");
-        let dir = tempfile::tempdir_in(base).expect("temp dir");
+        Image::new_in(tempfile::tempdir_in(base).expect("temp dir"), size)
+    }
+
+    /// A sparse image of `size` bytes in `dir` (which the image then owns).
+    pub fn new_in(dir: tempfile::TempDir, size: u64) -> Image {
         let path = dir.path().join("disk.img");
         File::create(&path)
             .and_then(|f| f.set_len(size))
@@ -92,6 +104,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     log: PathBuf,
     _dir: tempfile::TempDir,
+    /// The image, when the daemon owns it ([`Daemon::with_image`]).
+    pub image: Option<Image>,
 }
 
 impl Daemon {
@@ -143,6 +157,7 @@ impl Daemon {
             socket,
             log,
             _dir: dir,
+            image: None,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !d.socket.exists() {
@@ -155,6 +170,60 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         d
+    }
+
+    /// A daemon on its own fresh [`TEST_IMAGE_SIZE`] image, with a 128-entry queue and the
+    /// serial `corodev-test-serial` (what the protocol-level tests expect).
+    pub fn with_image(args: &[&str]) -> Daemon {
+        Daemon::own(Image::new(TEST_IMAGE_SIZE), args)
+    }
+
+    /// Like [`with_image`](Self::with_image), with the image in `dir`.
+    pub fn with_image_in(dir: tempfile::TempDir, args: &[&str]) -> Daemon {
+        Daemon::own(Image::new_in(dir, TEST_IMAGE_SIZE), args)
+    }
+
+    fn own(image: Image, args: &[&str]) -> Daemon {
+        let mut all = vec!["--queue-size", "128", "--serial", "corodev-test-serial"];
+        all.extend_from_slice(args);
+        let mut d = Daemon::start(&image, &all);
+        d.image = Some(image);
+        d
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU seconds (user + system) the server has used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .expect("server /proc stat");
+        // Fields after the ")" closing the command name start at field 3: utime is 14, stime 15.
+        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
+        // SAFETY: sysconf has no preconditions.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
+    /// Asserts the server is not burning CPU while the guest does nothing (a guest must
+    /// not be able to make a worker spin).
+    pub fn assert_idle(&mut self) {
+        std::thread::sleep(Duration::from_millis(200));
+        let before = self.cpu_seconds();
+        std::thread::sleep(Duration::from_millis(500));
+        let used = self.cpu_seconds() - before;
+        assert!(
+            used < 0.2,
+            "server used {used:.2} CPU-s in 0.5 s of guest idleness"
+        );
     }
 
     /// The server's stderr so far.

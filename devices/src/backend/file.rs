@@ -4,9 +4,11 @@
 //! (zero copy). With O_DIRECT, buffers the kernel would refuse (not 512-byte aligned) go
 //! through an aligned bounce buffer instead of failing the request, as QEMU does.
 //!
-//! Discard and write-zeroes: `fallocate` through io_uring on files; on block devices the
-//! `BLKDISCARD`/`BLKZEROOUT` ioctls, which are synchronous and so stall this worker's
-//! queues for their duration (a future io_uring `URING_CMD` path can lift that).
+//! Discard and write-zeroes go through io_uring as `fallocate`, on files and on block
+//! devices alike (Linux maps `PUNCH_HOLE`/`ZERO_RANGE` on a block device to an unmapping or
+//! plain zero-out). Only when a block device refuses that (EOPNOTSUPP) do we fall back to
+//! the `BLKDISCARD`/`BLKZEROOUT` ioctls, which are synchronous and stall this worker's
+//! queues for their duration.
 
 use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
@@ -207,21 +209,16 @@ impl BlockBackend for FileBackend {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        if self.block_device {
-            return self.ioctl_range(BLKDISCARD, offset, len);
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match coro::io::fallocate(self.fd(), mode, offset, len) {
+            Err(e) if self.block_device && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                self.ioctl_range(BLKDISCARD, offset, len)
+            }
+            r => r,
         }
-        coro::io::fallocate(
-            self.fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        )
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        if self.block_device {
-            return self.ioctl_range(BLKZEROOUT, offset, len);
-        }
         let mode = if may_unmap {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         } else {
@@ -229,7 +226,11 @@ impl BlockBackend for FileBackend {
         };
         match coro::io::fallocate(self.fd(), mode, offset, len) {
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                self.write_zero_buffers(offset, len)
+                if self.block_device {
+                    self.ioctl_range(BLKZEROOUT, offset, len)
+                } else {
+                    self.write_zero_buffers(offset, len)
+                }
             }
             r => r,
         }

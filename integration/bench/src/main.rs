@@ -42,7 +42,7 @@ struct Args {
     #[arg(long, default_value_t = 70, value_parser = clap::value_parser!(u8).range(0..=100))]
     mix_read: u8,
     /// Block size in bytes (K/M suffixes allowed).
-    #[arg(long, default_value = "4K", value_parser = parse_size)]
+    #[arg(long, default_value = "4K", value_parser = corodev::cli::parse_size)]
     bs: u64,
     /// Requests in flight per queue.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -57,32 +57,17 @@ struct Args {
     #[arg(long)]
     ios: Option<u64>,
     /// Bytes of the device to use, from offset 0 (default: all of it).
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = corodev::cli::parse_size)]
     size: Option<u64>,
+    /// Virtqueue size to negotiate (default: the driver's).
+    #[arg(long)]
+    queue_size: Option<i32>,
     /// Check data: write a per-block pattern first, verify every read.
     #[arg(long)]
     verify: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, suffix) = t.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size, e.g. 4096 or 128K"))?;
-    let mult = match suffix.to_ascii_uppercase().as_str() {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        _ => return Err(format!("unknown suffix '{suffix}' in '{s}': use K, M or G")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 /// Why the benchmark could not run.
@@ -261,6 +246,9 @@ fn run(args: &Args) -> Result<serde_json::Value, Error> {
         )));
     }
     blk(b.set_i32("num-queues", args.queues as i32), "num-queues")?;
+    if let Some(qs) = args.queue_size {
+        blk(b.set_i32("queue-size", qs), "queue-size")?;
+    }
     let capacity = blk(b.get_u64("capacity"), "capacity")?;
     let size = args.size.unwrap_or(capacity).min(capacity);
     if args.bs == 0 || args.bs % 512 != 0 || size < args.bs {

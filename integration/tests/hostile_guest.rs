@@ -2,12 +2,10 @@
 //! descriptor, a used element of length 0) and the daemon keeps serving verified I/O.
 //! Each test breaks one thing, through a real vhost-user connection with hand-built rings.
 
-mod support;
-
 use std::time::Duration;
 
-use support::frontend::*;
-use support::Server;
+use integration::frontend::*;
+use integration::Daemon;
 
 const Q: usize = 0;
 const WAIT: Duration = Duration::from_secs(10);
@@ -15,8 +13,8 @@ const HDR: u64 = DATA_BASE - 4096;
 const STATUS: u64 = DATA_BASE - 16;
 const BUF: u64 = DATA_BASE;
 
-fn setup() -> (Server, TestFrontend) {
-    let server = Server::start(&[]);
+fn setup() -> (Daemon, TestFrontend) {
+    let server = Daemon::with_image(&[]);
     let fe = TestFrontend::connect(server.socket(), 1, 128).expect("connect");
     (server, fe)
 }
@@ -56,7 +54,7 @@ fn submit(fe: &mut TestFrontend, descs: &[Desc]) -> (Option<(u32, u32)>, u8) {
 }
 
 /// After a hostile request: the same connection still does verified I/O.
-fn still_serves(server: &mut Server, fe: &mut TestFrontend) {
+fn still_serves(server: &mut Daemon, fe: &mut TestFrontend) {
     server.assert_alive();
     assert!(
         fe.verified_io(Q, 8, &pattern(42, 8192)),
@@ -190,7 +188,12 @@ fn zero_length_data() {
 
 #[test]
 fn sector_beyond_capacity() {
-    expect_status(&read_chain(512), T_IN, support::IMAGE_SIZE / 512, S_IOERR);
+    expect_status(
+        &read_chain(512),
+        T_IN,
+        integration::TEST_IMAGE_SIZE / 512,
+        S_IOERR,
+    );
 }
 
 #[test]
@@ -198,7 +201,7 @@ fn sector_plus_length_crosses_capacity() {
     expect_status(
         &read_chain(4096),
         T_IN,
-        support::IMAGE_SIZE / 512 - 1,
+        integration::TEST_IMAGE_SIZE / 512 - 1,
         S_IOERR,
     );
 }
@@ -276,7 +279,7 @@ fn discard_zero_sectors() {
 fn discard_beyond_capacity() {
     segments_case(
         T_DISCARD,
-        &[segment(support::IMAGE_SIZE / 512 - 4, 8, 0)],
+        &[segment(integration::TEST_IMAGE_SIZE / 512 - 4, 8, 0)],
         S_IOERR,
     );
 }
@@ -420,7 +423,7 @@ fn avail_index_jumps_past_queue_size_then_new_connection_works() {
 
 #[test]
 fn write_on_readonly_export_fails() {
-    let mut server = Server::start(&["--readonly"]);
+    let mut server = Daemon::with_image(&["--readonly"]);
     let mut fe = TestFrontend::connect(server.socket(), 1, 128).expect("connect");
     fe.mem.write(BUF, &pattern(1, 4096));
     assert_eq!(fe.run(Q, T_OUT, 0, &[(BUF, 4096)]), S_IOERR);

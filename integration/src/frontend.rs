@@ -6,8 +6,6 @@
 //! from the backend library the daemon uses); [`raw_message`] sends arbitrary bytes for
 //! malformed-message tests.
 
-#![allow(dead_code)] // Each test binary uses a different subset.
-
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd};

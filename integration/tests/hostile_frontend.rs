@@ -1,14 +1,12 @@
 //! Malformed vhost-user messages: the daemon closes that connection (with a log line) and
 //! accepts the next one, which then serves verified I/O.
 
-mod support;
-
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use support::frontend::*;
-use support::Server;
+use integration::frontend::*;
+use integration::Daemon;
 
 // vhost-user request codes (vhost-user spec, "Front-end message types").
 const GET_FEATURES: u32 = 1;
@@ -22,7 +20,7 @@ const VERSION_1: u32 = 0x1;
 /// Sends `msgs` on a fresh connection, expects the daemon to close it, then checks that a
 /// new connection does verified I/O.
 fn case(msgs: &[(u32, u32, Vec<u8>)]) {
-    let mut server = Server::start(&[]);
+    let mut server = Daemon::with_image(&[]);
     {
         let mut s = UnixStream::connect(server.socket()).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(5)))
@@ -123,9 +121,9 @@ fn vring_addr_outside_memory() {
 
 #[test]
 fn many_connections_leak_no_descriptors() {
-    let mut server = Server::start(&["--num-queues", "2"]);
+    let mut server = Daemon::with_image(&["--num-queues", "2"]);
     let fds = || {
-        std::fs::read_dir(format!("/proc/{}/fd", server.child.id()))
+        std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
             .expect("server fd dir")
             .count()
     };

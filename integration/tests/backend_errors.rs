@@ -2,12 +2,10 @@
 //! keeps serving. The image lives on a 1 MiB tmpfs, so writes past the first megabyte of
 //! the (sparse, 64 MiB) image fail with ENOSPC from the real file system.
 
-mod support;
-
 use std::process::Command;
 
-use support::frontend::*;
-use support::Server;
+use integration::frontend::*;
+use integration::Daemon;
 
 /// A tmpfs of `size` mounted on a fresh directory, unmounted on drop.
 struct SmallFs {
@@ -48,7 +46,7 @@ impl Drop for SmallFs {
 #[test]
 fn enospc_fails_that_write_only() {
     let fs = SmallFs::mount("1m");
-    let mut server = Server::start_in(fs.subdir(), &[]);
+    let mut server = Daemon::with_image_in(fs.subdir(), &[]);
     let mut fe = TestFrontend::connect(server.socket(), 1, 128).expect("connect");
     let data = pattern(5, 64 * 1024);
     // Fill well past the file system's 1 MiB: some write must fail with ENOSPC.
