@@ -381,6 +381,36 @@ impl TestFrontend {
     }
 }
 
+/// Negotiates features on a fresh connection and sends a memory table of `regions`
+/// (guest address, size, offset into one shared memfd); returns the backend's verdict
+/// (REPLY_ACK makes it report failure rather than stay silent).
+pub fn send_mem_table(sock: &Path, regions: &[(u64, u64, u64)]) -> io::Result<()> {
+    let err = |e: vhost::Error| io::Error::other(e.to_string());
+    let mut fe = Frontend::from_stream(UnixStream::connect(sock)?, 1);
+    let mem = GuestMem::new(MEM_SIZE);
+    fe.set_owner().map_err(err)?;
+    let offered = fe.get_features().map_err(err)?;
+    fe.set_features(offered & (F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()))
+        .map_err(err)?;
+    let pf = fe.get_protocol_features().map_err(err)?;
+    fe.set_protocol_features(pf & VhostUserProtocolFeatures::REPLY_ACK)
+        .map_err(err)?;
+    fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    let infos: Vec<VhostUserMemoryRegionInfo> = regions
+        .iter()
+        .map(|&(gpa, size, offset)| VhostUserMemoryRegionInfo {
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: mem.ptr as u64 + offset,
+            mmap_offset: offset,
+            mmap_handle: mem.file.as_raw_fd(),
+        })
+        .collect();
+    fe.set_mem_table(&infos).map_err(err)?;
+    // A backend that accepted the table answers the next request; one that closed does not.
+    fe.get_features().map(drop).map_err(err)
+}
+
 /// Sends one raw vhost-user message (header fields + payload, optional fds) and returns the
 /// stream, for malformed-message tests.
 pub fn raw_message(

@@ -143,3 +143,24 @@ fn many_connections_leak_no_descriptors() {
     );
     server.assert_alive();
 }
+
+#[test]
+fn overlapping_memory_regions_are_refused() {
+    let mut server = Daemon::with_image(&[]);
+    let mib = 1u64 << 20;
+    // Control: the same exchange with a sane table is accepted.
+    send_mem_table(server.socket(), &[(0, 16 * mib, 0)]).expect("a valid table is accepted");
+    // Two regions claiming the same guest addresses [4M, 8M) and [6M, 10M).
+    let r = send_mem_table(
+        server.socket(),
+        &[(4 * mib, 4 * mib, 0), (6 * mib, 4 * mib, 4 * mib)],
+    );
+    assert!(r.is_err(), "an overlapping memory table must be refused");
+    server.assert_alive();
+    let mut fe = TestFrontend::connect(server.socket(), 1, 128).expect("next connection");
+    assert!(
+        fe.verified_io(0, 0, &pattern(11, 4096)),
+        "log: {}",
+        server.log_text()
+    );
+}
