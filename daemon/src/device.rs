@@ -287,7 +287,7 @@ impl VhostUserBackend for BlkDevice {
         } else {
             log::warn!("worker {thread_id}: event for unknown source {device_event}");
         }
-        worker.notify(vrings);
+        worker.notify(&self.0, vrings, thread_id);
         worker.poll(&self.0, vrings, thread_id);
         Ok(())
     }

@@ -17,7 +17,7 @@
 //! The worker is thread-local because coroutines are `!Send`; the vhost-user library gives
 //! us `&self` on a shared backend, so per-thread state cannot live in it.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::io;
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
@@ -38,11 +38,12 @@ use crate::device::Shared;
 /// a fuller queue is flushed to the kernel early rather than failing.
 const RING_ENTRIES: u32 = 1024;
 
-/// One worker thread's scheduler and notification bookkeeping.
+/// One worker thread's scheduler and completion bookkeeping.
 pub struct Worker {
     sched: Scheduler,
-    /// Bit `i` set: local vring `i` got used elements since the last notification.
-    dirty: Cell<u64>,
+    /// Per local vring: finished requests `(head, used_len)` waiting for the end of the
+    /// batch, when they are added to the used ring under one lock and signalled once.
+    finished: RefCell<Vec<Vec<(u16, u32)>>>,
 }
 
 thread_local! {
@@ -68,7 +69,7 @@ impl Worker {
             .stack_size(shared.stack_size);
         let worker = Rc::new(Worker {
             sched: Scheduler::new(builder).with_ring(ring),
-            dirty: Cell::new(0),
+            finished: RefCell::new(Vec::new()),
         });
         WORKER.with(|w| *w.borrow_mut() = Some(worker.clone()));
         log::debug!(
@@ -127,16 +128,15 @@ impl Worker {
         for chain in chains {
             let head = chain.head_index();
             shared.in_flight[queue].fetch_add(1, Ordering::AcqRel);
-            let (shared2, vring2, worker, mem) =
-                (shared.clone(), vring.clone(), self.clone(), mem.clone());
+            let (shared2, worker, mem) = (shared.clone(), self.clone(), mem.clone());
             let spawned = self.sched.spawn(move || {
                 let (head, used) = shared2.serve(chain, mem);
-                worker.complete(&shared2, &vring2, local, queue, head, used);
+                worker.complete(local, head, used);
             });
             if let Err(e) = spawned {
                 // Out of memory for a stack: give the buffer back rather than leak it.
                 log::error!("queue {queue}: cannot start a request coroutine: {e}");
-                self.complete(shared, vring, local, queue, head, 0);
+                self.complete(local, head, 0);
             }
         }
         count
@@ -167,7 +167,7 @@ impl Worker {
             }
             if work > 0 {
                 self.run();
-                self.notify(vrings);
+                self.notify(shared, vrings, thread_id);
                 idle_spins = 0;
                 continue;
             }
@@ -196,33 +196,41 @@ impl Worker {
         }
     }
 
-    /// The one place a request leaves the device: used element, in-flight count, and a
-    /// note that the queue needs a notification at the end of this batch.
-    fn complete(
-        &self,
-        shared: &Shared,
-        vring: &VringRwLock,
-        local: usize,
-        queue: usize,
-        head: u16,
-        used: u32,
-    ) {
-        if let Err(e) = vring.add_used(head, used) {
-            shared.guest_error(queue, &format!("cannot add used element {head}: {e}"));
+    /// The one place a request leaves the device: it is queued for the used ring, which
+    /// [`notify`](Self::notify) updates at the end of the batch.
+    fn complete(&self, local: usize, head: u16, used: u32) {
+        let mut finished = self.finished.borrow_mut();
+        if finished.len() <= local {
+            finished.resize_with(local + 1, Vec::new);
         }
-        self.dirty.set(self.dirty.get() | 1 << local);
-        shared.in_flight[queue].fetch_sub(1, Ordering::AcqRel);
+        finished[local].push((head, used));
     }
 
-    /// Signals every queue that got used elements in this batch, if the guest wants it.
-    pub fn notify(&self, vrings: &[VringRwLock]) {
-        let mut dirty = self.dirty.replace(0);
-        while dirty != 0 {
-            let local = dirty.trailing_zeros() as usize;
-            dirty &= dirty - 1;
-            let Some(vring) = vrings.get(local) else {
+    /// Ends a batch: adds every finished request to its used ring (one lock per queue),
+    /// drops the queue's in-flight count, and signals the guest once per queue if
+    /// EVENT_IDX says it wants to be.
+    pub fn notify(&self, shared: &Shared, vrings: &[VringRwLock], thread_id: usize) {
+        let mut finished = self.finished.borrow_mut();
+        for (local, done) in finished.iter_mut().enumerate() {
+            if done.is_empty() {
+                continue;
+            }
+            let (Some(vring), Some(queue)) =
+                (vrings.get(local), shared.global_queue(thread_id, local))
+            else {
+                done.clear();
                 continue;
             };
+            {
+                let mut state = vring.get_mut();
+                for &(head, used) in done.iter() {
+                    if let Err(e) = state.add_used(head, used) {
+                        shared.guest_error(queue, &format!("cannot add used element {head}: {e}"));
+                    }
+                }
+            }
+            shared.in_flight[queue].fetch_sub(done.len(), Ordering::AcqRel);
+            done.clear();
             match vring.needs_notification() {
                 Ok(false) => {}
                 Ok(true) | Err(_) => {
