@@ -1,398 +1,582 @@
-//! `corodev-bench`: drives a vhost-user-blk server (corodev, qemu-storage-daemon, ...) with
-//! libblkio's `virtio-blk-vhost-user` driver, an independent frontend implementation, and
-//! reports IOPS, bandwidth, latency percentiles and errors.
+//! `corodev-bench`: a load generator for vhost-user-blk servers (corodev,
+//! qemu-storage-daemon, ...), built on libblkio's `virtio-blk-vhost-user` driver so that the
+//! frontend under the measurement shares no code with corodev.
 //!
-//! One client thread per queue keeps `--iodepth` requests in flight. I/O buffers live in a
-//! memory region mapped through libblkio (vhost-user needs them in shared memory).
-//! `--verify` first writes a pattern derived from each block's offset over the region,
-//! then checks every read against it (and writes keep writing that same pattern, so
-//! concurrent reads stay checkable).
+//! It connects, negotiates `--queues` virtqueues, maps one shared-memory region for all I/O
+//! buffers (vhost-user servers can only reach memory the frontend has mapped into them),
+//! runs one client thread per queue with `--iodepth` requests in flight, and reports IOPS,
+//! bandwidth, latency percentiles and errors, as text or as one JSON object.
+//!
+//! `--verify` adds three phases around the timed one when needed: a fill that writes the
+//! pattern of [`pattern`] over the region (only when the workload reads), the timed run
+//! (reads are checked, writes stamp a new generation), and a read-back of every block
+//! whose contents are known. Only the timed phase counts towards the performance numbers.
+//!
+//! Exit status: 0 on success, 1 on any error (one line on stderr), including I/O errors or
+//! verify mismatches during the run (after the report is printed).
 
-use std::mem::MaybeUninit;
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
+mod error;
+mod pattern;
+mod worker;
+
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::ptr::NonNull;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+use blkio::Blkio;
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
+
+use crate::error::Error;
+use crate::worker::{Order, Plan, SlotBufs, Stop, Worker};
+
+/// libblkio places each read or write in this many descriptors (header, data, status) and
+/// never uses indirect descriptors, so a queue of N descriptors holds N / 3 requests.
+const DESCRIPTORS_PER_REQUEST: u64 = 3;
+/// `--verify` keeps 5 bytes per block; this caps it at about 160 MiB.
+const MAX_VERIFY_BLOCKS: u64 = 1 << 25;
+
+const EXAMPLES: &str = "\
+Examples:
+  # 4K random reads at queue depth 32 for 10 s against qemu-storage-daemon or corodev
+  corodev-bench --socket /tmp/vhost.sock --rw randread --bs 4K --iodepth 32 --runtime 10
+
+  # Data check: 2 queues of mixed I/O over the first 64 MiB, then read everything back
+  corodev-bench --socket /tmp/vhost.sock --rw mixed --mix-read 50 --queues 2 --iodepth 16 \\
+      --size 64M --ios 100000 --verify";
 
 /// Access pattern.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Rw {
+    /// Sequential reads.
     Read,
+    /// Sequential writes.
     Write,
+    /// Uniformly random reads.
     Randread,
+    /// Uniformly random writes.
     Randwrite,
-    /// Random, `--mix-read` percent reads.
+    /// Uniformly random, --mix-read percent reads.
     Mixed,
 }
 
+impl Rw {
+    fn name(self) -> &'static str {
+        match self {
+            Rw::Read => "read",
+            Rw::Write => "write",
+            Rw::Randread => "randread",
+            Rw::Randwrite => "randwrite",
+            Rw::Mixed => "mixed",
+        }
+    }
+}
+
+/// Load generator for vhost-user-blk servers, on libblkio's virtio-blk-vhost-user driver.
 #[derive(Debug, Parser)]
-#[command(about = "vhost-user-blk load generator (libblkio frontend)")]
+#[command(version, about, after_help = EXAMPLES)]
 struct Args {
     /// vhost-user socket of the server.
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     socket: String,
+
     /// Access pattern.
     #[arg(long, value_enum, default_value_t = Rw::Randread)]
     rw: Rw,
-    /// Percentage of reads for --rw mixed.
-    #[arg(long, default_value_t = 70, value_parser = clap::value_parser!(u8).range(0..=100))]
-    mix_read: u8,
-    /// Block size in bytes (K/M suffixes allowed).
-    #[arg(long, default_value = "4K", value_parser = corodev::cli::parse_size)]
+
+    /// Percentage of reads for --rw mixed [default: 70].
+    #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u8).range(0..=100))]
+    mix_read: Option<u8>,
+
+    /// Request size in bytes, K/M suffixes allowed (binary units).
+    #[arg(long, value_name = "BYTES", default_value = "4K", value_parser = parse_size)]
     bs: u64,
+
     /// Requests in flight per queue.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65536))]
     iodepth: u32,
-    /// Queues (one client thread each).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+
+    /// Virtqueues, one client thread each; each queue works on its own slice of the region.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     queues: u32,
-    /// Seconds to run (ignored when --ios is given).
-    #[arg(long, default_value_t = 5.0)]
-    runtime: f64,
-    /// Stop after this many I/Os per queue instead of after --runtime.
-    #[arg(long)]
+
+    /// Seconds to run [default: 5].
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds, conflicts_with = "ios")]
+    runtime: Option<f64>,
+
+    /// Run this many I/Os in total (split across the queues) instead of for --runtime.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     ios: Option<u64>,
-    /// Bytes of the device to use, from offset 0 (default: all of it).
-    #[arg(long, value_parser = corodev::cli::parse_size)]
+
+    /// Bytes of the device to use, from offset 0 [default: the device capacity].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     size: Option<u64>,
-    /// Virtqueue size to negotiate (default: the driver's).
-    #[arg(long)]
-    queue_size: Option<i32>,
-    /// Check data: write a per-block pattern first, verify every read.
+
+    /// Virtqueue size (descriptors, a power of two); each request takes 3 [default: libblkio's 256].
+    #[arg(long, value_name = "N", value_parser = parse_queue_size)]
+    queue_size: Option<u32>,
+
+    /// Check data: stamp every write with its offset and a generation, check every read,
+    /// and read back all written blocks at the end (costs time proportional to --size).
     #[arg(long)]
     verify: bool,
+
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
 }
 
-/// Why the benchmark could not run.
-#[derive(Debug, thiserror::Error)]
-enum Error {
-    #[error("libblkio: {0}")]
-    Blkio(String),
-    #[error("{0}")]
-    Config(String),
-    #[error("verify failed: {0}")]
-    Verify(String),
-}
-
-fn blk<T>(r: blkio::Result<T>, what: &str) -> Result<T, Error> {
-    r.map_err(|e| Error::Blkio(format!("{what}: {}", e.message())))
-}
-
-/// The pattern byte `i` of the block at `offset` holds (depends on the offset only).
-fn fill_pattern(buf: &mut [u8], offset: u64) {
-    let mut x = offset.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        chunk.copy_from_slice(&b[..chunk.len()]);
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-/// What one queue's thread measured.
-struct QueueResult {
-    ios: u64,
-    errors: u64,
-    hist: Histogram<u64>,
-    verify_failures: u64,
-}
-
-/// A slot's buffer: a window into the libblkio memory region.
-struct Slot {
-    buf: *mut u8,
-    started: Instant,
-    offset: u64,
-    is_read: bool,
-}
-
-struct Job {
-    rw: Rw,
-    mix_read: u8,
-    bs: u64,
-    iodepth: u32,
-    blocks: u64,
-    deadline: Option<Instant>,
-    ios: Option<u64>,
-    verify: bool,
-}
-
-fn run_queue(
-    q: &mut Blkioq,
-    job: &Job,
-    bufs: *mut u8,
-    seed: u64,
-    stop: &AtomicU64,
-) -> Result<QueueResult, Error> {
-    let bs = job.bs as usize;
-    let mut rng = Rng(seed | 1);
-    let mut seq = seed % job.blocks.max(1);
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-        .map_err(|e| Error::Config(format!("histogram: {e}")))?;
-    let mut slots: Vec<Slot> = (0..job.iodepth as usize)
-        // SAFETY: the region holds iodepth * bs bytes for this queue, starting at `bufs`.
-        .map(|i| Slot {
-            buf: unsafe { bufs.add(i * bs) },
-            started: Instant::now(),
-            offset: 0,
-            is_read: true,
-        })
-        .collect();
-    let (mut issued, mut done, mut errors, mut verify_failures) = (0u64, 0u64, 0u64, 0u64);
-    let mut submit = |q: &mut Blkioq, i: usize, slots: &mut [Slot], rng: &mut Rng| {
-        let block = match job.rw {
-            Rw::Read | Rw::Write => {
-                seq = (seq + 1) % job.blocks;
-                seq
-            }
-            _ => rng.next() % job.blocks,
-        };
-        let is_read = match job.rw {
-            Rw::Read | Rw::Randread => true,
-            Rw::Write | Rw::Randwrite => false,
-            Rw::Mixed => rng.next() % 100 < u64::from(job.mix_read),
-        };
-        let s = &mut slots[i];
-        s.offset = block * job.bs;
-        s.is_read = is_read;
-        s.started = Instant::now();
-        if is_read {
-            q.read(s.offset, s.buf, bs, i, ReqFlags::empty());
-        } else {
-            if job.verify {
-                // SAFETY: the slot's buffer is bs bytes of the mapped region, idle now.
-                fill_pattern(
-                    unsafe { std::slice::from_raw_parts_mut(s.buf, bs) },
-                    s.offset,
-                );
-            }
-            q.write(s.offset, s.buf, bs, i, ReqFlags::empty());
+/// Parses `4096`, `4K`, `128K`, `1M`, `1G` (binary units, case-insensitive).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, suffix) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size: use bytes, e.g. 4096, 4K or 1M"))?;
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => {
+            return Err(format!(
+                "unknown suffix '{suffix}' in '{s}': use K, M, G or T"
+            ))
         }
     };
-    for i in 0..slots.len() {
-        submit(q, i, &mut slots, &mut rng);
-        issued += 1;
-    }
-    let mut completions: Vec<MaybeUninit<Completion>> =
-        (0..slots.len()).map(|_| MaybeUninit::uninit()).collect();
-    let mut expect = vec![0u8; bs];
-    let mut in_flight = slots.len() as u64;
-    while in_flight > 0 {
-        let n = blk(q.do_io(&mut completions, 1, None, None), "do_io")?;
-        let now = Instant::now();
-        let more = stop.load(Ordering::Relaxed) == 0
-            && job.deadline.is_none_or(|d| now < d)
-            && job.ios.is_none_or(|max| issued < max);
-        for c in &completions[..n] {
-            // SAFETY: do_io initialised the first `n` completions.
-            let c = unsafe { c.assume_init_ref() };
-            let i = c.user_data;
-            in_flight -= 1;
-            done += 1;
-            let s = &slots[i];
-            let _ = hist.record((now - s.started).as_nanos().max(1) as u64);
-            if c.ret != 0 {
-                errors += 1;
-            } else if job.verify && s.is_read {
-                fill_pattern(&mut expect, s.offset);
-                // SAFETY: the read into this slot's buffer has completed.
-                let got = unsafe { std::slice::from_raw_parts(s.buf, bs) };
-                if got != &expect[..] {
-                    verify_failures += 1;
-                }
-            }
-            if more {
-                submit(q, i, &mut slots, &mut rng);
-                issued += 1;
-                in_flight += 1;
-            }
-        }
-    }
-    Ok(QueueResult {
-        ios: done,
-        errors,
-        hist,
-        verify_failures,
-    })
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
-fn run(args: &Args) -> Result<serde_json::Value, Error> {
-    let mut b = blk(Blkio::new("virtio-blk-vhost-user"), "create")?;
-    blk(b.set_str("path", &args.socket), "path")?;
-    blk(b.connect(), &format!("connect to {}", args.socket))?;
-    let max_queues = blk(b.get_i32("max-queues"), "max-queues")?;
-    if args.queues as i32 > max_queues {
-        return Err(Error::Config(format!(
-            "--queues {} but the server offers {max_queues}",
-            args.queues
-        )));
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v < 1e9 => Ok(v),
+        _ => Err(format!("'{s}' is not a positive number of seconds")),
     }
-    blk(b.set_i32("num-queues", args.queues as i32), "num-queues")?;
-    if let Some(qs) = args.queue_size {
-        blk(b.set_i32("queue-size", qs), "queue-size")?;
-    }
-    let capacity = blk(b.get_u64("capacity"), "capacity")?;
-    let size = args.size.unwrap_or(capacity).min(capacity);
-    if args.bs == 0 || args.bs % 512 != 0 || size < args.bs {
-        return Err(Error::Config(format!(
-            "--bs {} must be a multiple of 512 and at most the size {size}",
-            args.bs
-        )));
-    }
-    let outcome = blk(b.start(), "start")?;
-    let per_queue = args.bs as usize * args.iodepth as usize;
-    let align = blk(b.get_u64("mem-region-alignment"), "mem-region-alignment")? as usize;
-    let len = (per_queue * args.queues as usize).next_multiple_of(align.max(4096));
-    let region = blk(b.alloc_mem_region(len), "alloc_mem_region")?;
-    blk(b.map_mem_region(&region), "map_mem_region")?;
-    let base = region.addr as *mut u8;
-    let blocks = size / args.bs;
+}
 
-    let mut queues = outcome.queues;
-    if args.verify {
-        // Lay down the pattern over the whole region once, with queue 0.
-        let q = queues
-            .first_mut()
-            .ok_or_else(|| Error::Config("no queue".into()))?;
-        let job = Job {
-            rw: Rw::Write,
-            mix_read: 0,
-            bs: args.bs,
-            iodepth: args.iodepth,
-            blocks,
-            deadline: None,
-            ios: Some(blocks),
-            verify: true,
-        };
-        let r = run_queue(q, &job, base, 0, &AtomicU64::new(0))?;
-        if r.errors > 0 {
-            return Err(Error::Verify(format!(
-                "{} errors while writing the pattern",
-                r.errors
-            )));
-        }
+fn parse_queue_size(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n.is_power_of_two() && n <= 32768 => Ok(n),
+        _ => Err(format!("'{s}' is not a power of two from 1 to 32768")),
     }
-    let started = Instant::now();
-    let deadline = args
-        .ios
-        .is_none()
-        .then(|| started + Duration::from_secs_f64(args.runtime));
-    let stop = Arc::new(AtomicU64::new(0));
-    let results: Vec<Result<QueueResult, Error>> = std::thread::scope(|s| {
-        let handles: Vec<_> = queues
+}
+
+/// Formats a byte count the way it was probably typed (4K, 128K, 1M).
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}K", b >> 10),
+        b => b.to_string(),
+    }
+}
+
+fn prop<T>(property: &'static str, r: blkio::Result<T>) -> Result<T, Error> {
+    r.map_err(|source| Error::Property { property, source })
+}
+
+/// A run id for the verify pattern: differs between runs so old data cannot pass as new.
+fn run_id() -> u32 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() ^ d.as_secs() as u32);
+    nanos ^ std::process::id().rotate_left(16)
+}
+
+/// Runs `plan_for(worker)` on every worker, each on its own thread, and waits for all.
+fn phase(
+    workers: &mut [Worker],
+    plan_for: impl Fn(&Worker) -> Plan + Sync,
+) -> Result<Vec<worker::PhaseResult>, Error> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = workers
             .iter_mut()
-            .enumerate()
-            .map(|(qi, q)| {
-                let job = Job {
-                    rw: args.rw,
-                    mix_read: args.mix_read,
-                    bs: args.bs,
-                    iodepth: args.iodepth,
-                    blocks,
-                    deadline,
-                    ios: args.ios,
-                    verify: args.verify,
-                };
-                // SAFETY: each queue gets its own disjoint per_queue-byte window of the region.
-                let bufs = unsafe { base.add(qi * per_queue) } as usize;
-                let stop = stop.clone();
-                s.spawn(move || {
-                    run_queue(
-                        q,
-                        &job,
-                        bufs as *mut u8,
-                        0x1234_5678 + qi as u64 * 7919,
-                        &stop,
-                    )
-                })
+            .map(|w| {
+                let plan = plan_for(w);
+                let queue = w.index;
+                (queue, s.spawn(move || w.run(&plan)))
             })
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::Config("client thread panicked".into())))
-            })
+            .map(|(queue, h)| h.join().map_err(|_| Error::Panicked { queue })?)
             .collect()
-    });
-    let elapsed = started.elapsed().as_secs_f64();
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-        .map_err(|e| Error::Config(e.to_string()))?;
-    let (mut ios, mut errors, mut vfail) = (0, 0, 0);
-    for r in results {
-        let r = r?;
-        ios += r.ios;
-        errors += r.errors;
-        vfail += r.verify_failures;
-        hist.add(&r.hist)
-            .map_err(|e| Error::Config(format!("histogram: {e}")))?;
+    })
+}
+
+/// What a run measured.
+struct Report {
+    json: serde_json::Value,
+    text: String,
+    io_errors: u64,
+    mismatches: u64,
+}
+
+fn run(args: &Args) -> Result<Report, Error> {
+    let mut b = Blkio::new("virtio-blk-vhost-user").map_err(Error::Driver)?;
+    prop("path", b.set_str("path", &args.socket))?;
+    b.connect().map_err(|source| Error::Connect {
+        socket: args.socket.clone(),
+        source,
+    })?;
+
+    let offered = prop("max-queues", b.get_i32("max-queues"))?;
+    if i64::from(args.queues) > i64::from(offered) {
+        return Err(Error::TooManyQueues {
+            requested: args.queues,
+            offered,
+        });
     }
-    b.unmap_mem_region(&region);
-    b.free_mem_region(&region);
-    let iops = ios as f64 / elapsed;
+    prop("num-queues", b.set_i32("num-queues", args.queues as i32))?;
+    if let Some(qs) = args.queue_size {
+        prop("queue-size", b.set_i32("queue-size", qs as i32))?;
+    }
+    let queue_size = prop("queue-size", b.get_i32("queue-size"))?.max(0) as u32;
+    let needed = u64::from(args.iodepth) * DESCRIPTORS_PER_REQUEST;
+    if needed > u64::from(queue_size) {
+        return Err(Error::QueueTooSmall {
+            iodepth: args.iodepth,
+            needed,
+            queue_size,
+            suggested: needed.next_power_of_two(),
+        });
+    }
+
+    let capacity = prop("capacity", b.get_u64("capacity"))?;
+    let block_size = prop("request-alignment", b.get_i32("request-alignment"))?.max(1) as u64;
+    if args.bs == 0 || args.bs % block_size != 0 {
+        return Err(Error::Misaligned {
+            bs: args.bs,
+            block_size,
+        });
+    }
+    let max_segment = prop("max-segment-len", b.get_i32("max-segment-len"))?.max(0) as u64;
+    if max_segment != 0 && args.bs > max_segment {
+        return Err(Error::SegmentTooLarge {
+            bs: args.bs,
+            max: max_segment,
+        });
+    }
+    let size = args.size.unwrap_or(capacity);
+    if size > capacity {
+        return Err(Error::SizeBeyondCapacity { size, capacity });
+    }
+    let blocks = size / args.bs;
+    let per_queue = blocks / u64::from(args.queues);
+    if per_queue < u64::from(args.iodepth) {
+        return Err(Error::TooFewBlocks {
+            blocks,
+            bs: args.bs,
+            queues: args.queues,
+            iodepth: args.iodepth,
+        });
+    }
+    if args.verify && blocks > MAX_VERIFY_BLOCKS {
+        return Err(Error::VerifyTooLarge {
+            blocks,
+            max: MAX_VERIFY_BLOCKS,
+        });
+    }
+
+    let outcome = b.start().map_err(Error::Start)?;
+    if outcome.queues.len() != args.queues as usize {
+        return Err(Error::QueueCount {
+            requested: args.queues,
+            got: outcome.queues.len(),
+        });
+    }
+
+    // One region for every queue's slots: each region costs the server a memory slot and
+    // an mmap, and some servers allow only a few (VHOST_USER_GET_MAX_MEM_SLOTS).
+    let too_large = || Error::BuffersTooLarge {
+        queues: args.queues,
+        iodepth: args.iodepth,
+        bs: args.bs,
+    };
+    let slot_len = usize::try_from(args.bs).map_err(|_| too_large())?;
+    let queue_len = slot_len
+        .checked_mul(args.iodepth as usize)
+        .ok_or_else(too_large)?;
+    let align = prop("mem-region-alignment", b.get_u64("mem-region-alignment"))?;
+    let align = usize::try_from(align).map_err(|_| too_large())?.max(4096);
+    let len = queue_len
+        .checked_mul(args.queues as usize)
+        .and_then(|l| l.checked_next_multiple_of(align))
+        .ok_or_else(too_large)?;
+    let region = b
+        .alloc_mem_region(len)
+        .map_err(|source| Error::AllocBuffers { len, source })?;
+    b.map_mem_region(&region).map_err(Error::MapBuffers)?;
+    let base = NonNull::new(region.addr as *mut u8).ok_or(Error::AllocBuffers {
+        len,
+        source: blkio::Error::new(
+            blkio::Errno::FAULT,
+            "libblkio returned a null memory region",
+        ),
+    })?;
+
+    let run = args.verify.then(run_id);
+    let mut workers: Vec<Worker> = outcome
+        .queues
+        .into_iter()
+        .enumerate()
+        .map(|(i, q)| {
+            // SAFETY: the region is `len >= queues * queue_len` bytes, mapped read-write by
+            // alloc_mem_region; queue i gets bytes [i * queue_len, (i + 1) * queue_len), which
+            // no other worker touches; libblkio keeps the region mapped while any Blkioq
+            // (owned by the worker together with these buffers) lives.
+            let bufs =
+                unsafe { SlotBufs::new(base.add(i * queue_len), slot_len, args.iodepth as usize) };
+            Worker::new(i, q, bufs, (i as u64 * per_queue, per_queue), args.bs, run)
+        })
+        .collect();
+
+    let (order, read_pct) = match args.rw {
+        Rw::Read => (Order::Sequential, 100),
+        Rw::Write => (Order::Sequential, 0),
+        Rw::Randread => (Order::Random, 100),
+        Rw::Randwrite => (Order::Random, 0),
+        Rw::Mixed => (Order::Random, args.mix_read.unwrap_or(70)),
+    };
+    let mut fill_seconds = 0.0;
+    if args.verify && read_pct > 0 {
+        let t = Instant::now();
+        let fill = phase(&mut workers, |w| Plan {
+            order: Order::Sequential,
+            read_pct: 0,
+            stop: Stop::After(w.blocks()),
+            known_only: false,
+        })?;
+        fill_seconds = t.elapsed().as_secs_f64();
+        if let Some((_, offset, ret)) = fill.iter().find_map(|r| r.first_io_error) {
+            let errors: u64 = fill.iter().map(|r| r.io_errors).sum();
+            eprintln!(
+                "corodev-bench: verify fill: {errors} write(s) failed, first at byte {offset} (errno {})",
+                -ret
+            );
+        }
+    }
+
+    let queues = u64::from(args.queues);
+    let deadline = Instant::now() + Duration::from_secs_f64(args.runtime.unwrap_or(5.0));
+    let results = phase(&mut workers, |w| Plan {
+        order,
+        read_pct,
+        stop: match args.ios {
+            Some(n) => Stop::After(n / queues + u64::from((w.index as u64) < n % queues)),
+            None => Stop::At(deadline),
+        },
+        known_only: false,
+    })?;
+
+    let mut readback_seconds = 0.0;
+    let mut readback_errors = 0;
+    if args.verify {
+        let t = Instant::now();
+        let rb = phase(&mut workers, |w| Plan {
+            order: Order::Sequential,
+            read_pct: 100,
+            stop: Stop::After(w.known_blocks()),
+            known_only: true,
+        })?;
+        readback_seconds = t.elapsed().as_secs_f64();
+        readback_errors = rb.iter().map(|r| r.io_errors).sum();
+    }
+
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let (mut ios, mut io_errors) = (0u64, readback_errors);
+    let mut first_error = None;
+    for r in &results {
+        ios += r.ios;
+        io_errors += r.io_errors;
+        first_error = first_error.or(r.first_io_error);
+        hist.add(&r.hist)?;
+    }
+    let started = results.iter().map(|r| r.started).min();
+    let finished = results.iter().map(|r| r.finished).max();
+    let seconds = match (started, finished) {
+        (Some(s), Some(f)) => f.duration_since(s).as_secs_f64(),
+        _ => 0.0,
+    };
+    let (mut checked, mut mismatches) = (0u64, 0u64);
+    for w in &workers {
+        if let Some(v) = w.verify_result() {
+            checked += v.checked;
+            mismatches += v.mismatches;
+            for m in v.details {
+                eprintln!("corodev-bench: verify: queue {}: {m}", w.index);
+            }
+        }
+    }
+    if let Some((is_read, offset, ret)) = first_error {
+        eprintln!(
+            "corodev-bench: first I/O error: {} at byte {offset} failed with errno {}",
+            if is_read { "read" } else { "write" },
+            -ret
+        );
+    }
+    // The buffers must go before the driver: the workers own the queues that use them.
+    drop(workers);
+    drop(b);
+
+    let iops = if seconds > 0.0 {
+        ios as f64 / seconds
+    } else {
+        0.0
+    };
+    let mib_s = iops * args.bs as f64 / f64::from(1 << 20);
     let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    let report = serde_json::json!({
-        "rw": format!("{:?}", args.rw).to_lowercase(),
+    let (p50, p99, p999) = (us(0.5), us(0.99), us(0.999));
+    let mut json = serde_json::json!({
+        "rw": args.rw.name(),
         "bs": args.bs,
         "iodepth": args.iodepth,
         "queues": args.queues,
-        "seconds": elapsed,
+        "queue_size": queue_size,
+        "size": blocks * args.bs,
+        "seconds": seconds,
         "ios": ios,
         "iops": iops,
-        "mib_s": iops * args.bs as f64 / (1 << 20) as f64,
-        "lat_us": { "p50": us(0.5), "p99": us(0.99), "p999": us(0.999), "mean": hist.mean() / 1000.0 },
-        "errors": errors,
-        "verify_failures": vfail,
+        "mib_s": mib_s,
+        "lat_p50_us": p50,
+        "lat_p99_us": p99,
+        "lat_p999_us": p999,
+        "lat_mean_us": hist.mean() / 1000.0,
+        "lat_max_us": hist.max() as f64 / 1000.0,
+        "errors": io_errors + mismatches,
+        "io_errors": io_errors,
+        "verify": args.verify,
     });
-    if vfail > 0 {
-        return Err(Error::Verify(format!(
-            "{vfail} reads returned data that was never written: {report}"
-        )));
+    if args.rw == Rw::Mixed {
+        json["mix_read"] = read_pct.into();
     }
-    Ok(report)
+    let mut text = format!(
+        "{} {} x QD{} x {} queue(s), {seconds:.2} s: {iops:.0} IOPS, {mib_s:.1} MiB/s; \
+         latency us p50 {p50:.1} p99 {p99:.1} p99.9 {p999:.1}; errors {}",
+        args.rw.name(),
+        human(args.bs),
+        args.iodepth,
+        args.queues,
+        io_errors + mismatches
+    );
+    if args.verify {
+        json["verify_reads_checked"] = checked.into();
+        json["verify_mismatches"] = mismatches.into();
+        json["verify_fill_seconds"] = fill_seconds.into();
+        json["verify_readback_seconds"] = readback_seconds.into();
+        text += &format!(
+            "\nverify: {checked} reads checked, {mismatches} mismatches \
+             (fill {fill_seconds:.1} s, read-back {readback_seconds:.1} s)"
+        );
+    }
+    Ok(Report {
+        json,
+        text,
+        io_errors,
+        mismatches,
+    })
+}
+
+/// Clap's message on one line: its first paragraph (which names the offending argument),
+/// without the usage and "try --help" paragraphs.
+fn one_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let msg = rendered.split("\n\n").next().unwrap_or(&rendered);
+    let msg = msg.trim().strip_prefix("error: ").unwrap_or(msg.trim());
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(&args) {
-        Ok(r) => {
-            if args.json {
-                println!("{r}");
-            } else {
-                println!(
-                    "{} bs={} qd={} queues={}: {:.0} IOPS, {:.1} MiB/s, lat p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, errors {}",
-                    r["rw"].as_str().unwrap_or("?"), args.bs, args.iodepth, args.queues,
-                    r["iops"].as_f64().unwrap_or(0.0), r["mib_s"].as_f64().unwrap_or(0.0),
-                    r["lat_us"]["p50"].as_f64().unwrap_or(0.0), r["lat_us"]["p99"].as_f64().unwrap_or(0.0),
-                    r["lat_us"]["p999"].as_f64().unwrap_or(0.0), r["errors"]
-                );
-            }
-            if r["errors"].as_u64().unwrap_or(1) > 0 {
-                return ExitCode::FAILURE;
-            }
-            ExitCode::SUCCESS
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("corodev-bench: {e}");
-            ExitCode::FAILURE
+            eprintln!("corodev-bench: {}", one_line(&e));
+            return ExitCode::FAILURE;
         }
+    };
+    if args.mix_read.is_some() && args.rw != Rw::Mixed {
+        eprintln!("corodev-bench: --mix-read applies only to --rw mixed");
+        return ExitCode::FAILURE;
+    }
+    let report = match run(&args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("corodev-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.json {
+        println!("{}", report.json);
+    } else {
+        println!("{}", report.text);
+    }
+    if report.io_errors + report.mismatches > 0 {
+        let e = Error::DataErrors {
+            io_errors: report.io_errors,
+            mismatches: report.mismatches,
+        };
+        eprintln!("corodev-bench: {e}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4K"), Ok(4096));
+        assert_eq!(parse_size("128k"), Ok(128 << 10));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+    }
+
+    #[test]
+    fn bad_sizes_are_rejected() {
+        assert!(parse_size("4X").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("-4K").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn queue_size_must_be_a_power_of_two() {
+        assert_eq!(parse_queue_size("1024"), Ok(1024));
+        assert!(parse_queue_size("1000").is_err());
+        assert!(parse_queue_size("65536").is_err());
+    }
+
+    #[test]
+    fn runtime_must_be_positive() {
+        assert_eq!(parse_seconds("0.5"), Ok(0.5));
+        assert!(parse_seconds("0").is_err());
+        assert!(parse_seconds("nan").is_err());
+    }
+
+    #[test]
+    fn ios_and_runtime_conflict() {
+        let e = Args::try_parse_from(["b", "--socket", "s", "--ios", "5", "--runtime", "1"])
+            .expect_err("conflict");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn clap_errors_fit_one_line() {
+        let e = Args::try_parse_from(["b"]).expect_err("socket missing");
+        let line = one_line(&e);
+        assert!(!line.contains('\n'));
+        assert!(line.contains("--socket"), "{line}");
     }
 }
