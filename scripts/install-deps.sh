@@ -1,27 +1,38 @@
 #!/usr/bin/env bash
-# Installs what corodev's build, guest image and tests need on Debian 12 (as root).
-# Idempotent and fast when everything is present.
+# Installs what corodev's guest image and end-to-end tests need on Debian 12, as root:
+# QEMU (system emulator and qemu-storage-daemon), the Debian cloud kernel the guest boots,
+# busybox-static, fio and e2fsprogs (packed into the guest), and cpio/gzip to pack it.
+# Idempotent: when every package is installed it only checks (well under a second) and
+# never touches the network.
 set -euo pipefail
 
-PKGS=(qemu-system-x86 qemu-system-common qemu-utils linux-image-cloud-amd64 busybox-static fio e2fsprogs cpio)
+PKGS=(qemu-system-x86 qemu-system-common qemu-utils linux-image-cloud-amd64 busybox-static
+    fio e2fsprogs cpio gzip)
 
 missing=()
 for p in "${PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$p")
 done
 
 if ((${#missing[@]})); then
     if [ "$(id -u)" -ne 0 ]; then
-        echo "install-deps: missing ${missing[*]}; run as root (apt-get install)" >&2
+        echo "install-deps: missing ${missing[*]}; run this script as root" >&2
         exit 1
     fi
-    echo "install-deps: installing ${missing[*]}"
+    echo "install-deps: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-for tool in qemu-system-x86_64 qemu-storage-daemon busybox fio mke2fs cpio; do
-    command -v "$tool" >/dev/null || { echo "install-deps: $tool still missing after install" >&2; exit 1; }
+# The tools themselves, where the scripts and tests look for them.
+for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img busybox fio mke2fs e2fsck cpio gzip; do
+    command -v "$tool" >/dev/null || {
+        echo "install-deps: $tool is not on PATH ($PATH) after installing" >&2
+        exit 1
+    }
 done
-ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || { echo "install-deps: no cloud kernel in /boot" >&2; exit 1; }
+if ! compgen -G '/boot/vmlinuz-*-cloud-amd64' >/dev/null; then
+    echo "install-deps: no /boot/vmlinuz-*-cloud-amd64 after installing linux-image-cloud-amd64" >&2
+    exit 1
+fi

@@ -1,60 +1,167 @@
 #!/usr/bin/env bash
-# Boots corodev's test guest against a vhost-user-blk socket and prints its console.
+# Boots corodev's test guest (scripts/build-guest.sh) against a vhost-user-blk socket,
+# streams its serial console to stdout, and exits with the guest test's verdict.
 #
-#   scripts/run-vm.sh --socket PATH [--test NAME] [--arg VALUE] [--queues N] [--smp N]
-#                     [--mem MiB] [--timeout SECONDS]
+#   scripts/run-vm.sh --socket PATH [options]            # a server is already listening
+#   scripts/run-vm.sh --start-daemon --disk IMG [options] # start corodev (or qsd) first
 #
-# Tests (see scripts/guest-init.sh): info, pattern, fio, mq, ext4, readonly, discard.
-# Uses KVM only when a quick probe boot under KVM succeeds (nested KVM often fails with
-# "emulation failure"); TCG otherwise. The probe result is cached in target/guest/accel.
-# Exit status: 0 if the guest printed a PASS result, 1 otherwise.
+# Guest:
+#   --test NAME       info, pattern, fio, mq, ext4, readonly, discard (default pattern);
+#                     see scripts/guest-init.sh
+#   --arg VALUE       passed to the test as corodev.arg=VALUE (fio/mq: number of jobs)
+#   --queues N        virtqueues of the vhost-user-blk-pci device (default 1)
+#   --smp N           vCPUs (default 1)
+#   --mem MiB         guest memory (default 256)
+#   --timeout SECONDS whole boot + test limit (default 180; TCG is slow)
+#   --accel A         auto (default: KVM if a probe boot under KVM works, else TCG), kvm, tcg
+# Server (only with --start-daemon; it is stopped when the guest is done):
+#   --disk IMG        image to export
+#   --server S        corodev (default) or qsd (QEMU's qemu-storage-daemon, for comparison)
+#   --daemon-bin PATH corodev binary (default $CORODEV_BIN, else target/release/corodev)
+#   --daemon-arg ARG  extra server argument, repeatable (e.g. --daemon-arg --serial=X)
+#   --readonly        export read-only (corodev --readonly, qsd writable=off)
+#
+# Exit status: 0 the guest printed a PASS result; 1 it printed FAIL or no result; 2 usage
+# or setup error; 3 the guest hit --timeout. A one-line summary goes to stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-socket= test=pattern arg= queues=1 smp=1 mem=512 timeout=180
+socket='' test=pattern arg='' queues=1 smp=1 mem=256 timeout=180 accel=auto
+start_daemon=0 disk='' server=corodev daemon_bin=${CORODEV_BIN:-target/release/corodev} readonly=0
+daemon_args=()
+usage() { sed -n '2,25p' "$0"; }
+die() {
+    echo "run-vm: $*" >&2
+    exit 2
+}
+need() { [ $# -ge 2 ] || die "$1 needs a value (see --help)"; }
 while (($#)); do
     case "$1" in
-        --socket) socket=$2; shift 2 ;;
-        --test) test=$2; shift 2 ;;
-        --arg) arg=$2; shift 2 ;;
-        --queues) queues=$2; shift 2 ;;
-        --smp) smp=$2; shift 2 ;;
-        --mem) mem=$2; shift 2 ;;
-        --timeout) timeout=$2; shift 2 ;;
-        -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
-        *) echo "run-vm: unknown option $1 (see --help)" >&2; exit 2 ;;
+        --socket) need "$@"; socket=$2; shift 2 ;;
+        --test) need "$@"; test=$2; shift 2 ;;
+        --arg) need "$@"; arg=$2; shift 2 ;;
+        --queues | --num-queues) need "$@"; queues=$2; shift 2 ;;
+        --smp) need "$@"; smp=$2; shift 2 ;;
+        --mem) need "$@"; mem=$2; shift 2 ;;
+        --timeout) need "$@"; timeout=$2; shift 2 ;;
+        --accel) need "$@"; accel=$2; shift 2 ;;
+        --start-daemon) start_daemon=1; shift ;;
+        --disk) need "$@"; disk=$2; shift 2 ;;
+        --server) need "$@"; server=$2; shift 2 ;;
+        --daemon-bin) need "$@"; daemon_bin=$2; shift 2 ;;
+        --daemon-arg) need "$@"; daemon_args+=("$2"); shift 2 ;;
+        --readonly) readonly=1; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) die "unknown option $1 (see --help)" ;;
     esac
 done
-[ -n "$socket" ] || { echo "run-vm: --socket PATH is required" >&2; exit 2; }
-[ -S "$socket" ] || { echo "run-vm: $socket is not a listening socket; start corodev first" >&2; exit 2; }
+for n in "$queues" "$smp" "$mem" "$timeout"; do
+    [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "'$n' is not a positive number"
+done
+case "$accel" in auto | kvm | tcg) ;; *) die "--accel must be auto, kvm or tcg" ;; esac
+command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing; run scripts/install-deps.sh"
 
 mapfile -t guest < <(bash scripts/build-guest.sh)
+[ "${#guest[@]}" = 2 ] || die "scripts/build-guest.sh failed"
 kernel=${guest[0]} initrd=${guest[1]}
 
-accel_file=target/guest/accel
-if [ ! -f "$accel_file" ]; then
-    accel=tcg
-    if [ -w /dev/kvm ] && timeout 20 qemu-system-x86_64 -accel kvm -m 128 -nographic -no-reboot \
-        -kernel "$kernel" -append "console=ttyS0 panic=-1 rdinit=/bin/busybox poweroff -f" \
-        -initrd "$initrd" </dev/null 2>&1 | grep -q "reboot: Power down"; then
-        accel=kvm
+work=$(mktemp -d)
+daemon_pid=''
+# shellcheck disable=SC2317 # called by the EXIT trap
+cleanup() {
+    if [ -n "$daemon_pid" ]; then
+        kill "$daemon_pid" 2>/dev/null || true
+        wait "$daemon_pid" 2>/dev/null || true
     fi
-    echo "$accel" >"$accel_file"
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+if [ "$start_daemon" = 1 ]; then
+    [ -n "$disk" ] || die "--start-daemon needs --disk IMG"
+    [ -e "$disk" ] || die "$disk does not exist (create it, e.g. truncate -s 64M $disk)"
+    [ -n "$socket" ] || socket=$work/blk.sock
+    case "$server" in
+        corodev)
+            [ -x "$daemon_bin" ] || die "$daemon_bin missing: cargo build --release --bin corodev (or --daemon-bin)"
+            cmd=("$daemon_bin" --socket "$socket" --disk "$disk" --num-queues "$queues")
+            [ "$readonly" = 1 ] && cmd+=(--readonly)
+            ;;
+        qsd)
+            command -v qemu-storage-daemon >/dev/null || die "qemu-storage-daemon missing; run scripts/install-deps.sh"
+            ro=off writable=on
+            [ "$readonly" = 1 ] && ro=on writable=off
+            cmd=(qemu-storage-daemon
+                --blockdev "driver=file,node-name=f,filename=$disk,read-only=$ro"
+                --export "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$socket,writable=$writable,num-queues=$queues")
+            ;;
+        *) die "--server must be corodev or qsd" ;;
+    esac
+    cmd+=("${daemon_args[@]}")
+    "${cmd[@]}" 2>"$work/daemon.log" &
+    daemon_pid=$!
+    for _ in $(seq 200); do
+        [ -S "$socket" ] && break
+        kill -0 "$daemon_pid" 2>/dev/null || die "$server exited: $(cat "$work/daemon.log")"
+        sleep 0.05
+    done
 fi
-accel=$(cat "$accel_file")
+[ -n "$socket" ] || die "--socket PATH is required (or --start-daemon --disk IMG)"
+[ -S "$socket" ] || die "$socket is not a socket; start the server first (or use --start-daemon)"
+
+# KVM only if a probe boot works: nested KVM here often fails with "emulation failure".
+# The verdict is cached per kernel (target/guest/accel, refreshed when vmlinuz changes).
+if [ "$accel" = auto ]; then
+    cache=target/guest/accel
+    if [ ! -f "$cache" ] || [ "$cache" -ot "$kernel" ]; then
+        verdict=tcg
+        if [ -w /dev/kvm ] && timeout 30 qemu-system-x86_64 -accel kvm -cpu host -m 256M \
+            -nographic -nodefaults -serial stdio -no-reboot -kernel "$kernel" -initrd "$initrd" \
+            -append "console=ttyS0 panic=-1 rdinit=/bin/busybox poweroff -f" </dev/null 2>&1 |
+            grep -aq "reboot: Power down"; then
+            verdict=kvm
+        fi
+        echo "$verdict" >"$cache"
+        echo "run-vm: accelerator probe: $verdict (cached in $cache)" >&2
+    fi
+    accel=$(cat "$cache")
+fi
 cpu=max
 [ "$accel" = kvm ] && cpu=host
 
 append="console=ttyS0 panic=-1 quiet corodev.test=$test"
 [ -n "$arg" ] && append="$append corodev.arg=$arg"
 
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-timeout "$timeout" qemu-system-x86_64 -accel "$accel" -cpu "$cpu" \
+start=$(date +%s%N)
+set +e
+# --foreground keeps timeout (and QEMU) in our process group, so whoever started us can
+# kill the whole VM by killing that group (the Rust harness does, on drop).
+timeout --foreground --kill-after=5 "$timeout" qemu-system-x86_64 -accel "$accel" -cpu "$cpu" \
     -machine q35,memory-backend=mem \
     -object "memory-backend-memfd,id=mem,size=${mem}M,share=on" -m "${mem}M" -smp "$smp" \
-    -nographic -no-reboot -nodefaults -serial stdio \
+    -nographic -nodefaults -serial stdio -no-reboot \
     -kernel "$kernel" -initrd "$initrd" -append "$append" \
     -chardev "socket,id=c0,path=$socket" \
-    -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues" </dev/null | tee "$log" || true
-grep -q "CORODEV-RESULT name=$test status=PASS" "$log"
+    -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues" </dev/null 2>&1 | tee "$work/console.log"
+qemu_rc=${PIPESTATUS[0]}
+set -e
+elapsed=$(( ($(date +%s%N) - start) / 1000000 ))
+secs=$((elapsed / 1000)).$(printf %03d $((elapsed % 1000)))
+
+line=$(grep -a "CORODEV-RESULT" "$work/console.log" | tr -d '\r' | sed 's/.*CORODEV-RESULT/CORODEV-RESULT/' | head -n 1 || true)
+if [ "$qemu_rc" = 124 ] || [ "$qemu_rc" = 137 ]; then
+    echo "run-vm: test=$test TIMEOUT after ${timeout}s accel=$accel" >&2
+    rc=3
+elif [[ "$line" == *" status=PASS"* ]]; then
+    echo "run-vm: test=$test PASS in ${secs}s accel=$accel" >&2
+    rc=0
+else
+    echo "run-vm: test=$test FAIL in ${secs}s accel=$accel qemu_rc=$qemu_rc: ${line:-no CORODEV-RESULT line}" >&2
+    rc=1
+fi
+if [ -n "$daemon_pid" ] && ! kill -0 "$daemon_pid" 2>/dev/null; then
+    echo "run-vm: $server exited during the test; its log:" >&2
+    cat "$work/daemon.log" >&2
+    rc=1
+fi
+exit "$rc"

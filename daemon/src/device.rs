@@ -136,7 +136,7 @@ impl Shared {
         chain: virtio_queue::DescriptorChain<Arc<GuestMemoryMmap>>,
         mem: Arc<GuestMemoryMmap>,
     ) -> (u16, u32) {
-        corodev_devices::execute::serve(chain, mem, &self.config, &*self.disk, &self.log)
+        corodev_devices::blk::serve(chain, mem, &self.config, &*self.disk, &self.log)
     }
 
     /// Logs a guest-caused problem, rate-limited so a guest cannot flood the journal.

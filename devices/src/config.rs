@@ -1,52 +1,160 @@
 //! The virtio-blk configuration space and the features the device offers
 //! (virtio 1.2, 5.2.3 "Feature bits" and 5.2.4 "Device configuration layout").
 //!
-//! The layout is built as little-endian bytes at the spec's offsets instead of through a
-//! `#[repr(C)]` struct, so there is one obvious place to check each field against the spec
-//! and no padding or endianness to get wrong. The only field a driver may write is
-//! `writeback` (when `VIRTIO_BLK_F_CONFIG_WCE` is negotiated).
+//! [`VirtioBlkConfig`] is the wire layout: a `#[repr(C)]` struct of little-endian fields whose
+//! offsets are checked against the spec at compile time, so it can be handed to the frontend
+//! as bytes ([`ByteValued`]). [`DeviceConfig`] is the device's parameters plus the one piece
+//! of state a driver may change, the `writeback` byte (`VIRTIO_BLK_F_CONFIG_WCE`); every other
+//! config write is refused. This module stops at bytes: vhost-user message handling is the
+//! daemon's.
 
+use std::mem::{offset_of, size_of};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::{ByteValued, Le16, Le32, Le64};
 
-use crate::backend::BlockBackend;
+use crate::backend::{BlockBackend, Topology};
 use crate::SECTOR_SIZE;
 
-/// Offsets of the fields we fill or let the driver write.
-mod offset {
-    pub const CAPACITY: usize = 0;
-    pub const SIZE_MAX: usize = 8;
-    pub const SEG_MAX: usize = 12;
-    pub const BLK_SIZE: usize = 20;
-    pub const PHYSICAL_BLOCK_EXP: usize = 24;
-    pub const MIN_IO_SIZE: usize = 26;
-    pub const OPT_IO_SIZE: usize = 28;
-    pub const WRITEBACK: usize = 32;
-    pub const NUM_QUEUES: usize = 34;
-    pub const MAX_DISCARD_SECTORS: usize = 36;
-    pub const MAX_DISCARD_SEG: usize = 40;
-    pub const DISCARD_SECTOR_ALIGNMENT: usize = 44;
-    pub const MAX_WRITE_ZEROES_SECTORS: usize = 48;
-    pub const MAX_WRITE_ZEROES_SEG: usize = 52;
-    pub const WRITE_ZEROES_MAY_UNMAP: usize = 56;
-    /// Size of the layout up to and including the write-zeroes fields.
-    pub const END: usize = 60;
-}
+/// vhost-user's own feature bit (vhost-user spec, "Protocol features"): offered with the
+/// virtio bits so the frontend goes on to negotiate protocol features (CONFIG, MQ, ...).
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
 
 /// Largest single data segment we advertise (`size_max`): 1 MiB, as QEMU's vhost-user-blk
 /// server does; the guest splits larger buffers.
 pub const SIZE_MAX: u32 = 1 << 20;
-/// Segments per discard / write-zeroes request. QEMU allows one; more lets the guest batch
-/// a fragmented `fstrim` into a single request.
+/// Segments per discard / write-zeroes request (`max_discard_seg`, `max_write_zeroes_seg`).
+/// QEMU allows one; more lets the guest batch a fragmented `fstrim` into a single request.
 pub const MAX_DISCARD_SEG: u32 = 32;
-/// Sectors per discard / write-zeroes segment: 1 GiB.
+/// Sectors per discard / write-zeroes segment (`max_discard_sectors`,
+/// `max_write_zeroes_sectors`): 1 GiB.
 pub const MAX_DISCARD_SECTORS: u32 = (1 << 30) / SECTOR_SIZE as u32;
+/// Bytes of the serial number GET_ID returns (`VIRTIO_BLK_ID_BYTES`).
+pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
+/// Largest logical block size a Linux guest accepts (it refuses `blk_size` above its page).
+pub const MAX_BLOCK_SIZE: u32 = 4096;
 
-/// Why a config write was refused.
+/// `struct virtio_blk_geometry` (legacy CHS; we do not offer `VIRTIO_BLK_F_GEOMETRY`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VirtioBlkGeometry {
+    /// Cylinders.
+    pub cylinders: Le16,
+    /// Heads.
+    pub heads: u8,
+    /// Sectors per track.
+    pub sectors: u8,
+}
+
+/// `struct virtio_blk_topology` (valid with `VIRTIO_BLK_F_TOPOLOGY`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VirtioBlkTopology {
+    /// log2 of logical blocks per physical block.
+    pub physical_block_exp: u8,
+    /// Offset of the first aligned logical block.
+    pub alignment_offset: u8,
+    /// Suggested minimum I/O size, in logical blocks.
+    pub min_io_size: Le16,
+    /// Optimal (suggested maximum) I/O size, in logical blocks.
+    pub opt_io_size: Le32,
+}
+
+/// `struct virtio_blk_config`, the whole virtio 1.2 layout (5.2.4) including the secure
+/// erase and zoned fields we leave zero: a frontend may read `sizeof` its own copy of the
+/// struct (QEMU reads only up to the last field its features need), and a short answer
+/// fails the whole vhost-user GET_CONFIG.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VirtioBlkConfig {
+    /// Device size in 512-byte sectors, whatever `blk_size` is.
+    pub capacity: Le64,
+    /// Largest data segment, bytes (`VIRTIO_BLK_F_SIZE_MAX`).
+    pub size_max: Le32,
+    /// Most data segments per request (`VIRTIO_BLK_F_SEG_MAX`).
+    pub seg_max: Le32,
+    /// Legacy geometry.
+    pub geometry: VirtioBlkGeometry,
+    /// Logical block size, bytes (`VIRTIO_BLK_F_BLK_SIZE`).
+    pub blk_size: Le32,
+    /// I/O topology hints.
+    pub topology: VirtioBlkTopology,
+    /// 1: writeback cache, 0: writethrough (`VIRTIO_BLK_F_CONFIG_WCE`). Driver-writable.
+    pub writeback: u8,
+    /// Padding; the spec says the device MUST set it to 0.
+    pub unused0: u8,
+    /// Number of request queues (`VIRTIO_BLK_F_MQ`).
+    pub num_queues: Le16,
+    /// Most sectors per discard segment.
+    pub max_discard_sectors: Le32,
+    /// Most segments per discard request.
+    pub max_discard_seg: Le32,
+    /// Discard alignment hint, sectors.
+    pub discard_sector_alignment: Le32,
+    /// Most sectors per write-zeroes segment.
+    pub max_write_zeroes_sectors: Le32,
+    /// Most segments per write-zeroes request.
+    pub max_write_zeroes_seg: Le32,
+    /// 1 if write-zeroes with UNMAP may deallocate.
+    pub write_zeroes_may_unmap: u8,
+    /// Padding, 0.
+    pub unused1: [u8; 3],
+    /// Secure erase (not offered): 0.
+    pub max_secure_erase_sectors: Le32,
+    /// Secure erase (not offered): 0.
+    pub max_secure_erase_seg: Le32,
+    /// Secure erase (not offered): 0.
+    pub secure_erase_sector_alignment: Le32,
+    /// Zoned characteristics (not offered): `zone_sectors`, `max_open_zones`,
+    /// `max_active_zones`, `max_append_sectors`, `write_granularity`, all 0.
+    pub zoned: [Le32; 5],
+    /// Zoned model (not offered): 0.
+    pub zoned_model: u8,
+    /// Padding, 0.
+    pub unused2: [u8; 3],
+}
+
+// The spec's offsets (virtio 1.2, 5.2.4), checked where the compiler can prove them: a
+// field moved by padding would silently shift every byte after it on the wire.
+const _: () = {
+    assert!(offset_of!(VirtioBlkConfig, capacity) == 0);
+    assert!(offset_of!(VirtioBlkConfig, size_max) == 8);
+    assert!(offset_of!(VirtioBlkConfig, seg_max) == 12);
+    assert!(offset_of!(VirtioBlkConfig, geometry) == 16);
+    assert!(offset_of!(VirtioBlkConfig, blk_size) == 20);
+    assert!(offset_of!(VirtioBlkConfig, topology) == 24);
+    assert!(offset_of!(VirtioBlkTopology, min_io_size) == 2);
+    assert!(offset_of!(VirtioBlkTopology, opt_io_size) == 4);
+    assert!(offset_of!(VirtioBlkConfig, writeback) == 32);
+    assert!(offset_of!(VirtioBlkConfig, num_queues) == 34);
+    assert!(offset_of!(VirtioBlkConfig, max_discard_sectors) == 36);
+    assert!(offset_of!(VirtioBlkConfig, max_discard_seg) == 40);
+    assert!(offset_of!(VirtioBlkConfig, discard_sector_alignment) == 44);
+    assert!(offset_of!(VirtioBlkConfig, max_write_zeroes_sectors) == 48);
+    assert!(offset_of!(VirtioBlkConfig, max_write_zeroes_seg) == 52);
+    assert!(offset_of!(VirtioBlkConfig, write_zeroes_may_unmap) == 56);
+    assert!(offset_of!(VirtioBlkConfig, max_secure_erase_sectors) == 60);
+    assert!(offset_of!(VirtioBlkConfig, zoned) == 72);
+    assert!(offset_of!(VirtioBlkConfig, zoned_model) == 92);
+    assert!(size_of::<VirtioBlkConfig>() == 96);
+};
+
+// SAFETY: `VirtioBlkConfig` is `repr(C)` and made only of integers, `Le*` integers and
+// arrays of them, so every bit pattern is valid; the assertions above pin its size to the
+// sum of its fields (96 bytes, a multiple of its 8-byte alignment), so it has no padding
+// that could leak uninitialised memory when viewed as bytes.
+unsafe impl ByteValued for VirtioBlkConfig {}
+
+/// Offset of the only driver-writable byte.
+pub const WRITEBACK_OFFSET: usize = offset_of!(VirtioBlkConfig, writeback);
+/// Size of the config space.
+pub const CONFIG_SIZE: usize = size_of::<VirtioBlkConfig>();
+
+/// Why device parameters or a config space access were refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// The driver wrote something other than the `writeback` byte.
@@ -60,18 +168,120 @@ pub enum ConfigError {
     /// `writeback` must be 0 or 1.
     #[error("invalid writeback value {0}")]
     BadWriteback(u8),
+    /// A read reaching outside the config space (or whose end overflows).
+    #[error("config access at offset {offset} ({len} bytes) is outside the {size}-byte space")]
+    OutOfRange {
+        /// Offset.
+        offset: u32,
+        /// Bytes.
+        len: usize,
+        /// Size of the config space.
+        size: usize,
+    },
+    /// The logical block size must be a power of two in 512..=4096.
+    #[error("block size {0} is not a power of two between 512 and {MAX_BLOCK_SIZE}")]
+    BlockSize(u32),
+    /// The logical block size is below what the backend can address (O_DIRECT on a
+    /// 4K-sector disk refuses 512-byte I/O).
+    #[error("block size {block_size} is below the backend's logical block size {backend}")]
+    BlockSizeBelowBackend {
+        /// Requested block size.
+        block_size: u32,
+        /// The backend's logical block size.
+        backend: u32,
+    },
+    /// The device size is not a whole number of logical blocks.
+    #[error("capacity of {capacity} sectors is not a multiple of the {block_size}-byte block")]
+    CapacityMisaligned {
+        /// Capacity in 512-byte sectors.
+        capacity: u64,
+        /// Logical block size.
+        block_size: u32,
+    },
+    /// The queue size must be a power of two in 2..=32768 (virtio 1.2, 2.7).
+    #[error("queue size {0} is not a power of two between 2 and 32768")]
+    QueueSize(u16),
+    /// At least one queue.
+    #[error("the device needs at least one queue")]
+    NoQueues,
+    /// The serial number is longer than GET_ID can return.
+    #[error("serial number is {0} bytes; virtio-blk allows at most {ID_BYTES}")]
+    SerialTooLong(usize),
+}
+
+/// What a device is made of: everything in the config space except the driver's
+/// `writeback` choice, plus the serial number. Build one with [`DeviceParams::for_backend`]
+/// and adjust the fields, then [`DeviceConfig::build`] validates it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceParams {
+    /// Device size in 512-byte sectors.
+    pub capacity_sectors: u64,
+    /// Number of request queues.
+    pub num_queues: u16,
+    /// Maximum virtqueue size.
+    pub queue_size: u16,
+    /// Logical block size the guest sees.
+    pub block_size: u32,
+    /// The backend's geometry hints.
+    pub topology: Topology,
+    /// Refuse writes, discard and write-zeroes; offer `VIRTIO_BLK_F_RO`.
+    pub readonly: bool,
+    /// Initial `writeback` (and the value after a reset).
+    pub writeback: bool,
+    /// The GET_ID answer, at most 20 bytes.
+    pub serial: Vec<u8>,
+}
+
+impl DeviceParams {
+    /// Parameters describing `disk`: its size, topology, read-only state and cache, one
+    /// queue of 256, 512-byte blocks, no serial.
+    pub fn for_backend(disk: &dyn BlockBackend) -> DeviceParams {
+        DeviceParams {
+            capacity_sectors: disk.size() / SECTOR_SIZE,
+            num_queues: 1,
+            queue_size: 256,
+            block_size: SECTOR_SIZE as u32,
+            topology: disk.topology(),
+            readonly: disk.is_read_only(),
+            writeback: disk.writeback_cache(),
+            serial: Vec::new(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bs = self.block_size;
+        if !bs.is_power_of_two() || !(SECTOR_SIZE as u32..=MAX_BLOCK_SIZE).contains(&bs) {
+            return Err(ConfigError::BlockSize(bs));
+        }
+        if bs < self.topology.logical_block_size {
+            return Err(ConfigError::BlockSizeBelowBackend {
+                block_size: bs,
+                backend: self.topology.logical_block_size,
+            });
+        }
+        if self.capacity_sectors % (u64::from(bs) / SECTOR_SIZE) != 0 {
+            return Err(ConfigError::CapacityMisaligned {
+                capacity: self.capacity_sectors,
+                block_size: bs,
+            });
+        }
+        if self.queue_size < 2 || !self.queue_size.is_power_of_two() {
+            return Err(ConfigError::QueueSize(self.queue_size));
+        }
+        if self.num_queues == 0 {
+            return Err(ConfigError::NoQueues);
+        }
+        if self.serial.len() > ID_BYTES {
+            return Err(ConfigError::SerialTooLong(self.serial.len()));
+        }
+        Ok(())
+    }
 }
 
 struct Inner {
-    num_queues: u16,
-    queue_size: u16,
-    block_size: u32,
-    readonly: bool,
-    serial: Vec<u8>,
-    capacity_sectors: u64,
-    physical_block_exp: u8,
-    min_io_blocks: u16,
-    opt_io_blocks: u32,
+    params: DeviceParams,
+    /// The serial padded to 20 bytes (unused bytes zero), what GET_ID copies from.
+    id: [u8; ID_BYTES],
     /// Volatile write cache enabled (writeback); false means every write is flushed.
     writeback: AtomicBool,
     acked: AtomicU64,
@@ -83,7 +293,24 @@ struct Inner {
 pub struct DeviceConfig(Arc<Inner>);
 
 impl DeviceConfig {
-    /// Describes a device exporting `disk`.
+    /// Validates `params` and makes the device's config.
+    pub fn build(params: DeviceParams) -> Result<DeviceConfig, ConfigError> {
+        params.validate()?;
+        let mut id = [0u8; ID_BYTES];
+        id[..params.serial.len()].copy_from_slice(&params.serial);
+        Ok(DeviceConfig(Arc::new(Inner {
+            writeback: AtomicBool::new(params.writeback),
+            acked: AtomicU64::new(0),
+            id,
+            params,
+        })))
+    }
+
+    /// Describes a device exporting `disk`, never failing: out-of-range values are
+    /// clamped (queue size and block size to the nearest valid value, the serial cut to 20
+    /// bytes, the capacity rounded down to whole blocks), each with a log line. Callers
+    /// that validated their input (the daemon's CLI does) get exactly what they asked
+    /// for; use [`build`](Self::build) to get an error instead.
     pub fn new(
         disk: &dyn BlockBackend,
         num_queues: u16,
@@ -92,104 +319,113 @@ impl DeviceConfig {
         readonly: bool,
         serial: &str,
     ) -> DeviceConfig {
-        let topo = disk.topology();
-        let block_size = block_size.max(SECTOR_SIZE as u32);
-        let phys = topo.physical_block_size.max(block_size);
-        let ratio = phys / block_size;
-        let physical_block_exp = if ratio.is_power_of_two() {
-            ratio.trailing_zeros() as u8
-        } else {
-            0
-        };
+        let mut p = DeviceParams::for_backend(disk);
+        p.num_queues = num_queues.max(1);
+        p.queue_size = queue_size.clamp(2, 1 << 15).next_power_of_two();
+        let min_bs = p.topology.logical_block_size.max(SECTOR_SIZE as u32);
+        p.block_size = block_size
+            .clamp(min_bs, MAX_BLOCK_SIZE.max(min_bs))
+            .next_power_of_two();
+        if p.block_size != block_size {
+            log::warn!("block size {block_size} adjusted to {}", p.block_size);
+        }
+        p.capacity_sectors -= p.capacity_sectors % (u64::from(p.block_size) / SECTOR_SIZE);
+        p.readonly |= readonly;
+        p.serial = serial.as_bytes().iter().copied().take(ID_BYTES).collect();
+        // Only an impossible topology (a backend block above 4 KiB) fails here; serve it
+        // with the backend's block size rather than refuse.
+        match DeviceConfig::build(p.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("{e}; exporting it as is");
+                let mut id = [0u8; ID_BYTES];
+                id[..p.serial.len()].copy_from_slice(&p.serial);
+                DeviceConfig(Arc::new(Inner {
+                    writeback: AtomicBool::new(p.writeback),
+                    acked: AtomicU64::new(0),
+                    id,
+                    params: p,
+                }))
+            }
+        }
+    }
+
+    /// The same device in its reset state (initial writeback, nothing negotiated), for a
+    /// new connection: what one guest set must not leak into the next.
+    pub fn reset(&self) -> DeviceConfig {
+        let c = &self.0;
         DeviceConfig(Arc::new(Inner {
-            num_queues: num_queues.max(1),
-            queue_size,
-            block_size,
-            readonly: readonly || disk.is_read_only(),
-            serial: serial
-                .as_bytes()
-                .iter()
-                .copied()
-                .take(VIRTIO_BLK_ID_BYTES as usize)
-                .collect(),
-            capacity_sectors: disk.size() / SECTOR_SIZE,
-            physical_block_exp,
-            min_io_blocks: u16::try_from(topo.min_io_size / block_size).unwrap_or(0),
-            opt_io_blocks: topo.opt_io_size / block_size,
-            // The host page cache (or the disk's cache, with O_DIRECT) is volatile, so the
-            // truthful default is writeback; the guest may switch to writethrough.
-            writeback: AtomicBool::new(true),
+            params: c.params.clone(),
+            id: c.id,
+            writeback: AtomicBool::new(c.params.writeback),
             acked: AtomicU64::new(0),
         }))
     }
 
-    /// The same device in its reset state (writeback on, nothing negotiated), for a new
-    /// connection: what one guest set must not leak into the next.
-    pub fn reset(&self) -> DeviceConfig {
-        let c = &self.0;
-        DeviceConfig(Arc::new(Inner {
-            num_queues: c.num_queues,
-            queue_size: c.queue_size,
-            block_size: c.block_size,
-            readonly: c.readonly,
-            serial: c.serial.clone(),
-            capacity_sectors: c.capacity_sectors,
-            physical_block_exp: c.physical_block_exp,
-            min_io_blocks: c.min_io_blocks,
-            opt_io_blocks: c.opt_io_blocks,
-            writeback: AtomicBool::new(true),
-            acked: AtomicU64::new(0),
-        }))
+    /// The parameters the device was built from.
+    pub fn params(&self) -> &DeviceParams {
+        &self.0.params
     }
 
     /// Number of virtqueues.
     pub fn num_queues(&self) -> u16 {
-        self.0.num_queues
+        self.0.params.num_queues
     }
 
     /// Maximum virtqueue size.
     pub fn queue_size(&self) -> u16 {
-        self.0.queue_size
+        self.0.params.queue_size
     }
 
     /// Logical block size seen by the guest.
     pub fn block_size(&self) -> u32 {
-        self.0.block_size
+        self.0.params.block_size
     }
 
     /// Whether writes are refused.
     pub fn readonly(&self) -> bool {
-        self.0.readonly
+        self.0.params.readonly
     }
 
-    /// The GET_ID answer (at most 20 bytes).
+    /// The GET_ID answer: the serial, at most 20 bytes.
     pub fn serial(&self) -> &[u8] {
-        &self.0.serial
+        &self.0.params.serial
+    }
+
+    /// The serial as GET_ID writes it: 20 bytes, zero-padded (so NUL-terminated unless the
+    /// serial is exactly 20 bytes long, as the spec allows).
+    pub fn id_bytes(&self) -> [u8; ID_BYTES] {
+        self.0.id
     }
 
     /// Device size in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
-        self.0.capacity_sectors
+        self.0.params.capacity_sectors
     }
 
     /// Data segments per request: the queue minus header and status descriptors.
     pub fn seg_max(&self) -> u32 {
-        u32::from(self.0.queue_size).saturating_sub(2).max(1)
+        u32::from(self.0.params.queue_size).saturating_sub(2).max(1)
     }
 
     /// Whether writes may complete before they are durable. The driver's `writeback`
-    /// setting counts only if it can flush: without VIRTIO_BLK_F_FLUSH negotiated the
+    /// setting counts only if it can flush: without `VIRTIO_BLK_F_FLUSH` negotiated the
     /// device must write through (virtio 1.2, 5.2.5.1).
     pub fn writeback(&self) -> bool {
         let flush = self.0.acked.load(Ordering::Acquire) & (1 << VIRTIO_BLK_F_FLUSH) != 0;
         flush && self.0.writeback.load(Ordering::Acquire)
     }
 
-    /// The virtio feature bits offered (vhost-user's own bit is added by the daemon).
+    /// The feature bits offered: virtio-blk's, the ring's, and vhost-user's
+    /// `VHOST_USER_F_PROTOCOL_FEATURES`.
+    ///
+    /// A read-only device offers `RO` and neither `DISCARD` nor `WRITE_ZEROES`: the guest
+    /// would only get IOERR for them, and without the bits its block layer never sends them.
     pub fn virtio_features(&self) -> u64 {
         let mut f = 1u64 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VHOST_USER_F_PROTOCOL_FEATURES
             | 1 << VIRTIO_BLK_F_SIZE_MAX
             | 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE
@@ -197,7 +433,7 @@ impl DeviceConfig {
             | 1 << VIRTIO_BLK_F_FLUSH
             | 1 << VIRTIO_BLK_F_CONFIG_WCE
             | 1 << VIRTIO_BLK_F_MQ;
-        if self.0.readonly {
+        if self.0.params.readonly {
             f |= 1 << VIRTIO_BLK_F_RO;
         } else {
             f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
@@ -210,18 +446,68 @@ impl DeviceConfig {
         self.0.acked.store(features, Ordering::Release);
     }
 
-    /// The config space bytes `[offset, offset + size)`; out-of-range bytes are omitted.
-    pub fn read(&self, offset: u32, size: u32) -> Vec<u8> {
-        let space = self.bytes();
-        let start = (offset as usize).min(space.len());
-        let end = start.saturating_add(size as usize).min(space.len());
-        space[start..end].to_vec()
+    /// The config space as the driver sees it now.
+    pub fn config_space(&self) -> VirtioBlkConfig {
+        let p = &self.0.params;
+        let bs = p.block_size;
+        let topo = p.topology;
+        // Physical blocks as a power-of-two number of logical blocks; a non-power-of-two
+        // ratio cannot be expressed, so claim nothing (0) rather than something wrong.
+        let ratio = topo.physical_block_size.max(bs) / bs;
+        let physical_block_exp = if ratio.is_power_of_two() {
+            ratio.trailing_zeros() as u8
+        } else {
+            0
+        };
+        let discard_sectors = if p.readonly { 0 } else { MAX_DISCARD_SECTORS };
+        let discard_seg = if p.readonly { 0 } else { MAX_DISCARD_SEG };
+        VirtioBlkConfig {
+            capacity: p.capacity_sectors.into(),
+            size_max: SIZE_MAX.into(),
+            seg_max: self.seg_max().into(),
+            blk_size: bs.into(),
+            topology: VirtioBlkTopology {
+                physical_block_exp,
+                alignment_offset: 0,
+                min_io_size: u16::try_from(topo.min_io_size / bs).unwrap_or(0).into(),
+                opt_io_size: (topo.opt_io_size / bs).into(),
+            },
+            writeback: u8::from(self.0.writeback.load(Ordering::Acquire)),
+            num_queues: p.num_queues.into(),
+            max_discard_sectors: discard_sectors.into(),
+            max_discard_seg: discard_seg.into(),
+            discard_sector_alignment: (bs / SECTOR_SIZE as u32).into(),
+            max_write_zeroes_sectors: discard_sectors.into(),
+            max_write_zeroes_seg: discard_seg.into(),
+            write_zeroes_may_unmap: u8::from(!p.readonly),
+            ..VirtioBlkConfig::default()
+        }
     }
 
-    /// A driver write to the config space: only the `writeback` byte may change.
-    pub fn write(&self, offset: u32, data: &[u8]) -> Result<(), ConfigError> {
-        match (offset as usize, data) {
-            (offset::WRITEBACK, [v @ (0 | 1)]) => {
+    /// Copies config space bytes `[offset, offset + buf.len())` into `buf`. A range not
+    /// wholly inside the space (including one whose end overflows) is refused and `buf`
+    /// left alone.
+    pub fn read_config(&self, offset: u32, buf: &mut [u8]) -> Result<(), ConfigError> {
+        let space = self.config_space();
+        let bytes = space.as_slice();
+        let range = usize::try_from(offset)
+            .ok()
+            .and_then(|start| Some(start..start.checked_add(buf.len())?))
+            .filter(|r| r.end <= bytes.len())
+            .ok_or(ConfigError::OutOfRange {
+                offset,
+                len: buf.len(),
+                size: bytes.len(),
+            })?;
+        buf.copy_from_slice(&bytes[range]);
+        Ok(())
+    }
+
+    /// A driver write to the config space: only the one-byte `writeback` field, with 0
+    /// (writethrough) or 1 (writeback), is accepted.
+    pub fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), ConfigError> {
+        match (usize::try_from(offset), data) {
+            (Ok(WRITEBACK_OFFSET), [v @ (0 | 1)]) => {
                 self.0.writeback.store(*v == 1, Ordering::Release);
                 log::info!(
                     "guest set the write cache to {}",
@@ -229,7 +515,7 @@ impl DeviceConfig {
                 );
                 Ok(())
             }
-            (offset::WRITEBACK, [v]) => Err(ConfigError::BadWriteback(*v)),
+            (Ok(WRITEBACK_OFFSET), [v]) => Err(ConfigError::BadWriteback(*v)),
             _ => Err(ConfigError::ReadOnlyField {
                 offset,
                 len: data.len(),
@@ -237,36 +523,32 @@ impl DeviceConfig {
         }
     }
 
-    /// The whole config space, little-endian at the spec's offsets.
-    pub fn bytes(&self) -> [u8; offset::END] {
-        let c = &self.0;
-        let mut b = [0u8; offset::END];
-        let mut put = |at: usize, v: &[u8]| b[at..at + v.len()].copy_from_slice(v);
-        put(offset::CAPACITY, &c.capacity_sectors.to_le_bytes());
-        put(offset::SIZE_MAX, &SIZE_MAX.to_le_bytes());
-        put(offset::SEG_MAX, &self.seg_max().to_le_bytes());
-        put(offset::BLK_SIZE, &c.block_size.to_le_bytes());
-        put(offset::PHYSICAL_BLOCK_EXP, &[c.physical_block_exp]);
-        put(offset::MIN_IO_SIZE, &c.min_io_blocks.to_le_bytes());
-        put(offset::OPT_IO_SIZE, &c.opt_io_blocks.to_le_bytes());
-        put(
-            offset::WRITEBACK,
-            &[u8::from(self.0.writeback.load(Ordering::Acquire))],
-        );
-        put(offset::NUM_QUEUES, &c.num_queues.to_le_bytes());
-        let align = c.block_size / SECTOR_SIZE as u32;
-        put(
-            offset::MAX_DISCARD_SECTORS,
-            &MAX_DISCARD_SECTORS.to_le_bytes(),
-        );
-        put(offset::MAX_DISCARD_SEG, &MAX_DISCARD_SEG.to_le_bytes());
-        put(offset::DISCARD_SECTOR_ALIGNMENT, &align.to_le_bytes());
-        put(
-            offset::MAX_WRITE_ZEROES_SECTORS,
-            &MAX_DISCARD_SECTORS.to_le_bytes(),
-        );
-        put(offset::MAX_WRITE_ZEROES_SEG, &MAX_DISCARD_SEG.to_le_bytes());
-        put(offset::WRITE_ZEROES_MAY_UNMAP, &[1]);
+    /// [`read_config`](Self::read_config) as vhost-user's GET_CONFIG wants it: exactly
+    /// `size` bytes, or an empty vector (which the library turns into the protocol's
+    /// error reply) when the range is not inside the space.
+    pub fn read(&self, offset: u32, size: u32) -> Vec<u8> {
+        let Ok(len) = usize::try_from(size) else {
+            return Vec::new();
+        };
+        if len > CONFIG_SIZE {
+            return Vec::new();
+        }
+        let mut buf = vec![0u8; len];
+        match self.read_config(offset, &mut buf) {
+            Ok(()) => buf,
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Same as [`write_config`](Self::write_config).
+    pub fn write(&self, offset: u32, data: &[u8]) -> Result<(), ConfigError> {
+        self.write_config(offset, data)
+    }
+
+    /// The whole config space as bytes.
+    pub fn bytes(&self) -> [u8; CONFIG_SIZE] {
+        let mut b = [0u8; CONFIG_SIZE];
+        b.copy_from_slice(self.config_space().as_slice());
         b
     }
 }
@@ -277,84 +559,205 @@ mod tests {
     use crate::backend::NullBackend;
     use std::time::Duration;
 
-    fn cfg(readonly: bool) -> DeviceConfig {
+    fn params() -> DeviceParams {
         let disk = NullBackend::new(1 << 30, Duration::ZERO);
-        DeviceConfig::new(&disk, 4, 256, 4096, readonly, "serial-1")
+        DeviceParams {
+            num_queues: 4,
+            block_size: 4096,
+            serial: b"serial-1".to_vec(),
+            ..DeviceParams::for_backend(&disk)
+        }
+    }
+
+    fn cfg(readonly: bool) -> DeviceConfig {
+        DeviceConfig::build(DeviceParams {
+            readonly,
+            ..params()
+        })
+        .expect("valid params")
+    }
+
+    fn le32(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
     }
 
     #[test]
     fn layout_matches_spec_offsets() {
         let b = cfg(false).bytes();
+        assert_eq!(b.len(), 96);
+        let capacity = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        assert_eq!(capacity, (1 << 30) / 512, "capacity");
+        assert_eq!(le32(&b, 8), SIZE_MAX, "size_max");
+        assert_eq!(le32(&b, 12), 254, "seg_max = queue size - 2");
+        assert_eq!(le32(&b, 20), 4096, "blk_size");
+        assert_eq!(b[32], 1, "writeback by default for a cached backend");
+        assert_eq!(b[33], 0, "unused");
+        assert_eq!(u16::from_le_bytes([b[34], b[35]]), 4, "num_queues");
+        assert_eq!(le32(&b, 36), MAX_DISCARD_SECTORS, "max_discard_sectors");
+        assert_eq!(le32(&b, 40), MAX_DISCARD_SEG, "max_discard_seg");
+        assert_eq!(le32(&b, 44), 8, "discard alignment in sectors");
         assert_eq!(
-            u64::from_le_bytes(b[0..8].try_into().unwrap()),
-            (1 << 30) / 512
+            le32(&b, 48),
+            MAX_DISCARD_SECTORS,
+            "max_write_zeroes_sectors"
         );
-        assert_eq!(
-            u32::from_le_bytes(b[12..16].try_into().unwrap()),
-            254,
-            "seg_max"
-        );
-        assert_eq!(
-            u32::from_le_bytes(b[20..24].try_into().unwrap()),
-            4096,
-            "blk_size"
-        );
-        assert_eq!(b[32], 1, "writeback by default");
-        assert_eq!(
-            u16::from_le_bytes(b[34..36].try_into().unwrap()),
-            4,
-            "num_queues"
-        );
-        assert_eq!(
-            u32::from_le_bytes(b[40..44].try_into().unwrap()),
-            MAX_DISCARD_SEG
-        );
-        assert_eq!(
-            u32::from_le_bytes(b[44..48].try_into().unwrap()),
-            8,
-            "discard alignment in sectors"
+        assert_eq!(le32(&b, 52), MAX_DISCARD_SEG, "max_write_zeroes_seg");
+        assert_eq!(b[56], 1, "write_zeroes_may_unmap");
+        assert!(
+            b[57..].iter().all(|&x| x == 0),
+            "unused and unoffered fields"
         );
     }
 
     #[test]
-    fn read_clamps_to_the_space() {
+    fn topology_in_logical_blocks() {
+        let c = DeviceConfig::build(DeviceParams {
+            block_size: 512,
+            topology: Topology {
+                logical_block_size: 512,
+                physical_block_size: 4096,
+                min_io_size: 4096,
+                opt_io_size: 1 << 20,
+            },
+            ..params()
+        })
+        .expect("valid");
+        let t = c.config_space().topology;
+        assert_eq!(
+            t.physical_block_exp, 3,
+            "8 logical blocks per physical block"
+        );
+        assert_eq!(t.min_io_size.to_native(), 8);
+        assert_eq!(t.opt_io_size.to_native(), 2048);
+    }
+
+    #[test]
+    fn read_config_in_range() {
         let c = cfg(false);
-        assert_eq!(c.read(0, 8).len(), 8);
-        assert_eq!(c.read(56, 100).len(), 4);
+        let mut buf = [0u8; 8];
+        assert_eq!(c.read_config(0, &mut buf), Ok(()));
+        assert_eq!(u64::from_le_bytes(buf), (1 << 30) / 512);
+        let mut all = [0xffu8; CONFIG_SIZE];
+        assert_eq!(c.read_config(0, &mut all), Ok(()));
+        assert_eq!(all, c.bytes());
+        assert_eq!(c.read(0, 57).len(), 57, "what QEMU asks for");
+        assert_eq!(c.read(0, 96).len(), 96, "sizeof(struct virtio_blk_config)");
+    }
+
+    #[test]
+    fn read_config_past_the_end_is_refused() {
+        let c = cfg(false);
+        let mut buf = [0xaau8; 8];
+        assert_eq!(
+            c.read_config(92, &mut buf),
+            Err(ConfigError::OutOfRange {
+                offset: 92,
+                len: 8,
+                size: 96
+            })
+        );
+        assert_eq!(buf, [0xaa; 8], "untouched");
         assert!(c.read(1000, 4).is_empty());
+        assert!(c.read(0, 97).is_empty());
+    }
+
+    #[test]
+    fn read_config_overflowing_end_is_refused() {
+        let c = cfg(false);
+        let mut buf = [0u8; 2];
+        assert_eq!(
+            c.read_config(u32::MAX, &mut buf),
+            Err(ConfigError::OutOfRange {
+                offset: u32::MAX,
+                len: 2,
+                size: 96
+            })
+        );
         assert!(c.read(u32::MAX, u32::MAX).is_empty());
     }
 
     #[test]
-    fn only_writeback_is_writable() {
+    fn writeback_byte_is_writable() {
         let c = cfg(false);
         c.ack_features(c.virtio_features());
         assert!(c.writeback());
-        assert_eq!(c.write(32, &[0]), Ok(()));
+        assert_eq!(c.write_config(32, &[0]), Ok(()));
         assert!(!c.writeback());
         assert_eq!(c.read(32, 1), vec![0]);
-        assert_eq!(c.write(32, &[1]), Ok(()));
+        assert_eq!(c.write_config(32, &[1]), Ok(()));
         assert!(c.writeback());
-        assert_eq!(c.write(32, &[7]), Err(ConfigError::BadWriteback(7)));
+    }
+
+    #[test]
+    fn writeback_value_other_than_0_or_1() {
+        let c = cfg(false);
+        assert_eq!(c.write_config(32, &[7]), Err(ConfigError::BadWriteback(7)));
+        assert_eq!(c.read(32, 1), vec![1], "unchanged");
+    }
+
+    #[test]
+    fn write_to_read_only_field() {
+        let c = cfg(false);
         assert_eq!(
-            c.write(0, &[0; 8]),
+            c.write_config(0, &[0; 8]),
             Err(ConfigError::ReadOnlyField { offset: 0, len: 8 })
         );
         assert_eq!(
-            c.write(32, &[1, 1]),
-            Err(ConfigError::ReadOnlyField { offset: 32, len: 2 })
+            c.write_config(32, &[1, 1]),
+            Err(ConfigError::ReadOnlyField { offset: 32, len: 2 }),
+            "writeback plus the byte after it"
+        );
+        assert_eq!(
+            c.write_config(u32::MAX, &[1]),
+            Err(ConfigError::ReadOnlyField {
+                offset: u32::MAX,
+                len: 1
+            })
+        );
+        assert_eq!(
+            c.write_config(32, &[]),
+            Err(ConfigError::ReadOnlyField { offset: 32, len: 0 })
         );
     }
 
     #[test]
+    fn offered_features() {
+        let f = cfg(false).virtio_features();
+        for bit in [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VHOST_USER_F_PROTOCOL_FEATURES,
+            VIRTIO_BLK_F_SIZE_MAX,
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_TOPOLOGY,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_CONFIG_WCE,
+            VIRTIO_BLK_F_MQ,
+            VIRTIO_BLK_F_DISCARD,
+            VIRTIO_BLK_F_WRITE_ZEROES,
+        ] {
+            assert_ne!(f & 1 << bit, 0, "bit {bit} offered");
+        }
+        for bit in [
+            VIRTIO_BLK_F_RO,
+            VIRTIO_BLK_F_GEOMETRY,
+            VIRTIO_BLK_F_SECURE_ERASE,
+            VIRTIO_BLK_F_ZONED,
+        ] {
+            assert_eq!(f & 1 << bit, 0, "bit {bit} not offered");
+        }
+    }
+
+    #[test]
     fn readonly_offers_ro_not_discard() {
-        let f = cfg(true).virtio_features();
+        let c = cfg(true);
+        let f = c.virtio_features();
         assert_ne!(f & 1 << VIRTIO_BLK_F_RO, 0);
         assert_eq!(f & 1 << VIRTIO_BLK_F_DISCARD, 0);
         assert_eq!(f & 1 << VIRTIO_BLK_F_WRITE_ZEROES, 0);
-        let f = cfg(false).virtio_features();
-        assert_eq!(f & 1 << VIRTIO_BLK_F_RO, 0);
-        assert_ne!(f & 1 << VIRTIO_BLK_F_DISCARD, 0);
+        assert_eq!(c.config_space().max_discard_sectors.to_native(), 0);
     }
 
     #[test]
@@ -362,26 +765,128 @@ mod tests {
         let c = cfg(false);
         c.ack_features(c.virtio_features() & !(1 << VIRTIO_BLK_F_FLUSH));
         assert!(!c.writeback());
-        assert_eq!(
-            c.read(32, 1),
-            vec![1],
-            "the config byte still shows the setting"
-        );
+        assert_eq!(c.read(32, 1), vec![1], "the byte still shows the setting");
         c.ack_features(c.virtio_features());
-        assert!(
-            c.writeback(),
-            "a later negotiation with FLUSH restores writeback"
-        );
+        assert!(c.writeback(), "a later negotiation with FLUSH restores it");
     }
 
     #[test]
     fn reset_forgets_the_guest_setting() {
         let c = cfg(false);
         c.ack_features(c.virtio_features());
-        assert_eq!(c.write(32, &[0]), Ok(()));
+        assert_eq!(c.write_config(32, &[0]), Ok(()));
         let fresh = c.reset();
         assert_eq!(fresh.read(32, 1), vec![1]);
         assert!(!fresh.writeback(), "nothing negotiated yet");
         assert_eq!(fresh.bytes()[..32], c.bytes()[..32], "same geometry");
+    }
+
+    #[test]
+    fn initial_writeback_follows_params() {
+        let c = DeviceConfig::build(DeviceParams {
+            writeback: false,
+            ..params()
+        })
+        .expect("valid");
+        assert_eq!(c.read(32, 1), vec![0]);
+    }
+
+    #[test]
+    fn id_bytes_are_zero_padded() {
+        let id = cfg(false).id_bytes();
+        assert_eq!(&id[..8], b"serial-1");
+        assert!(id[8..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn build_rejects_bad_block_size() {
+        for bs in [0, 256, 1000, 8192] {
+            assert_eq!(
+                DeviceConfig::build(DeviceParams {
+                    block_size: bs,
+                    ..params()
+                })
+                .err(),
+                Some(ConfigError::BlockSize(bs))
+            );
+        }
+    }
+
+    #[test]
+    fn build_rejects_block_size_below_backend() {
+        let mut p = params();
+        p.block_size = 512;
+        p.topology.logical_block_size = 4096;
+        assert_eq!(
+            DeviceConfig::build(p).err(),
+            Some(ConfigError::BlockSizeBelowBackend {
+                block_size: 512,
+                backend: 4096
+            })
+        );
+    }
+
+    #[test]
+    fn build_rejects_partial_last_block() {
+        let p = DeviceParams {
+            capacity_sectors: 9,
+            ..params()
+        };
+        assert_eq!(
+            DeviceConfig::build(p).err(),
+            Some(ConfigError::CapacityMisaligned {
+                capacity: 9,
+                block_size: 4096
+            })
+        );
+    }
+
+    #[test]
+    fn build_rejects_bad_queue_size() {
+        for qs in [0, 1, 3, 100] {
+            assert_eq!(
+                DeviceConfig::build(DeviceParams {
+                    queue_size: qs,
+                    ..params()
+                })
+                .err(),
+                Some(ConfigError::QueueSize(qs))
+            );
+        }
+    }
+
+    #[test]
+    fn build_rejects_no_queues() {
+        assert_eq!(
+            DeviceConfig::build(DeviceParams {
+                num_queues: 0,
+                ..params()
+            })
+            .err(),
+            Some(ConfigError::NoQueues)
+        );
+    }
+
+    #[test]
+    fn build_rejects_long_serial() {
+        assert_eq!(
+            DeviceConfig::build(DeviceParams {
+                serial: vec![b'x'; 21],
+                ..params()
+            })
+            .err(),
+            Some(ConfigError::SerialTooLong(21))
+        );
+    }
+
+    #[test]
+    fn new_clamps_instead_of_failing() {
+        let disk = NullBackend::new((1 << 20) + 512, Duration::ZERO);
+        let c = DeviceConfig::new(&disk, 0, 100, 1000, false, "a-serial-longer-than-twenty");
+        assert_eq!(c.num_queues(), 1);
+        assert_eq!(c.queue_size(), 128);
+        assert_eq!(c.block_size(), 1024);
+        assert_eq!(c.capacity_sectors(), 2048, "rounded down to whole blocks");
+        assert_eq!(c.serial(), b"a-serial-longer-than");
     }
 }

@@ -1,22 +1,23 @@
 //! corodev's device models and storage backends.
 //!
 //! - [`config`]: the virtio-blk configuration space and feature bits the device offers.
-//! - [`request`]: turning an untrusted descriptor chain into a validated [`request::Request`]
-//!   whose data buffers are iovecs pointing straight into guest memory.
-//! - [`execute`]: running a request against a [`backend::BlockBackend`] inside a coroutine
-//!   and writing its status byte (the only place that does).
+//! - [`request`]: turning an untrusted descriptor chain into a validated
+//!   [`request::Request`] whose data buffers are iovecs pointing straight into guest memory.
+//! - [`blk`]: running a request against a [`backend::BlockBackend`] inside a coroutine and
+//!   completing it.
 //! - [`backend`]: storage (`file` through io_uring, `null`), as blocking-style calls that
 //!   park the calling coroutine.
 //! - [`ratelimit`]: logging that a guest cannot use to flood the host's journal.
 //!
-//! This crate knows nothing of vhost-user or threads: the daemon hands it descriptor chains
-//! and runs [`execute::serve`] in a coroutine.
+//! This crate knows nothing of vhost-user sockets or threads: the daemon hands it
+//! descriptor chains and runs [`blk::serve`] in a coroutine per request.
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
 
 pub mod backend;
+pub mod blk;
 pub mod config;
-pub mod execute;
 pub mod ratelimit;
 pub mod request;
 

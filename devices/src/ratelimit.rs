@@ -1,62 +1,138 @@
 //! Rate-limited logging for guest-triggered events.
 //!
-//! A guest can trigger an error per request, millions per second; each must not become a
-//! journal line. We allow a burst of lines per one-second window and then count what we
-//! drop, reporting the count when the next window opens.
+//! A guest can make every request fail, millions per second; each failure must not become
+//! a journal line. A [`RateLimitedLog`] lets a burst of lines through per window, counts
+//! what it drops, and reports that count ("N messages suppressed") before the first line
+//! of the next window. [`warn_ratelimited!`](crate::warn_ratelimited) gives each call site
+//! its own limiter, for code that has no logger handed to it.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-/// Lines allowed per window.
-const BURST: u64 = 10;
-const WINDOW: Duration = Duration::from_secs(1);
+/// Lines allowed per window by default.
+pub const DEFAULT_BURST: u32 = 10;
+/// The default window.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(1);
 
-/// A rate-limited warning logger, shareable between threads.
+struct Window {
+    /// When the current window opened; `None` before the first line.
+    start: Option<Instant>,
+    /// Lines logged in it.
+    used: u32,
+    /// Lines dropped since the last report.
+    suppressed: u64,
+}
+
+/// What [`RateLimitedLog::admit`] decided.
+#[derive(Debug, PartialEq, Eq)]
+enum Admit {
+    /// Log the line; first report this many suppressed ones (0: none).
+    Log { suppressed: u64 },
+    /// Drop it.
+    Drop,
+}
+
+/// A rate-limited logger, shareable between threads; `const`-constructible so it can be a
+/// `static`.
 pub struct RateLimitedLog {
-    window: Mutex<(Instant, u64)>,
-    suppressed: AtomicU64,
+    burst: u32,
+    window: Duration,
+    state: Mutex<Window>,
 }
 
 impl Default for RateLimitedLog {
     fn default() -> Self {
-        RateLimitedLog {
-            window: Mutex::new((Instant::now(), 0)),
-            suppressed: AtomicU64::new(0),
-        }
+        RateLimitedLog::new(DEFAULT_BURST, DEFAULT_WINDOW)
     }
 }
 
 impl RateLimitedLog {
-    /// Logs at warn level unless this window's budget is spent; returns whether it logged.
-    pub fn warn(&self, msg: fmt::Arguments<'_>) -> bool {
-        let Ok(mut w) = self.window.lock() else {
-            return false;
-        };
-        let now = Instant::now();
-        if now.duration_since(w.0) >= WINDOW {
-            *w = (now, 0);
-            let dropped = self.suppressed.swap(0, Ordering::Relaxed);
-            if dropped > 0 {
-                log::warn!("{dropped} similar guest errors suppressed in the last window");
-            }
-        }
-        if w.1 < BURST {
-            w.1 += 1;
-            drop(w);
-            log::warn!("{msg}");
-            true
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            false
+    /// At most `burst` lines per `window`.
+    pub const fn new(burst: u32, window: Duration) -> RateLimitedLog {
+        RateLimitedLog {
+            burst,
+            window,
+            state: Mutex::new(Window {
+                start: None,
+                used: 0,
+                suppressed: 0,
+            }),
         }
     }
 
-    /// Messages dropped in the current window (for tests and metrics).
-    pub fn suppressed(&self) -> u64 {
-        self.suppressed.load(Ordering::Relaxed)
+    /// Logs at warn level unless this window's budget is spent; returns whether it logged.
+    pub fn warn(&self, msg: fmt::Arguments<'_>) -> bool {
+        self.log(log::Level::Warn, msg)
     }
+
+    /// Logs at `level` unless this window's budget is spent; returns whether it logged.
+    pub fn log(&self, level: log::Level, msg: fmt::Arguments<'_>) -> bool {
+        match self.admit(Instant::now()) {
+            Admit::Log { suppressed } => {
+                if suppressed > 0 {
+                    log::log!(
+                        level,
+                        "{suppressed} similar messages suppressed (more than {} per {:?})",
+                        self.burst,
+                        self.window
+                    );
+                }
+                log::log!(level, "{msg}");
+                true
+            }
+            Admit::Drop => false,
+        }
+    }
+
+    /// Messages dropped and not yet reported (for tests and metrics).
+    pub fn suppressed(&self) -> u64 {
+        self.lock().suppressed
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
+        // The state is three counters, consistent after any panic: keep logging.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn admit(&self, now: Instant) -> Admit {
+        let mut w = self.lock();
+        let expired = w
+            .start
+            .is_none_or(|start| now.saturating_duration_since(start) >= self.window);
+        if expired {
+            w.start = Some(now);
+            w.used = 0;
+        }
+        if w.used < self.burst {
+            w.used += 1;
+            Admit::Log {
+                suppressed: std::mem::take(&mut w.suppressed),
+            }
+        } else {
+            w.suppressed += 1;
+            Admit::Drop
+        }
+    }
+}
+
+/// `log::warn!` through a limiter private to this call site: [`DEFAULT_BURST`] lines per
+/// second, then a count of what was dropped. Evaluates to whether the line was logged.
+///
+/// ```
+/// for i in 0..1000 {
+///     corodev_devices::warn_ratelimited!("guest error {i}");
+/// }
+/// ```
+#[macro_export]
+macro_rules! warn_ratelimited {
+    ($($arg:tt)+) => {{
+        static LIMIT: $crate::ratelimit::RateLimitedLog = $crate::ratelimit::RateLimitedLog::new(
+            $crate::ratelimit::DEFAULT_BURST,
+            $crate::ratelimit::DEFAULT_WINDOW,
+        );
+        LIMIT.warn(::std::format_args!($($arg)+))
+    }};
 }
 
 #[cfg(test)]
@@ -69,7 +145,33 @@ mod tests {
         let logged = (0..100)
             .filter(|i| log.warn(format_args!("guest error {i}")))
             .count();
-        assert_eq!(logged as u64, BURST);
-        assert_eq!(log.suppressed(), 100 - BURST);
+        assert_eq!(logged, DEFAULT_BURST as usize);
+        assert_eq!(log.suppressed(), 100 - u64::from(DEFAULT_BURST));
+    }
+
+    #[test]
+    fn next_window_reports_the_suppressed_count() {
+        let log = RateLimitedLog::new(2, Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert_eq!(log.admit(t0), Admit::Log { suppressed: 0 });
+        assert_eq!(log.admit(t0), Admit::Log { suppressed: 0 });
+        assert_eq!(log.admit(t0), Admit::Drop);
+        assert_eq!(log.admit(t0 + Duration::from_millis(999)), Admit::Drop);
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(log.admit(t1), Admit::Log { suppressed: 2 });
+        assert_eq!(log.admit(t1), Admit::Log { suppressed: 0 }, "reported once");
+        assert_eq!(log.admit(t1), Admit::Drop);
+    }
+
+    #[test]
+    fn macro_limits_per_call_site() {
+        let logged = (0..50)
+            .filter(|i| crate::warn_ratelimited!("site one {i}"))
+            .count();
+        assert_eq!(logged, DEFAULT_BURST as usize);
+        assert!(
+            crate::warn_ratelimited!("site two"),
+            "another site has its own budget"
+        );
     }
 }

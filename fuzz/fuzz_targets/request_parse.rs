@@ -49,8 +49,9 @@ fuzz_target!(|data: &[u8]| {
     let m = mem.clone();
     sched
         .spawn(move || {
-            let (_head, used_len) = corodev_devices::execute::serve(chain, m, &config, &disk, &log);
-            assert!(used_len as usize <= 2 * REGION + 1);
+            // Any outcome is fine; what must not happen is a panic or (under ASan) an access
+            // outside the guest regions.
+            let _ = corodev_devices::blk::serve(chain, m, &config, &disk, &log);
         })
         .expect("spawn");
     sched.run().expect("run");

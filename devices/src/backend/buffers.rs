@@ -1,8 +1,12 @@
 //! Guest data buffers as host iovecs.
 //!
-//! [`GuestBuffers`] is the one type through which backends touch guest memory. It can only
-//! be made by the request parser (which checked every range against the guest memory map
-//! and holds that map alive), so the unsafe promise is made once, at construction.
+//! [`GuestBuffers`] is the one type through which backends touch a request's data. Making
+//! one is `unsafe` (the iovecs must stay mapped and writable); the request parser does it
+//! once, in [`crate::request::Request::buffers`], for iovecs it checked against the guest
+//! memory map and whose map it keeps alive. Everything a backend does with it is safe.
+//!
+//! The guest may write its buffers while we use them (a buggy or hostile driver), so the
+//! bytes are only ever copied in and out through raw pointers, never borrowed as `&[u8]`.
 
 use std::marker::PhantomData;
 
@@ -17,10 +21,8 @@ impl<'a> GuestBuffers<'a> {
     /// Wraps iovecs.
     ///
     /// # Safety
-    /// Every iovec must describe memory that is mapped, writable, and stays valid for `'a`
-    /// (for guest memory: an `Arc` of the memory map is held for `'a`). Other threads (the
-    /// guest) may access it concurrently, so it is only ever copied in and out, never
-    /// borrowed as a Rust slice.
+    /// Every iovec must describe memory that is mapped, writable, and stays so for `'a`
+    /// (for guest memory: an `Arc` of the memory map is held for `'a`).
     pub unsafe fn new(iov: &'a [libc::iovec]) -> GuestBuffers<'a> {
         let len = iov.iter().map(|v| v.iov_len as u64).sum();
         GuestBuffers {
@@ -45,58 +47,72 @@ impl<'a> GuestBuffers<'a> {
         self.len == 0
     }
 
-    /// Zeroes every byte from `from` to the end (a read past end of file, a null device).
-    pub fn zero_from(&self, from: u64) {
+    /// Calls `f(ptr, n, done)` for each piece of the buffers from byte `from` on, where
+    /// `done` counts the bytes before this piece (from `from`); stops after `max` bytes.
+    fn for_each_piece(&self, from: u64, max: usize, mut f: impl FnMut(*mut u8, usize, usize)) {
         let mut skip = from;
+        let mut done = 0usize;
         for v in self.iov {
+            if done == max {
+                break;
+            }
             let l = v.iov_len as u64;
             if skip >= l {
                 skip -= l;
                 continue;
             }
-            // SAFETY: the range lies inside this iovec, which is valid and writable per
-            // `new`'s contract. `skip < l <= usize::MAX`, so the casts are lossless.
-            unsafe {
-                std::ptr::write_bytes(
-                    v.iov_base.cast::<u8>().add(skip as usize),
-                    0,
-                    (l - skip) as usize,
-                )
-            };
+            // `skip < l <= usize::MAX`, so the casts are lossless.
+            let n = (v.iov_len - skip as usize).min(max - done);
+            // SAFETY: `skip < iov_len`, so the pointer stays inside this iovec, which is
+            // valid per `new`'s contract.
+            let p = unsafe { v.iov_base.cast::<u8>().add(skip as usize) };
+            f(p, n, done);
+            done += n;
             skip = 0;
         }
     }
 
-    /// Copies `src` into the start of the buffers; returns bytes copied (what fits).
-    pub fn copy_from(&self, src: &[u8]) -> usize {
-        let mut done = 0;
-        for v in self.iov {
-            if done == src.len() {
-                break;
-            }
-            let n = v.iov_len.min(src.len() - done);
-            // SAFETY: `n` bytes fit in both the source and this valid, writable iovec.
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(done), v.iov_base.cast(), n) };
-            done += n;
-        }
-        done
+    /// Zeroes every byte from `from` to the end (a read past end of file, a null device).
+    pub fn zero_from(&self, from: u64) {
+        self.for_each_piece(from, usize::MAX, |p, n, _| {
+            // SAFETY: `p..p + n` lies inside one iovec, valid and writable per `new`.
+            unsafe { std::ptr::write_bytes(p, 0, n) }
+        });
     }
 
-    /// Copies the buffers' bytes into `dst` (which must be at least [`len`](Self::len)).
-    pub fn copy_to(&self, dst: &mut [u8]) {
-        let mut done = 0;
-        for v in self.iov {
-            let n = v.iov_len.min(dst.len() - done);
-            // SAFETY: `n` bytes fit in both this valid iovec and the destination.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    v.iov_base.cast::<u8>(),
-                    dst.as_mut_ptr().add(done),
-                    n,
-                )
-            };
-            done += n;
-        }
+    /// Copies `src` into the buffers starting at byte `pos`; returns the bytes copied
+    /// (what fits).
+    pub fn copy_from_at(&self, pos: u64, src: &[u8]) -> usize {
+        let mut copied = 0;
+        self.for_each_piece(pos, src.len(), |p, n, done| {
+            // SAFETY: `p..p + n` lies inside one valid, writable iovec, and
+            // `done + n <= src.len()`; the two never overlap (`src` is host memory).
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(done), p, n) };
+            copied = done + n;
+        });
+        copied
+    }
+
+    /// Copies `src` into the start of the buffers; returns the bytes copied (what fits).
+    pub fn copy_from(&self, src: &[u8]) -> usize {
+        self.copy_from_at(0, src)
+    }
+
+    /// Copies buffer bytes from `pos` on into `dst`; returns the bytes copied (what the
+    /// buffers hold).
+    pub fn copy_to_at(&self, pos: u64, dst: &mut [u8]) -> usize {
+        let mut copied = 0;
+        self.for_each_piece(pos, dst.len(), |p, n, done| {
+            // SAFETY: `p..p + n` lies inside one valid iovec, and `done + n <= dst.len()`.
+            unsafe { std::ptr::copy_nonoverlapping(p, dst.as_mut_ptr().add(done), n) };
+            copied = done + n;
+        });
+        copied
+    }
+
+    /// Copies the start of the buffers into `dst`; returns the bytes copied.
+    pub fn copy_to(&self, dst: &mut [u8]) -> usize {
+        self.copy_to_at(0, dst)
     }
 }
 
@@ -123,10 +139,37 @@ mod tests {
         assert_eq!(bufs.len(), 8);
         assert_eq!(bufs.copy_from(b"abcdefghij"), 8, "only what fits");
         let mut out = [0u8; 8];
-        bufs.copy_to(&mut out);
+        assert_eq!(bufs.copy_to(&mut out), 8);
         assert_eq!(&out, b"abcdefgh");
         bufs.zero_from(2);
         bufs.copy_to(&mut out);
         assert_eq!(&out, b"ab\0\0\0\0\0\0");
+    }
+
+    #[test]
+    fn copies_at_an_offset() {
+        let mut a = [0u8; 3];
+        let mut b = [0u8; 5];
+        let iov = [
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            },
+        ];
+        // SAFETY: both arrays outlive `bufs` and are only accessed through it meanwhile.
+        let bufs = unsafe { GuestBuffers::new(&iov) };
+        assert_eq!(bufs.copy_from_at(2, b"xyz"), 3, "straddles the two iovecs");
+        assert_eq!(bufs.copy_from_at(7, b"pq"), 1, "only the last byte fits");
+        assert_eq!(bufs.copy_from_at(8, b"pq"), 0, "nothing past the end");
+        let mut out = [0u8; 4];
+        assert_eq!(bufs.copy_to_at(1, &mut out), 4);
+        assert_eq!(&out, b"\0xyz");
+        let mut tail = [0u8; 4];
+        assert_eq!(bufs.copy_to_at(6, &mut tail), 2, "what the buffers hold");
+        assert_eq!(&tail[..2], b"\0p");
     }
 }

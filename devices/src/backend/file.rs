@@ -1,21 +1,25 @@
 //! The file backend: a raw image file or a block device, through io_uring.
 //!
-//! Reads and writes are vectored io_uring operations straight from/to guest memory
-//! (zero copy). With O_DIRECT, buffers the kernel would refuse (not 512-byte aligned) go
-//! through an aligned bounce buffer instead of failing the request, as QEMU does.
+//! Reads and writes are vectored io_uring operations straight from/to guest memory (zero
+//! copy), continued after short transfers and split at the kernel's 1024-iovec limit. With
+//! O_DIRECT, buffers the kernel would refuse (not aligned to the disk's logical block) go
+//! through an aligned bounce buffer, as QEMU does, in bounded chunks so a guest cannot make
+//! us allocate its whole 4 GiB request.
 //!
-//! Discard and write-zeroes go through io_uring as `fallocate`, on files and on block
-//! devices alike (Linux maps `PUNCH_HOLE`/`ZERO_RANGE` on a block device to an unmapping or
-//! plain zero-out). Only when a block device refuses that (EOPNOTSUPP) do we fall back to
-//! the `BLKDISCARD`/`BLKZEROOUT` ioctls, which are synchronous and stall this worker's
-//! queues for their duration.
+//! Discard and write-zeroes go through io_uring as `fallocate`, on files and block devices
+//! alike (Linux maps `PUNCH_HOLE`/`ZERO_RANGE` on a block device to an unmapping or plain
+//! zero-out). Only when a block device refuses that (EOPNOTSUPP) do we fall back to the
+//! `BLKDISCARD`/`BLKZEROOUT` ioctls, which are synchronous: they stall this worker's queues
+//! for their duration, which is acceptable for the rare device that needs them.
 
 use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
+
+use smallvec::SmallVec;
 
 use super::{BlockBackend, GuestBuffers, Topology};
 
@@ -27,23 +31,30 @@ const BLKDISCARD: libc::c_ulong = 0x1277;
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
-/// Alignment O_DIRECT needs for buffers, lengths and offsets on the devices we target.
-const DIRECT_ALIGN: usize = 512;
+/// Most iovecs one `readv`/`writev` accepts (`UIO_MAXIOV`); more fail with EINVAL. A
+/// request can exceed it: up to queue-size descriptors, more when they cross memory regions.
+const MAX_IOVECS: usize = libc::UIO_MAXIOV as usize;
+/// O_DIRECT alignment for image files: the common logical block of the disk underneath.
+const FILE_DIRECT_ALIGN: u32 = 512;
 /// Alignment of our bounce buffers (a page, which satisfies any logical block size).
 const BOUNCE_ALIGN: usize = 4096;
+/// Largest bounce buffer (and zero-fill chunk): bounds the memory one request can pin.
+const BOUNCE_MAX: usize = 1 << 20;
 
 /// An open image file or block device.
 pub struct FileBackend {
     file: File,
     size: u64,
     block_device: bool,
-    direct: bool,
+    /// O_DIRECT's required alignment of buffers, lengths and offsets; `None` when buffered.
+    direct_align: Option<usize>,
     readonly: bool,
     topology: Topology,
 }
 
 impl FileBackend {
-    /// Opens `path`; `direct` adds O_DIRECT (bypass the host page cache).
+    /// Opens `path` (a regular file or a block device), read-only or read-write; `direct`
+    /// adds O_DIRECT (bypass the host page cache).
     pub fn open(path: &Path, readonly: bool, direct: bool) -> io::Result<FileBackend> {
         let mut opts = OpenOptions::new();
         opts.read(true).write(!readonly);
@@ -59,23 +70,25 @@ impl FileBackend {
                 "not a regular file or block device",
             ));
         }
-        let (size, topology) = if block_device {
+        let (size, logical, mut topology) = if block_device {
+            let logical = ioctl_u32(&file, BLKSSZGET).unwrap_or(512).max(512);
             (
                 ioctl_u64(&file, BLKGETSIZE64)?,
+                logical,
                 Topology {
-                    physical_block_size: ioctl_u32(&file, BLKPBSZGET)
-                        .or_else(|_| ioctl_u32(&file, BLKSSZGET))
-                        .unwrap_or(512),
+                    logical_block_size: 512,
+                    physical_block_size: ioctl_u32(&file, BLKPBSZGET).unwrap_or(logical),
                     min_io_size: ioctl_u32(&file, BLKIOMIN).unwrap_or(0),
                     opt_io_size: ioctl_u32(&file, BLKIOOPT).unwrap_or(0),
                 },
             )
         } else {
-            use std::os::unix::fs::MetadataExt;
             let blksize = u32::try_from(meta.blksize()).unwrap_or(4096);
             (
                 meta.len(),
+                FILE_DIRECT_ALIGN,
                 Topology {
+                    logical_block_size: 512,
                     // Below the file system block the page cache does read-modify-write.
                     physical_block_size: blksize.clamp(512, 4096),
                     min_io_size: blksize.clamp(512, 4096),
@@ -83,11 +96,16 @@ impl FileBackend {
                 },
             )
         };
+        // Buffered I/O works at any 512-byte granularity (the page cache does the
+        // read-modify-write); O_DIRECT makes the disk's sector the smallest unit.
+        if direct {
+            topology.logical_block_size = logical;
+        }
         Ok(FileBackend {
             file,
             size,
             block_device,
-            direct,
+            direct_align: direct.then_some(logical as usize),
             readonly,
             topology,
         })
@@ -97,48 +115,90 @@ impl FileBackend {
         self.file.as_raw_fd()
     }
 
-    /// Whether O_DIRECT would refuse these buffers.
+    /// Whether O_DIRECT would refuse these buffers (the parser already aligned offsets and
+    /// total length to the guest's block size, which is at least the disk's).
     fn needs_bounce(&self, bufs: &GuestBuffers<'_>) -> bool {
-        self.direct
-            && bufs
-                .iovecs()
+        self.direct_align.is_some_and(|a| {
+            bufs.iovecs()
                 .iter()
-                .any(|v| v.iov_base as usize % DIRECT_ALIGN != 0 || v.iov_len % DIRECT_ALIGN != 0)
+                .any(|v| v.iov_base as usize % a != 0 || v.iov_len % a != 0)
+        })
     }
 
-    /// Reads `iov` fully, continuing after short reads; zero-fills past end of file.
-    fn read_full(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()> {
-        let mut iov = bufs.iovecs().to_vec();
+    /// Reads `iov` at `offset`, continuing after short reads, until it is full or the file
+    /// ends; returns the bytes read.
+    fn read_full(&self, iov: &[libc::iovec], offset: u64) -> io::Result<u64> {
+        let mut cur = IovCursor::new(iov);
         let mut done = 0u64;
-        while done < bufs.len() {
-            let n = coro::io::readv(self.fd(), &iov, offset + done)? as u64;
-            if n == 0 {
-                bufs.zero_from(done);
-                return Ok(());
+        while !cur.is_empty() {
+            let at = checked_offset(offset, done)?;
+            match coro::io::readv(self.fd(), cur.batch(), at) {
+                Ok(0) => break,
+                Ok(n) => {
+                    done += n as u64;
+                    cur.advance(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
-            done += n;
-            advance(&mut iov, n);
+        }
+        Ok(done)
+    }
+
+    /// Writes all of `iov` at `offset`, continuing after short writes.
+    fn write_full(&self, iov: &[libc::iovec], offset: u64) -> io::Result<()> {
+        let mut cur = IovCursor::new(iov);
+        let mut done = 0u64;
+        while !cur.is_empty() {
+            let at = checked_offset(offset, done)?;
+            match coro::io::writev(self.fd(), cur.batch(), at) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "short write")),
+                Ok(n) => {
+                    done += n as u64;
+                    cur.advance(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
 
-    fn write_full(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()> {
-        let mut iov = bufs.iovecs().to_vec();
-        let mut done = 0u64;
-        while done < bufs.len() {
-            let n = coro::io::writev(self.fd(), &iov, offset + done)? as u64;
-            if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
+    /// O_DIRECT read through an aligned bounce buffer, one bounded chunk at a time.
+    fn read_bounced(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()> {
+        let mut bounce = Bounce::new(chunk_len(bufs.len()))?;
+        let mut pos = 0u64;
+        while pos < bufs.len() {
+            let n = chunk_len(bufs.len() - pos);
+            let got = self.read_full(&[bounce.iovec(n)], checked_offset(offset, pos)?)?;
+            bufs.copy_from_at(pos, &bounce.as_mut_slice()[..n]);
+            if got < n as u64 {
+                bufs.zero_from(pos + got);
+                break;
             }
-            done += n;
-            advance(&mut iov, n);
+            pos += n as u64;
         }
         Ok(())
     }
 
+    /// O_DIRECT write through an aligned bounce buffer, one bounded chunk at a time.
+    fn write_bounced(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()> {
+        let mut bounce = Bounce::new(chunk_len(bufs.len()))?;
+        let mut pos = 0u64;
+        while pos < bufs.len() {
+            let n = chunk_len(bufs.len() - pos);
+            bufs.copy_to_at(pos, &mut bounce.as_mut_slice()[..n]);
+            self.write_full(&[bounce.iovec(n)], checked_offset(offset, pos)?)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// A synchronous `BLKDISCARD`/`BLKZEROOUT`: blocks the worker thread (see module docs).
     fn ioctl_range(&self, request: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
         let range = [offset, len];
-        // SAFETY: BLKDISCARD/BLKZEROOUT read a [u64; 2] {start, len} from the pointer.
+        // SAFETY: BLKDISCARD/BLKZEROOUT read a `[u64; 2]` {start, len} from the pointer,
+        // which points at a live array of exactly that type.
         let r = unsafe { libc::ioctl(self.fd(), request, range.as_ptr()) };
         if r < 0 {
             return Err(io::Error::last_os_error());
@@ -148,18 +208,11 @@ impl FileBackend {
 
     /// Writes zeroes the slow way, for file systems without `FALLOC_FL_ZERO_RANGE`.
     fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
-        const CHUNK: u64 = 1 << 20;
-        let bounce = Bounce::new(CHUNK.min(len) as usize)?;
+        let bounce = Bounce::new(chunk_len(len))?;
         let mut done = 0;
         while done < len {
-            let n = CHUNK.min(len - done) as usize;
-            let iov = [libc::iovec {
-                iov_base: bounce.ptr.cast(),
-                iov_len: n,
-            }];
-            // SAFETY: the bounce buffer is ours, zeroed, and outlives the call.
-            let bufs = unsafe { GuestBuffers::new(&iov) };
-            self.write_full(&bufs, offset + done)?;
+            let n = chunk_len(len - done);
+            self.write_full(&[bounce.iovec(n)], checked_offset(offset, done)?)?;
             done += n as u64;
         }
         Ok(())
@@ -179,29 +232,28 @@ impl BlockBackend for FileBackend {
         self.readonly
     }
 
-    fn read(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()> {
-        if !self.needs_bounce(bufs) {
-            return self.read_full(bufs, offset);
+    fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+
+    fn read_vectored(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()> {
+        if self.needs_bounce(bufs) {
+            return self.read_bounced(bufs, offset);
         }
-        let bounce = Bounce::new(bufs.len() as usize)?;
-        let iov = [bounce.iovec()];
-        // SAFETY: the bounce buffer is ours and outlives `b`.
-        let b = unsafe { GuestBuffers::new(&iov) };
-        self.read_full(&b, offset)?;
-        bufs.copy_from(bounce.as_slice());
+        let got = self.read_full(bufs.iovecs(), offset)?;
+        if got < bufs.len() {
+            // The image file ends inside the device (its size is rounded, or it shrank):
+            // what lies beyond reads as zeroes, like a sparse tail.
+            bufs.zero_from(got);
+        }
         Ok(())
     }
 
-    fn write(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()> {
-        if !self.needs_bounce(bufs) {
-            return self.write_full(bufs, offset);
+    fn write_vectored(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()> {
+        if self.needs_bounce(bufs) {
+            return self.write_bounced(bufs, offset);
         }
-        let mut bounce = Bounce::new(bufs.len() as usize)?;
-        bufs.copy_to(bounce.as_mut_slice());
-        let iov = [bounce.iovec()];
-        // SAFETY: the bounce buffer is ours and outlives `b`.
-        let b = unsafe { GuestBuffers::new(&iov) };
-        self.write_full(&b, offset)
+        self.write_full(bufs.iovecs(), offset)
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -210,10 +262,16 @@ impl BlockBackend for FileBackend {
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        match coro::io::fallocate(self.fd(), mode, offset, len) {
+        let r = match coro::io::fallocate(self.fd(), mode, offset, len) {
             Err(e) if self.block_device && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                 self.ioctl_range(BLKDISCARD, offset, len)
             }
+            r => r,
+        };
+        match r {
+            // Discard is a hint the device may ignore (virtio 1.2, 5.2.6.2); storage that
+            // cannot deallocate leaves the data, as QEMU does, rather than fail the guest.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
             r => r,
         }
     }
@@ -237,27 +295,73 @@ impl BlockBackend for FileBackend {
     }
 }
 
-/// Drops the first `n` bytes from an iovec list (after a short read or write).
-fn advance(iov: &mut Vec<libc::iovec>, mut n: u64) {
-    let mut drop_count = 0;
-    for v in iov.iter_mut() {
-        let l = v.iov_len as u64;
-        if n >= l {
-            n -= l;
-            drop_count += 1;
-        } else {
-            // SAFETY: `n < iov_len`, so the new base stays inside the same buffer.
-            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n as usize) }.cast();
-            v.iov_len -= n as usize;
-            break;
+/// `offset + done`, an error rather than a wrap (the parser bounds both, so this is
+/// defence in depth).
+fn checked_offset(offset: u64, done: u64) -> io::Result<u64> {
+    offset
+        .checked_add(done)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// The next bounce chunk: all of `remaining`, at most [`BOUNCE_MAX`].
+fn chunk_len(remaining: u64) -> usize {
+    usize::try_from(remaining).map_or(BOUNCE_MAX, |r| r.min(BOUNCE_MAX))
+}
+
+/// The not yet transferred part of an iovec list: advances past what a short read or
+/// write did, and hands out at most [`MAX_IOVECS`] at a time.
+struct IovCursor {
+    iov: SmallVec<[libc::iovec; 8]>,
+    first: usize,
+}
+
+impl IovCursor {
+    fn new(iov: &[libc::iovec]) -> IovCursor {
+        let mut cur = IovCursor {
+            iov: iov.iter().copied().filter(|v| v.iov_len > 0).collect(),
+            first: 0,
+        };
+        cur.skip_empty();
+        cur
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first == self.iov.len()
+    }
+
+    fn batch(&self) -> &[libc::iovec] {
+        let rest = &self.iov[self.first..];
+        &rest[..rest.len().min(MAX_IOVECS)]
+    }
+
+    /// Drops the first `n` bytes (`n` at most what [`batch`](Self::batch) covers).
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 && self.first < self.iov.len() {
+            let v = &mut self.iov[self.first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                self.first += 1;
+            } else {
+                // SAFETY: `n < iov_len`, so the new base stays inside the same buffer.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+        self.skip_empty();
+    }
+
+    fn skip_empty(&mut self) {
+        while self.first < self.iov.len() && self.iov[self.first].iov_len == 0 {
+            self.first += 1;
         }
     }
-    iov.drain(..drop_count);
 }
 
 fn ioctl_u64(file: &File, request: libc::c_ulong) -> io::Result<u64> {
     let mut v = 0u64;
-    // SAFETY: the ioctls used with this helper write one u64 through the pointer.
+    // SAFETY: the ioctls used with this helper (BLKGETSIZE64) write one u64 through the
+    // pointer, which points at a live u64.
     if unsafe { libc::ioctl(file.as_raw_fd(), request, &mut v) } < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -266,7 +370,8 @@ fn ioctl_u64(file: &File, request: libc::c_ulong) -> io::Result<u64> {
 
 fn ioctl_u32(file: &File, request: libc::c_ulong) -> io::Result<u32> {
     let mut v: libc::c_uint = 0;
-    // SAFETY: the ioctls used with this helper write one unsigned int through the pointer.
+    // SAFETY: the ioctls used with this helper (BLKSSZGET, BLKPBSZGET, BLKIOMIN, BLKIOOPT)
+    // write one unsigned int through the pointer, which points at a live c_uint.
     if unsafe { libc::ioctl(file.as_raw_fd(), request, &mut v) } < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -276,7 +381,6 @@ fn ioctl_u32(file: &File, request: libc::c_ulong) -> io::Result<u32> {
 /// A zeroed, page-aligned heap buffer for O_DIRECT.
 struct Bounce {
     ptr: *mut u8,
-    /// Bytes in use: exactly the request's length, so a write never adds padding.
     len: usize,
     layout: Layout,
 }
@@ -294,20 +398,18 @@ impl Bounce {
         Ok(Bounce { ptr, len, layout })
     }
 
-    fn iovec(&self) -> libc::iovec {
+    /// The first `n` bytes (at most the buffer's length) as an iovec: exactly the
+    /// request's length, so a write never adds padding.
+    fn iovec(&self, n: usize) -> libc::iovec {
         libc::iovec {
             iov_base: self.ptr.cast(),
-            iov_len: self.len,
+            iov_len: n.min(self.len),
         }
     }
 
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: `ptr` is a live, initialised (zeroed) allocation of at least `len` bytes.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-
     fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and `&mut self` makes the access exclusive.
+        // SAFETY: `ptr` is a live, initialised (zeroed) allocation of at least `len` bytes,
+        // and `&mut self` makes the access exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 }
@@ -316,5 +418,48 @@ impl Drop for Bounce {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with this layout.
         unsafe { alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iov(base: usize, len: usize) -> libc::iovec {
+        libc::iovec {
+            iov_base: base as *mut libc::c_void,
+            iov_len: len,
+        }
+    }
+
+    #[test]
+    fn cursor_advances_across_iovecs() {
+        let mut c = IovCursor::new(&[iov(0x1000, 10), iov(0x2000, 0), iov(0x3000, 20)]);
+        assert_eq!(c.batch().len(), 2, "empty iovecs are dropped");
+        c.advance(4);
+        assert_eq!(c.batch()[0].iov_base as usize, 0x1004);
+        assert_eq!(c.batch()[0].iov_len, 6);
+        c.advance(6);
+        assert_eq!(c.batch().len(), 1);
+        assert_eq!(c.batch()[0].iov_base as usize, 0x3000);
+        c.advance(20);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn cursor_batches_at_the_kernel_limit() {
+        let v: Vec<_> = (0..2500).map(|i| iov(0x1000 * (i + 1), 512)).collect();
+        let mut c = IovCursor::new(&v);
+        assert_eq!(c.batch().len(), MAX_IOVECS);
+        c.advance(MAX_IOVECS * 512);
+        assert_eq!(c.batch().len(), MAX_IOVECS);
+        c.advance(MAX_IOVECS * 512);
+        assert_eq!(c.batch().len(), 2500 - 2 * MAX_IOVECS);
+    }
+
+    #[test]
+    fn chunks_are_bounded() {
+        assert_eq!(chunk_len(10), 10);
+        assert_eq!(chunk_len(u64::from(u32::MAX)), BOUNCE_MAX);
     }
 }

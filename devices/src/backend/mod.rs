@@ -2,9 +2,13 @@
 //!
 //! Backend methods are plain blocking-style calls that run *inside a request coroutine*:
 //! an implementation submits its I/O (io_uring through `coro::io`, or any completion source
-//! through `coro::park`/`wake`) and the coroutine parks until it completes. The worker
-//! thread serves other requests meanwhile. A backend that truly blocks the thread (a
-//! synchronous ioctl) stalls its whole queue group, and must say so.
+//! through `coro::park`/`wake`) and the coroutine parks until it completes, while the worker
+//! thread serves other requests. A backend that truly blocks the thread (a synchronous
+//! ioctl) stalls every queue of that worker, and must say so where it does it.
+//!
+//! Offsets and lengths reaching a backend have been validated by the request parser
+//! against the device's capacity; errors a backend returns become IOERR for that one
+//! request.
 
 mod buffers;
 mod file;
@@ -16,20 +20,25 @@ pub use buffers::GuestBuffers;
 pub use file::FileBackend;
 pub use null::NullBackend;
 
-/// I/O geometry hints for the guest (virtio-blk `topology`), in bytes.
+/// I/O geometry of the storage, in bytes (virtio-blk `blk_size` floor and `topology`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Topology {
+    /// The smallest unit the backend can address: 512, or the disk's sector size when
+    /// O_DIRECT makes the kernel refuse anything smaller. The guest's block size must not
+    /// be below it.
+    pub logical_block_size: u32,
     /// The smallest write the storage can do without read-modify-write.
     pub physical_block_size: u32,
-    /// Minimum I/O size the storage prefers.
+    /// Minimum I/O size the storage prefers (0: no hint).
     pub min_io_size: u32,
-    /// Optimal I/O size (e.g. a RAID stripe).
+    /// Optimal I/O size, e.g. a RAID stripe (0: no hint).
     pub opt_io_size: u32,
 }
 
 impl Default for Topology {
     fn default() -> Self {
         Topology {
+            logical_block_size: 512,
             physical_block_size: 512,
             min_io_size: 0,
             opt_io_size: 0,
@@ -37,8 +46,8 @@ impl Default for Topology {
     }
 }
 
-/// Storage behind a virtio-blk device. Offsets and lengths are in bytes and have been
-/// validated against [`size`](Self::size) by the request parser.
+/// Storage behind a virtio-blk device. Every method may park the calling coroutine; none
+/// may be called outside one unless the implementation says so.
 pub trait BlockBackend: Send + Sync {
     /// Size in bytes.
     fn size(&self) -> u64;
@@ -53,17 +62,29 @@ pub trait BlockBackend: Send + Sync {
         false
     }
 
-    /// Fills `bufs` from `offset`. Bytes past the end of a file read as zeroes.
-    fn read(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()>;
+    /// Whether this is a block device rather than an image file.
+    fn is_block_device(&self) -> bool {
+        false
+    }
+
+    /// Whether completed writes sit in a volatile cache until [`flush`](Self::flush): the
+    /// device's initial `writeback` setting. True for the page cache and for disks with
+    /// a write cache, which is nearly all of them.
+    fn writeback_cache(&self) -> bool {
+        true
+    }
+
+    /// Fills `bufs` from `offset`. Bytes past the end of an image file read as zeroes.
+    fn read_vectored(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()>;
 
     /// Writes all of `bufs` at `offset`.
-    fn write(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()>;
+    fn write_vectored(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()>;
 
     /// Makes completed writes durable.
     fn flush(&self) -> io::Result<()>;
 
     /// Drops the data of a range; later reads return zeroes or the old data (virtio allows
-    /// either for discard).
+    /// either for discard, and allows ignoring it).
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
 
     /// Makes a range read as zeroes; `may_unmap` allows deallocating it.

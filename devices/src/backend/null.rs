@@ -13,8 +13,9 @@ pub struct NullBackend {
 }
 
 impl NullBackend {
-    /// A null device of `size` bytes; each request first sleeps `latency` (zero: none)
-    /// in its coroutine, as storage with that service time would.
+    /// A null device of `size` bytes; each operation first sleeps `latency` in its
+    /// coroutine (`coro::sleep`), as storage with that service time would. With a zero
+    /// latency nothing parks, so the backend also works outside a coroutine.
     pub fn new(size: u64, latency: Duration) -> NullBackend {
         NullBackend { size, latency }
     }
@@ -31,13 +32,19 @@ impl BlockBackend for NullBackend {
         self.size
     }
 
-    fn read(&self, bufs: &GuestBuffers<'_>, _offset: u64) -> io::Result<()> {
+    /// True: it models a disk with a cache, so the guest's flushes reach it (and pay its
+    /// latency) as they would on real storage.
+    fn writeback_cache(&self) -> bool {
+        true
+    }
+
+    fn read_vectored(&self, bufs: &GuestBuffers<'_>, _offset: u64) -> io::Result<()> {
         self.wait();
         bufs.zero_from(0);
         Ok(())
     }
 
-    fn write(&self, _bufs: &GuestBuffers<'_>, _offset: u64) -> io::Result<()> {
+    fn write_vectored(&self, _bufs: &GuestBuffers<'_>, _offset: u64) -> io::Result<()> {
         self.wait();
         Ok(())
     }

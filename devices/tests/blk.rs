@@ -1,0 +1,468 @@
+//! The executor over real guest memory: what reaches the backend, what reaches the guest
+//! (data, status byte, used length), writethrough flushes, errors confined to one request,
+//! dirty-page logging. A recording backend that never parks runs without a scheduler; the
+//! null backend with a latency runs in a real coroutine.
+
+use std::cell::Cell;
+use std::io;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use corodev_devices::backend::{BlockBackend, GuestBuffers, NullBackend};
+use corodev_devices::blk::{execute, serve};
+use corodev_devices::config::{DeviceConfig, DeviceParams};
+use corodev_devices::ratelimit::RateLimitedLog;
+use corodev_devices::request::{Request, S_IOERR, S_OK, S_UNSUPP};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+const W: u16 = 2;
+const HDR: u64 = 0x2000;
+const STATUS: u64 = 0x3000;
+const DATA: u64 = 0x4000;
+const SIZE: u64 = 1 << 20;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Call {
+    Read(u64, u64),
+    Write(u64, Vec<u8>),
+    Flush,
+    Discard(u64, u64),
+    WriteZeroes(u64, u64, bool),
+}
+
+/// Records every call; reads return `offset + i` as bytes; can be told to fail.
+#[derive(Default)]
+struct Recorder {
+    calls: Mutex<Vec<Call>>,
+    fail: Mutex<Option<io::ErrorKind>>,
+}
+
+impl Recorder {
+    fn record(&self, c: Call) -> io::Result<()> {
+        self.calls.lock().expect("lock").push(c);
+        match *self.fail.lock().expect("lock") {
+            Some(kind) => Err(io::Error::from(kind)),
+            None => Ok(()),
+        }
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        std::mem::take(&mut *self.calls.lock().expect("lock"))
+    }
+
+    fn fail_with(&self, kind: Option<io::ErrorKind>) {
+        *self.fail.lock().expect("lock") = kind;
+    }
+}
+
+impl BlockBackend for Recorder {
+    fn size(&self) -> u64 {
+        SIZE
+    }
+
+    fn read_vectored(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()> {
+        let data: Vec<u8> = (0..bufs.len()).map(|i| (offset + i) as u8).collect();
+        bufs.copy_from(&data);
+        self.record(Call::Read(offset, bufs.len()))
+    }
+
+    fn write_vectored(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()> {
+        let mut data = vec![0u8; bufs.len() as usize];
+        bufs.copy_to(&mut data);
+        self.record(Call::Write(offset, data))
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.record(Call::Flush)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.record(Call::Discard(offset, len))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        self.record(Call::WriteZeroes(offset, len, may_unmap))
+    }
+}
+
+fn mem<B: vm_memory::bitmap::NewBitmap>() -> Arc<GuestMemoryMmap<B>> {
+    Arc::new(
+        GuestMemoryMmap::<B>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("guest memory"),
+    )
+}
+
+fn config(serial: &str) -> DeviceConfig {
+    DeviceConfig::build(DeviceParams {
+        queue_size: 16,
+        serial: serial.as_bytes().to_vec(),
+        ..DeviceParams::for_backend(&Recorder::default())
+    })
+    .expect("valid device")
+}
+
+fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+}
+
+/// Writes the header and a 0xff status canary, then parses the chain.
+fn request<B: Bitmap + 'static>(
+    m: &Arc<GuestMemoryMmap<B>>,
+    cfg: &DeviceConfig,
+    kind: u32,
+    sector: u64,
+    descs: &[RawDescriptor],
+) -> Request<B> {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&kind.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    m.write_slice(&h, GuestAddress(HDR)).expect("header");
+    m.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
+    let vq = MockSplitQueue::new(&**m, 16);
+    let chain = vq.build_desc_chain(descs).expect("chain");
+    match Request::parse(chain, m.clone(), cfg) {
+        Ok(r) => r,
+        Err(r) => panic!("rejected: {}", r.error()),
+    }
+}
+
+fn status<B: Bitmap + 'static>(m: &GuestMemoryMmap<B>) -> u8 {
+    m.read_obj(GuestAddress(STATUS)).expect("status")
+}
+
+#[test]
+fn read_fills_guest_buffers() {
+    let m = mem::<()>();
+    let disk = Recorder::default();
+    let r = request(
+        &m,
+        &config(""),
+        T_IN,
+        2,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 512, W),
+            desc(DATA + 0x1000, 512, W),
+            desc(STATUS, 1, W),
+        ],
+    );
+    assert_eq!(execute(r, &disk, true), (0, 1025), "used: data + status");
+    assert_eq!(status(&m), S_OK);
+    assert_eq!(disk.calls(), vec![Call::Read(1024, 1024)]);
+    let mut second = [0u8; 512];
+    m.read_slice(&mut second, GuestAddress(DATA + 0x1000))
+        .expect("read");
+    assert_eq!(
+        second[0],
+        (1024u64 + 512) as u8,
+        "continues in the next buffer"
+    );
+}
+
+#[test]
+fn write_hands_guest_bytes_to_the_backend() {
+    let m = mem::<()>();
+    m.write_slice(&[7u8; 512], GuestAddress(DATA))
+        .expect("data");
+    let disk = Recorder::default();
+    let r = request(
+        &m,
+        &config(""),
+        T_OUT,
+        4,
+        &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)],
+    );
+    assert_eq!(execute(r, &disk, true), (0, 1), "used: status only");
+    assert_eq!(status(&m), S_OK);
+    assert_eq!(disk.calls(), vec![Call::Write(2048, vec![7; 512])]);
+}
+
+#[test]
+fn writethrough_write_is_flushed_before_completion() {
+    let m = mem::<()>();
+    let disk = Recorder::default();
+    let r = request(
+        &m,
+        &config(""),
+        T_OUT,
+        0,
+        &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)],
+    );
+    execute(r, &disk, false);
+    assert_eq!(
+        disk.calls(),
+        vec![Call::Write(0, vec![0; 512]), Call::Flush]
+    );
+}
+
+#[test]
+fn writethrough_write_zeroes_is_flushed() {
+    let m = mem::<()>();
+    let mut s = [0u8; 16];
+    s[0..8].copy_from_slice(&8u64.to_le_bytes());
+    s[8..12].copy_from_slice(&2u32.to_le_bytes());
+    m.write_slice(&s, GuestAddress(DATA)).expect("segment");
+    let disk = Recorder::default();
+    let r = request(
+        &m,
+        &config(""),
+        T_WRITE_ZEROES,
+        0,
+        &[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, W)],
+    );
+    assert_eq!(execute(r, &disk, false), (0, 1));
+    assert_eq!(
+        disk.calls(),
+        vec![Call::WriteZeroes(4096, 1024, false), Call::Flush]
+    );
+}
+
+#[test]
+fn discard_segments_in_order() {
+    let m = mem::<()>();
+    let mut p = Vec::new();
+    for (sector, n) in [(64u64, 8u32), (8, 16)] {
+        p.extend_from_slice(&sector.to_le_bytes());
+        p.extend_from_slice(&n.to_le_bytes());
+        p.extend_from_slice(&0u32.to_le_bytes());
+    }
+    m.write_slice(&p, GuestAddress(DATA)).expect("segments");
+    let disk = Recorder::default();
+    let r = request(
+        &m,
+        &config(""),
+        T_DISCARD,
+        0,
+        &[desc(HDR, 16, 0), desc(DATA, 32, 0), desc(STATUS, 1, W)],
+    );
+    assert_eq!(execute(r, &disk, false), (0, 1));
+    assert_eq!(
+        disk.calls(),
+        vec![Call::Discard(64 * 512, 4096), Call::Discard(4096, 8192)],
+        "no flush after a discard"
+    );
+}
+
+#[test]
+fn flush() {
+    let m = mem::<()>();
+    let disk = Recorder::default();
+    let r = request(
+        &m,
+        &config(""),
+        T_FLUSH,
+        0,
+        &[desc(HDR, 16, 0), desc(STATUS, 1, W)],
+    );
+    assert_eq!(execute(r, &disk, true), (0, 1));
+    assert_eq!(status(&m), S_OK);
+    assert_eq!(disk.calls(), vec![Call::Flush]);
+}
+
+fn get_id(serial: &str, buf_len: u32) -> (Vec<u8>, (u16, u32)) {
+    let m = mem::<()>();
+    m.write_slice(&[0xaa; 64], GuestAddress(DATA))
+        .expect("canary");
+    let r = request(
+        &m,
+        &config(serial),
+        T_GET_ID,
+        0,
+        &[desc(HDR, 16, 0), desc(DATA, buf_len, W), desc(STATUS, 1, W)],
+    );
+    let used = execute(r, &Recorder::default(), true);
+    assert_eq!(status(&m), S_OK);
+    let mut out = vec![0u8; 64];
+    m.read_slice(&mut out, GuestAddress(DATA)).expect("read");
+    (out, used)
+}
+
+#[test]
+fn get_id_of_exactly_20_bytes_has_no_nul() {
+    let (out, used) = get_id("ABCDEFGHIJKLMNOPQRST", 32);
+    assert_eq!(&out[..20], b"ABCDEFGHIJKLMNOPQRST");
+    assert_eq!(out[20], 0xaa, "nothing past 20 bytes");
+    assert_eq!(used, (0, 21));
+}
+
+#[test]
+fn get_id_of_a_short_serial_is_nul_padded() {
+    let (out, used) = get_id("abc", 20);
+    assert_eq!(&out[..3], b"abc");
+    assert!(out[3..20].iter().all(|&b| b == 0));
+    assert_eq!(used, (0, 21));
+}
+
+#[test]
+fn get_id_into_a_short_buffer_writes_what_fits() {
+    let (out, used) = get_id("ABCDEFGHIJKLMNOPQRST", 5);
+    assert_eq!(&out[..5], b"ABCDE");
+    assert_eq!(out[5], 0xaa);
+    assert_eq!(used, (0, 6));
+}
+
+#[test]
+fn backend_error_fails_only_that_request() {
+    let m = mem::<()>();
+    let disk = Recorder::default();
+    let cfg = config("");
+    let read = [desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)];
+    disk.fail_with(Some(io::ErrorKind::Other));
+    let r = request(&m, &cfg, T_IN, 0, &read);
+    assert_eq!(execute(r, &disk, true), (0, 1), "no data reported written");
+    assert_eq!(status(&m), S_IOERR);
+    disk.fail_with(None);
+    let r = request(&m, &cfg, T_IN, 0, &read);
+    assert_eq!(execute(r, &disk, true), (0, 513));
+    assert_eq!(status(&m), S_OK);
+}
+
+#[test]
+fn failed_writethrough_flush_is_ioerr() {
+    struct FlushFails;
+    impl BlockBackend for FlushFails {
+        fn size(&self) -> u64 {
+            SIZE
+        }
+        fn read_vectored(&self, _: &GuestBuffers<'_>, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn write_vectored(&self, _: &GuestBuffers<'_>, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        }
+        fn discard(&self, _: u64, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let m = mem::<()>();
+    let r = request(
+        &m,
+        &config(""),
+        T_OUT,
+        0,
+        &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)],
+    );
+    assert_eq!(execute(r, &FlushFails, false), (0, 1));
+    assert_eq!(status(&m), S_IOERR);
+}
+
+#[test]
+fn serve_answers_a_rejected_request_with_its_status() {
+    let m = mem::<()>();
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&0x99u32.to_le_bytes());
+    m.write_slice(&h, GuestAddress(HDR)).expect("header");
+    m.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
+    let vq = MockSplitQueue::new(&*m, 16);
+    let chain = vq
+        .build_desc_chain(&[desc(HDR, 16, 0), desc(STATUS, 1, W)])
+        .expect("chain");
+    let disk = Recorder::default();
+    let log = RateLimitedLog::default();
+    assert_eq!(serve(chain, m.clone(), &config(""), &disk, &log), (0, 1));
+    assert_eq!(status(&m), S_UNSUPP);
+    assert!(disk.calls().is_empty(), "no I/O for a rejected request");
+}
+
+#[test]
+fn serve_without_a_status_byte_writes_nothing() {
+    let m = mem::<()>();
+    let vq = MockSplitQueue::new(&*m, 16);
+    let chain = vq
+        .build_desc_chain(&[desc(HDR, 16, 0), desc(STATUS, 1, 0)])
+        .expect("chain");
+    m.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
+    let log = RateLimitedLog::default();
+    let used = serve(chain, m.clone(), &config(""), &Recorder::default(), &log);
+    assert_eq!(used, (0, 0));
+    assert_eq!(status(&m), 0xff, "untouched");
+}
+
+fn dirty(m: &GuestMemoryMmap<AtomicBitmap>, addr: u64) -> bool {
+    let region = m.find_region(GuestAddress(addr)).expect("region");
+    region
+        .bitmap()
+        .dirty_at((addr - region.start_addr().0) as usize)
+}
+
+#[test]
+fn read_marks_written_guest_pages_dirty() {
+    let m = mem::<AtomicBitmap>();
+    let r = request(
+        &m,
+        &config(""),
+        T_IN,
+        0,
+        &[desc(HDR, 16, 0), desc(DATA, 8192, W), desc(STATUS, 1, W)],
+    );
+    assert!(!dirty(&m, DATA), "clean before the read completes");
+    execute(r, &Recorder::default(), true);
+    assert!(dirty(&m, DATA));
+    assert!(dirty(&m, DATA + 4096), "every page of the buffer");
+    assert!(dirty(&m, STATUS), "the status byte's page");
+    assert!(!dirty(&m, DATA + 8192), "nothing past the buffer");
+}
+
+#[test]
+fn write_does_not_dirty_its_data_pages() {
+    let m = mem::<AtomicBitmap>();
+    let r = request(
+        &m,
+        &config(""),
+        T_OUT,
+        0,
+        &[desc(HDR, 16, 0), desc(DATA, 4096, 0), desc(STATUS, 1, W)],
+    );
+    execute(r, &Recorder::default(), true);
+    assert!(!dirty(&m, DATA), "the device only read it");
+    assert!(dirty(&m, STATUS));
+}
+
+#[test]
+fn null_backend_latency_parks_the_coroutine() {
+    let sched = coro::Scheduler::default();
+    let done = Rc::new(Cell::new(None));
+    let d = done.clone();
+    sched
+        .spawn(move || {
+            let m = mem::<()>();
+            let disk = NullBackend::new(SIZE, Duration::from_millis(20));
+            m.write_slice(&[9u8; 512], GuestAddress(DATA))
+                .expect("data");
+            let r = request(
+                &m,
+                &config(""),
+                T_IN,
+                0,
+                &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)],
+            );
+            let start = Instant::now();
+            let used = execute(r, &disk, true);
+            let mut got = [1u8; 512];
+            m.read_slice(&mut got, GuestAddress(DATA)).expect("read");
+            assert_eq!(got, [0; 512], "null reads are zeroes");
+            assert_eq!(status(&m), S_OK);
+            d.set(Some((used, start.elapsed())));
+        })
+        .expect("spawn");
+    assert_eq!(sched.run_until_idle().expect("run"), 0);
+    let (used, took) = done.get().expect("task finished");
+    assert_eq!(used, (0, 513));
+    assert!(took >= Duration::from_millis(20), "slept {took:?}");
+}
