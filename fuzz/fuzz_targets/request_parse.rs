@@ -21,7 +21,7 @@ const QSIZE: u16 = 16;
 
 fuzz_target!(|data: &[u8]| {
     // Two adjacent regions so buffers can straddle a region boundary.
-    let mem = Arc::new(
+    let mem: Arc<GuestMemoryMmap> = Arc::new(
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), REGION), (GuestAddress(REGION as u64), REGION)])
             .expect("guest memory"),
     );
