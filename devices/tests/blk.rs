@@ -3,18 +3,21 @@
 //! dirty-page logging. A recording backend that never parks runs without a scheduler; the
 //! null backend with a latency runs in a real coroutine.
 
+mod common;
+
 use std::cell::Cell;
 use std::io;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::*;
 use corodev_devices::backend::{BlockBackend, GuestBuffers, NullBackend};
 use corodev_devices::blk::{execute, serve};
 use corodev_devices::config::{DeviceConfig, DeviceParams};
 use corodev_devices::ratelimit::RateLimitedLog;
 use corodev_devices::request::{Request, S_IOERR, S_OK, S_UNSUPP};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -24,13 +27,6 @@ const HDR: u64 = 0x2000;
 const STATUS: u64 = 0x3000;
 const DATA: u64 = 0x4000;
 const SIZE: u64 = 1 << 20;
-
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Call {
@@ -111,10 +107,6 @@ fn config(serial: &str) -> DeviceConfig {
     .expect("valid device")
 }
 
-fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
-}
-
 /// Writes the header and a 0xff status canary, then parses the chain.
 fn request<B: Bitmap + 'static>(
     m: &Arc<GuestMemoryMmap<B>>,
@@ -123,10 +115,8 @@ fn request<B: Bitmap + 'static>(
     sector: u64,
     descs: &[RawDescriptor],
 ) -> Request<B> {
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&kind.to_le_bytes());
-    h[8..16].copy_from_slice(&sector.to_le_bytes());
-    m.write_slice(&h, GuestAddress(HDR)).expect("header");
+    m.write_slice(&header(kind, 0, sector), GuestAddress(HDR))
+        .expect("header");
     m.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
     let vq = MockSplitQueue::new(&**m, 16);
     let chain = vq.build_desc_chain(descs).expect("chain");
@@ -208,10 +198,8 @@ fn writethrough_write_is_flushed_before_completion() {
 #[test]
 fn writethrough_write_zeroes_is_flushed() {
     let m = mem::<()>();
-    let mut s = [0u8; 16];
-    s[0..8].copy_from_slice(&8u64.to_le_bytes());
-    s[8..12].copy_from_slice(&2u32.to_le_bytes());
-    m.write_slice(&s, GuestAddress(DATA)).expect("segment");
+    m.write_slice(&seg(8, 2, 0), GuestAddress(DATA))
+        .expect("segment");
     let disk = Recorder::default();
     let r = request(
         &m,
@@ -230,12 +218,7 @@ fn writethrough_write_zeroes_is_flushed() {
 #[test]
 fn discard_segments_in_order() {
     let m = mem::<()>();
-    let mut p = Vec::new();
-    for (sector, n) in [(64u64, 8u32), (8, 16)] {
-        p.extend_from_slice(&sector.to_le_bytes());
-        p.extend_from_slice(&n.to_le_bytes());
-        p.extend_from_slice(&0u32.to_le_bytes());
-    }
+    let p: Vec<u8> = [seg(64, 8, 0), seg(8, 16, 0)].concat();
     m.write_slice(&p, GuestAddress(DATA)).expect("segments");
     let disk = Recorder::default();
     let r = request(

@@ -2,15 +2,18 @@
 //! test breaks one rule and asserts the exact error variant; each legal variant asserts the
 //! exact parsed request.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::*;
 use corodev_devices::backend::NullBackend;
 use corodev_devices::config::{DeviceConfig, DeviceParams, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
 use corodev_devices::request::{
     Error, Op, Rejected, Request, RequestType, Segment, S_IOERR, S_UNSUPP,
 };
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::{DescriptorTable, MockSplitQueue};
 use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -28,13 +31,6 @@ const REGION: u64 = 0x1_0000;
 const QSIZE: u16 = 16;
 /// Device capacity: 1 MiB = 2048 sectors.
 const CAPACITY: u64 = 2048;
-
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
 
 fn mem() -> Arc<GuestMemoryMmap> {
     Arc::new(
@@ -63,19 +59,9 @@ fn config() -> DeviceConfig {
 }
 
 fn header_at(m: &GuestMemoryMmap, at: u64, kind: u32, sector: u64) {
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&kind.to_le_bytes());
-    h[4..8].copy_from_slice(&0xdead_beefu32.to_le_bytes()); // ioprio: ignored
-    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    // ioprio is ignored by the device; a non-zero value checks that.
+    let h = header(kind, 0xdead_beef, sector);
     m.write_slice(&h, GuestAddress(at)).expect("write header");
-}
-
-fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
-}
-
-fn desc_next(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
 }
 
 type Parsed = Result<Request, Box<Rejected>>;
@@ -158,14 +144,6 @@ fn parse_indirect(
             .expect("store indirect descriptor");
     }
     parse_table(&m, cfg, &[(0, desc(TABLE, table_len, INDIRECT))], 0)
-}
-
-fn seg(sector: u64, n: u32, flags: u32) -> [u8; 16] {
-    let mut s = [0u8; 16];
-    s[0..8].copy_from_slice(&sector.to_le_bytes());
-    s[8..12].copy_from_slice(&n.to_le_bytes());
-    s[12..16].copy_from_slice(&flags.to_le_bytes());
-    s
 }
 
 fn parse_segments_with(cfg: &DeviceConfig, kind: u32, segs: &[[u8; 16]]) -> Parsed {

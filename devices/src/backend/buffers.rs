@@ -120,20 +120,18 @@ impl<'a> GuestBuffers<'a> {
 mod tests {
     use super::*;
 
+    fn iovec(buf: &mut [u8]) -> libc::iovec {
+        libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }
+    }
+
     #[test]
     fn zero_copy_in_and_out_across_iovecs() {
         let mut a = [1u8; 3];
         let mut b = [2u8; 5];
-        let iov = [
-            libc::iovec {
-                iov_base: a.as_mut_ptr().cast(),
-                iov_len: a.len(),
-            },
-            libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            },
-        ];
+        let iov = [iovec(&mut a), iovec(&mut b)];
         // SAFETY: both arrays outlive `bufs` and are only accessed through it meanwhile.
         let bufs = unsafe { GuestBuffers::new(&iov) };
         assert_eq!(bufs.len(), 8);
@@ -150,16 +148,7 @@ mod tests {
     fn copies_at_an_offset() {
         let mut a = [0u8; 3];
         let mut b = [0u8; 5];
-        let iov = [
-            libc::iovec {
-                iov_base: a.as_mut_ptr().cast(),
-                iov_len: a.len(),
-            },
-            libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            },
-        ];
+        let iov = [iovec(&mut a), iovec(&mut b)];
         // SAFETY: both arrays outlive `bufs` and are only accessed through it meanwhile.
         let bufs = unsafe { GuestBuffers::new(&iov) };
         assert_eq!(bufs.copy_from_at(2, b"xyz"), 3, "straddles the two iovecs");
