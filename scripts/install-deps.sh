@@ -9,21 +9,28 @@ set -euo pipefail
 PKGS=(qemu-system-x86 qemu-system-common qemu-utils linux-image-cloud-amd64 busybox-static
     fio e2fsprogs cpio gzip)
 
-missing=()
-for p in "${PKGS[@]}"; do
-    dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$p")
-done
+missing_pkgs() {
+    missing=()
+    for p in "${PKGS[@]}"; do
+        dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$p")
+    done
+}
 
-if ((${#missing[@]})); then
+# Two passes: installing Debian's QEMU 7.2 removes a newer qemu-utils (a backport some
+# images ship) as conflicting, so a package present at the first check can be gone after
+# it; the second pass installs Debian's own version of it.
+for pass in 1 2; do
+    missing_pkgs
+    ((${#missing[@]})) || break
     if [ "$(id -u)" -ne 0 ]; then
         echo "install-deps: missing ${missing[*]}; run this script as root" >&2
         exit 1
     fi
-    echo "install-deps: installing ${missing[*]}" >&2
+    echo "install-deps: installing ${missing[*]} (pass $pass)" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
+    [ "$pass" = 2 ] || apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+done
 
 # The tools themselves, where the scripts and tests look for them.
 for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img busybox fio mke2fs e2fsck cpio gzip; do

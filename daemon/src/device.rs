@@ -273,7 +273,7 @@ impl VhostUserBackend for BlkDevice {
         if evset != EventSet::IN {
             log::warn!("worker {thread_id}: unexpected events {evset:?} on {device_event}");
         }
-        let worker = Worker::get(&self.0, thread_id)?;
+        let worker = Worker::get(&self.0, vrings, thread_id)?;
         let ev = u64::from(device_event);
         if ev == completion_event_id(self.num_queues()) {
             worker.on_completion();
@@ -287,7 +287,7 @@ impl VhostUserBackend for BlkDevice {
         } else {
             log::warn!("worker {thread_id}: event for unknown source {device_event}");
         }
-        worker.notify(&self.0, vrings, thread_id);
+        worker.notify(&self.0);
         worker.poll(&self.0, vrings, thread_id);
         Ok(())
     }

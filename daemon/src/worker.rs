@@ -5,8 +5,15 @@
 //! every available descriptor chain and spawns one coroutine per request; the scheduler
 //! runs them until each has submitted its I/O and parked, and submits that I/O in one
 //! batch. When the ring's eventfd fires, finished requests are resumed, write their status,
-//! and add their used element. The guest is notified once per batch per queue, and only if
-//! EVENT_IDX says it wants to be.
+//! and add their used element.
+//!
+//! **Publish at once, signal per batch.** A finished request goes to the used ring the
+//! moment it completes, so a driver that is still busy finds it without waiting for the
+//! rest of the batch (and without asking for an interrupt); the guest is signalled once per
+//! batch per queue, and only if EVENT_IDX says it is waiting. Holding used elements back
+//! until the end of a batch made the driver and the device take turns: the driver went to
+//! sleep on an empty used ring while the device finished the batch, and each of those
+//! sleeps cost an interrupt.
 //!
 //! **Polling.** After handling an event the worker keeps checking its queues' avail rings
 //! and its io_uring completion queue (userspace reads, no syscalls) for up to `--poll-us`,
@@ -41,9 +48,12 @@ const RING_ENTRIES: u32 = 1024;
 /// One worker thread's scheduler and completion bookkeeping.
 pub struct Worker {
     sched: Scheduler,
-    /// Per local vring: finished requests `(head, used_len)` waiting for the end of the
-    /// batch, when they are added to the used ring under one lock and signalled once.
-    finished: RefCell<Vec<Vec<(u16, u32)>>>,
+    /// This thread's vrings. The library starts new worker threads for every connection,
+    /// so they are the same for the whole life of the thread (and of this worker).
+    vrings: Vec<VringRwLock>,
+    /// Per local vring: `(global queue, requests published since the last signal)`; the
+    /// count is settled (in-flight total, guest signal) at the end of the batch.
+    published: RefCell<Vec<(Option<usize>, usize)>>,
 }
 
 thread_local! {
@@ -52,8 +62,12 @@ thread_local! {
 
 impl Worker {
     /// This thread's worker, created on first use with the completion eventfd that was
-    /// registered for this thread in the epoll loop.
-    pub fn get(shared: &Shared, thread_id: usize) -> io::Result<Rc<Worker>> {
+    /// registered for this thread in the epoll loop, and the thread's `vrings`.
+    pub fn get(
+        shared: &Shared,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<Rc<Worker>> {
         if let Some(w) = WORKER.with(|w| w.borrow().clone()) {
             return Ok(w);
         }
@@ -69,7 +83,12 @@ impl Worker {
             .stack_size(shared.stack_size);
         let worker = Rc::new(Worker {
             sched: Scheduler::new(builder).with_ring(ring),
-            finished: RefCell::new(Vec::new()),
+            vrings: vrings.to_vec(),
+            published: RefCell::new(
+                (0..vrings.len())
+                    .map(|local| (shared.global_queue(thread_id, local), 0))
+                    .collect(),
+            ),
         });
         WORKER.with(|w| *w.borrow_mut() = Some(worker.clone()));
         log::debug!(
@@ -125,9 +144,10 @@ impl Worker {
             }
         };
         let count = chains.len();
+        // One atomic add per batch; `notify` subtracts as requests complete.
+        shared.in_flight[queue].fetch_add(count, Ordering::AcqRel);
         for chain in chains {
             let head = chain.head_index();
-            shared.in_flight[queue].fetch_add(1, Ordering::AcqRel);
             let (shared2, worker, mem) = (shared.clone(), self.clone(), mem.clone());
             let spawned = self.sched.spawn(move || {
                 let (head, used) = shared2.serve(chain, mem);
@@ -167,7 +187,7 @@ impl Worker {
             }
             if work > 0 {
                 self.run();
-                self.notify(shared, vrings, thread_id);
+                self.notify(shared);
                 idle_spins = 0;
                 continue;
             }
@@ -196,41 +216,35 @@ impl Worker {
         }
     }
 
-    /// The one place a request leaves the device: it is queued for the used ring, which
-    /// [`notify`](Self::notify) updates at the end of the batch.
+    /// The one place a request leaves the device: its used element goes to the used ring
+    /// now; [`notify`](Self::notify) settles the batch.
     fn complete(&self, local: usize, head: u16, used: u32) {
-        let mut finished = self.finished.borrow_mut();
-        if finished.len() <= local {
-            finished.resize_with(local + 1, Vec::new);
+        let mut published = self.published.borrow_mut();
+        let (Some(vring), Some((Some(queue), count))) =
+            (self.vrings.get(local), published.get_mut(local))
+        else {
+            log::error!("request {head} completed on unknown vring {local}");
+            return;
+        };
+        *count += 1;
+        if let Err(e) = vring.get_mut().add_used(head, used) {
+            corodev_devices::warn_ratelimited!(
+                "queue {queue}: cannot add used element {head}: {e}"
+            );
         }
-        finished[local].push((head, used));
     }
 
-    /// Ends a batch: adds every finished request to its used ring (one lock per queue),
-    /// drops the queue's in-flight count, and signals the guest once per queue if
-    /// EVENT_IDX says it wants to be.
-    pub fn notify(&self, shared: &Shared, vrings: &[VringRwLock], thread_id: usize) {
-        let mut finished = self.finished.borrow_mut();
-        for (local, done) in finished.iter_mut().enumerate() {
-            if done.is_empty() {
-                continue;
-            }
-            let (Some(vring), Some(queue)) =
-                (vrings.get(local), shared.global_queue(thread_id, local))
-            else {
-                done.clear();
+    /// Ends a batch: drops each queue's in-flight count by the requests published since
+    /// the last batch, and signals the guest once per such queue if EVENT_IDX says it
+    /// wants to be.
+    pub fn notify(&self, shared: &Shared) {
+        let mut published = self.published.borrow_mut();
+        for (vring, (queue, count)) in self.vrings.iter().zip(published.iter_mut()) {
+            let (Some(queue), n @ 1..) = (*queue, *count) else {
                 continue;
             };
-            {
-                let mut state = vring.get_mut();
-                for &(head, used) in done.iter() {
-                    if let Err(e) = state.add_used(head, used) {
-                        shared.guest_error(queue, &format!("cannot add used element {head}: {e}"));
-                    }
-                }
-            }
-            shared.in_flight[queue].fetch_sub(done.len(), Ordering::AcqRel);
-            done.clear();
+            *count = 0;
+            shared.in_flight[queue].fetch_sub(n, Ordering::AcqRel);
             match vring.needs_notification() {
                 Ok(false) => {}
                 Ok(true) | Err(_) => {

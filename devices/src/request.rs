@@ -324,10 +324,17 @@ impl Op {
 
 /// A contiguous run of guest bytes: (guest address, length).
 type Span = (u64, u64);
-/// Spans of one direction; inline for the common few-descriptor request (no allocation).
-type Spans = SmallVec<[Span; 8]>;
-/// Host iovecs of a request's data; inline up to 8 segments.
-pub type IoVecs = SmallVec<[libc::iovec; 8]>;
+/// Spans of one direction; inline for the common few-descriptor request (header, data,
+/// status), so that neither allocates nor makes a `Request` costly to move.
+type Spans = SmallVec<[Span; 4]>;
+/// Host iovecs of a request's data; inline up to 4 segments.
+pub type IoVecs = SmallVec<[libc::iovec; 4]>;
+
+/// Whether guest memory of bitmap type `B` logs dirty pages. The daemon's map (`()`) does
+/// not, so it skips keeping and walking the written spans; decided at compile time.
+fn logs_dirty_pages<B: Bitmap + 'static>() -> bool {
+    std::any::TypeId::of::<B>() != std::any::TypeId::of::<()>()
+}
 
 /// Where a request's outcome goes: the status byte (if the chain has a usable one) and the
 /// used element. Holds the guest memory map alive for the request's lifetime.
@@ -335,8 +342,12 @@ pub struct Completion<B: Bitmap + 'static = ()> {
     head: u16,
     status: Option<GuestAddress>,
     mem: Arc<GuestMemoryMmap<B>>,
+    /// Device-writable data bytes the request may fill (reads and GET_ID; 0 otherwise):
+    /// the used length can claim no more than these plus the status byte.
+    writable_data: u64,
     /// The device-writable data spans, in order, for dirty-page logging: the device writes
-    /// them through raw iovecs, which the memory map's bitmap does not see.
+    /// them through raw iovecs, which the memory map's bitmap does not see. Kept only when
+    /// the map logs dirty pages.
     written_spans: Spans,
 }
 
@@ -359,8 +370,8 @@ impl<B: Bitmap + 'static> Completion<B> {
         let Some(addr) = self.status else {
             return (self.head, 0);
         };
-        let mut left = written;
-        let mut data = 0u64;
+        let data = written.min(self.writable_data);
+        let mut left = data;
         for &(a, len) in &self.written_spans {
             let n = len.min(left);
             if n == 0 {
@@ -371,7 +382,6 @@ impl<B: Bitmap + 'static> Completion<B> {
                 slice.bitmap().mark_dirty(0, slice.len());
             }
             left -= n;
-            data += n;
         }
         // `write_obj` marks the status byte's page dirty itself.
         match self.mem.write_obj(status, addr) {
@@ -468,6 +478,7 @@ impl<B: Bitmap + 'static> Request<B> {
             head,
             status: status.as_ref().ok().copied(),
             mem,
+            writable_data: 0,
             written_spans: Spans::new(),
         };
         let reject = |error, completion| Box::new(Rejected { error, completion });
@@ -481,7 +492,10 @@ impl<B: Bitmap + 'static> Request<B> {
         match validate(&completion.mem, &shape, config) {
             Ok(v) => {
                 if matches!(v.op, Op::Read { .. } | Op::GetId(_)) {
-                    completion.written_spans = shape.writable;
+                    completion.writable_data = total(shape.writable.iter().copied());
+                    if logs_dirty_pages::<B>() {
+                        completion.written_spans = shape.writable;
+                    }
                 }
                 Ok(Request {
                     sector: v.sector,
@@ -597,7 +611,8 @@ fn validate<B: Bitmap + 'static>(
             max,
         });
     }
-    let (header, rest) = take_bytes::<HEADER_LEN, B>(mem, &shape.readable)?;
+    let header = take_bytes::<HEADER_LEN, B>(mem, &shape.readable)?;
+    let rest = skip_bytes(&shape.readable, HEADER_LEN as u64);
     let [t0, t1, t2, t3, _, _, _, _, s @ ..] = header;
     let kind = RequestType::from(u32::from_le_bytes([t0, t1, t2, t3]));
     let sector = u64::from_le_bytes(s);
@@ -605,8 +620,8 @@ fn validate<B: Bitmap + 'static>(
     // fine for every type (its leading bytes are ignored, as QEMU does), but a separate
     // writable buffer is data in the wrong direction for a write.
     let writable = &shape.writable;
-    let writable_data = total(&writable[..writable.len().saturating_sub(1)]);
-    let readable_data = total(&rest);
+    let writable_data = total(writable[..writable.len().saturating_sub(1)].iter().copied());
+    let readable_data = total(rest.clone());
     let valid = |op, (data, data_len)| Valid {
         sector,
         op,
@@ -618,7 +633,7 @@ fn validate<B: Bitmap + 'static>(
             if readable_data != 0 {
                 return Err(Error::DataDirection { kind });
             }
-            let (iov, len) = iovecs(mem, writable)?;
+            let (iov, len) = iovecs(mem, writable.iter().copied())?;
             if len == 0 {
                 return Err(Error::NoData { kind });
             }
@@ -632,7 +647,7 @@ fn validate<B: Bitmap + 'static>(
             if writable_data != 0 {
                 return Err(Error::DataDirection { kind });
             }
-            let (iov, len) = iovecs(mem, &rest)?;
+            let (iov, len) = iovecs(mem, rest)?;
             if len == 0 {
                 return Err(Error::NoData { kind });
             }
@@ -646,7 +661,7 @@ fn validate<B: Bitmap + 'static>(
                 return Err(Error::DataDirection { kind });
             }
             // Any length, even 0: the device writes what fits of the 20 bytes.
-            let data = iovecs(mem, writable)?;
+            let data = iovecs(mem, writable.iter().copied())?;
             Ok(valid(Op::GetId(config.id_bytes()), data))
         }
         RequestType::Discard | RequestType::WriteZeroes => {
@@ -657,7 +672,7 @@ fn validate<B: Bitmap + 'static>(
                 return Err(Error::DataDirection { kind });
             }
             let discard = kind == RequestType::Discard;
-            let segs = segments(mem, &rest, kind, config)?;
+            let segs = segments(mem, rest, kind, config)?;
             let op = if discard {
                 Op::Discard(segs)
             } else {
@@ -669,52 +684,59 @@ fn validate<B: Bitmap + 'static>(
     }
 }
 
-fn total(spans: &[Span]) -> u64 {
+fn total(spans: impl Iterator<Item = Span>) -> u64 {
     // At most 2^16 descriptors of at most 2^32 bytes each: no overflow.
-    spans.iter().map(|s| s.1).sum()
+    spans.map(|s| s.1).sum()
 }
 
-/// Reads the first `N` bytes of a span list (possibly split over several spans) and
-/// returns them with the remaining spans.
+/// Reads the first `N` bytes of a span list (possibly split over several spans).
 fn take_bytes<const N: usize, B: Bitmap + 'static>(
     mem: &GuestMemoryMmap<B>,
     spans: &[Span],
-) -> Result<([u8; N], Spans), Error> {
+) -> Result<[u8; N], Error> {
     let mut out = [0u8; N];
     let mut got = 0usize;
-    let mut rest = Spans::new();
     for &(addr, len) in spans {
-        if got < N {
-            let n = (N - got).min(usize::try_from(len).unwrap_or(usize::MAX));
-            mem.read_slice(&mut out[got..got + n], GuestAddress(addr))
-                .map_err(|_| Error::GuestMemory {
-                    addr,
-                    len: n as u64,
-                })?;
-            got += n;
-            if (n as u64) < len {
-                // `addr + n` was just read, so it does not wrap.
-                rest.push((addr + n as u64, len - n as u64));
-            }
-        } else {
-            rest.push((addr, len));
+        if got == N {
+            break;
         }
+        let n = (N - got).min(usize::try_from(len).unwrap_or(usize::MAX));
+        mem.read_slice(&mut out[got..got + n], GuestAddress(addr))
+            .map_err(|_| Error::GuestMemory {
+                addr,
+                len: n as u64,
+            })?;
+        got += n;
     }
     if got < N {
         return Err(Error::HeaderTooShort { len: got as u64 });
     }
-    Ok((out, rest))
+    Ok(out)
+}
+
+/// The non-empty spans that follow the first `skip` bytes of `spans`, without copying
+/// them (a parse runs once per request; the header is the only prefix ever skipped).
+fn skip_bytes(spans: &[Span], skip: u64) -> impl Iterator<Item = Span> + Clone + '_ {
+    spans
+        .iter()
+        .scan(skip, |skip, &(addr, len)| {
+            let n = (*skip).min(len);
+            *skip -= n;
+            // `addr + n` lies within a span the header was read from, so it does not wrap.
+            Some((addr + n, len - n))
+        })
+        .filter(|s| s.1 > 0)
 }
 
 /// Host iovecs for data spans and their total length; empty spans are skipped (they carry
 /// no bytes), every other one must lie in guest memory.
 fn iovecs<B: Bitmap + 'static>(
     mem: &GuestMemoryMmap<B>,
-    spans: &[Span],
+    spans: impl Iterator<Item = Span>,
 ) -> Result<(IoVecs, u64), Error> {
-    let mut iov = IoVecs::with_capacity(spans.len());
+    let mut iov = IoVecs::new();
     let mut len = 0u64;
-    for &(addr, l) in spans.iter().filter(|s| s.1 > 0) {
+    for (addr, l) in spans.filter(|s| s.1 > 0) {
         let bad = || Error::GuestMemory { addr, len: l };
         let count = usize::try_from(l).map_err(|_| bad())?;
         addr.checked_add(l).ok_or_else(bad)?;
@@ -770,11 +792,11 @@ fn byte_range(sector: u64, len: u64, config: &DeviceConfig) -> Result<u64, Error
 /// Parses and checks discard / write-zeroes segments (virtio 1.2, 5.2.6.2).
 fn segments<B: Bitmap + 'static>(
     mem: &GuestMemoryMmap<B>,
-    spans: &[Span],
+    spans: impl Iterator<Item = Span> + Clone,
     kind: RequestType,
     config: &DeviceConfig,
 ) -> Result<Vec<Segment>, Error> {
-    let len = total(spans);
+    let len = total(spans.clone());
     if len == 0 {
         return Err(Error::NoData { kind });
     }
@@ -792,7 +814,7 @@ fn segments<B: Bitmap + 'static>(
     let mut segs = [[0u8; SEGMENT_LEN]; MAX_DISCARD_SEG as usize];
     let bytes = segs.as_flattened_mut();
     let mut at = 0usize;
-    for &(addr, l) in spans {
+    for (addr, l) in spans {
         // `at + l <= len <= bytes.len()`, checked above.
         let l = l as usize;
         mem.read_slice(&mut bytes[at..at + l], GuestAddress(addr))
