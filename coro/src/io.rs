@@ -1,9 +1,11 @@
 //! io_uring for coroutines: submit an operation, park, resume with its result.
 //!
 //! Each operation gets a slot keyed by the SQE's `user_data`. The calling task parks until
-//! [`Ring::reap`] has posted the CQE's result into the slot and woken it. Submissions are not
-//! sent one by one: they sit in the submission queue until the scheduler has run every ready
-//! task, then go to the kernel in a single `io_uring_enter` ([`Ring::submit`]).
+//! [`Ring::reap`] has posted the CQE's result into the slot and woken it. By default
+//! submissions are not sent one by one: they sit in the submission queue until the
+//! scheduler has run every ready task, then go to the kernel in a single `io_uring_enter`
+//! ([`Ring::submit`]). A ring made with [`Ring::submit_each`] sends each operation as it is
+//! queued instead (see there for when that wins).
 //!
 //! The ring signals an eventfd on every completion so an outside epoll loop (the vhost-user
 //! worker) can sleep on it alongside guest kicks.
@@ -34,6 +36,8 @@ pub struct Ring {
     ops: Slab<Op>,
     /// SQEs pushed but not yet submitted.
     queued: usize,
+    /// Submit every operation as soon as it is queued (see [`Ring::submit_each`]).
+    submit_each: bool,
 }
 
 impl Ring {
@@ -58,7 +62,21 @@ impl Ring {
             eventfd,
             ops: Slab::new(),
             queued: 0,
+            submit_each: false,
         })
+    }
+
+    /// With `yes`, every operation goes to the kernel as soon as a task queues it, one
+    /// `io_uring_enter` each, rather than with the rest of the scheduler's batch.
+    ///
+    /// Batching saves system calls, which is what counts when operations complete inside
+    /// the call (page-cache hits). For I/O that reaches a device (O_DIRECT) it can cost
+    /// more than it saves: a batch is dispatched to the device together, completes
+    /// together, and its submitter then refills the queue in lockstep, leaving the device
+    /// idle in between; submitting each operation keeps the device's queue full.
+    pub fn submit_each(mut self, yes: bool) -> Ring {
+        self.submit_each = yes;
+        self
     }
 
     /// The completion eventfd.
@@ -82,6 +100,11 @@ impl Ring {
             match pushed {
                 Ok(()) => {
                     self.queued += 1;
+                    // A failed early submit leaves the entry queued; the scheduler's batch
+                    // submit retries it and reports the error.
+                    if self.submit_each && self.uring.submit().is_ok() {
+                        self.queued = 0;
+                    }
                     return Ok(key);
                 }
                 Err(_) => {

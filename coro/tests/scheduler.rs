@@ -251,3 +251,52 @@ both_backends!(task_panic_reaches_run, |s: Scheduler| {
     assert_eq!(err.downcast_ref::<&str>(), Some(&"task failed"));
     assert_eq!(s.task_count(), 0);
 });
+
+/// With `submit_each` an operation reaches the kernel while its task parks, before the
+/// scheduler's batch submit: a page-cache read completes, and signals the ring's eventfd,
+/// before the next task runs. Without it the read is still queued at that point.
+#[test]
+fn submit_each_sends_io_before_the_batch_ends() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut file = tempfile::tempfile().expect("temp file");
+    file.write_all(&[7u8; 4096]).expect("write");
+    let fd = file.as_raw_fd();
+    for each in [false, true] {
+        // SAFETY: eventfd has no memory preconditions; the result is checked below.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(raw >= 0, "eventfd: {}", std::io::Error::last_os_error());
+        // SAFETY: `raw` is a fresh descriptor nothing else owns.
+        let efd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let ring = coro::io::Ring::with_eventfd(8, efd.try_clone().expect("dup"))
+            .expect("ring")
+            .submit_each(each);
+        let s = Scheduler::new(Builder::new()).with_ring(ring);
+        s.spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            let iov = [libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            }];
+            assert_eq!(coro::io::readv(fd, &iov, 0).expect("readv"), 4096);
+            assert!(buf.iter().all(|&b| b == 7));
+        })
+        .expect("spawn reader");
+        let signalled = Rc::new(Cell::new(None));
+        let seen = signalled.clone();
+        let efd_raw = efd.as_raw_fd();
+        s.spawn(move || {
+            let mut count = 0u64;
+            // SAFETY: reads 8 bytes into a live u64 from a descriptor this test owns.
+            let n = unsafe { libc::read(efd_raw, (&mut count as *mut u64).cast(), 8) };
+            seen.set(Some(n == 8));
+        })
+        .expect("spawn checker");
+        assert_eq!(s.run_until_idle().expect("run"), 0);
+        assert_eq!(
+            signalled.get(),
+            Some(each),
+            "submit_each({each}): completion seen before the batch submit"
+        );
+        drop(efd);
+    }
+}

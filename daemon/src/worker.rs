@@ -77,7 +77,7 @@ impl Worker {
         let dup = efd.try_clone()?.into_raw_fd();
         // SAFETY: `into_raw_fd` hands us sole ownership of the duplicated descriptor.
         let dup = unsafe { OwnedFd::from_raw_fd(dup) };
-        let ring = Ring::with_eventfd(RING_ENTRIES, dup)?;
+        let ring = Ring::with_eventfd(RING_ENTRIES, dup)?.submit_each(shared.disk.submit_each_io());
         let builder = coro::Builder::new()
             .backend(shared.coroutine_backend)
             .stack_size(shared.stack_size);

@@ -232,6 +232,14 @@ impl BlockBackend for FileBackend {
         self.readonly
     }
 
+    /// O_DIRECT I/O goes to the device: 4 KiB random reads at queue depth 32 went from
+    /// 58k to 84k IOPS on a virtio disk when each was submitted on its own. Page-cache
+    /// I/O completes inside the submitting call, so batching it saves calls (buffered
+    /// random reads: 290k batched, 220k one by one).
+    fn submit_each_io(&self) -> bool {
+        self.direct_align.is_some()
+    }
+
     fn is_block_device(&self) -> bool {
         self.block_device
     }

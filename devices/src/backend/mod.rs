@@ -74,6 +74,14 @@ pub trait BlockBackend: Send + Sync {
         true
     }
 
+    /// Whether the worker should send each I/O to the kernel as soon as its request
+    /// queues it rather than once per batch of requests (`coro::io::Ring::submit_each`):
+    /// true when I/O reaches a device, where dispatching a batch together makes it
+    /// complete together and the driver refill the queue in lockstep.
+    fn submit_each_io(&self) -> bool {
+        false
+    }
+
     /// Fills `bufs` from `offset`. Bytes past the end of an image file read as zeroes.
     fn read_vectored(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()>;
 
