@@ -274,21 +274,13 @@ impl VhostUserBackend for BlkDevice {
             log::warn!("worker {thread_id}: unexpected events {evset:?} on {device_event}");
         }
         let worker = Worker::get(&self.0, vrings, thread_id)?;
-        let ev = u64::from(device_event);
-        if ev == completion_event_id(self.num_queues()) {
+        if u64::from(device_event) == completion_event_id(self.num_queues()) {
             worker.on_completion();
-        } else if let (Some(vring), Some(q)) = (
-            vrings.get(usize::from(device_event)),
-            self.0.global_queue(thread_id, usize::from(device_event)),
-        ) {
-            if !self.0.is_broken(q) {
-                worker.on_kick(&self.0, vring, usize::from(device_event), q);
-            }
         } else {
-            log::warn!("worker {thread_id}: event for unknown source {device_event}");
+            worker.on_kick(usize::from(device_event));
         }
-        worker.notify(&self.0);
-        worker.poll(&self.0, vrings, thread_id);
+        worker.notify();
+        worker.poll();
         Ok(())
     }
 }
