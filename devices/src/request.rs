@@ -336,11 +336,21 @@ fn logs_dirty_pages<B: Bitmap + 'static>() -> bool {
     std::any::TypeId::of::<B>() != std::any::TypeId::of::<()>()
 }
 
+/// A request's status byte: its guest address, and the host address it was found at when
+/// the chain was parsed, so completing a request costs one store rather than another
+/// walk of the memory map.
+#[derive(Clone, Copy)]
+struct StatusByte {
+    addr: GuestAddress,
+    host: *mut u8,
+}
+
 /// Where a request's outcome goes: the status byte (if the chain has a usable one) and the
 /// used element. Holds the guest memory map alive for the request's lifetime.
 pub struct Completion<B: Bitmap + 'static = ()> {
     head: u16,
-    status: Option<GuestAddress>,
+    /// From a one-byte slice of `mem`; `mem` keeps it mapped.
+    status: Option<StatusByte>,
     mem: Arc<GuestMemoryMmap<B>>,
     /// Device-writable data bytes the request may fill (reads and GET_ID; 0 otherwise):
     /// the used length can claim no more than these plus the status byte.
@@ -359,7 +369,7 @@ impl<B: Bitmap + 'static> Completion<B> {
 
     /// Guest address of the status byte, if the chain has a usable one.
     pub fn status_addr(&self) -> Option<GuestAddress> {
-        self.status
+        self.status.map(|s| s.addr)
     }
 
     /// Writes `status` (the only place a status byte is written) and returns the used
@@ -367,7 +377,7 @@ impl<B: Bitmap + 'static> Completion<B> {
     /// `written` data bytes (at most the writable data length) plus the status byte, or 0
     /// when there was no status byte to write.
     pub fn complete(self, status: u8, written: u64) -> (u16, u32) {
-        let Some(addr) = self.status else {
+        let Some(byte) = self.status else {
             return (self.head, 0);
         };
         let data = written.min(self.writable_data);
@@ -383,12 +393,16 @@ impl<B: Bitmap + 'static> Completion<B> {
             }
             left -= n;
         }
-        // `write_obj` marks the status byte's page dirty itself.
-        match self.mem.write_obj(status, addr) {
-            Ok(()) => (self.head, u32::try_from(data + 1).unwrap_or(u32::MAX)),
-            // Checked at parse time and the map is immutable: cannot happen.
-            Err(_) => (self.head, 0),
+        if logs_dirty_pages::<B>() {
+            for slice in self.mem.get_slices(byte.addr, 1).flatten() {
+                slice.bitmap().mark_dirty(0, slice.len());
+            }
         }
+        // SAFETY: `byte.host` is the start of a one-byte `VolatileSlice` that `status_byte`
+        // took from `self.mem`, which this completion owns, so the byte is still mapped and
+        // writable. Volatile, because the guest shares it.
+        unsafe { byte.host.write_volatile(status) };
+        (self.head, u32::try_from(data + 1).unwrap_or(u32::MAX))
     }
 }
 
@@ -421,7 +435,7 @@ impl<B: Bitmap + 'static> Rejected<B> {
 
     /// Where the status would go (`None`: the request ends with used length 0).
     pub fn status_addr(&self) -> Option<GuestAddress> {
-        self.completion.status
+        self.completion.status_addr()
     }
 
     /// Writes the error's status (IOERR or UNSUPP) if there is a status byte and returns
@@ -531,7 +545,7 @@ impl<B: Bitmap + 'static> Request<B> {
 
     /// Guest address of the status byte.
     pub fn status_addr(&self) -> Option<GuestAddress> {
-        self.completion.status
+        self.completion.status_addr()
     }
 
     /// The data buffers as host iovecs (one per memory region a buffer touches). The
@@ -567,7 +581,7 @@ fn status_byte<B: Bitmap + 'static>(
     shape: &Shape,
     head: u16,
     mem: &GuestMemoryMmap<B>,
-) -> Result<GuestAddress, Error> {
+) -> Result<StatusByte, Error> {
     let (addr, len, writable, next) = shape.last.ok_or(Error::EmptyChain { head })?;
     if next {
         return Err(Error::ChainTruncated {
@@ -580,10 +594,16 @@ fn status_byte<B: Bitmap + 'static>(
     if len == 0 {
         return Err(Error::StatusEmpty { addr });
     }
-    match addr.checked_add(u64::from(len) - 1) {
-        Some(a) if mem.check_range(GuestAddress(a), 1) => Ok(GuestAddress(a)),
-        _ => Err(Error::StatusOutsideMemory { addr, len }),
-    }
+    let outside = Error::StatusOutsideMemory { addr, len };
+    let at = GuestAddress(
+        addr.checked_add(u64::from(len) - 1)
+            .ok_or(outside.clone())?,
+    );
+    let slice = mem.get_slice(at, 1).map_err(|_| outside)?;
+    Ok(StatusByte {
+        addr: at,
+        host: slice.ptr_guard_mut().as_ptr(),
+    })
 }
 
 /// What validation produces.
@@ -695,6 +715,15 @@ fn take_bytes<const N: usize, B: Bitmap + 'static>(
     spans: &[Span],
 ) -> Result<[u8; N], Error> {
     let mut out = [0u8; N];
+    // Fast path: all of it in the first span (one lookup of the memory map).
+    if let Some(&(addr, len)) = spans.first() {
+        if len >= N as u64 {
+            if let Ok(slice) = mem.get_slice(GuestAddress(addr), N) {
+                slice.copy_to(&mut out[..]);
+                return Ok(out);
+            }
+        }
+    }
     let mut got = 0usize;
     for &(addr, len) in spans {
         if got == N {
