@@ -100,9 +100,10 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = CoroutineBackend::Fast)]
     pub coroutine_backend: CoroutineBackend,
 
-    /// Keep polling the queues for this many microseconds after the last request before
-    /// sleeping (0: never poll). Polling saves the guest's kicks and our wake-ups under
-    /// load at the cost of CPU time while it lasts.
+    /// Poll the queues for up to this many microseconds after the last request before
+    /// sleeping (0: never poll). Each worker adapts its window within this limit to how
+    /// soon work comes back: polling saves the guest's kicks and our wake-ups under load,
+    /// and stops costing CPU when the next request is further away than this.
     #[arg(long, value_name = "US", default_value_t = 32, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub poll_us: u64,
 

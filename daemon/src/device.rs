@@ -274,6 +274,7 @@ impl VhostUserBackend for BlkDevice {
             log::warn!("worker {thread_id}: unexpected events {evset:?} on {device_event}");
         }
         let worker = Worker::get(&self.0, vrings, thread_id)?;
+        worker.woke();
         if u64::from(device_event) == completion_event_id(self.num_queues()) {
             worker.on_completion();
         } else {

@@ -6,10 +6,12 @@
 //! - [`server`]: the connection loop.
 //! - [`device`]: the `VhostUserBackend` implementation (features, config, events).
 //! - [`worker`]: per-thread scheduler, kicks, completions, notifications.
+//! - [`poll_window`]: how long a worker polls after its last work.
 
 pub mod cli;
 pub mod device;
 pub mod error;
+pub mod poll_window;
 pub mod server;
 pub mod socket;
 pub mod worker;

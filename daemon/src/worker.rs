@@ -16,15 +16,17 @@
 //! sleeps cost an interrupt.
 //!
 //! **Polling.** After handling an event the worker keeps checking its queues' avail rings
-//! and its io_uring completion queue (userspace reads, no syscalls) for up to `--poll-us`,
+//! and its io_uring completion queue (userspace reads, no syscalls) for a poll window,
 //! with guest notifications disabled. Under load the guest then never has to kick and the
-//! worker never sleeps in epoll; when the device goes idle for that long, notifications
-//! are re-enabled and the worker returns to epoll. This is QEMU's `poll-max-ns` idea.
+//! worker never sleeps in epoll; when the device stays idle for the window, notifications
+//! are re-enabled and the worker returns to epoll. The window adapts between zero and
+//! `--poll-us` to how long the worker actually waits for work ([`PollWindow`]), so slow
+//! storage does not cost a spinning core. This is QEMU's `poll-max-ns` idea.
 //!
 //! The worker is thread-local because coroutines are `!Send`; the vhost-user library gives
 //! us `&self` on a shared backend, so per-thread state cannot live in it.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
@@ -40,6 +42,7 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::device::Shared;
+use crate::poll_window::PollWindow;
 
 /// Submission queue entries per worker ring: enough for a full 1024-deep queue per batch;
 /// a fuller queue is flushed to the kernel early rather than failing.
@@ -60,6 +63,10 @@ pub struct Worker {
     /// Per local vring: requests published since the batch began; settled (in-flight
     /// total, guest signal) by [`notify`](Self::notify).
     published: RefCell<Vec<usize>>,
+    /// How long to poll after the last work.
+    window: PollWindow,
+    /// When the worker last went back to epoll, idle, to measure how long it slept.
+    idle_since: Cell<Option<Instant>>,
 }
 
 thread_local! {
@@ -95,6 +102,8 @@ impl Worker {
                 .map(|local| shared.global_queue(thread_id, local))
                 .collect(),
             published: RefCell::new(vec![0; vrings.len()]),
+            window: PollWindow::new(shared.poll),
+            idle_since: Cell::new(None),
         });
         WORKER.with(|w| *w.borrow_mut() = Some(worker.clone()));
         log::debug!(
@@ -102,6 +111,14 @@ impl Worker {
             efd.as_raw_fd()
         );
         Ok(worker)
+    }
+
+    /// Called first on every event: if the worker had gone to sleep idle, how long it
+    /// slept tunes the poll window.
+    pub fn woke(&self) {
+        if let Some(t) = self.idle_since.take() {
+            self.window.waited(t.elapsed());
+        }
     }
 
     /// Handles a kick on local vring `local`.
@@ -167,14 +184,15 @@ impl Worker {
         count
     }
 
-    /// Polls this thread's vrings and io_uring for up to `shared.poll` of idleness, with
-    /// guest notifications off; re-arms them before returning to epoll.
+    /// Polls this thread's vrings and io_uring while the poll window lasts after the last
+    /// work, with guest notifications off; re-arms them before returning to epoll.
     pub fn poll(self: &Rc<Self>) {
         let shared = &self.shared;
         if shared.poll.is_zero() {
+            // Notifications were re-armed when the chains were popped.
             return;
         }
-        let mut last_work = Instant::now();
+        let mut idle_start = Instant::now();
         let mut idle_spins = 0u32;
         loop {
             let mut work = 0;
@@ -191,17 +209,27 @@ impl Worker {
                 }
             }
             if work > 0 {
+                if idle_spins > 0 {
+                    self.window.waited(idle_start.elapsed());
+                }
                 self.run();
                 self.notify();
                 idle_spins = 0;
                 continue;
             }
-            // Reading the clock costs as much as a poll pass: look only every 64 idle passes.
             idle_spins += 1;
             if idle_spins == 1 {
-                last_work = Instant::now();
+                idle_start = Instant::now();
             }
-            if idle_spins % 64 == 0 && last_work.elapsed() >= shared.poll {
+            // Reading the clock costs as much as a poll pass: look only every 64 idle
+            // passes (at once when the window is closed).
+            let window = self.window.get();
+            let expired = if window.is_zero() {
+                true
+            } else {
+                idle_spins % 64 == 0 && idle_start.elapsed() >= window
+            };
+            if expired {
                 // Idle: re-arm notifications. A buffer that arrived in between would get no
                 // kick, so if re-arming reports one, keep polling.
                 // Broken queues are skipped: their avail index never catches up, so they
@@ -210,6 +238,7 @@ impl Worker {
                     self.serving(local).is_some() && v.enable_notification().unwrap_or(false)
                 });
                 if !raced {
+                    self.idle_since.set(Some(idle_start));
                     return;
                 }
                 idle_spins = 0;
