@@ -267,9 +267,9 @@ impl Worker {
         }
     }
 
-    /// Ends a batch: drops each queue's in-flight count by the requests published since
-    /// the last batch, and signals the guest once per such queue if EVENT_IDX says it
-    /// wants to be.
+    /// Ends a batch: signals the guest once per queue with requests published since the
+    /// last batch, if EVENT_IDX says it wants to be, then drops the queue's in-flight
+    /// count by them.
     pub fn notify(&self) {
         let mut published = self.published.borrow_mut();
         let queues = self.vrings.iter().zip(&self.queues);
@@ -278,7 +278,6 @@ impl Worker {
                 continue;
             };
             *count = 0;
-            self.shared.in_flight[queue].fetch_sub(n, Ordering::AcqRel);
             match vring.needs_notification() {
                 Ok(false) => {}
                 Ok(true) | Err(_) => {
@@ -287,6 +286,9 @@ impl Worker {
                     }
                 }
             }
+            // Only now: `stop_vring` may return (and the frontend tear the queue down) as
+            // soon as this reaches zero, and the guest must have had its signal by then.
+            self.shared.in_flight[queue].fetch_sub(n, Ordering::AcqRel);
         }
     }
 }
