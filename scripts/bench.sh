@@ -260,8 +260,11 @@ REPORT=$OUT/report.md
     echo "Ratio = corodev / qsd: above 1 is better for IOPS; below 1 is better for latency, CPU and RSS."
     echo "CPU-s/Mio: daemon utime+stime per million I/Os. RSS: the daemon's highest VmRSS during the run."
     echo
-    echo "| case | IOPS corodev | IOPS qsd | ratio | p50 us corodev | p50 us qsd | ratio | p99 us corodev | p99 us qsd | ratio | CPU-s/Mio corodev | CPU-s/Mio qsd | ratio | RSS MiB corodev | RSS MiB qsd | ratio |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "IOPS ratio per round: the lowest and highest corodev/qsd ratio over the rounds (each round runs"
+    echo "both daemons back to back), which shows how much of a difference the machine's noise can make."
+    echo
+    echo "| case | IOPS corodev | IOPS qsd | ratio | ratio per round | p50 us corodev | p50 us qsd | ratio | p99 us corodev | p99 us qsd | ratio | CPU-s/Mio corodev | CPU-s/Mio qsd | ratio | RSS MiB corodev | RSS MiB qsd | ratio |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for c in $CASES; do
         awk -F'\t' -v c="$c" '
             function median(side, col,   n, i, j, t, v) {
@@ -273,7 +276,19 @@ REPORT=$OUT/report.md
             }
             function cell(x, fmt) { return x == "" ? "-" : sprintf(fmt, x) }
             function ratio(a, b) { return (a == "" || b == "" || b == 0) ? "-" : sprintf("**%.2f**", a / b) }
-            NR > 1 && $1 == c { rows++; S[rows] = $2; for (k = 4; k <= 8; k++) V[rows, k] = $k }
+            # The range of per-round IOPS ratios (rounds where both sides ran).
+            function spread(   r, x, lo, hi) {
+                for (r in IOPS_A) if ((r in IOPS_B) && IOPS_B[r] > 0) {
+                    x = IOPS_A[r] / IOPS_B[r]
+                    if (lo == "" || x < lo) lo = x
+                    if (hi == "" || x > hi) hi = x
+                }
+                return lo == "" ? "-" : sprintf("%.2f-%.2f", lo, hi)
+            }
+            NR > 1 && $1 == c {
+                rows++; S[rows] = $2; for (k = 4; k <= 8; k++) V[rows, k] = $k
+                if ($2 == "corodev") IOPS_A[$3] = $4; else IOPS_B[$3] = $4
+            }
             END {
                 line = "| " c
                 split("4 5 6 7 8", cols, " ")
@@ -281,6 +296,7 @@ REPORT=$OUT/report.md
                 for (k = 1; k <= 5; k++) {
                     a = median("corodev", cols[k]); b = median("qsd", cols[k])
                     line = line " | " cell(a, fmts[k]) " | " cell(b, fmts[k]) " | " ratio(a, b)
+                    if (k == 1) line = line " | " spread()
                 }
                 print line " |"
             }' "$RUNS"
