@@ -724,12 +724,26 @@ fn take_bytes<const N: usize, B: Bitmap + 'static>(
             }
         }
     }
+    let got = read_spans(mem, spans.iter().copied(), &mut out)?;
+    if got < N {
+        return Err(Error::HeaderTooShort { len: got as u64 });
+    }
+    Ok(out)
+}
+
+/// Copies the bytes of `spans`, in order, into `out` until it is full; returns how many
+/// it copied (fewer than `out.len()` when the spans hold fewer).
+fn read_spans<B: Bitmap + 'static>(
+    mem: &GuestMemoryMmap<B>,
+    spans: impl Iterator<Item = Span>,
+    out: &mut [u8],
+) -> Result<usize, Error> {
     let mut got = 0usize;
-    for &(addr, len) in spans {
-        if got == N {
+    for (addr, len) in spans {
+        if got == out.len() {
             break;
         }
-        let n = (N - got).min(usize::try_from(len).unwrap_or(usize::MAX));
+        let n = (out.len() - got).min(usize::try_from(len).unwrap_or(usize::MAX));
         mem.read_slice(&mut out[got..got + n], GuestAddress(addr))
             .map_err(|_| Error::GuestMemory {
                 addr,
@@ -737,10 +751,7 @@ fn take_bytes<const N: usize, B: Bitmap + 'static>(
             })?;
         got += n;
     }
-    if got < N {
-        return Err(Error::HeaderTooShort { len: got as u64 });
-    }
-    Ok(out)
+    Ok(got)
 }
 
 /// The non-empty spans that follow the first `skip` bytes of `spans`, without copying
@@ -841,18 +852,8 @@ fn segments<B: Bitmap + 'static>(
     }
     // Bounded by the check above, so the whole payload fits on the stack.
     let mut segs = [[0u8; SEGMENT_LEN]; MAX_DISCARD_SEG as usize];
-    let bytes = segs.as_flattened_mut();
-    let mut at = 0usize;
-    for (addr, l) in spans {
-        // `at + l <= len <= bytes.len()`, checked above.
-        let l = l as usize;
-        mem.read_slice(&mut bytes[at..at + l], GuestAddress(addr))
-            .map_err(|_| Error::GuestMemory {
-                addr,
-                len: l as u64,
-            })?;
-        at += l;
-    }
+    // `len <= bytes.len()`, checked above, so this copies all of the segments.
+    read_spans(mem, spans, &mut segs.as_flattened_mut()[..len as usize])?;
     segs[..count as usize]
         .iter()
         .map(|&[s @ .., n0, n1, n2, n3, f0, f1, f2, f3]| {
