@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
+use corodev_devices::config::{MAX_QUEUE_SIZE, MIN_QUEUE_SIZE};
 
 /// Examples printed after `--help`.
 const EXAMPLES: &str = "\
@@ -80,7 +81,7 @@ pub struct Cli {
     #[arg(long, value_name = "M", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: Option<u16>,
 
-    /// Maximum virtqueue size: a power of two from 1 to 32768.
+    /// Maximum virtqueue size: a power of two from 2 to 32768.
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
     pub queue_size: u16,
 
@@ -136,16 +137,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
+/// A power of two the device accepts (the same bounds `DeviceConfig::build` checks, so a
+/// value that passes here is never refused later).
 fn parse_queue_size(s: &str) -> Result<u16, String> {
     let n: u32 = s
         .parse()
         .map_err(|_| format!("'{s}' is not a number: use a power of two such as 128 or 256"))?;
-    if n == 0 || n > 32768 || !n.is_power_of_two() {
-        return Err(format!(
-            "{n} is not a power of two between 1 and 32768: use e.g. 128 or 256"
-        ));
+    let valid = u32::from(MIN_QUEUE_SIZE)..=u32::from(MAX_QUEUE_SIZE);
+    match u16::try_from(n) {
+        Ok(q) if valid.contains(&n) && n.is_power_of_two() => Ok(q),
+        _ => Err(format!(
+            "{n} is not a power of two between {MIN_QUEUE_SIZE} and {MAX_QUEUE_SIZE}: use e.g. 128 or 256"
+        )),
     }
-    u16::try_from(n).map_err(|_| format!("{n} is too large: the maximum is 32768"))
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -182,47 +186,74 @@ fn parse_stack_size(s: &str) -> Result<u64, String> {
     Ok(n)
 }
 
+/// A combination of options that cannot work (single options are checked by their
+/// parsers above, which clap reports itself).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CliError {
+    /// `--backend file` without a disk.
+    #[error("--disk PATH is required with --backend file (or use --backend null --size BYTES)")]
+    DiskRequired,
+    /// `--size` given for a file, whose size is its own.
+    #[error("--size is only for --backend null; a file's size is its own")]
+    SizeWithFile,
+    /// `--backend null` without a size.
+    #[error("--backend null needs --size BYTES, e.g. --size 1G")]
+    NullNeedsSize,
+    /// A null device size of zero or a partial last block.
+    #[error("--size {size} is not a positive multiple of the block size {block_size}")]
+    NullSizeMisaligned {
+        /// The size given.
+        size: u64,
+        /// The logical block size.
+        block_size: u32,
+    },
+    /// `--disk` given with `--backend null`.
+    #[error("--disk is not used with --backend null: drop it or use --backend file")]
+    DiskWithNull,
+    /// More worker threads than queues to give them.
+    #[error(
+        "--threads {threads} is more than --num-queues {queues}: a thread serves whole queues"
+    )]
+    TooManyThreads {
+        /// `--threads`.
+        threads: u16,
+        /// `--num-queues`.
+        queues: u16,
+    },
+}
+
 impl Cli {
     /// Checks combinations of options that clap cannot express.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), CliError> {
         match self.backend {
             BackendKind::File => {
                 if self.disk.is_none() {
-                    return Err("--disk PATH is required with --backend file (or use --backend null --size BYTES)".into());
+                    return Err(CliError::DiskRequired);
                 }
                 if self.size.is_some() {
-                    return Err(
-                        "--size is only for --backend null; a file's size is its own".into(),
-                    );
+                    return Err(CliError::SizeWithFile);
                 }
             }
             BackendKind::Null => {
-                let Some(size) = self.size else {
-                    return Err("--backend null needs --size BYTES, e.g. --size 1G".into());
-                };
+                let size = self.size.ok_or(CliError::NullNeedsSize)?;
                 if size == 0 || size % u64::from(self.block_size) != 0 {
-                    return Err(format!(
-                        "--size {size} is not a positive multiple of the block size {}",
-                        self.block_size
-                    ));
+                    return Err(CliError::NullSizeMisaligned {
+                        size,
+                        block_size: self.block_size,
+                    });
                 }
                 if self.disk.is_some() {
-                    return Err(
-                        "--disk is not used with --backend null: drop it or use --backend file"
-                            .into(),
-                    );
+                    return Err(CliError::DiskWithNull);
                 }
             }
         }
-        if let Some(t) = self.threads {
-            if t > self.num_queues {
-                return Err(format!(
-                    "--threads {t} is more than --num-queues {}: a thread serves whole queues",
-                    self.num_queues
-                ));
-            }
+        match self.threads {
+            Some(threads) if threads > self.num_queues => Err(CliError::TooManyThreads {
+                threads,
+                queues: self.num_queues,
+            }),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Worker threads to run: `--threads`, or one per queue up to the number of CPUs.
@@ -242,8 +273,15 @@ mod tests {
         let mut all = vec!["corodev", "--socket", "/tmp/s"];
         all.extend_from_slice(args);
         let cli = Cli::try_parse_from(all).map_err(|e| e.to_string())?;
-        cli.validate()?;
+        cli.validate().map_err(|e| e.to_string())?;
         Ok(cli)
+    }
+
+    /// The combination errors as values, not only their text.
+    fn combination(args: &[&str]) -> Option<CliError> {
+        let mut all = vec!["corodev", "--socket", "/tmp/s"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).expect("parses").validate().err()
     }
 
     #[test]
@@ -265,6 +303,12 @@ mod tests {
             .contains("not a power of two"));
         assert!(parse(&["--disk", "d", "--queue-size", "65536"]).is_err());
         assert!(parse(&["--disk", "d", "--queue-size", "0"]).is_err());
+        assert!(
+            parse(&["--disk", "d", "--queue-size", "1"])
+                .unwrap_err()
+                .contains("between 2 and 32768"),
+            "the device needs 2 (header and status); refused here, never clamped"
+        );
         assert_eq!(
             parse(&["--disk", "d", "--queue-size", "1024"]).map(|c| c.queue_size),
             Ok(1024)
@@ -297,5 +341,37 @@ mod tests {
         assert!(parse(&["--disk", "d", "--stack-size", "4K"])
             .unwrap_err()
             .contains("minimum"));
+    }
+
+    #[test]
+    fn combination_errors_carry_their_values() {
+        assert_eq!(combination(&[]), Some(CliError::DiskRequired));
+        assert_eq!(
+            combination(&["--disk", "d", "--size", "1M"]),
+            Some(CliError::SizeWithFile)
+        );
+        assert_eq!(
+            combination(&["--backend", "null"]),
+            Some(CliError::NullNeedsSize)
+        );
+        assert_eq!(
+            combination(&["--backend", "null", "--size", "6K", "--block-size", "4096"]),
+            Some(CliError::NullSizeMisaligned {
+                size: 6 << 10,
+                block_size: 4096
+            })
+        );
+        assert_eq!(
+            combination(&["--backend", "null", "--size", "1M", "--disk", "d"]),
+            Some(CliError::DiskWithNull)
+        );
+        assert_eq!(
+            combination(&["--disk", "d", "--num-queues", "2", "--threads", "3"]),
+            Some(CliError::TooManyThreads {
+                threads: 3,
+                queues: 2
+            })
+        );
+        assert_eq!(combination(&["--disk", "d"]), None);
     }
 }

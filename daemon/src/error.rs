@@ -4,12 +4,24 @@
 use std::io;
 use std::path::PathBuf;
 
+use corodev_devices::config::ConfigError;
+
+use crate::cli::CliError;
+
 /// Why the daemon cannot start or serve.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A combination of options that cannot work.
+    #[error(transparent)]
+    Cli(#[from] CliError),
     /// The disk image does not exist or cannot be opened.
-    #[error("cannot open disk {0}: {1}; check the path and permissions")]
-    OpenDisk(PathBuf, io::Error),
+    #[error("cannot open disk {path}: {source}; check the path and permissions")]
+    OpenDisk {
+        /// Disk path.
+        path: PathBuf,
+        /// What opening it said.
+        source: io::Error,
+    },
     /// The disk size is not a whole number of logical blocks.
     #[error("disk {path} is {size} bytes, not a multiple of the {block_size}-byte block size; resize it (e.g. qemu-img resize) or use --block-size 512")]
     DiskSize {
@@ -23,6 +35,10 @@ pub enum Error {
     /// The disk is empty.
     #[error("disk {0} is empty; give it a size (e.g. truncate -s 1G {0})")]
     DiskEmpty(PathBuf),
+    /// The device cannot be built from the options and the disk (e.g. `--block-size 512`
+    /// over O_DIRECT on a 4K-sector disk).
+    #[error("cannot export the disk: {0}; {hint}", hint = device_hint(.0))]
+    Device(#[from] ConfigError),
     /// Another daemon accepts connections on the socket.
     #[error("socket {0} is in use by a running daemon; stop it or choose another --socket path")]
     SocketInUse(PathBuf),
@@ -30,12 +46,48 @@ pub enum Error {
     #[error("{0} exists and is not a socket; remove it or choose another --socket path")]
     SocketNotASocket(PathBuf),
     /// The socket cannot be created.
-    #[error("cannot listen on socket {0}: {1}")]
-    Socket(PathBuf, io::Error),
-    /// Setting up a vhost-user connection failed.
+    #[error("cannot listen on socket {path}: {source}")]
+    Socket {
+        /// Socket path.
+        path: PathBuf,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// The vhost-user library could not set up a connection. (Its error type does not
+    /// implement `std::error::Error`, so it is kept as a value, not a source.)
     #[error("vhost-user setup failed: {0}")]
-    Vhost(String),
-    /// An OS resource (eventfd, thread) could not be created.
-    #[error("{0}: {1}")]
-    Os(&'static str, io::Error),
+    Vhost(vhost_user_backend::Error),
+    /// The library started another number of worker threads than the device asked for.
+    #[error("vhost-user library started {got} worker threads, the device asked for {expected}")]
+    WorkerCount {
+        /// Threads the device's queue map asks for.
+        expected: usize,
+        /// Threads the library started.
+        got: usize,
+    },
+    /// An OS resource (eventfd, thread, signal handler) could not be created.
+    #[error("{what}: {source}")]
+    Os {
+        /// What was being done.
+        what: &'static str,
+        /// What the OS said.
+        source: io::Error,
+    },
+}
+
+/// The option that fixes a device the disk and options cannot make.
+fn device_hint(e: &ConfigError) -> &'static str {
+    match e {
+        ConfigError::BlockSize(_) | ConfigError::BlockSizeBelowBackend { .. } => {
+            "choose a --block-size the disk supports (4096 for a 4K-sector disk with --direct)"
+        }
+        ConfigError::CapacityMisaligned { .. } => "resize the disk to whole blocks",
+        ConfigError::QueueSize(_) => "use a --queue-size that is a power of two from 2 to 32768",
+        ConfigError::NoQueues => "use --num-queues 1 or more",
+        ConfigError::SerialTooLong(_) => "use a --serial of at most 20 bytes",
+        // Config-space accesses come from the frontend, never from building a device.
+        ConfigError::ReadOnlyField { .. }
+        | ConfigError::BadWriteback(_)
+        | ConfigError::OutOfRange { .. } => "this is a bug; please report it",
+    }
 }

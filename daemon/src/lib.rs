@@ -4,11 +4,23 @@
 //! - [`cli`]: options and their validation.
 //! - [`socket`]: binding the vhost-user socket (live vs. stale).
 //! - [`server`]: the connection loop.
-//! - [`device`]: the `VhostUserBackend` implementation (features, config, events).
+//! - [`connection`]: what one connection shares between its frontend and worker threads.
+//! - [`device`]: the `VhostUserBackend` implementation (features, config, ring stops,
+//!   event dispatch).
+//! - [`completion_event`]: the eventfd through which a worker's io_uring wakes it.
 //! - [`worker`]: per-thread scheduler, kicks, completions, notifications.
 //! - [`poll_window`]: how long a worker polls after its last work.
 
+#![deny(
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks,
+    clippy::missing_safety_doc
+)]
+#![warn(missing_docs)]
+
 pub mod cli;
+pub mod completion_event;
+pub mod connection;
 pub mod device;
 pub mod error;
 pub mod poll_window;

@@ -10,9 +10,10 @@ use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use corodev_devices::backend::{BlockBackend, FileBackend, NullBackend};
-use corodev_devices::config::DeviceConfig;
+use corodev_devices::config::{DeviceConfig, DeviceParams};
 
-use corodev::cli::{BackendKind, Cli, CoroutineBackend};
+use corodev::cli::{BackendKind, Cli, CliError, CoroutineBackend};
+use corodev::connection::WorkerConfig;
 use corodev::error::Error;
 use corodev::server::{self, ServerConfig, Stop};
 
@@ -23,8 +24,12 @@ fn open_disk(cli: &Cli) -> Result<Arc<dyn BlockBackend>, Error> {
             std::time::Duration::from_micros(cli.null_latency_us),
         ))),
         (BackendKind::File, Some(path)) => {
-            let disk = FileBackend::open(path, cli.readonly, cli.direct)
-                .map_err(|e| Error::OpenDisk(path.clone(), e))?;
+            let disk = FileBackend::open(path, cli.readonly, cli.direct).map_err(|source| {
+                Error::OpenDisk {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
             let size = disk.size();
             if size == 0 {
                 return Err(Error::DiskEmpty(path.clone()));
@@ -38,31 +43,38 @@ fn open_disk(cli: &Cli) -> Result<Arc<dyn BlockBackend>, Error> {
             }
             Ok(Arc::new(disk))
         }
-        (BackendKind::File, None) => Err(Error::Vhost("--disk is required".into())),
+        (BackendKind::File, None) => Err(CliError::DiskRequired.into()),
     }
+}
+
+/// The device the options describe, validated against the disk: the one path from
+/// options to a device, so nothing is clamped or adjusted behind the user's back.
+fn device_config(cli: &Cli, disk: &dyn BlockBackend) -> Result<DeviceConfig, Error> {
+    let mut params = DeviceParams::for_backend(disk);
+    params.num_queues = cli.num_queues;
+    params.queue_size = cli.queue_size;
+    params.block_size = cli.block_size;
+    params.readonly |= cli.readonly;
+    params.serial = cli.serial.clone().into_bytes();
+    Ok(DeviceConfig::build(params)?)
 }
 
 fn run(cli: Cli) -> Result<(), Error> {
     let disk = open_disk(&cli)?;
-    let device = DeviceConfig::new(
-        &*disk,
-        cli.num_queues,
-        cli.queue_size,
-        cli.block_size,
-        cli.readonly,
-        &cli.serial,
-    );
+    let device = device_config(&cli, &*disk)?;
     let cfg = ServerConfig {
         socket: cli.socket.clone(),
         disk,
         device,
-        threads: usize::from(cli.worker_threads()),
-        coroutine_backend: match cli.coroutine_backend {
-            CoroutineBackend::Fast => coro::Backend::Fast,
-            CoroutineBackend::Ucontext => coro::Backend::Ucontext,
+        workers: WorkerConfig {
+            threads: usize::from(cli.worker_threads()),
+            coroutine_backend: match cli.coroutine_backend {
+                CoroutineBackend::Fast => coro::Backend::Fast,
+                CoroutineBackend::Ucontext => coro::Backend::Ucontext,
+            },
+            stack_size: usize::try_from(cli.stack_size).unwrap_or(coro::DEFAULT_STACK_SIZE),
+            poll: std::time::Duration::from_micros(cli.poll_us),
         },
-        stack_size: usize::try_from(cli.stack_size).unwrap_or(coro::DEFAULT_STACK_SIZE),
-        poll: std::time::Duration::from_micros(cli.poll_us),
         once: cli.once,
     };
     let stop = Arc::new(Stop::default());
@@ -73,8 +85,11 @@ fn run(cli: Cli) -> Result<(), Error> {
 /// SIGTERM/SIGINT: end the current connection gracefully (in-flight I/O completes), or,
 /// when idle in accept, remove the socket and exit at once.
 fn install_signal_handlers(stop: Arc<Stop>, socket: std::path::PathBuf) -> Result<(), Error> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
-        .map_err(|e| Error::Os("installing signal handlers", e))?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(|source| Error::Os {
+            what: "installing signal handlers",
+            source,
+        })?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -86,7 +101,10 @@ fn install_signal_handlers(stop: Arc<Stop>, socket: std::path::PathBuf) -> Resul
                 }
             }
         })
-        .map_err(|e| Error::Os("starting the signal thread", e))?;
+        .map_err(|source| Error::Os {
+            what: "starting the signal thread",
+            source,
+        })?;
     Ok(())
 }
 

@@ -7,19 +7,18 @@
 //! request outlives the memory it writes to. Then we accept the next connection on the same
 //! socket, unless `--once`.
 
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vmm_sys_util::epoll::EventSet;
 
 use corodev_devices::backend::BlockBackend;
 use corodev_devices::config::DeviceConfig;
 
-use crate::device::{completion_event_id, BlkDevice, Shared};
+use crate::connection::{Connection, WorkerConfig};
+use crate::device::BlkDevice;
 use crate::error::Error;
 
 /// What every connection is served with.
@@ -30,14 +29,8 @@ pub struct ServerConfig {
     pub disk: Arc<dyn BlockBackend>,
     /// Device parameters; each connection starts from its reset state.
     pub device: DeviceConfig,
-    /// Worker threads per connection.
-    pub threads: usize,
-    /// Coroutine switch backend.
-    pub coroutine_backend: coro::Backend,
-    /// Coroutine stack size in bytes.
-    pub stack_size: usize,
-    /// Busy-poll window after each event (zero disables polling).
-    pub poll: std::time::Duration,
+    /// How each connection's worker threads run.
+    pub workers: WorkerConfig,
     /// Serve a single connection.
     pub once: bool,
 }
@@ -79,34 +72,21 @@ pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
         cfg.socket.display(),
         cfg.disk.size(),
         cfg.device.num_queues(),
-        cfg.threads,
-        cfg.coroutine_backend,
+        cfg.workers.threads,
+        cfg.workers.coroutine_backend,
     );
     let mut connection = 0u64;
     while !stop.requested() {
         connection += 1;
-        let shared = Shared::new(
+        let conn = Arc::new(Connection::new(
             cfg.disk.clone(),
             cfg.device.reset(),
-            cfg.threads,
-            cfg.coroutine_backend,
-            cfg.stack_size,
-            cfg.poll,
-        )
-        .map_err(|e| Error::Os("creating completion eventfds", e))?;
-        let shared = Arc::new(shared);
-        let mem = shared.mem.clone();
-        let mut daemon = VhostUserDaemon::new("corodev".into(), BlkDevice(shared.clone()), mem)
-            .map_err(|e| Error::Vhost(e.to_string()))?;
-        let event = completion_event_id(usize::from(cfg.device.num_queues()));
-        for (t, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-            let fd = shared
-                .completion_eventfd(t)
-                .ok_or_else(|| Error::Vhost(format!("no completion eventfd for worker {t}")))?;
-            handler
-                .register_listener(fd.as_raw_fd(), EventSet::IN, event)
-                .map_err(|e| Error::Os("registering the completion eventfd", e))?;
-        }
+            cfg.workers,
+        )?);
+        let mem = conn.mem.clone();
+        let mut daemon = VhostUserDaemon::new("corodev".into(), BlkDevice(conn.clone()), mem)
+            .map_err(Error::Vhost)?;
+        conn.completions.register(&daemon)?;
         if let Err(e) = daemon.start(&mut listener) {
             log::error!("accepting connection {connection} failed: {e}");
             continue;

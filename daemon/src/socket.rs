@@ -14,6 +14,13 @@ use vhost::vhost_user::Listener;
 
 use crate::error::Error;
 
+fn socket_error(path: &Path, source: io::Error) -> Error {
+    Error::Socket {
+        path: path.to_owned(),
+        source,
+    }
+}
+
 /// Binds `path` for vhost-user, after checking it is not in use.
 pub fn bind(path: &Path) -> Result<Listener, Error> {
     match std::fs::symlink_metadata(path) {
@@ -24,12 +31,12 @@ pub fn bind(path: &Path) -> Result<Listener, Error> {
             Ok(_) => return Err(Error::SocketInUse(path.to_owned())),
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 log::info!("replacing stale socket {}", path.display());
-                std::fs::remove_file(path).map_err(|e| Error::Socket(path.to_owned(), e))?;
+                std::fs::remove_file(path).map_err(|e| socket_error(path, e))?;
             }
-            Err(e) => return Err(Error::Socket(path.to_owned(), e)),
+            Err(e) => return Err(socket_error(path, e)),
         },
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::Socket(path.to_owned(), e)),
+        Err(e) => return Err(socket_error(path, e)),
     }
     // Bind under a temporary name and rename into place, so the socket file appears only
     // once it accepts connections: a frontend (or a test, or systemd) that waits for the
@@ -40,10 +47,10 @@ pub fn bind(path: &Path) -> Result<Listener, Error> {
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(|e| Error::Socket(path.to_owned(), e))?;
+    let listener = UnixListener::bind(&tmp).map_err(|e| socket_error(path, e))?;
     if let Err(e) = std::fs::rename(&tmp, path) {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::Socket(path.to_owned(), e));
+        return Err(socket_error(path, e));
     }
     Ok(Listener::from(listener))
 }

@@ -29,7 +29,6 @@
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::num::Wrapping;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -41,7 +40,9 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::device::Shared;
+use corodev_devices::request::Used;
+
+use crate::connection::Connection;
 use crate::poll_window::PollWindow;
 
 /// Submission queue entries per worker ring: enough for a full 1024-deep queue per batch;
@@ -54,7 +55,7 @@ const RING_ENTRIES: u32 = 1024;
 /// vrings and the queue mapping are the same for the whole life of the thread (and of
 /// this worker), and each request's coroutine needs only a handle to it.
 pub struct Worker {
-    shared: Arc<Shared>,
+    conn: Arc<Connection>,
     sched: Scheduler,
     /// This thread's vrings, by local index.
     vrings: Vec<VringRwLock>,
@@ -74,42 +75,35 @@ thread_local! {
 }
 
 impl Worker {
-    /// This thread's worker, created on first use with the completion eventfd that was
-    /// registered for this thread in the epoll loop, and the thread's `vrings`.
+    /// This thread's worker, created on first use with the thread's `vrings` and an
+    /// io_uring that signals the thread's completion eventfd.
     pub fn get(
-        shared: &Arc<Shared>,
+        conn: &Arc<Connection>,
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<Rc<Worker>> {
         if let Some(w) = WORKER.with(|w| w.borrow().clone()) {
             return Ok(w);
         }
-        let efd = shared
-            .completion_eventfd(thread_id)
-            .ok_or_else(|| io::Error::other(format!("no eventfd for worker {thread_id}")))?;
-        let dup = efd.try_clone()?.into_raw_fd();
-        // SAFETY: `into_raw_fd` hands us sole ownership of the duplicated descriptor.
-        let dup = unsafe { OwnedFd::from_raw_fd(dup) };
-        let ring = Ring::with_eventfd(RING_ENTRIES, dup)?.submit_each(shared.disk.submit_each_io());
+        let efd = conn.completions.ring_fd(thread_id)?;
+        let ring =
+            Ring::with_eventfd(RING_ENTRIES, efd)?.submit_each(conn.blk.disk().submit_each_io());
         let builder = coro::Builder::new()
-            .backend(shared.coroutine_backend)
-            .stack_size(shared.stack_size);
+            .backend(conn.workers.coroutine_backend)
+            .stack_size(conn.workers.stack_size);
         let worker = Rc::new(Worker {
-            shared: shared.clone(),
+            conn: conn.clone(),
             sched: Scheduler::new(builder).with_ring(ring),
             vrings: vrings.to_vec(),
             queues: (0..vrings.len())
-                .map(|local| shared.global_queue(thread_id, local))
+                .map(|local| conn.global_queue(thread_id, local))
                 .collect(),
             published: RefCell::new(vec![0; vrings.len()]),
-            window: PollWindow::new(shared.poll),
+            window: PollWindow::new(conn.workers.poll),
             idle_since: Cell::new(None),
         });
         WORKER.with(|w| *w.borrow_mut() = Some(worker.clone()));
-        log::debug!(
-            "worker {thread_id} ready (completion eventfd {})",
-            efd.as_raw_fd()
-        );
+        log::debug!("worker {thread_id} ready");
         Ok(worker)
     }
 
@@ -124,10 +118,13 @@ impl Worker {
     /// Handles a kick on local vring `local`.
     pub fn on_kick(self: &Rc<Self>, local: usize) {
         if !matches!(self.queues.get(local), Some(Some(_))) {
-            corodev_devices::warn_ratelimited!("event for unknown source {local}");
+            self.conn
+                .blk
+                .log()
+                .warn(format_args!("event for unknown source {local}"));
         } else if let Some(queue) = self.serving(local) {
             // When polling follows, leave notifications off: the poll loop re-arms them.
-            self.start_requests(local, queue, self.shared.poll.is_zero());
+            self.start_requests(local, queue, self.conn.workers.poll.is_zero());
             self.run();
         }
         // Otherwise the queue is broken: kicks are ignored until it is restarted.
@@ -136,7 +133,7 @@ impl Worker {
     /// The global queue behind local vring `local`, unless it is not ours or is broken.
     fn serving(&self, local: usize) -> Option<usize> {
         let queue = (*self.queues.get(local)?)?;
-        (!self.shared.is_broken(queue)).then_some(queue)
+        (!self.conn.is_broken(queue)).then_some(queue)
     }
 
     /// Handles the completion eventfd: resumes the requests whose I/O finished.
@@ -156,29 +153,29 @@ impl Worker {
     /// `rearm`, guest notifications are re-enabled afterwards (re-checking for buffers
     /// added meanwhile); without, they stay off for the poll loop. Returns the count.
     fn start_requests(self: &Rc<Self>, local: usize, queue: usize, rearm: bool) -> usize {
-        let shared = &self.shared;
-        let mem: Arc<GuestMemoryMmap> = shared.mem.memory().into_inner();
+        let conn = &self.conn;
+        let mem: Arc<GuestMemoryMmap> = conn.mem.memory().into_inner();
         let chains = match pop_all(&self.vrings[local], &mem, rearm) {
             Ok(c) => c,
             Err(e) => {
-                shared.queue_broken(queue, &e);
+                conn.queue_broken(queue, &e);
                 return 0;
             }
         };
         let count = chains.len();
         // One atomic add per batch; `notify` subtracts as requests complete.
-        shared.in_flight[queue].fetch_add(count, Ordering::AcqRel);
+        conn.started(queue, count);
         for chain in chains {
             let head = chain.head_index();
             let (worker, mem) = (self.clone(), mem.clone());
             let spawned = self.sched.spawn(move || {
-                let (head, used) = worker.shared.serve(chain, mem);
-                worker.complete(local, head, used);
+                let used = worker.conn.blk.serve(chain, mem);
+                worker.complete(local, used);
             });
             if let Err(e) = spawned {
                 // Out of memory for a stack: give the buffer back rather than leak it.
                 log::error!("queue {queue}: cannot start a request coroutine: {e}");
-                self.complete(local, head, 0);
+                self.complete(local, Used { head, len: 0 });
             }
         }
         count
@@ -187,8 +184,8 @@ impl Worker {
     /// Polls this thread's vrings and io_uring while the poll window lasts after the last
     /// work, with guest notifications off; re-arms them before returning to epoll.
     pub fn poll(self: &Rc<Self>) {
-        let shared = &self.shared;
-        if shared.poll.is_zero() {
+        let conn = &self.conn;
+        if conn.workers.poll.is_zero() {
             // Notifications were re-armed when the chains were popped.
             return;
         }
@@ -200,7 +197,7 @@ impl Worker {
                 self.run();
                 work += 1;
             }
-            let mem = shared.mem.memory();
+            let mem = conn.mem.memory();
             for (local, vring) in self.vrings.iter().enumerate() {
                 if let Some(queue) = self.serving(local) {
                     if has_avail(vring, &mem) {
@@ -249,7 +246,8 @@ impl Worker {
 
     /// The one place a request leaves the device: its used element goes to the used ring
     /// now; [`notify`](Self::notify) settles the batch.
-    fn complete(&self, local: usize, head: u16, used: u32) {
+    fn complete(&self, local: usize, used: Used) {
+        let Used { head, len } = used;
         let mut published = self.published.borrow_mut();
         let (Some(vring), Some(Some(queue)), Some(count)) = (
             self.vrings.get(local),
@@ -260,10 +258,10 @@ impl Worker {
             return;
         };
         *count += 1;
-        if let Err(e) = vring.get_mut().add_used(head, used) {
-            corodev_devices::warn_ratelimited!(
+        if let Err(e) = vring.get_mut().add_used(head, len) {
+            self.conn.blk.log().warn(format_args!(
                 "queue {queue}: cannot add used element {head}: {e}"
-            );
+            ));
         }
     }
 
@@ -288,7 +286,7 @@ impl Worker {
             }
             // Only now: `stop_vring` may return (and the frontend tear the queue down) as
             // soon as this reaches zero, and the guest must have had its signal by then.
-            self.shared.in_flight[queue].fetch_sub(n, Ordering::AcqRel);
+            self.conn.finished(queue, n);
         }
     }
 }
@@ -301,7 +299,7 @@ fn has_avail(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
     if !queue.ready() {
         return false;
     }
-    match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+    match queue.avail_idx(mem, Ordering::Acquire) {
         Ok(idx) => idx != Wrapping(queue.next_avail()),
         Err(_) => false,
     }

@@ -1,13 +1,11 @@
-//! The virtio-blk request executor: runs one validated [`Request`] against a
-//! [`BlockBackend`] inside its coroutine, then completes it.
+//! The virtio-blk device model: one [`VirtioBlk`] per export owns what a request needs
+//! (the config space, the disk, the log for guest-caused trouble) and serves one
+//! descriptor chain at a time inside the chain's coroutine.
 //!
 //! Plain sequential code: the backend calls park the coroutine while their I/O is in
 //! flight, so the worker thread serves other requests meanwhile. Whatever happens, the
-//! request ends in exactly one [`Request::complete`] (the one place a status byte is
-//! written), and a backend error fails only this request, with IOERR.
-//!
-//! [`serve`] is the whole life of a descriptor chain (parse, execute or reject, complete)
-//! for the daemon's request coroutine.
+//! request ends in exactly one completion (the one place a status byte is written), and a
+//! backend error fails only this request, with IOERR.
 
 use std::io;
 use std::ops::Deref;
@@ -20,101 +18,127 @@ use vm_memory::GuestMemoryMmap;
 use crate::backend::BlockBackend;
 use crate::config::DeviceConfig;
 use crate::ratelimit::RateLimitedLog;
-use crate::request::{Op, Request, S_IOERR, S_OK};
+use crate::request::{Op, Rejected, Request, Used, S_IOERR, S_OK};
 
-/// Executes `request` on `backend` and completes it: writes the status byte and returns
-/// the used element `(head, used_len)`. With `writeback` false (the guest chose
-/// writethrough, or cannot flush) a write or write-zeroes is followed by a flush before it
-/// completes (virtio 1.2, 5.2.6.1). Must run inside a coroutine if the backend parks.
-pub fn execute<B: Bitmap + 'static>(
-    request: Request<B>,
-    backend: &dyn BlockBackend,
-    writeback: bool,
-) -> (u16, u32) {
-    match run(&request, backend, writeback) {
-        Ok(written) => request.complete(S_OK, written),
-        Err(e) => {
-            crate::warn_ratelimited!(
-                "request {} ({} at sector {}): {e}",
-                request.head(),
-                request.request_type(),
-                request.sector()
-            );
-            request.complete(S_IOERR, 0)
-        }
-    }
+/// A virtio-blk device: its config space, its storage, and the one rate-limited log
+/// through which every guest-triggerable message goes (a guest that makes every request
+/// fail must not flood the journal, whichever way its requests fail).
+pub struct VirtioBlk {
+    config: DeviceConfig,
+    disk: Arc<dyn BlockBackend>,
+    log: RateLimitedLog,
 }
 
-/// Serves one descriptor chain end to end: parses it against `mem` and `config`,
-/// executes it on `disk` (or rejects it, logging why through `log`), completes it.
-/// Returns the used element `(head, used_len)`. Must run inside a coroutine.
-pub fn serve<M, B>(
-    chain: DescriptorChain<M>,
-    mem: Arc<GuestMemoryMmap<B>>,
-    config: &DeviceConfig,
-    disk: &dyn BlockBackend,
-    log: &RateLimitedLog,
-) -> (u16, u32)
-where
-    M: Deref,
-    M::Target: vm_memory::GuestMemory,
-    B: Bitmap + 'static,
-{
-    match Request::parse(chain, mem, config) {
-        Ok(request) => execute(request, disk, config.writeback()),
-        Err(rejected) => {
-            log.warn(format_args!(
-                "request {}: rejected: {}{}",
-                rejected.head(),
-                rejected.error(),
-                if rejected.status_addr().is_some() {
-                    ""
-                } else {
-                    " (no status byte; completed with nothing written)"
+impl VirtioBlk {
+    /// A device exporting `disk` as described by `config`.
+    pub fn new(config: DeviceConfig, disk: Arc<dyn BlockBackend>) -> VirtioBlk {
+        VirtioBlk {
+            config,
+            disk,
+            log: RateLimitedLog::default(),
+        }
+    }
+
+    /// The config space and negotiated state.
+    pub fn config(&self) -> &DeviceConfig {
+        &self.config
+    }
+
+    /// The storage.
+    pub fn disk(&self) -> &Arc<dyn BlockBackend> {
+        &self.disk
+    }
+
+    /// The log for anything a guest can trigger (rejected requests, I/O errors, ring
+    /// faults found by the caller): rate-limited, shared by every queue of the device.
+    pub fn log(&self) -> &RateLimitedLog {
+        &self.log
+    }
+
+    /// Serves one descriptor chain end to end: parses it against `mem`, executes it (or
+    /// rejects it, logging why), completes it. Must run inside a coroutine: the backend
+    /// parks it while I/O is in flight.
+    pub fn serve<M, B>(&self, chain: DescriptorChain<M>, mem: Arc<GuestMemoryMmap<B>>) -> Used
+    where
+        M: Deref,
+        M::Target: vm_memory::GuestMemory,
+        B: Bitmap + 'static,
+    {
+        match Request::parse(chain, mem, &self.config) {
+            Ok(request) => self.execute(request),
+            Err(rejected) => self.reject(*rejected),
+        }
+    }
+
+    /// Executes a parsed `request` and completes it. Unless the guest chose writeback (and
+    /// negotiated FLUSH), a write or write-zeroes is flushed before it completes (virtio
+    /// 1.2, 5.2.6.1).
+    pub fn execute<B: Bitmap + 'static>(&self, request: Request<B>) -> Used {
+        match self.run(&request) {
+            Ok(written) => request.complete(S_OK, written),
+            Err(e) => {
+                self.log.warn(format_args!(
+                    "request {} ({} at sector {}): {e}",
+                    request.head(),
+                    request.request_type(),
+                    request.sector()
+                ));
+                request.complete(S_IOERR, 0)
+            }
+        }
+    }
+
+    /// Answers a request that failed validation with its error's status.
+    fn reject<B: Bitmap + 'static>(&self, rejected: Rejected<B>) -> Used {
+        self.log.warn(format_args!(
+            "request {}: rejected: {}{}",
+            rejected.head(),
+            rejected.error(),
+            if rejected.status_addr().is_some() {
+                ""
+            } else {
+                " (no status byte; completed with nothing written)"
+            }
+        ));
+        rejected.complete()
+    }
+
+    /// Does the I/O; returns the bytes written to the guest's data buffers.
+    fn run<B: Bitmap + 'static>(&self, request: &Request<B>) -> io::Result<u64> {
+        let disk = &*self.disk;
+        let writeback = self.config.writeback();
+        let bufs = request.buffers();
+        match request.op() {
+            Op::Read { offset } => {
+                disk.read_vectored(&bufs, *offset)?;
+                Ok(bufs.len())
+            }
+            Op::Write { offset } => {
+                disk.write_vectored(&bufs, *offset)?;
+                if !writeback {
+                    disk.flush()?;
                 }
-            ));
-            rejected.complete()
-        }
-    }
-}
-
-/// Does the I/O; returns the bytes written to the guest's data buffers.
-fn run<B: Bitmap + 'static>(
-    request: &Request<B>,
-    disk: &dyn BlockBackend,
-    writeback: bool,
-) -> io::Result<u64> {
-    let bufs = request.buffers();
-    match request.op() {
-        Op::Read { offset } => {
-            disk.read_vectored(&bufs, *offset)?;
-            Ok(bufs.len())
-        }
-        Op::Write { offset } => {
-            disk.write_vectored(&bufs, *offset)?;
-            if !writeback {
-                disk.flush()?;
+                Ok(0)
             }
-            Ok(0)
-        }
-        Op::Flush => disk.flush().map(|()| 0),
-        // Up to 20 bytes, zero-padded, so NUL-terminated unless the serial is exactly 20
-        // bytes; a shorter buffer gets what fits.
-        Op::GetId(id) => Ok(bufs.copy_from(id) as u64),
-        Op::Discard(segs) => {
-            for s in segs {
-                disk.discard(s.offset, s.len)?;
+            Op::Flush => disk.flush().map(|()| 0),
+            // Up to 20 bytes, zero-padded, so NUL-terminated unless the serial is exactly
+            // 20 bytes; a shorter buffer gets what fits.
+            Op::GetId(id) => Ok(bufs.copy_from(id) as u64),
+            Op::Discard(segs) => {
+                for s in segs {
+                    disk.discard(s.offset, s.len)?;
+                }
+                Ok(0)
             }
-            Ok(0)
-        }
-        Op::WriteZeroes(segs) => {
-            for s in segs {
-                disk.write_zeroes(s.offset, s.len, s.unmap)?;
+            Op::WriteZeroes(segs) => {
+                for s in segs {
+                    disk.write_zeroes(s.offset, s.len, s.unmap)?;
+                }
+                if !writeback {
+                    disk.flush()?;
+                }
+                Ok(0)
             }
-            if !writeback {
-                disk.flush()?;
-            }
-            Ok(0)
         }
     }
 }

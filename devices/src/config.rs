@@ -20,10 +20,6 @@ use vm_memory::{ByteValued, Le16, Le32, Le64};
 use crate::backend::{BlockBackend, Topology};
 use crate::SECTOR_SIZE;
 
-/// vhost-user's own feature bit (vhost-user spec, "Protocol features"): offered with the
-/// virtio bits so the frontend goes on to negotiate protocol features (CONFIG, MQ, ...).
-pub const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
-
 /// Largest single data segment we advertise (`size_max`): 1 MiB, as QEMU's vhost-user-blk
 /// server does; the guest splits larger buffers.
 pub const SIZE_MAX: u32 = 1 << 20;
@@ -35,6 +31,10 @@ pub const MAX_DISCARD_SEG: u32 = 32;
 pub const MAX_DISCARD_SECTORS: u32 = (1 << 30) / SECTOR_SIZE as u32;
 /// Bytes of the serial number GET_ID returns (`VIRTIO_BLK_ID_BYTES`).
 pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
+/// Smallest virtqueue size: a request needs a header and a status descriptor.
+pub const MIN_QUEUE_SIZE: u16 = 2;
+/// Largest virtqueue size the split ring allows (virtio 1.2, 2.7: "Queue Size ... 32768").
+pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// Largest logical block size a Linux guest accepts (it refuses `blk_size` above its page).
 pub const MAX_BLOCK_SIZE: u32 = 4096;
 
@@ -199,7 +199,7 @@ pub enum ConfigError {
         block_size: u32,
     },
     /// The queue size must be a power of two in 2..=32768 (virtio 1.2, 2.7).
-    #[error("queue size {0} is not a power of two between 2 and 32768")]
+    #[error("queue size {0} is not a power of two between {MIN_QUEUE_SIZE} and {MAX_QUEUE_SIZE}")]
     QueueSize(u16),
     /// At least one queue.
     #[error("the device needs at least one queue")]
@@ -265,7 +265,7 @@ impl DeviceParams {
                 block_size: bs,
             });
         }
-        if self.queue_size < 2 || !self.queue_size.is_power_of_two() {
+        if self.queue_size < MIN_QUEUE_SIZE || !self.queue_size.is_power_of_two() {
             return Err(ConfigError::QueueSize(self.queue_size));
         }
         if self.num_queues == 0 {
@@ -304,50 +304,6 @@ impl DeviceConfig {
             id,
             params,
         })))
-    }
-
-    /// Describes a device exporting `disk`, never failing: out-of-range values are
-    /// clamped (queue size and block size to the nearest valid value, the serial cut to 20
-    /// bytes, the capacity rounded down to whole blocks), each with a log line. Callers
-    /// that validated their input (the daemon's CLI does) get exactly what they asked
-    /// for; use [`build`](Self::build) to get an error instead.
-    pub fn new(
-        disk: &dyn BlockBackend,
-        num_queues: u16,
-        queue_size: u16,
-        block_size: u32,
-        readonly: bool,
-        serial: &str,
-    ) -> DeviceConfig {
-        let mut p = DeviceParams::for_backend(disk);
-        p.num_queues = num_queues.max(1);
-        p.queue_size = queue_size.clamp(2, 1 << 15).next_power_of_two();
-        let min_bs = p.topology.logical_block_size.max(SECTOR_SIZE as u32);
-        p.block_size = block_size
-            .clamp(min_bs, MAX_BLOCK_SIZE.max(min_bs))
-            .next_power_of_two();
-        if p.block_size != block_size {
-            log::warn!("block size {block_size} adjusted to {}", p.block_size);
-        }
-        p.capacity_sectors -= p.capacity_sectors % (u64::from(p.block_size) / SECTOR_SIZE);
-        p.readonly |= readonly;
-        p.serial = serial.as_bytes().iter().copied().take(ID_BYTES).collect();
-        // Only an impossible topology (a backend block above 4 KiB) fails here; serve it
-        // with the backend's block size rather than refuse.
-        match DeviceConfig::build(p.clone()) {
-            Ok(c) => c,
-            Err(e) => {
-                log::warn!("{e}; exporting it as is");
-                let mut id = [0u8; ID_BYTES];
-                id[..p.serial.len()].copy_from_slice(&p.serial);
-                DeviceConfig(Arc::new(Inner {
-                    writeback: AtomicBool::new(p.writeback),
-                    acked: AtomicU64::new(0),
-                    id,
-                    params: p,
-                }))
-            }
-        }
     }
 
     /// The same device in its reset state (initial writeback, nothing negotiated), for a
@@ -416,8 +372,8 @@ impl DeviceConfig {
         flush && self.0.writeback.load(Ordering::Acquire)
     }
 
-    /// The feature bits offered: virtio-blk's, the ring's, and vhost-user's
-    /// `VHOST_USER_F_PROTOCOL_FEATURES`.
+    /// The virtio feature bits offered: virtio-blk's and the ring's. Transport bits (such
+    /// as vhost-user's `VHOST_USER_F_PROTOCOL_FEATURES`) are the daemon's to add.
     ///
     /// A read-only device offers `RO` and neither `DISCARD` nor `WRITE_ZEROES`: the guest
     /// would only get IOERR for them, and without the bits its block layer never sends them.
@@ -425,7 +381,6 @@ impl DeviceConfig {
         let mut f = 1u64 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
-            | 1 << VHOST_USER_F_PROTOCOL_FEATURES
             | 1 << VIRTIO_BLK_F_SIZE_MAX
             | 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE
@@ -538,11 +493,6 @@ impl DeviceConfig {
             Ok(()) => buf,
             Err(_) => Vec::new(),
         }
-    }
-
-    /// Same as [`write_config`](Self::write_config).
-    pub fn write(&self, offset: u32, data: &[u8]) -> Result<(), ConfigError> {
-        self.write_config(offset, data)
     }
 
     /// The whole config space as bytes.
@@ -727,7 +677,6 @@ mod tests {
             VIRTIO_F_VERSION_1,
             VIRTIO_RING_F_EVENT_IDX,
             VIRTIO_RING_F_INDIRECT_DESC,
-            VHOST_USER_F_PROTOCOL_FEATURES,
             VIRTIO_BLK_F_SIZE_MAX,
             VIRTIO_BLK_F_SEG_MAX,
             VIRTIO_BLK_F_BLK_SIZE,
@@ -745,6 +694,8 @@ mod tests {
             VIRTIO_BLK_F_GEOMETRY,
             VIRTIO_BLK_F_SECURE_ERASE,
             VIRTIO_BLK_F_ZONED,
+            // VHOST_USER_F_PROTOCOL_FEATURES: a transport bit, the daemon adds it.
+            30,
         ] {
             assert_eq!(f & 1 << bit, 0, "bit {bit} not offered");
         }
@@ -877,16 +828,5 @@ mod tests {
             .err(),
             Some(ConfigError::SerialTooLong(21))
         );
-    }
-
-    #[test]
-    fn new_clamps_instead_of_failing() {
-        let disk = NullBackend::new((1 << 20) + 512, Duration::ZERO);
-        let c = DeviceConfig::new(&disk, 0, 100, 1000, false, "a-serial-longer-than-twenty");
-        assert_eq!(c.num_queues(), 1);
-        assert_eq!(c.queue_size(), 128);
-        assert_eq!(c.block_size(), 1024);
-        assert_eq!(c.capacity_sectors(), 2048, "rounded down to whole blocks");
-        assert_eq!(c.serial(), b"a-serial-longer-than");
     }
 }

@@ -3,16 +3,20 @@
 //! - [`config`]: the virtio-blk configuration space and feature bits the device offers.
 //! - [`request`]: turning an untrusted descriptor chain into a validated
 //!   [`request::Request`] whose data buffers are iovecs pointing straight into guest memory.
-//! - [`blk`]: running a request against a [`backend::BlockBackend`] inside a coroutine and
-//!   completing it.
+//! - [`blk`]: the device model, [`blk::VirtioBlk`]: serves one descriptor chain (parse,
+//!   execute on a [`backend::BlockBackend`] or reject, complete) inside its coroutine.
 //! - [`backend`]: storage (`file` through io_uring, `null`), as blocking-style calls that
 //!   park the calling coroutine.
 //! - [`ratelimit`]: logging that a guest cannot use to flood the host's journal.
 //!
 //! This crate knows nothing of vhost-user sockets or threads: the daemon hands it
-//! descriptor chains and runs [`blk::serve`] in a coroutine per request.
+//! descriptor chains and runs [`blk::VirtioBlk::serve`] in a coroutine per request.
 
-#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+#![deny(
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks,
+    clippy::missing_safety_doc
+)]
 #![warn(missing_docs)]
 
 pub mod backend;

@@ -3,8 +3,8 @@
 //! A guest can make every request fail, millions per second; each failure must not become
 //! a journal line. A [`RateLimitedLog`] lets a burst of lines through per window, counts
 //! what it drops, and reports that count ("N messages suppressed") before the first line
-//! of the next window. [`warn_ratelimited!`](crate::warn_ratelimited) gives each call site
-//! its own limiter, for code that has no logger handed to it.
+//! of the next window. Each device owns one ([`crate::blk::VirtioBlk::log`]), so every
+//! message a guest can trigger on it shares one budget.
 
 use std::fmt;
 use std::sync::{Mutex, PoisonError};
@@ -116,25 +116,6 @@ impl RateLimitedLog {
     }
 }
 
-/// `log::warn!` through a limiter private to this call site: [`DEFAULT_BURST`] lines per
-/// second, then a count of what was dropped. Evaluates to whether the line was logged.
-///
-/// ```
-/// for i in 0..1000 {
-///     corodev_devices::warn_ratelimited!("guest error {i}");
-/// }
-/// ```
-#[macro_export]
-macro_rules! warn_ratelimited {
-    ($($arg:tt)+) => {{
-        static LIMIT: $crate::ratelimit::RateLimitedLog = $crate::ratelimit::RateLimitedLog::new(
-            $crate::ratelimit::DEFAULT_BURST,
-            $crate::ratelimit::DEFAULT_WINDOW,
-        );
-        LIMIT.warn(::std::format_args!($($arg)+))
-    }};
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,17 +142,5 @@ mod tests {
         assert_eq!(log.admit(t1), Admit::Log { suppressed: 2 });
         assert_eq!(log.admit(t1), Admit::Log { suppressed: 0 }, "reported once");
         assert_eq!(log.admit(t1), Admit::Drop);
-    }
-
-    #[test]
-    fn macro_limits_per_call_site() {
-        let logged = (0..50)
-            .filter(|i| crate::warn_ratelimited!("site one {i}"))
-            .count();
-        assert_eq!(logged, DEFAULT_BURST as usize);
-        assert!(
-            crate::warn_ratelimited!("site two"),
-            "another site has its own budget"
-        );
     }
 }

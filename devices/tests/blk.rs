@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use corodev_devices::backend::{BlockBackend, GuestBuffers, NullBackend};
-use corodev_devices::blk::{execute, serve};
+use corodev_devices::blk::VirtioBlk;
 use corodev_devices::config::{DeviceConfig, DeviceParams};
-use corodev_devices::ratelimit::RateLimitedLog;
-use corodev_devices::request::{Request, S_IOERR, S_OK, S_UNSUPP};
+use corodev_devices::request::{Request, Used, S_IOERR, S_OK, S_UNSUPP};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::bitmap::{AtomicBitmap, Bitmap};
@@ -98,6 +98,21 @@ fn mem<B: vm_memory::bitmap::NewBitmap>() -> Arc<GuestMemoryMmap<B>> {
     )
 }
 
+/// Runs `r` on a device over `disk`; `writeback` is the guest's cache choice (without it
+/// every write is followed by a flush).
+fn execute<B: Bitmap + 'static, D: BlockBackend + 'static>(
+    r: Request<B>,
+    disk: &Arc<D>,
+    writeback: bool,
+) -> Used {
+    let cfg = config("");
+    if writeback {
+        cfg.ack_features(1 << VIRTIO_BLK_F_FLUSH);
+    }
+    assert_eq!(cfg.writeback(), writeback);
+    VirtioBlk::new(cfg, disk.clone()).execute(r)
+}
+
 fn config(serial: &str) -> DeviceConfig {
     DeviceConfig::build(DeviceParams {
         queue_size: 16,
@@ -133,7 +148,7 @@ fn status<B: Bitmap + 'static>(m: &GuestMemoryMmap<B>) -> u8 {
 #[test]
 fn read_fills_guest_buffers() {
     let m = mem::<()>();
-    let disk = Recorder::default();
+    let disk = Arc::new(Recorder::default());
     let r = request(
         &m,
         &config(""),
@@ -146,7 +161,11 @@ fn read_fills_guest_buffers() {
             desc(STATUS, 1, W),
         ],
     );
-    assert_eq!(execute(r, &disk, true), (0, 1025), "used: data + status");
+    assert_eq!(
+        execute(r, &disk, true),
+        Used { head: 0, len: 1025 },
+        "used: data + status"
+    );
     assert_eq!(status(&m), S_OK);
     assert_eq!(disk.calls(), vec![Call::Read(1024, 1024)]);
     let mut second = [0u8; 512];
@@ -164,7 +183,7 @@ fn write_hands_guest_bytes_to_the_backend() {
     let m = mem::<()>();
     m.write_slice(&[7u8; 512], GuestAddress(DATA))
         .expect("data");
-    let disk = Recorder::default();
+    let disk = Arc::new(Recorder::default());
     let r = request(
         &m,
         &config(""),
@@ -172,7 +191,11 @@ fn write_hands_guest_bytes_to_the_backend() {
         4,
         &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)],
     );
-    assert_eq!(execute(r, &disk, true), (0, 1), "used: status only");
+    assert_eq!(
+        execute(r, &disk, true),
+        Used { head: 0, len: 1 },
+        "used: status only"
+    );
     assert_eq!(status(&m), S_OK);
     assert_eq!(disk.calls(), vec![Call::Write(2048, vec![7; 512])]);
 }
@@ -180,7 +203,7 @@ fn write_hands_guest_bytes_to_the_backend() {
 #[test]
 fn writethrough_write_is_flushed_before_completion() {
     let m = mem::<()>();
-    let disk = Recorder::default();
+    let disk = Arc::new(Recorder::default());
     let r = request(
         &m,
         &config(""),
@@ -200,7 +223,7 @@ fn writethrough_write_zeroes_is_flushed() {
     let m = mem::<()>();
     m.write_slice(&seg(8, 2, 0), GuestAddress(DATA))
         .expect("segment");
-    let disk = Recorder::default();
+    let disk = Arc::new(Recorder::default());
     let r = request(
         &m,
         &config(""),
@@ -208,7 +231,7 @@ fn writethrough_write_zeroes_is_flushed() {
         0,
         &[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, W)],
     );
-    assert_eq!(execute(r, &disk, false), (0, 1));
+    assert_eq!(execute(r, &disk, false), Used { head: 0, len: 1 });
     assert_eq!(
         disk.calls(),
         vec![Call::WriteZeroes(4096, 1024, false), Call::Flush]
@@ -220,7 +243,7 @@ fn discard_segments_in_order() {
     let m = mem::<()>();
     let p: Vec<u8> = [seg(64, 8, 0), seg(8, 16, 0)].concat();
     m.write_slice(&p, GuestAddress(DATA)).expect("segments");
-    let disk = Recorder::default();
+    let disk = Arc::new(Recorder::default());
     let r = request(
         &m,
         &config(""),
@@ -228,7 +251,7 @@ fn discard_segments_in_order() {
         0,
         &[desc(HDR, 16, 0), desc(DATA, 32, 0), desc(STATUS, 1, W)],
     );
-    assert_eq!(execute(r, &disk, false), (0, 1));
+    assert_eq!(execute(r, &disk, false), Used { head: 0, len: 1 });
     assert_eq!(
         disk.calls(),
         vec![Call::Discard(64 * 512, 4096), Call::Discard(4096, 8192)],
@@ -239,7 +262,7 @@ fn discard_segments_in_order() {
 #[test]
 fn flush() {
     let m = mem::<()>();
-    let disk = Recorder::default();
+    let disk = Arc::new(Recorder::default());
     let r = request(
         &m,
         &config(""),
@@ -247,12 +270,12 @@ fn flush() {
         0,
         &[desc(HDR, 16, 0), desc(STATUS, 1, W)],
     );
-    assert_eq!(execute(r, &disk, true), (0, 1));
+    assert_eq!(execute(r, &disk, true), Used { head: 0, len: 1 });
     assert_eq!(status(&m), S_OK);
     assert_eq!(disk.calls(), vec![Call::Flush]);
 }
 
-fn get_id(serial: &str, buf_len: u32) -> (Vec<u8>, (u16, u32)) {
+fn get_id(serial: &str, buf_len: u32) -> (Vec<u8>, Used) {
     let m = mem::<()>();
     m.write_slice(&[0xaa; 64], GuestAddress(DATA))
         .expect("canary");
@@ -263,7 +286,7 @@ fn get_id(serial: &str, buf_len: u32) -> (Vec<u8>, (u16, u32)) {
         0,
         &[desc(HDR, 16, 0), desc(DATA, buf_len, W), desc(STATUS, 1, W)],
     );
-    let used = execute(r, &Recorder::default(), true);
+    let used = execute(r, &Arc::new(Recorder::default()), true);
     assert_eq!(status(&m), S_OK);
     let mut out = vec![0u8; 64];
     m.read_slice(&mut out, GuestAddress(DATA)).expect("read");
@@ -275,7 +298,7 @@ fn get_id_of_exactly_20_bytes_has_no_nul() {
     let (out, used) = get_id("ABCDEFGHIJKLMNOPQRST", 32);
     assert_eq!(&out[..20], b"ABCDEFGHIJKLMNOPQRST");
     assert_eq!(out[20], 0xaa, "nothing past 20 bytes");
-    assert_eq!(used, (0, 21));
+    assert_eq!(used, Used { head: 0, len: 21 });
 }
 
 #[test]
@@ -283,7 +306,7 @@ fn get_id_of_a_short_serial_is_nul_padded() {
     let (out, used) = get_id("abc", 20);
     assert_eq!(&out[..3], b"abc");
     assert!(out[3..20].iter().all(|&b| b == 0));
-    assert_eq!(used, (0, 21));
+    assert_eq!(used, Used { head: 0, len: 21 });
 }
 
 #[test]
@@ -291,22 +314,26 @@ fn get_id_into_a_short_buffer_writes_what_fits() {
     let (out, used) = get_id("ABCDEFGHIJKLMNOPQRST", 5);
     assert_eq!(&out[..5], b"ABCDE");
     assert_eq!(out[5], 0xaa);
-    assert_eq!(used, (0, 6));
+    assert_eq!(used, Used { head: 0, len: 6 });
 }
 
 #[test]
 fn backend_error_fails_only_that_request() {
     let m = mem::<()>();
-    let disk = Recorder::default();
+    let disk = Arc::new(Recorder::default());
     let cfg = config("");
     let read = [desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)];
     disk.fail_with(Some(io::ErrorKind::Other));
     let r = request(&m, &cfg, T_IN, 0, &read);
-    assert_eq!(execute(r, &disk, true), (0, 1), "no data reported written");
+    assert_eq!(
+        execute(r, &disk, true),
+        Used { head: 0, len: 1 },
+        "no data reported written"
+    );
     assert_eq!(status(&m), S_IOERR);
     disk.fail_with(None);
     let r = request(&m, &cfg, T_IN, 0, &read);
-    assert_eq!(execute(r, &disk, true), (0, 513));
+    assert_eq!(execute(r, &disk, true), Used { head: 0, len: 513 });
     assert_eq!(status(&m), S_OK);
 }
 
@@ -341,7 +368,10 @@ fn failed_writethrough_flush_is_ioerr() {
         0,
         &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)],
     );
-    assert_eq!(execute(r, &FlushFails, false), (0, 1));
+    assert_eq!(
+        execute(r, &Arc::new(FlushFails), false),
+        Used { head: 0, len: 1 }
+    );
     assert_eq!(status(&m), S_IOERR);
 }
 
@@ -356,9 +386,9 @@ fn serve_answers_a_rejected_request_with_its_status() {
     let chain = vq
         .build_desc_chain(&[desc(HDR, 16, 0), desc(STATUS, 1, W)])
         .expect("chain");
-    let disk = Recorder::default();
-    let log = RateLimitedLog::default();
-    assert_eq!(serve(chain, m.clone(), &config(""), &disk, &log), (0, 1));
+    let disk = Arc::new(Recorder::default());
+    let used = VirtioBlk::new(config(""), disk.clone()).serve(chain, m.clone());
+    assert_eq!(used, Used { head: 0, len: 1 });
     assert_eq!(status(&m), S_UNSUPP);
     assert!(disk.calls().is_empty(), "no I/O for a rejected request");
 }
@@ -371,9 +401,9 @@ fn serve_without_a_status_byte_writes_nothing() {
         .build_desc_chain(&[desc(HDR, 16, 0), desc(STATUS, 1, 0)])
         .expect("chain");
     m.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
-    let log = RateLimitedLog::default();
-    let used = serve(chain, m.clone(), &config(""), &Recorder::default(), &log);
-    assert_eq!(used, (0, 0));
+    let disk = Arc::new(Recorder::default());
+    let used = VirtioBlk::new(config(""), disk).serve(chain, m.clone());
+    assert_eq!(used, Used { head: 0, len: 0 });
     assert_eq!(status(&m), 0xff, "untouched");
 }
 
@@ -395,7 +425,7 @@ fn read_marks_written_guest_pages_dirty() {
         &[desc(HDR, 16, 0), desc(DATA, 8192, W), desc(STATUS, 1, W)],
     );
     assert!(!dirty(&m, DATA), "clean before the read completes");
-    execute(r, &Recorder::default(), true);
+    execute(r, &Arc::new(Recorder::default()), true);
     assert!(dirty(&m, DATA));
     assert!(dirty(&m, DATA + 4096), "every page of the buffer");
     assert!(dirty(&m, STATUS), "the status byte's page");
@@ -412,7 +442,7 @@ fn write_does_not_dirty_its_data_pages() {
         0,
         &[desc(HDR, 16, 0), desc(DATA, 4096, 0), desc(STATUS, 1, W)],
     );
-    execute(r, &Recorder::default(), true);
+    execute(r, &Arc::new(Recorder::default()), true);
     assert!(!dirty(&m, DATA), "the device only read it");
     assert!(dirty(&m, STATUS));
 }
@@ -425,7 +455,7 @@ fn null_backend_latency_parks_the_coroutine() {
     sched
         .spawn(move || {
             let m = mem::<()>();
-            let disk = NullBackend::new(SIZE, Duration::from_millis(20));
+            let disk = Arc::new(NullBackend::new(SIZE, Duration::from_millis(20)));
             m.write_slice(&[9u8; 512], GuestAddress(DATA))
                 .expect("data");
             let r = request(
@@ -446,6 +476,6 @@ fn null_backend_latency_parks_the_coroutine() {
         .expect("spawn");
     assert_eq!(sched.run_until_idle().expect("run"), 0);
     let (used, took) = done.get().expect("task finished");
-    assert_eq!(used, (0, 513));
+    assert_eq!(used, Used { head: 0, len: 513 });
     assert!(took >= Duration::from_millis(20), "slept {took:?}");
 }

@@ -285,9 +285,9 @@ fn write_zeroes_that_may_unmap() {
 /// straddles two memory regions, executed on a file in a coroutine.
 #[test]
 fn requests_through_guest_memory_to_a_file() {
-    use corodev_devices::blk::execute;
+    use corodev_devices::blk::VirtioBlk;
     use corodev_devices::config::{DeviceConfig, DeviceParams};
-    use corodev_devices::request::{Request, S_OK};
+    use corodev_devices::request::{Request, Used, S_OK};
     use std::sync::Arc;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -301,6 +301,8 @@ fn requests_through_guest_memory_to_a_file() {
         ..DeviceParams::for_backend(&disk)
     })
     .expect("valid");
+    assert!(!cfg.writeback(), "FLUSH not negotiated: writes are flushed");
+    let blk = VirtioBlk::new(cfg, Arc::new(disk));
     run_in_task(move || {
         let m = Arc::new(
             GuestMemoryMmap::<()>::from_ranges(&[
@@ -323,11 +325,11 @@ fn requests_through_guest_memory_to_a_file() {
                     d(0x3000, 1, 2),
                 ])
                 .expect("chain");
-            let req = Request::parse(chain, m.clone(), &cfg).unwrap_or_else(|r| {
+            let req = Request::parse(chain, m.clone(), blk.config()).unwrap_or_else(|r| {
                 panic!("rejected: {}", r.error());
             });
             assert_eq!(req.iovecs().len(), 2, "one iovec per region");
-            let used = execute(req, &disk, false);
+            let used = blk.execute(req);
             assert_eq!(
                 m.read_obj::<u8>(GuestAddress(0x3000)).expect("status"),
                 S_OK
@@ -337,10 +339,10 @@ fn requests_through_guest_memory_to_a_file() {
         let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 31 % 256) as u8).collect();
         m.write_slice(&pattern, GuestAddress(REGION - 4096))
             .expect("data");
-        assert_eq!(run(1, 0), (0, 1), "write");
+        assert_eq!(run(1, 0), Used { head: 0, len: 1 }, "write");
         m.write_slice(&[0u8; 8192], GuestAddress(REGION - 4096))
             .expect("clear");
-        assert_eq!(run(0, 2), (0, 8193), "read");
+        assert_eq!(run(0, 2), Used { head: 0, len: 8193 }, "read");
         let mut back = vec![0u8; 8192];
         m.read_slice(&mut back, GuestAddress(REGION - 4096))
             .expect("read back");

@@ -11,7 +11,7 @@ use common::*;
 use corodev_devices::backend::NullBackend;
 use corodev_devices::config::{DeviceConfig, DeviceParams, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
 use corodev_devices::request::{
-    Error, Op, Rejected, Request, RequestType, Segment, S_IOERR, S_UNSUPP,
+    Error, Op, Rejected, Request, RequestType, Segment, Used, S_IOERR, S_UNSUPP,
 };
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::{DescriptorTable, MockSplitQueue};
@@ -546,7 +546,14 @@ fn head_index_beyond_the_queue() {
         .expect("rejected");
     assert_eq!(rejected.error(), &Error::EmptyChain { head: QSIZE + 3 });
     assert_eq!(rejected.status_addr(), None);
-    assert_eq!(rejected.complete(), (QSIZE + 3, 0), "used length 0");
+    assert_eq!(
+        rejected.complete(),
+        Used {
+            head: QSIZE + 3,
+            len: 0
+        },
+        "used length 0"
+    );
 }
 
 #[test]
@@ -677,7 +684,11 @@ fn only_readable_descriptors() {
             len: 1
         }
     );
-    assert_eq!(rejected.complete(), (0, 0), "no status byte: used length 0");
+    assert_eq!(
+        rejected.complete(),
+        Used { head: 0, len: 0 },
+        "no status byte: used length 0"
+    );
 }
 
 #[test]
@@ -1095,7 +1106,11 @@ fn rejected_request_with_status_gets_it() {
     let rejected = parse_in(&m, &config(), &read_req(512))
         .err()
         .expect("rejected");
-    assert_eq!(rejected.complete(), (0, 1), "used length: the status byte");
+    assert_eq!(
+        rejected.complete(),
+        Used { head: 0, len: 1 },
+        "used length: the status byte"
+    );
     assert_eq!(
         m.read_obj::<u8>(GuestAddress(STATUS)).expect("status"),
         S_UNSUPP

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use corodev_devices::backend::NullBackend;
-use corodev_devices::config::DeviceConfig;
-use corodev_devices::ratelimit::RateLimitedLog;
+use corodev_devices::blk::VirtioBlk;
+use corodev_devices::config::{DeviceConfig, DeviceParams};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -38,11 +38,17 @@ fuzz_target!(|data: &[u8]| {
     q.set_avail_ring_address(Some(avail as u32), Some(0));
     q.set_used_ring_address(Some(used as u32), Some(0));
     q.set_ready(true);
-    let disk = NullBackend::new(1 << 20, Duration::ZERO);
+    let disk = Arc::new(NullBackend::new(1 << 20, Duration::ZERO));
     let block_size = if data.first().is_some_and(|b| b & 1 == 1) { 4096 } else { 512 };
-    let config = DeviceConfig::new(&disk, 1, QSIZE, block_size, false, "fuzz");
+    let config = DeviceConfig::build(DeviceParams {
+        queue_size: QSIZE,
+        block_size,
+        serial: b"fuzz".to_vec(),
+        ..DeviceParams::for_backend(&*disk)
+    })
+    .expect("valid device");
     config.ack_features(config.virtio_features());
-    let log = RateLimitedLog::default();
+    let blk = VirtioBlk::new(config, disk);
     let Ok(mut iter) = q.iter(mem.clone()) else { return };
     let Some(chain) = iter.next() else { return };
     let sched = coro::Scheduler::default();
@@ -51,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
         .spawn(move || {
             // Any outcome is fine; what must not happen is a panic or (under ASan) an access
             // outside the guest regions.
-            let _ = corodev_devices::blk::serve(chain, m, &config, &disk, &log);
+            let _ = blk.serve(chain, m);
         })
         .expect("spawn");
     sched.run().expect("run");

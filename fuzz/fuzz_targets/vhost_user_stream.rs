@@ -12,9 +12,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use corodev::connection::WorkerConfig;
 use corodev::server::{serve, ServerConfig, Stop};
 use corodev_devices::backend::NullBackend;
-use corodev_devices::config::DeviceConfig;
+use corodev_devices::config::{DeviceConfig, DeviceParams};
 use libfuzzer_sys::fuzz_target;
 
 fn server() -> &'static PathBuf {
@@ -23,15 +24,23 @@ fn server() -> &'static PathBuf {
         let dir = tempfile::tempdir().expect("tempdir").keep();
         let socket = dir.join("fuzz.sock");
         let disk = Arc::new(NullBackend::new(64 << 20, Duration::ZERO));
-        let device = DeviceConfig::new(&*disk, 2, 64, 512, false, "fuzz");
+        let device = DeviceConfig::build(DeviceParams {
+            num_queues: 2,
+            queue_size: 64,
+            serial: b"fuzz".to_vec(),
+            ..DeviceParams::for_backend(&*disk)
+        })
+        .expect("valid device");
         let cfg = ServerConfig {
             socket: socket.clone(),
             disk,
             device,
-            threads: 1,
-            coroutine_backend: coro::Backend::Fast,
-            stack_size: coro::DEFAULT_STACK_SIZE,
-            poll: Duration::ZERO,
+            workers: WorkerConfig {
+                threads: 1,
+                coroutine_backend: coro::Backend::Fast,
+                stack_size: coro::DEFAULT_STACK_SIZE,
+                poll: Duration::ZERO,
+            },
             once: false,
         };
         std::thread::spawn(move || serve(&cfg, &Stop::default()).expect("server"));
