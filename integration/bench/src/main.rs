@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blkio::Blkio;
 use clap::{Parser, ValueEnum};
+use corodev_units::parse_size;
 use hdrhistogram::Histogram;
 
 use crate::error::Error;
@@ -126,30 +127,6 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-}
-
-/// Parses `4096`, `4K`, `128K`, `1M`, `1G` (binary units, case-insensitive).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, suffix) = t.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size: use bytes, e.g. 4096, 4K or 1M"))?;
-    let shift = match suffix.to_ascii_uppercase().as_str() {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => {
-            return Err(format!(
-                "unknown suffix '{suffix}' in '{s}': use K, M, G or T"
-            ))
-        }
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
@@ -533,23 +510,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_take_binary_suffixes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("4K"), Ok(4096));
-        assert_eq!(parse_size("128k"), Ok(128 << 10));
-        assert_eq!(parse_size("1M"), Ok(1 << 20));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-    }
-
-    #[test]
-    fn bad_sizes_are_rejected() {
-        assert!(parse_size("4X").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("-4K").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
 
     #[test]
     fn queue_size_must_be_a_power_of_two() {
