@@ -149,11 +149,15 @@ fn overlapping_memory_regions_are_refused() {
     let mut server = Daemon::with_image(&[]);
     let mib = 1u64 << 20;
     // Control: the same exchange with a sane table is accepted.
-    send_mem_table(server.socket(), &[(0, 16 * mib, 0)]).expect("a valid table is accepted");
+    let region = |gpa, size, offset| MemRegion { gpa, size, offset };
+    send_mem_table(server.socket(), &[region(0, 16 * mib, 0)]).expect("a valid table is accepted");
     // Two regions claiming the same guest addresses [4M, 8M) and [6M, 10M).
     let r = send_mem_table(
         server.socket(),
-        &[(4 * mib, 4 * mib, 0), (6 * mib, 4 * mib, 4 * mib)],
+        &[
+            region(4 * mib, 4 * mib, 0),
+            region(6 * mib, 4 * mib, 4 * mib),
+        ],
     );
     assert!(r.is_err(), "an overlapping memory table must be refused");
     server.assert_alive();
