@@ -302,6 +302,17 @@ impl TestFrontend {
         }
     }
 
+    /// Writes `descs` at table slots 0, 1, ... (their `next` fields as given).
+    pub fn put_chain(&self, q: usize, descs: &[Desc]) {
+        let slots: Vec<(u16, Desc)> = descs
+            .iter()
+            .copied()
+            .enumerate()
+            .map(|(i, d)| (i as u16, d))
+            .collect();
+        self.put_descs(q, &slots);
+    }
+
     /// Publishes `head` in the avail ring and kicks.
     pub fn publish(&mut self, q: usize, head: u16) {
         let queue = &mut self.queues[q];
@@ -381,12 +392,7 @@ impl TestFrontend {
             flags: VIRTQ_DESC_F_WRITE,
             next: 0,
         });
-        let slots: Vec<(u16, Desc)> = descs
-            .into_iter()
-            .enumerate()
-            .map(|(i, d)| (i as u16, d))
-            .collect();
-        self.put_descs(q, &slots);
+        self.put_chain(q, &descs);
         self.publish(q, 0);
         status
     }

@@ -49,13 +49,18 @@ fn case(msgs: &[(u32, u32, Vec<u8>)]) {
         );
     }
     server.assert_alive();
+    next_connection_serves(&server, 9);
+    server.assert_alive();
+}
+
+/// A fresh connection to `server` writes and reads back a 4 KiB pattern (`seed`).
+fn next_connection_serves(server: &Daemon, seed: u64) {
     let mut fe = TestFrontend::connect(server.socket(), 1, 128).expect("next connection");
     assert!(
-        fe.verified_io(0, 0, &pattern(9, 4096)),
+        fe.verified_io(0, 0, &pattern(seed, 4096)),
         "log: {}",
         server.log_text()
     );
-    server.assert_alive();
 }
 
 fn u64b(v: u64) -> Vec<u8> {
@@ -161,10 +166,5 @@ fn overlapping_memory_regions_are_refused() {
     );
     assert!(r.is_err(), "an overlapping memory table must be refused");
     server.assert_alive();
-    let mut fe = TestFrontend::connect(server.socket(), 1, 128).expect("next connection");
-    assert!(
-        fe.verified_io(0, 0, &pattern(11, 4096)),
-        "log: {}",
-        server.log_text()
-    );
+    next_connection_serves(&server, 11);
 }

@@ -39,13 +39,7 @@ const W: u16 = VIRTQ_DESC_F_WRITE;
 
 /// Submits a chain at slots 0.. and returns (used element, status byte).
 fn submit(fe: &mut TestFrontend, descs: &[Desc]) -> (Option<Used>, u8) {
-    let slots: Vec<(u16, Desc)> = descs
-        .iter()
-        .copied()
-        .enumerate()
-        .map(|(i, d)| (i as u16, d))
-        .collect();
-    fe.put_descs(Q, &slots);
+    fe.put_chain(Q, descs);
     fe.publish(Q, 0);
     let used = fe.wait_used(Q, WAIT);
     (used, fe.mem.read(STATUS, 1)[0])
