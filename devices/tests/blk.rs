@@ -22,7 +22,6 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-const W: u16 = 2;
 const HDR: u64 = 0x2000;
 const STATUS: u64 = 0x3000;
 const DATA: u64 = 0x4000;
@@ -241,7 +240,7 @@ fn writethrough_write_zeroes_is_flushed() {
 #[test]
 fn discard_segments_in_order() {
     let m = mem::<()>();
-    let p: Vec<u8> = [seg(64, 8, 0), seg(8, 16, 0)].concat();
+    let p = segments(&[seg(64, 8, 0), seg(8, 16, 0)]);
     m.write_slice(&p, GuestAddress(DATA)).expect("segments");
     let disk = Arc::new(Recorder::default());
     let r = request(
@@ -378,9 +377,8 @@ fn failed_writethrough_flush_is_ioerr() {
 #[test]
 fn serve_answers_a_rejected_request_with_its_status() {
     let m = mem::<()>();
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&0x99u32.to_le_bytes());
-    m.write_slice(&h, GuestAddress(HDR)).expect("header");
+    m.write_slice(&header(0x99, 0, 0), GuestAddress(HDR))
+        .expect("header");
     m.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
     let vq = MockSplitQueue::new(&*m, 16);
     let chain = vq

@@ -313,10 +313,8 @@ fn requests_through_guest_memory_to_a_file() {
         );
         let d = |addr, len, flags| RawDescriptor::from(Descriptor::new(addr, len, flags, 0));
         let run = |kind: u32, data_flags: u16| {
-            let mut h = [0u8; 16];
-            h[0..4].copy_from_slice(&kind.to_le_bytes());
-            h[8..16].copy_from_slice(&100u64.to_le_bytes());
-            m.write_slice(&h, GuestAddress(0x2000)).expect("header");
+            m.write_slice(&corodev_testkit::header(kind, 0, 100), GuestAddress(0x2000))
+                .expect("header");
             let vq = MockSplitQueue::new(&*m, 16);
             let chain = vq
                 .build_desc_chain(&[

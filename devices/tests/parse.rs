@@ -18,9 +18,6 @@ use virtio_queue::mock::{DescriptorTable, MockSplitQueue};
 use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-const NEXT: u16 = 1; // VRING_DESC_F_NEXT
-const W: u16 = 2; // VRING_DESC_F_WRITE
-const INDIRECT: u16 = 4; // VRING_DESC_F_INDIRECT
 const HDR: u64 = 0x2000;
 const STATUS: u64 = 0x3000;
 const DATA: u64 = 0x4000;
@@ -149,7 +146,7 @@ fn parse_indirect(
 fn parse_segments_with(cfg: &DeviceConfig, kind: u32, segs: &[[u8; 16]]) -> Parsed {
     let m = mem();
     header_at(&m, HDR, kind, 0);
-    let bytes: Vec<u8> = segs.iter().flatten().copied().collect();
+    let bytes = segments(segs);
     m.write_slice(&bytes, GuestAddress(DATA)).expect("segments");
     parse_in(
         &m,

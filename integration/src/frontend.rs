@@ -18,20 +18,12 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
-pub const VIRTQ_DESC_F_NEXT: u16 = 1;
-pub const VIRTQ_DESC_F_WRITE: u16 = 2;
-pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
-
-pub const T_IN: u32 = 0;
-pub const T_OUT: u32 = 1;
-pub const T_FLUSH: u32 = 4;
-pub const T_GET_ID: u32 = 8;
-pub const T_DISCARD: u32 = 11;
-pub const T_WRITE_ZEROES: u32 = 13;
-
-pub const S_OK: u8 = 0;
-pub const S_IOERR: u8 = 1;
-pub const S_UNSUPP: u8 = 2;
+// The virtio-blk wire format, shared with corodev-devices' tests; re-exported so a test's
+// `use integration::frontend::*` has everything it needs to build requests.
+pub use corodev_testkit::{
+    header, segment, segments, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT,
+    T_WRITE_ZEROES, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+};
 
 const F_VERSION_1: u64 = 1 << 32;
 const F_INDIRECT_DESC: u64 = 1 << 28;
@@ -50,6 +42,7 @@ pub struct GuestMem {
 }
 
 impl GuestMem {
+    /// `size` bytes of zeroed, shared guest memory.
     pub fn new(size: usize) -> GuestMem {
         // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
         let fd = unsafe { libc::memfd_create(c"corodev-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
@@ -85,12 +78,14 @@ impl GuestMem {
         start
     }
 
+    /// Writes `data` at guest address `gpa`; panics (a test bug) outside the memory.
     pub fn write(&self, gpa: u64, data: &[u8]) {
         let start = self.check(gpa, data.len());
         // SAFETY: bounds checked above; the mapping lives as long as `self`.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(start), data.len()) };
     }
 
+    /// `len` bytes at guest address `gpa`; panics (a test bug) outside the memory.
     pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
         let start = self.check(gpa, len);
         let mut out = vec![0u8; len];
@@ -99,20 +94,24 @@ impl GuestMem {
         out
     }
 
+    /// A little-endian `u16` at `gpa` (ring indices and entries).
     pub fn write_u16(&self, gpa: u64, v: u16) {
         self.write(gpa, &v.to_le_bytes());
     }
 
+    /// The little-endian `u16` at `gpa`.
     pub fn read_u16(&self, gpa: u64) -> u16 {
         let b = self.read(gpa, 2);
         u16::from_le_bytes([b[0], b[1]])
     }
 
+    /// The little-endian `u32` at `gpa`.
     pub fn read_u32(&self, gpa: u64) -> u32 {
         let b = self.read(gpa, 4);
         u32::from_le_bytes([b[0], b[1], b[2], b[3]])
     }
 
+    /// Bytes of guest memory.
     pub fn size(&self) -> u64 {
         self.size as u64
     }
@@ -128,13 +127,18 @@ impl Drop for GuestMem {
 /// A descriptor as the driver writes it.
 #[derive(Clone, Copy, Debug)]
 pub struct Desc {
+    /// Guest address of the buffer.
     pub addr: u64,
+    /// Buffer length in bytes.
     pub len: u32,
+    /// `VIRTQ_DESC_F_*` bits.
     pub flags: u16,
+    /// Next descriptor's index, when `flags` has `VIRTQ_DESC_F_NEXT`.
     pub next: u16,
 }
 
 impl Desc {
+    /// `struct virtq_desc` as it sits in a descriptor table.
     pub fn bytes(&self) -> [u8; 16] {
         let mut b = [0u8; 16];
         b[0..8].copy_from_slice(&self.addr.to_le_bytes());
@@ -145,27 +149,60 @@ impl Desc {
     }
 }
 
+/// A used-ring element: which chain the backend completed and how many bytes it wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Used {
+    /// The head descriptor index of the completed chain.
+    pub id: u32,
+    /// Bytes the backend wrote into the chain's device-writable buffers.
+    pub len: u32,
+}
+
+/// One region of a memory table for [`send_mem_table`], backed by one shared memfd.
+#[derive(Clone, Copy, Debug)]
+pub struct MemRegion {
+    /// Guest physical address where the region starts.
+    pub gpa: u64,
+    /// Bytes in the region.
+    pub size: u64,
+    /// Offset of the region in the memfd.
+    pub offset: u64,
+}
+
 /// One split virtqueue laid out in guest memory.
 pub struct Queue {
+    /// Entries in the rings.
     pub size: u16,
+    /// Guest address of the descriptor table.
     pub desc: u64,
+    /// Guest address of the avail (driver) ring.
     pub avail: u64,
+    /// Guest address of the used (device) ring.
     pub used: u64,
+    /// Eventfd the frontend writes to kick the backend.
     pub kick: EventFd,
+    /// Eventfd the backend signals completions on.
     pub call: EventFd,
+    /// The avail index published so far.
     pub avail_idx: u16,
+    /// Used elements consumed so far.
     pub used_seen: u16,
 }
 
 /// Fixed guest memory layout: rings at 64 KiB steps from 0, data from 1 MiB.
 pub const DATA_BASE: u64 = 1 << 20;
+/// Bytes of guest memory a [`TestFrontend`] maps.
 pub const MEM_SIZE: usize = 16 << 20;
 
 /// A connected frontend with its queues started.
 pub struct TestFrontend {
+    /// The vhost-user connection.
     pub fe: Frontend,
+    /// Guest memory, shared with the backend.
     pub mem: GuestMem,
+    /// The started queues, by index.
     pub queues: Vec<Queue>,
+    /// The virtio features negotiated.
     pub features: u64,
 }
 
@@ -265,6 +302,17 @@ impl TestFrontend {
         }
     }
 
+    /// Writes `descs` at table slots 0, 1, ... (their `next` fields as given).
+    pub fn put_chain(&self, q: usize, descs: &[Desc]) {
+        let slots: Vec<(u16, Desc)> = descs
+            .iter()
+            .copied()
+            .enumerate()
+            .map(|(i, d)| (i as u16, d))
+            .collect();
+        self.put_descs(q, &slots);
+    }
+
     /// Publishes `head` in the avail ring and kicks.
     pub fn publish(&mut self, q: usize, head: u16) {
         let queue = &mut self.queues[q];
@@ -284,8 +332,8 @@ impl TestFrontend {
         queue.kick.write(1).expect("kick");
     }
 
-    /// Waits for the next used element: `(id, len)`, or None on timeout.
-    pub fn wait_used(&mut self, q: usize, timeout: Duration) -> Option<(u32, u32)> {
+    /// Waits for the next used element, or None on timeout.
+    pub fn wait_used(&mut self, q: usize, timeout: Duration) -> Option<Used> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let queue = &mut self.queues[q];
@@ -295,7 +343,7 @@ impl TestFrontend {
                 let id = self.mem.read_u32(queue.used + 4 + 8 * slot);
                 let len = self.mem.read_u32(queue.used + 8 + 8 * slot);
                 queue.used_seen = queue.used_seen.wrapping_add(1);
-                return Some((id, len));
+                return Some(Used { id, len });
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
@@ -317,10 +365,7 @@ impl TestFrontend {
     pub fn request(&mut self, q: usize, kind: u32, sector: u64, data: &[(u64, u32)]) -> u64 {
         let hdr = DATA_BASE - 4096;
         let status = DATA_BASE - 16;
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&kind.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        self.mem.write(hdr, &h);
+        self.mem.write(hdr, &header(kind, 0, sector));
         self.mem.write(status, &[0xff]);
         let data_flags = if kind == T_IN || kind == T_GET_ID {
             VIRTQ_DESC_F_WRITE
@@ -347,12 +392,7 @@ impl TestFrontend {
             flags: VIRTQ_DESC_F_WRITE,
             next: 0,
         });
-        let slots: Vec<(u16, Desc)> = descs
-            .into_iter()
-            .enumerate()
-            .map(|(i, d)| (i as u16, d))
-            .collect();
-        self.put_descs(q, &slots);
+        self.put_chain(q, &descs);
         self.publish(q, 0);
         status
     }
@@ -382,9 +422,9 @@ impl TestFrontend {
 }
 
 /// Negotiates features on a fresh connection and sends a memory table of `regions`
-/// (guest address, size, offset into one shared memfd); returns the backend's verdict
+/// (all in one shared memfd); returns the backend's verdict
 /// (REPLY_ACK makes it report failure rather than stay silent).
-pub fn send_mem_table(sock: &Path, regions: &[(u64, u64, u64)]) -> io::Result<()> {
+pub fn send_mem_table(sock: &Path, regions: &[MemRegion]) -> io::Result<()> {
     let err = |e: vhost::Error| io::Error::other(e.to_string());
     let mut fe = Frontend::from_stream(UnixStream::connect(sock)?, 1);
     let mem = GuestMem::new(MEM_SIZE);
@@ -398,11 +438,11 @@ pub fn send_mem_table(sock: &Path, regions: &[(u64, u64, u64)]) -> io::Result<()
     fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
     let infos: Vec<VhostUserMemoryRegionInfo> = regions
         .iter()
-        .map(|&(gpa, size, offset)| VhostUserMemoryRegionInfo {
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: mem.ptr as u64 + offset,
-            mmap_offset: offset,
+        .map(|r| VhostUserMemoryRegionInfo {
+            guest_phys_addr: r.gpa,
+            memory_size: r.size,
+            userspace_addr: mem.ptr as u64 + r.offset,
+            mmap_offset: r.offset,
             mmap_handle: mem.file.as_raw_fd(),
         })
         .collect();

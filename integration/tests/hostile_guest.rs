@@ -19,11 +19,9 @@ fn setup() -> (Daemon, TestFrontend) {
     (server, fe)
 }
 
-fn header(fe: &TestFrontend, kind: u32, sector: u64) {
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&kind.to_le_bytes());
-    h[8..16].copy_from_slice(&sector.to_le_bytes());
-    fe.mem.write(HDR, &h);
+/// Writes a request header at HDR and an unwritten-status marker (0xff) at STATUS.
+fn put_header(fe: &TestFrontend, kind: u32, sector: u64) {
+    fe.mem.write(HDR, &header(kind, 0, sector));
     fe.mem.write(STATUS, &[0xff]);
 }
 
@@ -40,14 +38,8 @@ const N: u16 = VIRTQ_DESC_F_NEXT;
 const W: u16 = VIRTQ_DESC_F_WRITE;
 
 /// Submits a chain at slots 0.. and returns (used element, status byte).
-fn submit(fe: &mut TestFrontend, descs: &[Desc]) -> (Option<(u32, u32)>, u8) {
-    let slots: Vec<(u16, Desc)> = descs
-        .iter()
-        .copied()
-        .enumerate()
-        .map(|(i, d)| (i as u16, d))
-        .collect();
-    fe.put_descs(Q, &slots);
+fn submit(fe: &mut TestFrontend, descs: &[Desc]) -> (Option<Used>, u8) {
+    fe.put_chain(Q, descs);
     fe.publish(Q, 0);
     let used = fe.wait_used(Q, WAIT);
     (used, fe.mem.read(STATUS, 1)[0])
@@ -66,7 +58,7 @@ fn still_serves(server: &mut Daemon, fe: &mut TestFrontend) {
 
 fn expect_status(descs: &[Desc], kind: u32, sector: u64, want: u8) {
     let (mut server, mut fe) = setup();
-    header(&fe, kind, sector);
+    put_header(&fe, kind, sector);
     let (used, status) = submit(&mut fe, descs);
     assert!(
         used.is_some(),
@@ -87,7 +79,7 @@ fn good_read_write_flush_and_split_header() {
     still_serves(&mut server, &mut fe);
     assert_eq!(fe.run(Q, T_FLUSH, 0, &[]), S_OK);
     // A header split over two descriptors (8 + 8 bytes) is legal.
-    header(&fe, T_IN, 8);
+    put_header(&fe, T_IN, 8);
     let (used, status) = submit(
         &mut fe,
         &[
@@ -98,7 +90,11 @@ fn good_read_write_flush_and_split_header() {
         ],
     );
     assert_eq!(status, S_OK);
-    assert_eq!(used.map(|u| u.1), Some(4097), "used length = data + status");
+    assert_eq!(
+        used.map(|u| u.len),
+        Some(4097),
+        "used length = data + status"
+    );
     assert_eq!(fe.mem.read(BUF, 4096), pattern(42, 8192)[..4096].to_vec());
 }
 
@@ -138,9 +134,13 @@ fn header_shorter_than_16_bytes() {
 #[test]
 fn no_status_descriptor() {
     let (mut server, mut fe) = setup();
-    header(&fe, T_OUT, 0);
+    put_header(&fe, T_OUT, 0);
     let (used, status) = submit(&mut fe, &[d(HDR, 16, N, 1), d(BUF, 4096, 0, 0)]);
-    assert_eq!(used.map(|u| u.1), Some(0), "completed with nothing written");
+    assert_eq!(
+        used.map(|u| u.len),
+        Some(0),
+        "completed with nothing written"
+    );
     assert_eq!(status, 0xff);
     still_serves(&mut server, &mut fe);
 }
@@ -148,12 +148,12 @@ fn no_status_descriptor() {
 #[test]
 fn device_readable_status_descriptor() {
     let (mut server, mut fe) = setup();
-    header(&fe, T_IN, 0);
+    put_header(&fe, T_IN, 0);
     let (used, status) = submit(
         &mut fe,
         &[d(HDR, 16, N, 1), d(BUF, 512, W | N, 2), d(STATUS, 1, 0, 0)],
     );
-    assert_eq!(used.map(|u| u.1), Some(0));
+    assert_eq!(used.map(|u| u.len), Some(0));
     assert_eq!(
         status, 0xff,
         "a read-only status descriptor must not be written"
@@ -225,7 +225,7 @@ fn unknown_request_type() {
 fn get_id_short_buffer_gets_what_fits() {
     let (mut server, mut fe) = setup();
     fe.mem.write(BUF, &[0u8; 20]);
-    header(&fe, T_GET_ID, 0);
+    put_header(&fe, T_GET_ID, 0);
     let (used, status) = submit(
         &mut fe,
         &[d(HDR, 16, N, 1), d(BUF, 7, W | N, 2), d(STATUS, 1, W, 0)],
@@ -240,19 +240,11 @@ fn get_id_short_buffer_gets_what_fits() {
     still_serves(&mut server, &mut fe);
 }
 
-fn segment(sector: u64, num: u32, flags: u32) -> [u8; 16] {
-    let mut s = [0u8; 16];
-    s[0..8].copy_from_slice(&sector.to_le_bytes());
-    s[8..12].copy_from_slice(&num.to_le_bytes());
-    s[12..16].copy_from_slice(&flags.to_le_bytes());
-    s
-}
-
 fn segments_case(kind: u32, segs: &[[u8; 16]], want: u8) {
     let (mut server, mut fe) = setup();
-    let bytes: Vec<u8> = segs.iter().flatten().copied().collect();
+    let bytes = segments(segs);
     fe.mem.write(BUF, &bytes);
-    header(&fe, kind, 0);
+    put_header(&fe, kind, 0);
     let (used, status) = submit(
         &mut fe,
         &[
@@ -294,9 +286,9 @@ fn write_zeroes_multiple_segments_zero_data() {
     let (mut server, mut fe) = setup();
     assert!(fe.verified_io(Q, 0, &pattern(7, 16384)));
     let segs = [segment(0, 8, 0), segment(16, 8, 1)];
-    let bytes: Vec<u8> = segs.iter().flatten().copied().collect();
+    let bytes = segments(&segs);
     fe.mem.write(BUF, &bytes);
-    header(&fe, T_WRITE_ZEROES, 0);
+    put_header(&fe, T_WRITE_ZEROES, 0);
     let (_, status) = submit(
         &mut fe,
         &[d(HDR, 16, N, 1), d(BUF, 32, N, 2), d(STATUS, 1, W, 0)],
@@ -316,7 +308,7 @@ fn write_zeroes_multiple_segments_zero_data() {
 #[test]
 fn descriptor_next_loop() {
     let (mut server, mut fe) = setup();
-    header(&fe, T_IN, 0);
+    put_header(&fe, T_IN, 0);
     // 0 -> 1 -> 2 -> 1 -> 2 ...: never reaches a status descriptor.
     let (used, _) = submit(
         &mut fe,
@@ -333,7 +325,7 @@ fn descriptor_next_loop() {
 #[test]
 fn indirect_table_loops() {
     let (mut server, mut fe) = setup();
-    header(&fe, T_IN, 0);
+    put_header(&fe, T_IN, 0);
     let table = BUF + (2 << 20);
     let entries = [d(HDR, 16, N, 1), d(BUF, 512, W | N, 0)];
     for (i, e) in entries.iter().enumerate() {
@@ -347,7 +339,7 @@ fn indirect_table_loops() {
 #[test]
 fn indirect_table_nested() {
     let (mut server, mut fe) = setup();
-    header(&fe, T_IN, 0);
+    put_header(&fe, T_IN, 0);
     let table = BUF + (2 << 20);
     fe.mem
         .write(table, &d(table, 16, VIRTQ_DESC_F_INDIRECT, 0).bytes());
@@ -359,7 +351,7 @@ fn indirect_table_nested() {
 #[test]
 fn indirect_table_bad_length() {
     let (mut server, mut fe) = setup();
-    header(&fe, T_IN, 0);
+    put_header(&fe, T_IN, 0);
     let (used, _) = submit(&mut fe, &[d(BUF + (2 << 20), 20, VIRTQ_DESC_F_INDIRECT, 0)]);
     assert!(used.is_some());
     still_serves(&mut server, &mut fe);
@@ -368,7 +360,7 @@ fn indirect_table_bad_length() {
 #[test]
 fn indirect_table_outside_memory() {
     let (mut server, mut fe) = setup();
-    header(&fe, T_IN, 0);
+    put_header(&fe, T_IN, 0);
     let (used, _) = submit(
         &mut fe,
         &[d(MEM_SIZE as u64 - 16, 64, VIRTQ_DESC_F_INDIRECT, 0)],
@@ -381,7 +373,7 @@ fn indirect_table_outside_memory() {
 fn good_indirect_request() {
     let (mut server, mut fe) = setup();
     assert!(fe.verified_io(Q, 0, &pattern(3, 4096)));
-    header(&fe, T_IN, 0);
+    put_header(&fe, T_IN, 0);
     let table = BUF + (2 << 20);
     let out = BUF + (3 << 20);
     let entries = [d(HDR, 16, N, 1), d(out, 4096, W | N, 2), d(STATUS, 1, W, 0)];
@@ -398,7 +390,7 @@ fn good_indirect_request() {
 #[test]
 fn head_index_beyond_queue_size() {
     let (mut server, mut fe) = setup();
-    header(&fe, T_IN, 0);
+    put_header(&fe, T_IN, 0);
     fe.put_descs(Q, &[(0, d(HDR, 16, N, 1)), (1, d(STATUS, 1, W, 0))]);
     fe.publish(Q, 500);
     // Nothing can be completed for a head that does not exist; the daemon must survive.

@@ -27,10 +27,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blkio::Blkio;
 use clap::{Parser, ValueEnum};
+use corodev_units::parse_size;
 use hdrhistogram::Histogram;
 
 use crate::error::Error;
-use crate::worker::{Order, Plan, SlotBufs, Stop, Worker};
+use crate::worker::{IoFailure, Order, Plan, SlotBufs, Stop, Worker};
 
 /// libblkio places each read or write in this many descriptors (header, data, status) and
 /// never uses indirect descriptors, so a queue of N descriptors holds N / 3 requests.
@@ -128,30 +129,6 @@ struct Args {
     json: bool,
 }
 
-/// Parses `4096`, `4K`, `128K`, `1M`, `1G` (binary units, case-insensitive).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, suffix) = t.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size: use bytes, e.g. 4096, 4K or 1M"))?;
-    let shift = match suffix.to_ascii_uppercase().as_str() {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => {
-            return Err(format!(
-                "unknown suffix '{suffix}' in '{s}': use K, M, G or T"
-            ))
-        }
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("'{s}' is too large"))
-}
-
 fn parse_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v < 1e9 => Ok(v),
@@ -216,7 +193,47 @@ struct Report {
     mismatches: u64,
 }
 
+/// Connects, plans, runs the phases and reports: each step is one function below, in the
+/// order it happens.
 fn run(args: &Args) -> Result<Report, Error> {
+    let Connected {
+        blkio: mut b,
+        queue_size,
+    } = connect(args)?;
+    let layout = plan(args, &b)?;
+    let mut workers = start_workers(&mut b, args, &layout)?;
+
+    let mix = Mix::of(args);
+    let fill_seconds = fill_phase(&mut workers, args, &mix)?;
+    let results = timed_phase(&mut workers, args, &mix)?;
+    let readback = readback_phase(&mut workers, args)?;
+    let totals = totals(&results, &workers, readback.io_errors)?;
+    // The buffers must go before the driver: the workers own the queues that use them.
+    drop(workers);
+    drop(b);
+
+    Ok(report(
+        args,
+        &Measured {
+            queue_size,
+            blocks: layout.blocks,
+            read_pct: mix.read_pct,
+            totals,
+            fill_seconds,
+            readback_seconds: readback.seconds,
+        },
+    ))
+}
+
+/// A connected driver with its queues configured, not yet started.
+struct Connected {
+    blkio: Blkio,
+    /// The virtqueue size in effect (`--queue-size` or libblkio's default).
+    queue_size: u32,
+}
+
+/// Connects to `--socket` and configures `--queues` queues big enough for `--iodepth`.
+fn connect(args: &Args) -> Result<Connected, Error> {
     let mut b = Blkio::new("virtio-blk-vhost-user").map_err(Error::Driver)?;
     prop("path", b.set_str("path", &args.socket))?;
     b.connect().map_err(|source| Error::Connect {
@@ -245,7 +262,23 @@ fn run(args: &Args) -> Result<Report, Error> {
             suggested: needed.next_power_of_two(),
         });
     }
+    Ok(Connected {
+        blkio: b,
+        queue_size,
+    })
+}
 
+/// The part of the device the run covers.
+struct Layout {
+    /// `--bs` blocks in `--size` (or the capacity).
+    blocks: u64,
+    /// Blocks each queue works on: queue i owns `[i * per_queue, (i + 1) * per_queue)`.
+    per_queue: u64,
+}
+
+/// Checks `--bs` and `--size` against what the device reports and splits its blocks
+/// between the queues.
+fn plan(args: &Args, b: &Blkio) -> Result<Layout, Error> {
     let capacity = prop("capacity", b.get_u64("capacity"))?;
     let block_size = prop("request-alignment", b.get_i32("request-alignment"))?.max(1) as u64;
     if args.bs == 0 || args.bs % block_size != 0 {
@@ -281,7 +314,11 @@ fn run(args: &Args) -> Result<Report, Error> {
             max: MAX_VERIFY_BLOCKS,
         });
     }
+    Ok(Layout { blocks, per_queue })
+}
 
+/// Starts the driver, maps one buffer region for all queues and makes one worker per queue.
+fn start_workers(b: &mut Blkio, args: &Args, layout: &Layout) -> Result<Vec<Worker>, Error> {
     let outcome = b.start().map_err(Error::Start)?;
     if outcome.queues.len() != args.queues as usize {
         return Err(Error::QueueCount {
@@ -320,7 +357,8 @@ fn run(args: &Args) -> Result<Report, Error> {
     })?;
 
     let run = args.verify.then(run_id);
-    let mut workers: Vec<Worker> = outcome
+    let per_queue = layout.per_queue;
+    Ok(outcome
         .queues
         .into_iter()
         .enumerate()
@@ -333,26 +371,43 @@ fn run(args: &Args) -> Result<Report, Error> {
                 unsafe { SlotBufs::new(base.add(i * queue_len), slot_len, args.iodepth as usize) };
             Worker::new(i, q, bufs, (i as u64 * per_queue, per_queue), args.bs, run)
         })
-        .collect();
+        .collect())
+}
 
-    let (order, read_pct) = match args.rw {
-        Rw::Read => (Order::Sequential, 100),
-        Rw::Write => (Order::Sequential, 0),
-        Rw::Randread => (Order::Random, 100),
-        Rw::Randwrite => (Order::Random, 0),
-        Rw::Mixed => (Order::Random, args.mix_read.unwrap_or(70)),
-    };
+/// The timed phase's workload: `--rw` (and `--mix-read`) as an order and a read share.
+struct Mix {
+    order: Order,
+    /// Percentage of requests that read.
+    read_pct: u8,
+}
+
+impl Mix {
+    fn of(args: &Args) -> Mix {
+        let (order, read_pct) = match args.rw {
+            Rw::Read => (Order::Sequential, 100),
+            Rw::Write => (Order::Sequential, 0),
+            Rw::Randread => (Order::Random, 100),
+            Rw::Randwrite => (Order::Random, 0),
+            Rw::Mixed => (Order::Random, args.mix_read.unwrap_or(70)),
+        };
+        Mix { order, read_pct }
+    }
+}
+
+/// `--verify`'s fill, when the workload reads: writes the pattern over every block so the
+/// timed reads have something to check. Returns its seconds (0 when skipped).
+fn fill_phase(workers: &mut [Worker], args: &Args, mix: &Mix) -> Result<f64, Error> {
     let mut fill_seconds = 0.0;
-    if args.verify && read_pct > 0 {
+    if args.verify && mix.read_pct > 0 {
         let t = Instant::now();
-        let fill = phase(&mut workers, |w| Plan {
+        let fill = phase(workers, |w| Plan {
             order: Order::Sequential,
             read_pct: 0,
             stop: Stop::After(w.blocks()),
             known_only: false,
         })?;
         fill_seconds = t.elapsed().as_secs_f64();
-        if let Some((_, offset, ret)) = fill.iter().find_map(|r| r.first_io_error) {
+        if let Some(IoFailure { offset, ret, .. }) = fill.iter().find_map(|r| r.first_io_error) {
             let errors: u64 = fill.iter().map(|r| r.io_errors).sum();
             eprintln!(
                 "corodev-bench: verify fill: {errors} write(s) failed, first at byte {offset} (errno {})",
@@ -360,37 +415,80 @@ fn run(args: &Args) -> Result<Report, Error> {
             );
         }
     }
+    Ok(fill_seconds)
+}
 
+/// The measured phase: `mix` until `--runtime` passes or `--ios` are done (split across
+/// the queues, the first `ios % queues` queues doing one more).
+fn timed_phase(
+    workers: &mut [Worker],
+    args: &Args,
+    mix: &Mix,
+) -> Result<Vec<worker::PhaseResult>, Error> {
     let queues = u64::from(args.queues);
     let deadline = Instant::now() + Duration::from_secs_f64(args.runtime.unwrap_or(5.0));
-    let results = phase(&mut workers, |w| Plan {
-        order,
-        read_pct,
+    phase(workers, |w| Plan {
+        order: mix.order,
+        read_pct: mix.read_pct,
         stop: match args.ios {
             Some(n) => Stop::After(n / queues + u64::from((w.index as u64) < n % queues)),
             None => Stop::At(deadline),
         },
         known_only: false,
-    })?;
+    })
+}
 
-    let mut readback_seconds = 0.0;
-    let mut readback_errors = 0;
+/// What `--verify`'s read-back took and how many of its reads failed.
+struct ReadBack {
+    seconds: f64,
+    io_errors: u64,
+}
+
+/// `--verify`'s read-back: reads (and so checks) every block whose contents are known.
+fn readback_phase(workers: &mut [Worker], args: &Args) -> Result<ReadBack, Error> {
+    let mut readback = ReadBack {
+        seconds: 0.0,
+        io_errors: 0,
+    };
     if args.verify {
         let t = Instant::now();
-        let rb = phase(&mut workers, |w| Plan {
+        let rb = phase(workers, |w| Plan {
             order: Order::Sequential,
             read_pct: 100,
             stop: Stop::After(w.known_blocks()),
             known_only: true,
         })?;
-        readback_seconds = t.elapsed().as_secs_f64();
-        readback_errors = rb.iter().map(|r| r.io_errors).sum();
+        readback.seconds = t.elapsed().as_secs_f64();
+        readback.io_errors = rb.iter().map(|r| r.io_errors).sum();
     }
+    Ok(readback)
+}
 
+/// The timed phase summed over the queues, with the verify results of the whole run.
+struct Totals {
+    ios: u64,
+    /// Failed requests of the timed phase and the read-back.
+    io_errors: u64,
+    /// From the first queue's start to the last queue's finish.
+    seconds: f64,
+    /// Latencies of every queue, in ns.
+    hist: Histogram<u64>,
+    /// Reads whose data was checked.
+    checked: u64,
+    mismatches: u64,
+}
+
+/// Sums the timed phase's results and the workers' verify results; prints each verify
+/// mismatch and the first I/O error on stderr.
+fn totals(
+    results: &[worker::PhaseResult],
+    workers: &[Worker],
+    readback_errors: u64,
+) -> Result<Totals, Error> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     let (mut ios, mut io_errors) = (0u64, readback_errors);
     let mut first_error = None;
-    for r in &results {
+    for r in results {
         ios += r.ios;
         io_errors += r.io_errors;
         first_error = first_error.or(r.first_io_error);
@@ -403,7 +501,7 @@ fn run(args: &Args) -> Result<Report, Error> {
         _ => 0.0,
     };
     let (mut checked, mut mismatches) = (0u64, 0u64);
-    for w in &workers {
+    for w in workers {
         if let Some(v) = w.verify_result() {
             checked += v.checked;
             mismatches += v.mismatches;
@@ -412,17 +510,50 @@ fn run(args: &Args) -> Result<Report, Error> {
             }
         }
     }
-    if let Some((is_read, offset, ret)) = first_error {
+    if let Some(IoFailure {
+        is_read,
+        offset,
+        ret,
+    }) = first_error
+    {
         eprintln!(
             "corodev-bench: first I/O error: {} at byte {offset} failed with errno {}",
             if is_read { "read" } else { "write" },
             -ret
         );
     }
-    // The buffers must go before the driver: the workers own the queues that use them.
-    drop(workers);
-    drop(b);
+    Ok(Totals {
+        ios,
+        io_errors,
+        seconds,
+        hist,
+        checked,
+        mismatches,
+    })
+}
 
+/// Everything the report shows.
+struct Measured {
+    queue_size: u32,
+    blocks: u64,
+    read_pct: u8,
+    totals: Totals,
+    fill_seconds: f64,
+    readback_seconds: f64,
+}
+
+/// The report as one JSON object and as text (same numbers).
+fn report(args: &Args, m: &Measured) -> Report {
+    let Totals {
+        ios,
+        io_errors,
+        seconds,
+        ref hist,
+        checked,
+        mismatches,
+    } = m.totals;
+    let (queue_size, blocks, read_pct) = (m.queue_size, m.blocks, m.read_pct);
+    let (fill_seconds, readback_seconds) = (m.fill_seconds, m.readback_seconds);
     let iops = if seconds > 0.0 {
         ios as f64 / seconds
     } else {
@@ -473,12 +604,12 @@ fn run(args: &Args) -> Result<Report, Error> {
              (fill {fill_seconds:.1} s, read-back {readback_seconds:.1} s)"
         );
     }
-    Ok(Report {
+    Report {
         json,
         text,
         io_errors,
         mismatches,
-    })
+    }
 }
 
 /// Clap's message on one line: its first paragraph (which names the offending argument),
@@ -533,23 +664,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_take_binary_suffixes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("4K"), Ok(4096));
-        assert_eq!(parse_size("128k"), Ok(128 << 10));
-        assert_eq!(parse_size("1M"), Ok(1 << 20));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-    }
-
-    #[test]
-    fn bad_sizes_are_rejected() {
-        assert!(parse_size("4X").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("-4K").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
 
     #[test]
     fn queue_size_must_be_a_power_of_two() {

@@ -52,12 +52,23 @@ pub struct Plan {
     pub known_only: bool,
 }
 
+/// A request that failed: the first one of a phase is kept for the error message.
+#[derive(Clone, Copy, Debug)]
+pub struct IoFailure {
+    /// Whether it was a read (else a write).
+    pub is_read: bool,
+    /// Its byte offset on the device.
+    pub offset: u64,
+    /// libblkio's result: a negative errno.
+    pub ret: i32,
+}
+
 /// What one phase measured on one queue.
 pub struct PhaseResult {
     pub ios: u64,
     pub io_errors: u64,
-    /// First failed request: (is_read, byte offset, negative errno).
-    pub first_io_error: Option<(bool, u64, i32)>,
+    /// First failed request.
+    pub first_io_error: Option<IoFailure>,
     /// Latency of every completed request, in ns.
     pub hist: Histogram<u64>,
     pub started: Instant,
@@ -377,7 +388,11 @@ impl Worker {
         let offset = (self.first_block + f.block) * self.bs;
         if ret != 0 {
             res.io_errors += 1;
-            res.first_io_error.get_or_insert((f.is_read, offset, ret));
+            res.first_io_error.get_or_insert(IoFailure {
+                is_read: f.is_read,
+                offset,
+                ret,
+            });
         }
         let Some(t) = &mut self.tracker else {
             return Ok(());

@@ -1,0 +1,247 @@
+//! A running vhost-user-blk server: corodev, or qemu-storage-daemon with corodev's options
+//! translated, started on an [`Image`] with its stderr in a log, killed on drop. Boundary:
+//! the server process and its socket; booting a guest against it is [`crate::Vm`]'s job
+//! ([`Daemon::boot`] only joins the two).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::console::GuestRun;
+use crate::image::{Image, TEST_IMAGE_SIZE};
+use crate::procfs;
+use crate::server::{corodev_bin, Server};
+use crate::vm::{Guest, Vm};
+use crate::workspace::INSTALL_HINT;
+
+/// A running vhost-user-blk server, killed on drop.
+pub struct Daemon {
+    child: Child,
+    kind: Server,
+    /// The vhost-user socket it listens on.
+    pub socket: PathBuf,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+    /// The image, when the daemon owns it ([`Daemon::with_image`]).
+    pub image: Option<Image>,
+}
+
+/// How long a server may take to listen on its socket.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Daemon {
+    /// Starts the server [`Server::from_env`] selects on `image`, with corodev options
+    /// (translated for qemu-storage-daemon, see [`Daemon::qsd`]).
+    pub fn start(image: &Image, args: &[&str]) -> Daemon {
+        match Server::from_env() {
+            Server::Corodev => Daemon::corodev(image, args),
+            Server::Qsd => Daemon::qsd(image, args),
+        }
+    }
+
+    /// Starts corodev ([`corodev_bin`]) with `--socket <temp> --disk <image>` and `args`.
+    pub fn corodev(image: &Image, args: &[&str]) -> Daemon {
+        let (dir, socket) = socket_dir();
+        let mut cmd = Command::new(corodev_bin());
+        cmd.arg("--socket")
+            .arg(&socket)
+            .arg("--disk")
+            .arg(&image.path)
+            .args(args);
+        Daemon::spawn(Server::Corodev, cmd, dir, socket)
+    }
+
+    /// Starts qemu-storage-daemon exporting `image` over vhost-user-blk. `args` are corodev
+    /// options; those with a qsd equivalent are translated (`--readonly`, `--num-queues`,
+    /// `--block-size`, `--direct`, `--backend null` with `--size`), the rest only tune
+    /// corodev or have no qsd counterpart (`--serial`, `--threads`, `--queue-size`, ...)
+    /// and are ignored, so a test that checks them must check [`Daemon::kind`] first.
+    pub fn qsd(image: &Image, args: &[&str]) -> Daemon {
+        let value = |name: &str| {
+            args.iter()
+                .position(|a| *a == name)
+                .and_then(|i| args.get(i + 1))
+                .copied()
+        };
+        let ro = args.contains(&"--readonly");
+        let direct = if args.contains(&"--direct") {
+            "on"
+        } else {
+            "off"
+        };
+        let blockdev = if value("--backend") == Some("null") {
+            let size = value("--size").expect("--backend null needs --size");
+            format!("driver=null-co,node-name=f,read-zeroes=on,size={size}")
+        } else {
+            format!(
+                "driver=file,node-name=f,filename={},aio=io_uring,cache.direct={direct},read-only={}",
+                image.path.display(),
+                if ro { "on" } else { "off" }
+            )
+        };
+        let (dir, socket) = socket_dir();
+        let mut export = format!(
+            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable={},num-queues={}",
+            socket.display(),
+            if ro { "off" } else { "on" },
+            value("--num-queues").unwrap_or("1"),
+        );
+        if let Some(bs) = value("--block-size") {
+            export.push_str(&format!(",logical-block-size={bs}"));
+        }
+        let mut cmd = Command::new("qemu-storage-daemon");
+        cmd.arg("--blockdev")
+            .arg(blockdev)
+            .arg("--export")
+            .arg(export);
+        Daemon::spawn(Server::Qsd, cmd, dir, socket)
+    }
+
+    /// Spawns `cmd` with its stderr in a log file and waits until it listens on `socket`.
+    fn spawn(kind: Server, mut cmd: Command, dir: tempfile::TempDir, socket: PathBuf) -> Daemon {
+        let log = dir.path().join("daemon.log");
+        let logf =
+            File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .unwrap_or_else(|e| match kind {
+                Server::Corodev => panic!("cannot start {program}: {e}"),
+                Server::Qsd => panic!("cannot start {program}: {e}; {INSTALL_HINT}"),
+            });
+        let mut d = Daemon {
+            child,
+            kind,
+            socket,
+            log,
+            _dir: dir,
+            image: None,
+        };
+        d.wait_listening();
+        d
+    }
+
+    /// Waits until the socket file exists and the server has a listening unix socket.
+    /// Listening is read from /proc (the server's fds against /proc/net/unix) rather than
+    /// probed with a connect: a probe connection would be a real vhost-user session to the
+    /// server (and count in its connection log). The path in /proc/net/unix cannot be
+    /// used: corodev binds a temporary name and renames it into place.
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + LISTEN_TIMEOUT;
+        while !(self.socket.exists() && procfs::has_listening_unix_socket(self.pid())) {
+            self.assert_alive();
+            assert!(
+                Instant::now() < deadline,
+                "{:?} is not listening on {} after {LISTEN_TIMEOUT:?}; log:\n{}",
+                self.kind,
+                self.socket.display(),
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A daemon on its own fresh [`TEST_IMAGE_SIZE`] image, with a 128-entry queue and the
+    /// serial `corodev-test-serial` (what the protocol-level tests expect).
+    pub fn with_image(args: &[&str]) -> Daemon {
+        Daemon::own(Image::new(TEST_IMAGE_SIZE), args)
+    }
+
+    /// Like [`with_image`](Self::with_image), with the image in `dir`.
+    pub fn with_image_in(dir: tempfile::TempDir, args: &[&str]) -> Daemon {
+        Daemon::own(Image::new_in(dir, TEST_IMAGE_SIZE), args)
+    }
+
+    fn own(image: Image, args: &[&str]) -> Daemon {
+        let mut all = vec!["--queue-size", "128", "--serial", "corodev-test-serial"];
+        all.extend_from_slice(args);
+        let mut d = Daemon::start(&image, &all);
+        d.image = Some(image);
+        d
+    }
+
+    /// Which server this is.
+    pub fn kind(&self) -> Server {
+        self.kind
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU seconds (user + system) the server has used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        procfs::cpu_seconds(self.pid())
+    }
+
+    /// Asserts the server is not burning CPU while the guest does nothing (a guest must
+    /// not be able to make a worker spin).
+    pub fn assert_idle(&mut self) {
+        std::thread::sleep(Duration::from_millis(200));
+        let before = self.cpu_seconds();
+        std::thread::sleep(Duration::from_millis(500));
+        let used = self.cpu_seconds() - before;
+        assert!(
+            used < 0.2,
+            "server used {used:.2} CPU-s in 0.5 s of guest idleness"
+        );
+    }
+
+    /// The server's stderr so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Panics (with its log) if the server exited.
+    pub fn assert_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "{:?} server exited ({status}); log:\n{}",
+                self.kind,
+                self.log_text()
+            );
+        }
+    }
+
+    /// Boots a guest against this server and waits for it; see [`Vm`]. If the server
+    /// exits meanwhile the VM is killed at once (its guest would only hang on I/O until its
+    /// timeout). The run carries the server's log, which [`GuestRun::expect_pass`] prints
+    /// on failure.
+    pub fn boot(&mut self, guest: Guest<'_>) -> GuestRun {
+        let vm = Vm::start(&self.socket, &guest);
+        let mut run = vm.wait_while(|| match self.child.try_wait() {
+            Ok(Some(status)) => Some(format!("the {:?} server exited ({status})", self.kind)),
+            _ => None,
+        });
+        run.server_log = Some(self.log_text());
+        run
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh temp dir for a server's socket and log. Under /tmp: a unix socket path must fit
+/// in 108 bytes, which a path under the workspace may not.
+fn socket_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix("corodev-test-")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
+    let socket = dir.path().join("blk.sock");
+    (dir, socket)
+}

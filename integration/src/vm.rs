@@ -1,0 +1,253 @@
+//! A booted test guest: `scripts/run-vm.sh` running QEMU against a vhost-user socket,
+//! one guest at a time, its console in a file, killed with its whole process group on
+//! drop. Also what to boot ([`Guest`]) and the guest's kernel and initramfs
+//! ([`guest_artifacts`]). Boundary: the VM process; reading what the guest printed is
+//! [`crate::console`]'s.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::console::{parse_results, GuestRun};
+use crate::workspace::{on_path, workspace, INSTALL_HINT};
+
+/// One guest at a time (see the crate docs). Held by a [`Vm`] for its whole life.
+static GUEST: Mutex<()> = Mutex::new(());
+
+fn guest_lock() -> MutexGuard<'static, ()> {
+    GUEST
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The guest's kernel and initramfs, as built by `scripts/build-guest.sh`.
+#[derive(Debug, Clone)]
+pub struct GuestArtifacts {
+    /// Copy of the Debian cloud kernel (`target/guest/vmlinuz`).
+    pub kernel: PathBuf,
+    /// The test initramfs (`target/guest/initramfs.cpio.gz`).
+    pub initrd: PathBuf,
+}
+
+/// Builds the guest image if needed (the script caches it) and checks that QEMU is
+/// installed. Runs once per test process; every caller after a failure panics with the
+/// same message. Never skips: without QEMU or the kernel the guest tests cannot mean
+/// anything, so they fail and say how to fix it.
+pub fn guest_artifacts() -> &'static GuestArtifacts {
+    static ARTIFACTS: OnceLock<Result<GuestArtifacts, String>> = OnceLock::new();
+    let found = ARTIFACTS.get_or_init(|| {
+        if !on_path("qemu-system-x86_64") {
+            return Err(format!("qemu-system-x86_64 is not on PATH: {INSTALL_HINT}"));
+        }
+        let script = workspace().join("scripts/build-guest.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let paths: Vec<&str> = stdout.lines().collect();
+        match (out.status.success(), paths.as_slice()) {
+            (true, [kernel, initrd]) => Ok(GuestArtifacts {
+                kernel: PathBuf::from(kernel),
+                initrd: PathBuf::from(initrd),
+            }),
+            _ => Err(format!(
+                "{} failed ({}): {}\n{INSTALL_HINT}",
+                script.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        }
+    });
+    match found {
+        Ok(artifacts) => artifacts,
+        Err(why) => panic!("the test guest is not available: {why}"),
+    }
+}
+
+/// What to boot: the guest test to run (see `scripts/guest-init.sh`) and the VM shape.
+#[derive(Debug, Clone)]
+pub struct Guest<'a> {
+    /// `corodev.test=`: info, pattern, fio, mq, ext4, readonly, discard.
+    pub test: &'a str,
+    /// `corodev.arg=` (fio/mq: number of jobs).
+    pub arg: Option<&'a str>,
+    /// Virtqueues of the vhost-user-blk-pci device.
+    pub queues: u16,
+    /// vCPUs. Linux uses min(vCPUs, queues) queues, so multi-queue tests need both.
+    pub smp: u16,
+    /// Limit for boot + test; the VM is killed past it.
+    pub timeout: Duration,
+}
+
+impl<'a> Guest<'a> {
+    /// One vCPU, one queue, a 3-minute limit: a TCG boot takes ~5-10 s and the fio tests
+    /// ~10 s more, but a loaded 2-core machine can be several times slower.
+    pub fn test(test: &'a str) -> Guest<'a> {
+        Guest {
+            test,
+            arg: None,
+            queues: 1,
+            smp: 1,
+            timeout: Duration::from_secs(180),
+        }
+    }
+
+    /// With `queues` virtqueues and as many vCPUs.
+    pub fn queues(mut self, queues: u16) -> Guest<'a> {
+        self.queues = queues;
+        self.smp = queues;
+        self
+    }
+}
+
+/// Exit status of `scripts/run-vm.sh` when QEMU hit its timeout.
+const RUN_VM_TIMEOUT: i32 = 3;
+/// Extra time the harness gives run-vm.sh beyond the guest's own limit: building the guest
+/// image the first time and the accelerator probe happen before QEMU starts.
+const SETUP_GRACE: Duration = Duration::from_secs(120);
+
+/// A booted guest: `scripts/run-vm.sh` with its console in a file. Holds the one-guest
+/// lock; killed (with QEMU, its whole process group) on drop, so a panicking test leaves no
+/// VM behind.
+pub struct Vm {
+    child: Child,
+    console: PathBuf,
+    test: String,
+    started: Instant,
+    deadline: Instant,
+    _dir: tempfile::TempDir,
+    _one_at_a_time: MutexGuard<'static, ()>,
+}
+
+impl Vm {
+    /// Boots `guest` against the vhost-user socket `socket`. Waits for any other guest of
+    /// this process to finish first.
+    pub fn start(socket: &Path, guest: &Guest<'_>) -> Vm {
+        let artifacts = guest_artifacts();
+        assert!(
+            artifacts.kernel.is_file() && artifacts.initrd.is_file(),
+            "guest kernel or initramfs missing ({artifacts:?}); {INSTALL_HINT}"
+        );
+        let lock = guest_lock();
+        let dir = tempfile::Builder::new()
+            .prefix("corodev-vm-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
+        let console = dir.path().join("console.log");
+        let out = File::create(&console)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", console.display()));
+        let err = out
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot dup the console file: {e}"));
+        let script = workspace().join("scripts/run-vm.sh");
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script)
+            .arg("--socket")
+            .arg(socket)
+            .args(["--test", guest.test])
+            .args(["--queues", &guest.queues.to_string()])
+            .args(["--smp", &guest.smp.to_string()])
+            .args(["--timeout", &guest.timeout.as_secs().max(1).to_string()]);
+        if let Some(a) = guest.arg {
+            cmd.args(["--arg", a]);
+        }
+        // Its own process group, so Drop can kill QEMU and timeout(1) along with bash.
+        cmd.process_group(0)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let started = Instant::now();
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        Vm {
+            child,
+            console,
+            test: guest.test.to_owned(),
+            started,
+            deadline: started + guest.timeout + SETUP_GRACE,
+            _dir: dir,
+            _one_at_a_time: lock,
+        }
+    }
+
+    /// The console so far (serial output, then run-vm.sh's one-line verdict).
+    pub fn console(&self) -> String {
+        std::fs::read(&self.console)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits for the guest to power off (or be killed at its timeout) and returns what it
+    /// printed. Does not judge the result: see [`GuestRun::expect_pass`].
+    pub fn wait(self) -> GuestRun {
+        self.wait_while(|| None)
+    }
+
+    /// Like [`wait`](Self::wait), but kills the VM early when `abort` (polled every 50 ms)
+    /// returns a reason, which the run then reports.
+    pub fn wait_while(mut self, mut abort: impl FnMut() -> Option<String>) -> GuestRun {
+        let mut aborted = None;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() >= self.deadline => {
+                    self.kill();
+                    break None;
+                }
+                Ok(None) => {
+                    if let Some(why) = abort() {
+                        self.kill();
+                        aborted = Some(why);
+                        break None;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("cannot wait for the VM: {e}"),
+            }
+        };
+        let console = self.console();
+        let timed_out =
+            aborted.is_none() && status.is_none_or(|s| s.code() == Some(RUN_VM_TIMEOUT));
+        let run = GuestRun {
+            test: self.test.clone(),
+            results: parse_results(&console),
+            console,
+            elapsed: self.started.elapsed(),
+            status,
+            timed_out,
+            aborted,
+            server_log: None,
+        };
+        eprintln!("{}", run.summary());
+        run
+    }
+
+    /// Kills the VM's whole process group and reaps run-vm.sh.
+    fn kill(&mut self) {
+        if let Ok(pgid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill(2) with a negative pid signals that process group; the group is
+            // the one this Vm created (process_group(0) above), so nothing else is hit.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        } else if let Ok(pgid) = i32::try_from(self.child.id()) {
+            // run-vm.sh exited; make sure nothing it started outlives it.
+            // SAFETY: as in `kill`; an empty or reused-and-gone group just gets ESRCH.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+    }
+}
