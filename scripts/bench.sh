@@ -14,6 +14,10 @@
 #   ONLY        "qsd" or "corodev": run one side only (ratios become "-"). Without it a
 #               missing or unbuildable corodev is an error, never a silent skip.
 #   CORO_BENCH  0 skips `cargo bench -p coro` (the report says so)
+#   BASELINE    path to another corodev binary (e.g. one built from the previous commit):
+#               it runs as a third side in every round (corodev, baseline, qsd) and the
+#               report adds corodev / baseline ratios, so a change is judged against the
+#               code before it in the same minutes, not against numbers from another day
 #
 # Every run starts a fresh daemon, waits for its socket, runs corodev-bench --json against
 # it, and records IOPS, p50/p99 latency, the daemon's CPU time per million I/Os
@@ -28,6 +32,7 @@ ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-5}
 ONLY=${ONLY:-}
 CORO_BENCH=${CORO_BENCH:-1}
+BASELINE=${BASELINE:-}
 ALL_CASES="null-qd1 null-qd32 null-2q-qd32 file-randread-buffered file-randwrite-buffered
 file-randread-direct file-randwrite-direct file-seqread-128k file-seqwrite-128k rss-1024-inflight"
 CASES=${CASES:-$ALL_CASES}
@@ -54,6 +59,11 @@ case $ONLY in
 qsd | corodev) SIDES=$ONLY ;;
 *) die "ONLY=$ONLY: use ONLY=qsd or ONLY=corodev (or leave it unset for both)" ;;
 esac
+if [ -n "$BASELINE" ]; then
+    [ -x "$BASELINE" ] || die "BASELINE=$BASELINE is not an executable corodev binary"
+    [[ $SIDES == *corodev* ]] || die "BASELINE needs the corodev side: drop ONLY=qsd"
+    SIDES=${SIDES/corodev/corodev baseline}
+fi
 
 # case_def NAME: sets BACKEND (null|file), DIRECT (0|1), NQ (queues), QSIZE (virtqueue
 # size), LAT_US (null-backend latency) and LOAD (corodev-bench options).
@@ -81,8 +91,10 @@ case_def() {
 
 # daemon_cmd SIDE SOCKET: sets CMD to the daemon command line for the current case.
 daemon_cmd() {
-    if [ "$1" = corodev ]; then
-        CMD=("$CORODEV" --socket "$2" --num-queues "$NQ" --queue-size "$QSIZE")
+    if [ "$1" = corodev ] || [ "$1" = baseline ]; then
+        local bin=$CORODEV
+        [ "$1" = corodev ] || bin=$BASELINE
+        CMD=("$bin" --socket "$2" --num-queues "$NQ" --queue-size "$QSIZE")
         if [ "$BACKEND" = null ]; then
             CMD+=(--backend null --size "$IMAGE_SIZE")
             [ "$LAT_US" = 0 ] || CMD+=(--null-latency-us "$LAT_US")
@@ -287,7 +299,7 @@ REPORT=$OUT/report.md
             }
             NR > 1 && $1 == c {
                 rows++; S[rows] = $2; for (k = 4; k <= 8; k++) V[rows, k] = $k
-                if ($2 == "corodev") IOPS_A[$3] = $4; else IOPS_B[$3] = $4
+                if ($2 == "corodev") IOPS_A[$3] = $4; else if ($2 == "qsd") IOPS_B[$3] = $4
             }
             END {
                 line = "| " c
@@ -301,6 +313,41 @@ REPORT=$OUT/report.md
                 print line " |"
             }' "$RUNS"
     done
+    if [ -n "$BASELINE" ]; then
+        echo
+        echo "## corodev vs baseline ($BASELINE), same rounds"
+        echo
+        echo "Ratio = corodev / baseline (medians); per round: the range of per-round IOPS ratios."
+        echo
+        echo "| case | IOPS corodev | IOPS baseline | ratio | ratio per round | CPU-s/Mio corodev | CPU-s/Mio baseline | ratio | corodev/qsd | baseline/qsd |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        for c in $CASES; do
+            awk -F'\t' -v c="$c" '
+                function median(side, col,   n, i, j, t, v) {
+                    n = 0
+                    for (i = 1; i <= rows; i++) if (S[i] == side) v[++n] = V[i, col]
+                    if (n == 0) return ""
+                    for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] > v[j]; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+                    return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+                }
+                function ratio(a, b) { return (a == "" || b == "" || b == 0) ? "-" : sprintf("%.2f", a / b) }
+                NR > 1 && $1 == c {
+                    rows++; S[rows] = $2; V[rows, 4] = $4; V[rows, 7] = $7
+                    I[$2, $3] = $4; R[$3] = 1
+                }
+                END {
+                    for (r in R) if (I["baseline", r] > 0) {
+                        x = I["corodev", r] / I["baseline", r]
+                        if (lo == "" || x < lo) lo = x
+                        if (hi == "" || x > hi) hi = x
+                    }
+                    a = median("corodev", 4); b = median("baseline", 4); q = median("qsd", 4)
+                    ca = median("corodev", 7); cb = median("baseline", 7)
+                    printf "| %s | %.0f | %.0f | **%s** | %s | %.2f | %.2f | %s | %s | %s |\n", c, a, b, ratio(a, b),
+                        (lo == "" ? "-" : sprintf("%.2f-%.2f", lo, hi)), ca, cb, ratio(ca, cb), ratio(a, q), ratio(b, q)
+                }' "$RUNS"
+        done
+    fi
     echo
     echo "coro microbenchmark (\`cargo bench -p coro\`): $CORO_LINE."
     echo

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 use corodev_devices::config::{MAX_QUEUE_SIZE, MIN_QUEUE_SIZE};
+use corodev_units::parse_size;
 
 /// Examples printed after `--help`.
 const EXAMPLES: &str = "\
@@ -111,30 +112,6 @@ pub struct Cli {
     /// Serve one connection, then exit (default: listen again after each disconnect).
     #[arg(long)]
     pub once: bool,
-}
-
-/// Parses `4096`, `64K`, `1M`, `10G`, `1T` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, suffix) = t.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size: use a number of bytes, e.g. 4096 or 1G"))?;
-    let mult: u64 = match suffix.to_ascii_uppercase().as_str() {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        "T" => 1 << 40,
-        _ => {
-            return Err(format!(
-                "unknown size suffix '{suffix}' in '{s}': use K, M, G or T"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 /// A power of two the device accepts (the same bounds `DeviceConfig::build` checks, so a
@@ -282,18 +259,6 @@ mod tests {
         let mut all = vec!["corodev", "--socket", "/tmp/s"];
         all.extend_from_slice(args);
         Cli::try_parse_from(all).expect("parses").validate().err()
-    }
-
-    #[test]
-    fn sizes_with_suffixes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(64 << 10));
-        assert_eq!(parse_size("1g"), Ok(1 << 30));
-        assert!(parse_size("1X").unwrap_err().contains("suffix"));
-        assert!(parse_size("lots").unwrap_err().contains("not a size"));
-        assert!(parse_size("99999999999T")
-            .unwrap_err()
-            .contains("too large"));
     }
 
     #[test]

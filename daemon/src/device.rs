@@ -170,7 +170,11 @@ mod tests {
         let dev = device(true);
         let model = dev.0.blk.config().virtio_features();
         let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        assert_eq!(model & protocol, 0, "the model leaves the transport bit out");
+        assert_eq!(
+            model & protocol,
+            0,
+            "the model leaves the transport bit out"
+        );
         assert_eq!(dev.features(), model | protocol);
         assert_eq!(dev.num_queues(), 3);
         assert_eq!(dev.queues_per_thread(), vec![0b011, 0b100]);
