@@ -94,11 +94,6 @@ impl Builder {
         self
     }
 
-    /// The backend coroutines from this builder will actually use.
-    pub fn get_backend(&self) -> Backend {
-        self.backend.effective()
-    }
-
     /// Creates a coroutine that will run `f` when first resumed.
     ///
     /// Fails only if a new stack cannot be mapped.
@@ -239,9 +234,4 @@ pub fn yield_now() {
     if unsafe { (*fib).cancel } {
         panic::resume_unwind(Box::new(Cancelled));
     }
-}
-
-/// Whether the caller is running inside a coroutine.
-pub fn in_coroutine() -> bool {
-    !fiber::current().is_null()
 }

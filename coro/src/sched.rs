@@ -3,9 +3,10 @@
 //! The scheduler does not block or own an event loop: [`Scheduler::run`] resumes ready tasks
 //! until none is left, submits the io_uring operations they queued in one batch, and returns.
 //! The caller's loop (the vhost-user worker's epoll) calls it again when something happens:
-//! a guest kick that spawned tasks, or the ring's completion eventfd
-//! ([`Scheduler::completion_fd`]). [`Scheduler::run_until_idle`] is the blocking variant
-//! for tests and tools that have no loop of their own.
+//! a guest kick that spawned tasks, or the ring's completion eventfd (the caller hands it to
+//! [`Ring::with_eventfd`] and reports it firing with [`Scheduler::on_completion_event`]).
+//! [`Scheduler::run_until_idle`] is the blocking variant for tests and tools that have no
+//! loop of their own.
 //!
 //! Inside a task, [`park`] suspends until some [`wake`]; the task id comes from
 //! [`current_task`]. Wake-ups are remembered, so a wake that lands before the park is not
@@ -14,7 +15,6 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::RawFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 use std::rc::Rc;
@@ -120,11 +120,6 @@ impl Scheduler {
         self.inner.tasks.borrow().len()
     }
 
-    /// Whether any task is ready to run now.
-    pub fn has_ready(&self) -> bool {
-        !self.inner.ready.borrow().is_empty()
-    }
-
     /// Operations submitted to the ring and not yet completed.
     pub fn io_in_flight(&self) -> usize {
         self.inner.ring.borrow().as_ref().map_or(0, Ring::in_flight)
@@ -137,13 +132,6 @@ impl Scheduler {
             .borrow_mut()
             .as_mut()
             .is_some_and(Ring::has_completions)
-    }
-
-    /// The eventfd the ring signals on each completion, for an outside epoll loop; creates
-    /// the default ring if none was installed.
-    pub fn completion_fd(&self) -> io::Result<RawFd> {
-        self.inner.ensure_ring()?;
-        Ok(self.inner.ring.borrow().as_ref().map_or(-1, Ring::eventfd))
     }
 
     /// Call after the completion eventfd fired: clears it, then [`run`](Self::run)s.
@@ -372,12 +360,4 @@ pub fn yield_task() {
     // The pending wake makes the scheduler requeue us at the back once we yield.
     wake(current_task());
     coroutine::yield_now();
-}
-
-/// Spawns a sibling task from inside a task.
-pub fn spawn<F>(f: F) -> io::Result<TaskId>
-where
-    F: FnOnce() + 'static,
-{
-    with_active(|s| s.spawn(f))
 }
