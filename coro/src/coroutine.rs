@@ -16,7 +16,6 @@
 //! needs_send(coro::Coroutine::new(|| 1));
 //! ```
 
-use std::io;
 use std::marker::PhantomData;
 use std::panic;
 use std::ptr::NonNull;
@@ -24,6 +23,7 @@ use std::thread;
 
 use crate::fiber::{self, Backend, Fiber, Payload};
 use crate::stack::DEFAULT_STACK_SIZE;
+use crate::Error;
 
 /// Where a coroutine is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,8 +96,10 @@ impl Builder {
 
     /// Creates a coroutine that will run `f` when first resumed.
     ///
-    /// Fails only if a new stack cannot be mapped.
-    pub fn spawn<F, T>(self, f: F) -> io::Result<Coroutine<T>>
+    /// Fails only when the pool has no parked fiber of this kind and a new stack cannot be
+    /// mapped ([`Error::Os`]) or is too large for the address space
+    /// ([`Error::StackTooLarge`]).
+    pub fn spawn<F, T>(self, f: F) -> Result<Coroutine<T>, Error>
     where
         F: FnOnce() -> T + 'static,
         T: 'static,

@@ -15,13 +15,13 @@
 //! [`crate::coroutine`].
 
 use std::cell::{Cell, RefCell};
-use std::io;
 use std::mem::{self, MaybeUninit};
 use std::ptr::{self, NonNull};
 
 use crate::arch;
 use crate::overflow;
 use crate::stack::Stack;
+use crate::Error;
 
 /// How the CPU moves between a coroutine and its resumer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -56,15 +56,15 @@ impl Backend {
 }
 
 impl std::str::FromStr for Backend {
-    type Err = String;
+    type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "fast" => Ok(Backend::Fast),
             "ucontext" => Ok(Backend::Ucontext),
-            other => Err(format!(
-                "unknown coroutine backend '{other}': use 'fast' or 'ucontext'"
-            )),
+            other => Err(Error::UnknownBackend {
+                name: other.to_owned(),
+            }),
         }
     }
 }
@@ -229,7 +229,7 @@ impl Fiber {
         backend: Backend,
         stack_size: usize,
         pooled: bool,
-    ) -> io::Result<NonNull<Fiber>> {
+    ) -> Result<NonNull<Fiber>, Error> {
         let backend = backend.effective();
         if pooled {
             let hit = POOLS.with(|p| {
@@ -286,15 +286,13 @@ impl Fiber {
     }
 
     /// Maps a stack and runs a new trampoline on it up to its first park.
-    fn new(backend: Backend, stack_size: usize) -> io::Result<NonNull<Fiber>> {
+    fn new(backend: Backend, stack_size: usize) -> Result<NonNull<Fiber>, Error> {
         overflow::ensure_handler();
         let stack = Stack::new(stack_size)?;
         let f = Box::into_raw(Box::new(Fiber {
             fiber_sp: ptr::null_mut(),
             caller_sp: ptr::null_mut(),
-            // SAFETY: ucontext_t is plain data for which all-zero is a valid (empty) value;
-            // getcontext fills it before use.
-            uc: Some(Box::new(unsafe { mem::zeroed::<UcPair>() })),
+            uc: None,
             backend,
             job: None,
             drop_job: None,
@@ -303,11 +301,16 @@ impl Fiber {
             stack,
             payload: Payload([MaybeUninit::uninit(); PAYLOAD_BYTES]),
         }));
-        // SAFETY: `f` came from Box::into_raw and is exclusively ours until parked.
+        // SAFETY: ucontext_t is plain data for which all-zero is a valid (empty) value;
+        // getcontext fills it before use.
+        let uc = Box::new(unsafe { mem::zeroed::<UcPair>() });
+        // SAFETY: `f` came from Box::into_raw and is exclusively ours until parked. `uc`
+        // borrows the boxed pair now owned by the fiber: glibc's ucontext_t points into
+        // itself, and a Box's contents stay put when the Box moves.
         unsafe {
-            let uc = (*f).uc.as_deref_mut().ok_or(io::ErrorKind::Other)?;
+            let uc: &mut UcPair = (*f).uc.insert(uc);
             if libc::getcontext(&mut uc.fiber) != 0 {
-                let err = io::Error::last_os_error();
+                let err = Error::last_os("getcontext");
                 drop(Box::from_raw(f));
                 return Err(err);
             }
@@ -335,7 +338,6 @@ impl Fiber {
                     (*f).uc = None;
                 }
                 Backend::Ucontext => {
-                    let uc = (*f).uc.as_deref_mut().ok_or(io::ErrorKind::Other)?;
                     libc::swapcontext(&mut uc.caller, &uc.fiber);
                 }
             }

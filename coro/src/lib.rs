@@ -25,6 +25,7 @@
 
 mod arch;
 mod coroutine;
+mod error;
 mod fiber;
 pub mod io;
 mod overflow;
@@ -34,6 +35,7 @@ pub mod sync;
 mod valgrind;
 
 pub use coroutine::{yield_now, Builder, Coroutine, Resumed, State};
+pub use error::Error;
 pub use fiber::{pool_idle_count, Backend, POOL_MAX};
 pub use io::sleep;
 pub use sched::{current_task, park, wake, yield_task, Scheduler, TaskId};
