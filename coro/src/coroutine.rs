@@ -30,7 +30,8 @@ use crate::Error;
 pub enum State {
     /// Created, not yet resumed.
     Ready,
-    /// Running now (only observable from inside, through nested code).
+    /// Between `resume` switching in and the coroutine switching back. `resume` holds the
+    /// handle borrowed for that whole time, so safe code never sees this state.
     Running,
     /// Yielded; `resume` continues it.
     Suspended,
@@ -74,7 +75,8 @@ impl Builder {
         Builder::default()
     }
 
-    /// Chooses the switch backend.
+    /// Chooses the switch backend. `Fast` falls back to `Ucontext` where there is no
+    /// register switch ([`Backend::effective`]).
     pub fn backend(mut self, backend: Backend) -> Builder {
         self.backend = backend;
         self

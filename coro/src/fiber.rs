@@ -69,9 +69,13 @@ impl std::str::FromStr for Backend {
     }
 }
 
+/// Inline payload size: room for a request closure of a few dozen captured words (the
+/// daemon's captures a worker handle, a descriptor chain and guest memory) so that a pooled
+/// start allocates nothing; a larger closure or result costs one `Box`.
 const PAYLOAD_BYTES: usize = 256;
 
 /// Inline storage for a job's closure and then its result; larger values are boxed.
+/// 16-byte alignment covers every type the inline path accepts ([`Payload::fits`]).
 #[repr(C, align(16))]
 pub(crate) struct Payload([MaybeUninit<u8>; PAYLOAD_BYTES]);
 
@@ -115,9 +119,14 @@ struct UcPair {
 /// The shared control block of one fiber. Both stacks reach it through a raw pointer; a
 /// field is only touched by the side that is currently running.
 pub(crate) struct Fiber {
+    /// `Fast`: the parked fiber's stack pointer, written by the switch that parks it.
     fiber_sp: *mut u8,
+    /// `Fast`: the resumer's stack pointer while the fiber runs, for `switch_out`.
     caller_sp: *mut u8,
+    /// `Ucontext`: both contexts for every switch. `Fast`: only until the bootstrap has
+    /// parked the trampoline, then dropped.
     uc: Option<Box<UcPair>>,
+    /// Already [`Backend::effective`], so the switch never needs the architecture check.
     backend: Backend,
     /// The job to run next, set by [`Fiber::start`]; runs the closure in the payload.
     job: Option<unsafe fn(*mut Fiber)>,
@@ -135,6 +144,9 @@ thread_local! {
     /// The fiber running on this thread right now (null on the thread's own stack). Read by
     /// `yield_now` and by the stack-overflow signal handler.
     static CURRENT: Cell<*mut Fiber> = const { Cell::new(ptr::null_mut()) };
+    /// This thread's parked fibers, one pool per (backend, stack size). Thread-local because a
+    /// fiber never leaves the thread that created it (see `CURRENT`); dropped with the
+    /// thread, which unmaps the stacks.
     static POOLS: RefCell<Vec<Pool>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -194,6 +206,14 @@ fn fiber_main(f: *mut Fiber) -> ! {
 }
 
 /// For the `Fast` backend: leave the creator's stack for the `makecontext`-prepared one.
+/// Called by [`arch::bootstrap`] on the creator's stack, below the context it saved.
+///
+/// # Safety
+/// `f` must point to a live [`Fiber`] set up by [`Fiber::new`] and not yet entered: `uc` is
+/// `Some` with `uc.fiber` prepared by `makecontext` on the fiber's own stack, and
+/// `caller_sp` holds the creator's context saved by the `bootstrap` that calls this, so that
+/// the trampoline's first [`switch_out`] has somewhere to return to. Nothing else may use
+/// the fiber until that switch.
 unsafe extern "C" fn enter_fiber(f: *mut u8) -> ! {
     let f = f.cast::<Fiber>();
     // SAFETY: `uc` was prepared by `makecontext` in `Fiber::new` and lives in a Box.
@@ -206,7 +226,14 @@ unsafe extern "C" fn enter_fiber(f: *mut u8) -> ! {
     std::process::abort()
 }
 
-/// Runs the job (closure `F` in the payload) and stores its outcome, panics included.
+/// Runs the job (closure `F` in the payload) and stores its outcome, panics included, so
+/// that no unwind crosses the trampoline.
+///
+/// # Safety
+/// `f` must be the fiber this runs on, called from its trampoline, and its payload must hold
+/// the live `F` written by [`Fiber::start::<F, T>`](Fiber::start) (the same `F` and `T`).
+/// On return the payload holds a `std::thread::Result<T>` that the owner must move out with
+/// [`Payload::read`] before the fiber is released.
 unsafe fn run_job<F, T>(f: *mut Fiber)
 where
     F: FnOnce() -> T,
@@ -218,6 +245,12 @@ where
     unsafe { Payload::write::<std::thread::Result<T>>(&raw mut (*f).payload, outcome) };
 }
 
+/// Drops the closure of a job that never ran (installed next to [`run_job`] by
+/// [`Fiber::start`], used by [`Fiber::discard_job`]).
+///
+/// # Safety
+/// `f` must be a valid fiber that is not running, whose payload holds the live `F` written
+/// by `Fiber::start::<F, _>`. The payload is empty afterwards.
 unsafe fn drop_job<F>(f: *mut Fiber) {
     // SAFETY: installed only alongside an `F` written into the payload that has not run.
     drop(unsafe { Payload::read::<F>(&raw mut (*f).payload) });
@@ -248,7 +281,9 @@ impl Fiber {
     /// Returns a finished fiber to the pool, or unmaps it when the pool is full.
     ///
     /// # Safety
-    /// `f` must be parked in its trampoline with no job and no live payload.
+    /// `f` must be parked in its trampoline with no job and no live payload, on the thread
+    /// that created it, and `stack_size` must be the size it was acquired with (the pool is
+    /// keyed by it). The caller gives `f` up: it may be reused or unmapped at once.
     pub(crate) unsafe fn release(f: NonNull<Fiber>, pooled: bool, stack_size: usize) {
         // SAFETY: the caller guarantees `f` is a valid parked fiber.
         let backend = unsafe { (*f.as_ptr()).backend };
@@ -396,12 +431,24 @@ impl Fiber {
     }
 }
 
+/// Runs a new `Fast` fiber's trampoline up to its first park, through [`enter_fiber`]. On
+/// return `fiber_sp` holds the parked trampoline and `uc` is no longer needed.
+///
+/// # Safety
+/// `f` must point to a live fiber fresh from [`Fiber::new`]: `uc.fiber` prepared by
+/// `makecontext` for the trampoline on the fiber's stack, never entered, and the `Fast`
+/// backend recorded, so the trampoline parks with the register switch that returns here.
 #[cfg(target_arch = "x86_64")]
 unsafe fn arch_bootstrap(f: *mut Fiber) {
     // SAFETY: `enter_fiber` never returns; the trampoline's first `switch_out` resumes us.
     unsafe { arch::bootstrap(&raw mut (*f).caller_sp, enter_fiber, f.cast()) }
 }
 
+/// Stands in where there is no register switch; never reached.
+///
+/// # Safety
+/// None needed; it only panics. It is `unsafe` to match the x86_64 version, whose contract
+/// callers must follow. [`Backend::effective`] never yields `Fast` on this architecture.
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn arch_bootstrap(_f: *mut Fiber) {
     unreachable!("Backend::effective never yields Fast without an arch switch")
@@ -411,7 +458,9 @@ unsafe fn arch_bootstrap(_f: *mut Fiber) {
 /// previous one (coroutines may resume coroutines) when the fiber switches back.
 ///
 /// # Safety
-/// `f` must be a valid parked fiber that is not already running.
+/// `f` must be a valid parked fiber that is not already running, and this must be the
+/// thread that created it: its stack may hold references into this thread's thread-locals,
+/// and `CURRENT` is per thread.
 #[inline(always)]
 pub(crate) unsafe fn switch_in(f: *mut Fiber) {
     let prev = CURRENT.with(|c| c.replace(f));

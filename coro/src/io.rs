@@ -1,11 +1,11 @@
 //! io_uring for coroutines: submit an operation, park, resume with its result.
 //!
 //! Each operation gets a slot keyed by the SQE's `user_data`. The calling task parks until
-//! [`Ring::reap`] has posted the CQE's result into the slot and woken it. By default
-//! submissions are not sent one by one: they sit in the submission queue until the
-//! scheduler has run every ready task, then go to the kernel in a single `io_uring_enter`
-//! ([`Ring::submit`]). A ring made with [`Ring::submit_each`] sends each operation as it is
-//! queued instead (see there for when that wins).
+//! the scheduler has reaped the CQE, posted its result into the slot and woken the task. By
+//! default submissions are not sent one by one: they sit in the submission queue until the
+//! scheduler has run every ready task, then go to the kernel in a single `io_uring_enter`.
+//! A ring made with [`Ring::submit_each`] sends each operation as it is queued instead (see
+//! there for when that wins).
 //!
 //! The ring signals an eventfd on every completion so an outside epoll loop (the vhost-user
 //! worker) can sleep on it alongside guest kicks.
@@ -83,7 +83,8 @@ impl Ring {
         self
     }
 
-    /// The completion eventfd.
+    /// The completion eventfd, for an outside epoll loop to sleep on (after it fires,
+    /// [`Scheduler::on_completion_event`](crate::Scheduler::on_completion_event) clears it).
     pub fn eventfd(&self) -> RawFd {
         self.eventfd.as_raw_fd()
     }
