@@ -143,6 +143,24 @@ pub(crate) struct Fiber {
 thread_local! {
     /// The fiber running on this thread right now (null on the thread's own stack). Read by
     /// `yield_now` and by the stack-overflow signal handler.
+    ///
+    /// # Why thread-locals may be cached across a switch here
+    /// QEMU's coroutine-ucontext.c marks its TLS accessors `noinline` because a QEMU
+    /// coroutine can yield on one thread and be resumed on another: the compiler, not
+    /// knowing that a switch can change threads, may compute a thread-local's address
+    /// before the switch and use it after, reaching the old thread's variable.
+    ///
+    /// That cannot happen here, because a fiber only ever runs on the thread that created
+    /// it. `switch_in` is reached only from `Coroutine::resume` and `Coroutine`'s `Drop`,
+    /// and `Coroutine` is `!Send` and `!Sync` (a `*mut ()` marker, with a `compile_fail`
+    /// test), so those run on the thread that made the handle, which is where
+    /// `Builder::spawn` took the fiber. `switch_out` returns to that same resumer. The
+    /// `Scheduler` that owns tasks holds them behind an `Rc` and is `!Send` too. And a
+    /// finished fiber goes back to `POOLS`, which is thread-local, so even its parked
+    /// trampoline is only ever picked up again by the same thread. Hence `switch_in` can
+    /// stay `#[inline(always)]` with the `CURRENT` accesses around the switch inlined into
+    /// it; making `Coroutine` `Send` or sharing the pool between threads would require
+    /// QEMU's fix (re-reading every thread-local through a non-inlined call after a switch).
     static CURRENT: Cell<*mut Fiber> = const { Cell::new(ptr::null_mut()) };
     /// This thread's parked fibers, one pool per (backend, stack size). Thread-local because a
     /// fiber never leaves the thread that created it (see `CURRENT`); dropped with the

@@ -68,7 +68,13 @@ pub(crate) fn with_active<R>(f: impl FnOnce(&Inner) -> R) -> R {
     f(unsafe { &*p })
 }
 
-/// Single-threaded executor of coroutine tasks. `!Send`, like the coroutines it owns.
+/// Single-threaded executor of coroutine tasks. `!Send`, like the coroutines it owns: its
+/// tasks may only be resumed on the thread that created them.
+///
+/// ```compile_fail
+/// fn needs_send<T: Send>(_: T) {}
+/// needs_send(coro::Scheduler::default());
+/// ```
 pub struct Scheduler {
     inner: Rc<Inner>,
 }
