@@ -16,7 +16,6 @@
 //! needs_send(coro::Coroutine::new(|| 1));
 //! ```
 
-use std::io;
 use std::marker::PhantomData;
 use std::panic;
 use std::ptr::NonNull;
@@ -24,13 +23,15 @@ use std::thread;
 
 use crate::fiber::{self, Backend, Fiber, Payload};
 use crate::stack::DEFAULT_STACK_SIZE;
+use crate::Error;
 
 /// Where a coroutine is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
     /// Created, not yet resumed.
     Ready,
-    /// Running now (only observable from inside, through nested code).
+    /// Between `resume` switching in and the coroutine switching back. `resume` holds the
+    /// handle borrowed for that whole time, so safe code never sees this state.
     Running,
     /// Yielded; `resume` continues it.
     Suspended,
@@ -74,7 +75,8 @@ impl Builder {
         Builder::default()
     }
 
-    /// Chooses the switch backend.
+    /// Chooses the switch backend. `Fast` falls back to `Ucontext` where there is no
+    /// register switch ([`Backend::effective`]).
     pub fn backend(mut self, backend: Backend) -> Builder {
         self.backend = backend;
         self
@@ -94,15 +96,12 @@ impl Builder {
         self
     }
 
-    /// The backend coroutines from this builder will actually use.
-    pub fn get_backend(&self) -> Backend {
-        self.backend.effective()
-    }
-
     /// Creates a coroutine that will run `f` when first resumed.
     ///
-    /// Fails only if a new stack cannot be mapped.
-    pub fn spawn<F, T>(self, f: F) -> io::Result<Coroutine<T>>
+    /// Fails only when the pool has no parked fiber of this kind and a new stack cannot be
+    /// mapped ([`Error::Os`]) or is too large for the address space
+    /// ([`Error::StackTooLarge`]).
+    pub fn spawn<F, T>(self, f: F) -> Result<Coroutine<T>, Error>
     where
         F: FnOnce() -> T + 'static,
         T: 'static,
@@ -239,9 +238,4 @@ pub fn yield_now() {
     if unsafe { (*fib).cancel } {
         panic::resume_unwind(Box::new(Cancelled));
     }
-}
-
-/// Whether the caller is running inside a coroutine.
-pub fn in_coroutine() -> bool {
-    !fiber::current().is_null()
 }

@@ -15,13 +15,13 @@
 //! [`crate::coroutine`].
 
 use std::cell::{Cell, RefCell};
-use std::io;
 use std::mem::{self, MaybeUninit};
 use std::ptr::{self, NonNull};
 
 use crate::arch;
 use crate::overflow;
 use crate::stack::Stack;
+use crate::Error;
 
 /// How the CPU moves between a coroutine and its resumer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -56,22 +56,26 @@ impl Backend {
 }
 
 impl std::str::FromStr for Backend {
-    type Err = String;
+    type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "fast" => Ok(Backend::Fast),
             "ucontext" => Ok(Backend::Ucontext),
-            other => Err(format!(
-                "unknown coroutine backend '{other}': use 'fast' or 'ucontext'"
-            )),
+            other => Err(Error::UnknownBackend {
+                name: other.to_owned(),
+            }),
         }
     }
 }
 
+/// Inline payload size: room for a request closure of a few dozen captured words (the
+/// daemon's captures a worker handle, a descriptor chain and guest memory) so that a pooled
+/// start allocates nothing; a larger closure or result costs one `Box`.
 const PAYLOAD_BYTES: usize = 256;
 
 /// Inline storage for a job's closure and then its result; larger values are boxed.
+/// 16-byte alignment covers every type the inline path accepts ([`Payload::fits`]).
 #[repr(C, align(16))]
 pub(crate) struct Payload([MaybeUninit<u8>; PAYLOAD_BYTES]);
 
@@ -115,9 +119,14 @@ struct UcPair {
 /// The shared control block of one fiber. Both stacks reach it through a raw pointer; a
 /// field is only touched by the side that is currently running.
 pub(crate) struct Fiber {
+    /// `Fast`: the parked fiber's stack pointer, written by the switch that parks it.
     fiber_sp: *mut u8,
+    /// `Fast`: the resumer's stack pointer while the fiber runs, for `switch_out`.
     caller_sp: *mut u8,
+    /// `Ucontext`: both contexts for every switch. `Fast`: only until the bootstrap has
+    /// parked the trampoline, then dropped.
     uc: Option<Box<UcPair>>,
+    /// Already [`Backend::effective`], so the switch never needs the architecture check.
     backend: Backend,
     /// The job to run next, set by [`Fiber::start`]; runs the closure in the payload.
     job: Option<unsafe fn(*mut Fiber)>,
@@ -134,7 +143,28 @@ pub(crate) struct Fiber {
 thread_local! {
     /// The fiber running on this thread right now (null on the thread's own stack). Read by
     /// `yield_now` and by the stack-overflow signal handler.
+    ///
+    /// # Why thread-locals may be cached across a switch here
+    /// QEMU's coroutine-ucontext.c marks its TLS accessors `noinline` because a QEMU
+    /// coroutine can yield on one thread and be resumed on another: the compiler, not
+    /// knowing that a switch can change threads, may compute a thread-local's address
+    /// before the switch and use it after, reaching the old thread's variable.
+    ///
+    /// That cannot happen here, because a fiber only ever runs on the thread that created
+    /// it. `switch_in` is reached only from `Coroutine::resume` and `Coroutine`'s `Drop`,
+    /// and `Coroutine` is `!Send` and `!Sync` (a `*mut ()` marker, with a `compile_fail`
+    /// test), so those run on the thread that made the handle, which is where
+    /// `Builder::spawn` took the fiber. `switch_out` returns to that same resumer. The
+    /// `Scheduler` that owns tasks holds them behind an `Rc` and is `!Send` too. And a
+    /// finished fiber goes back to `POOLS`, which is thread-local, so even its parked
+    /// trampoline is only ever picked up again by the same thread. Hence `switch_in` can
+    /// stay `#[inline(always)]` with the `CURRENT` accesses around the switch inlined into
+    /// it; making `Coroutine` `Send` or sharing the pool between threads would require
+    /// QEMU's fix (re-reading every thread-local through a non-inlined call after a switch).
     static CURRENT: Cell<*mut Fiber> = const { Cell::new(ptr::null_mut()) };
+    /// This thread's parked fibers, one pool per (backend, stack size). Thread-local because a
+    /// fiber never leaves the thread that created it (see `CURRENT`); dropped with the
+    /// thread, which unmaps the stacks.
     static POOLS: RefCell<Vec<Pool>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -194,6 +224,14 @@ fn fiber_main(f: *mut Fiber) -> ! {
 }
 
 /// For the `Fast` backend: leave the creator's stack for the `makecontext`-prepared one.
+/// Called by [`arch::bootstrap`] on the creator's stack, below the context it saved.
+///
+/// # Safety
+/// `f` must point to a live [`Fiber`] set up by [`Fiber::new`] and not yet entered: `uc` is
+/// `Some` with `uc.fiber` prepared by `makecontext` on the fiber's own stack, and
+/// `caller_sp` holds the creator's context saved by the `bootstrap` that calls this, so that
+/// the trampoline's first [`switch_out`] has somewhere to return to. Nothing else may use
+/// the fiber until that switch.
 unsafe extern "C" fn enter_fiber(f: *mut u8) -> ! {
     let f = f.cast::<Fiber>();
     // SAFETY: `uc` was prepared by `makecontext` in `Fiber::new` and lives in a Box.
@@ -206,7 +244,14 @@ unsafe extern "C" fn enter_fiber(f: *mut u8) -> ! {
     std::process::abort()
 }
 
-/// Runs the job (closure `F` in the payload) and stores its outcome, panics included.
+/// Runs the job (closure `F` in the payload) and stores its outcome, panics included, so
+/// that no unwind crosses the trampoline.
+///
+/// # Safety
+/// `f` must be the fiber this runs on, called from its trampoline, and its payload must hold
+/// the live `F` written by [`Fiber::start::<F, T>`](Fiber::start) (the same `F` and `T`).
+/// On return the payload holds a `std::thread::Result<T>` that the owner must move out with
+/// [`Payload::read`] before the fiber is released.
 unsafe fn run_job<F, T>(f: *mut Fiber)
 where
     F: FnOnce() -> T,
@@ -218,6 +263,12 @@ where
     unsafe { Payload::write::<std::thread::Result<T>>(&raw mut (*f).payload, outcome) };
 }
 
+/// Drops the closure of a job that never ran (installed next to [`run_job`] by
+/// [`Fiber::start`], used by [`Fiber::discard_job`]).
+///
+/// # Safety
+/// `f` must be a valid fiber that is not running, whose payload holds the live `F` written
+/// by `Fiber::start::<F, _>`. The payload is empty afterwards.
 unsafe fn drop_job<F>(f: *mut Fiber) {
     // SAFETY: installed only alongside an `F` written into the payload that has not run.
     drop(unsafe { Payload::read::<F>(&raw mut (*f).payload) });
@@ -229,7 +280,7 @@ impl Fiber {
         backend: Backend,
         stack_size: usize,
         pooled: bool,
-    ) -> io::Result<NonNull<Fiber>> {
+    ) -> Result<NonNull<Fiber>, Error> {
         let backend = backend.effective();
         if pooled {
             let hit = POOLS.with(|p| {
@@ -248,7 +299,9 @@ impl Fiber {
     /// Returns a finished fiber to the pool, or unmaps it when the pool is full.
     ///
     /// # Safety
-    /// `f` must be parked in its trampoline with no job and no live payload.
+    /// `f` must be parked in its trampoline with no job and no live payload, on the thread
+    /// that created it, and `stack_size` must be the size it was acquired with (the pool is
+    /// keyed by it). The caller gives `f` up: it may be reused or unmapped at once.
     pub(crate) unsafe fn release(f: NonNull<Fiber>, pooled: bool, stack_size: usize) {
         // SAFETY: the caller guarantees `f` is a valid parked fiber.
         let backend = unsafe { (*f.as_ptr()).backend };
@@ -286,15 +339,13 @@ impl Fiber {
     }
 
     /// Maps a stack and runs a new trampoline on it up to its first park.
-    fn new(backend: Backend, stack_size: usize) -> io::Result<NonNull<Fiber>> {
+    fn new(backend: Backend, stack_size: usize) -> Result<NonNull<Fiber>, Error> {
         overflow::ensure_handler();
         let stack = Stack::new(stack_size)?;
         let f = Box::into_raw(Box::new(Fiber {
             fiber_sp: ptr::null_mut(),
             caller_sp: ptr::null_mut(),
-            // SAFETY: ucontext_t is plain data for which all-zero is a valid (empty) value;
-            // getcontext fills it before use.
-            uc: Some(Box::new(unsafe { mem::zeroed::<UcPair>() })),
+            uc: None,
             backend,
             job: None,
             drop_job: None,
@@ -303,11 +354,16 @@ impl Fiber {
             stack,
             payload: Payload([MaybeUninit::uninit(); PAYLOAD_BYTES]),
         }));
-        // SAFETY: `f` came from Box::into_raw and is exclusively ours until parked.
+        // SAFETY: ucontext_t is plain data for which all-zero is a valid (empty) value;
+        // getcontext fills it before use.
+        let uc = Box::new(unsafe { mem::zeroed::<UcPair>() });
+        // SAFETY: `f` came from Box::into_raw and is exclusively ours until parked. `uc`
+        // borrows the boxed pair now owned by the fiber: glibc's ucontext_t points into
+        // itself, and a Box's contents stay put when the Box moves.
         unsafe {
-            let uc = (*f).uc.as_deref_mut().ok_or(io::ErrorKind::Other)?;
+            let uc: &mut UcPair = (*f).uc.insert(uc);
             if libc::getcontext(&mut uc.fiber) != 0 {
-                let err = io::Error::last_os_error();
+                let err = Error::last_os("getcontext");
                 drop(Box::from_raw(f));
                 return Err(err);
             }
@@ -335,7 +391,6 @@ impl Fiber {
                     (*f).uc = None;
                 }
                 Backend::Ucontext => {
-                    let uc = (*f).uc.as_deref_mut().ok_or(io::ErrorKind::Other)?;
                     libc::swapcontext(&mut uc.caller, &uc.fiber);
                 }
             }
@@ -394,12 +449,24 @@ impl Fiber {
     }
 }
 
+/// Runs a new `Fast` fiber's trampoline up to its first park, through [`enter_fiber`]. On
+/// return `fiber_sp` holds the parked trampoline and `uc` is no longer needed.
+///
+/// # Safety
+/// `f` must point to a live fiber fresh from [`Fiber::new`]: `uc.fiber` prepared by
+/// `makecontext` for the trampoline on the fiber's stack, never entered, and the `Fast`
+/// backend recorded, so the trampoline parks with the register switch that returns here.
 #[cfg(target_arch = "x86_64")]
 unsafe fn arch_bootstrap(f: *mut Fiber) {
     // SAFETY: `enter_fiber` never returns; the trampoline's first `switch_out` resumes us.
     unsafe { arch::bootstrap(&raw mut (*f).caller_sp, enter_fiber, f.cast()) }
 }
 
+/// Stands in where there is no register switch; never reached.
+///
+/// # Safety
+/// None needed; it only panics. It is `unsafe` to match the x86_64 version, whose contract
+/// callers must follow. [`Backend::effective`] never yields `Fast` on this architecture.
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn arch_bootstrap(_f: *mut Fiber) {
     unreachable!("Backend::effective never yields Fast without an arch switch")
@@ -409,7 +476,9 @@ unsafe fn arch_bootstrap(_f: *mut Fiber) {
 /// previous one (coroutines may resume coroutines) when the fiber switches back.
 ///
 /// # Safety
-/// `f` must be a valid parked fiber that is not already running.
+/// `f` must be a valid parked fiber that is not already running, and this must be the
+/// thread that created it: its stack may hold references into this thread's thread-locals,
+/// and `CURRENT` is per thread.
 #[inline(always)]
 pub(crate) unsafe fn switch_in(f: *mut Fiber) {
     let prev = CURRENT.with(|c| c.replace(f));

@@ -1,11 +1,11 @@
 //! io_uring for coroutines: submit an operation, park, resume with its result.
 //!
 //! Each operation gets a slot keyed by the SQE's `user_data`. The calling task parks until
-//! [`Ring::reap`] has posted the CQE's result into the slot and woken it. By default
-//! submissions are not sent one by one: they sit in the submission queue until the
-//! scheduler has run every ready task, then go to the kernel in a single `io_uring_enter`
-//! ([`Ring::submit`]). A ring made with [`Ring::submit_each`] sends each operation as it is
-//! queued instead (see there for when that wins).
+//! the scheduler has reaped the CQE, posted its result into the slot and woken the task. By
+//! default submissions are not sent one by one: they sit in the submission queue until the
+//! scheduler has run every ready task, then go to the kernel in a single `io_uring_enter`.
+//! A ring made with [`Ring::submit_each`] sends each operation as it is queued instead (see
+//! there for when that wins).
 //!
 //! The ring signals an eventfd on every completion so an outside epoll loop (the vhost-user
 //! worker) can sleep on it alongside guest kicks.
@@ -23,6 +23,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use slab::Slab;
 
 use crate::sched::{self, TaskId};
+use crate::Error;
 
 struct Op {
     task: TaskId,
@@ -42,11 +43,11 @@ pub struct Ring {
 
 impl Ring {
     /// A ring with `entries` submission slots and a fresh non-blocking eventfd.
-    pub fn new(entries: u32) -> io::Result<Ring> {
+    pub fn new(entries: u32) -> Result<Ring, Error> {
         // SAFETY: eventfd has no memory preconditions; the result is checked.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
-            return Err(io::Error::last_os_error());
+            return Err(Error::last_os("eventfd"));
         }
         // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
         Ring::with_eventfd(entries, unsafe { OwnedFd::from_raw_fd(fd) })
@@ -54,9 +55,12 @@ impl Ring {
 
     /// A ring that signals the given eventfd on completions (e.g. one already registered
     /// with an epoll loop before the worker thread created its scheduler).
-    pub fn with_eventfd(entries: u32, eventfd: OwnedFd) -> io::Result<Ring> {
-        let uring = IoUring::new(entries)?;
-        uring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+    pub fn with_eventfd(entries: u32, eventfd: OwnedFd) -> Result<Ring, Error> {
+        let uring = IoUring::new(entries).map_err(Error::os("io_uring_setup"))?;
+        uring
+            .submitter()
+            .register_eventfd(eventfd.as_raw_fd())
+            .map_err(Error::os("io_uring_register"))?;
         Ok(Ring {
             uring,
             eventfd,
@@ -79,7 +83,8 @@ impl Ring {
         self
     }
 
-    /// The completion eventfd.
+    /// The completion eventfd, for an outside epoll loop to sleep on (after it fires,
+    /// [`Scheduler::on_completion_event`](crate::Scheduler::on_completion_event) clears it).
     pub fn eventfd(&self) -> RawFd {
         self.eventfd.as_raw_fd()
     }
@@ -198,13 +203,9 @@ impl Ring {
 /// Submits `entry` from the current task, parks until it completes, returns the raw result.
 fn submit_and_park(entry: squeue::Entry) -> io::Result<i32> {
     let key = sched::with_active(|s| {
-        s.ensure_ring()?;
         let task = s.current();
-        let mut ring = s.ring.borrow_mut();
-        match ring.as_mut() {
-            Some(ring) => ring.push(entry, task),
-            None => Err(io::Error::other("no io_uring")),
-        }
+        // A failure to create the ring travels as an `io::Error` wrapping the `Error`.
+        s.with_ring(|ring| ring.push(entry, task))?
     })?;
     loop {
         let done = sched::with_active(|s| {

@@ -4,13 +4,16 @@
 //! parses the request, submits backend I/O, *yields* until the completion arrives, then
 //! writes the status. This crate provides the pieces, bottom up:
 //!
-//! - [`stack`]: `mmap`'d stacks with a guard page; overflow is reported ([`overflow`]).
+//! - `stack`: `mmap`'d stacks with a guard page; an overflow is reported (`overflow`), not
+//!   silent corruption.
 //! - switch backends ([`Backend`]): `Fast` (register-only `asm`, no syscall) and `Ucontext`
 //!   (`swapcontext`); both share one trampoline and pool (`fiber`).
 //! - [`Coroutine`]: create, [`resume`](Coroutine::resume), [`yield_now`], return a value;
 //!   panics propagate to the resumer; dropping a suspended coroutine unwinds it.
 //! - [`Scheduler`]: a single-threaded executor with [`park`]/[`wake`], plus [`sync`]
 //!   (`Mutex`, `Condvar`) and [`io`] (io_uring operations that park the calling task).
+//! - [`Error`]: why setting up or driving coroutines failed (a named system call, a stack
+//!   too large, ...). The I/O operations return the operation's own `io::Error` instead.
 //!
 //! What it does not do: move coroutines between threads (they are `!Send`), or own an event
 //! loop (the caller's epoll drives [`Scheduler::run`]).
@@ -21,10 +24,16 @@
 //! (`--coroutine-backend ucontext` in the daemon) and `ASAN_OPTIONS=detect_stack_use_after_return=0`,
 //! as QEMU does for its ucontext backend without the sanitizer fiber hooks.
 
-#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+#![deny(
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks,
+    clippy::missing_safety_doc
+)]
+#![warn(missing_docs)]
 
 mod arch;
 mod coroutine;
+mod error;
 mod fiber;
 pub mod io;
 mod overflow;
@@ -33,8 +42,9 @@ mod stack;
 pub mod sync;
 mod valgrind;
 
-pub use coroutine::{in_coroutine, yield_now, Builder, Coroutine, Resumed, State};
+pub use coroutine::{yield_now, Builder, Coroutine, Resumed, State};
+pub use error::Error;
 pub use fiber::{pool_idle_count, Backend, POOL_MAX};
 pub use io::sleep;
-pub use sched::{current_task, park, spawn, wake, yield_task, Scheduler, TaskId};
+pub use sched::{current_task, park, wake, yield_task, Scheduler, TaskId};
 pub use stack::{DEFAULT_STACK_SIZE, MIN_STACK_SIZE};

@@ -3,9 +3,10 @@
 //! The scheduler does not block or own an event loop: [`Scheduler::run`] resumes ready tasks
 //! until none is left, submits the io_uring operations they queued in one batch, and returns.
 //! The caller's loop (the vhost-user worker's epoll) calls it again when something happens:
-//! a guest kick that spawned tasks, or the ring's completion eventfd
-//! ([`Scheduler::completion_fd`]). [`Scheduler::run_until_idle`] is the blocking variant
-//! for tests and tools that have no loop of their own.
+//! a guest kick that spawned tasks, or the ring's completion eventfd (the caller hands it to
+//! [`Ring::with_eventfd`] and reports it firing with [`Scheduler::on_completion_event`]).
+//! [`Scheduler::run_until_idle`] is the blocking variant for tests and tools that have no
+//! loop of their own.
 //!
 //! Inside a task, [`park`] suspends until some [`wake`]; the task id comes from
 //! [`current_task`]. Wake-ups are remembered, so a wake that lands before the park is not
@@ -13,8 +14,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::io;
-use std::os::fd::RawFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 use std::rc::Rc;
@@ -23,6 +22,7 @@ use slab::Slab;
 
 use crate::coroutine::{self, Builder, Coroutine, Resumed};
 use crate::io::Ring;
+use crate::Error;
 
 /// Identifies a task within its scheduler. The generation makes a stale id (of a finished
 /// task whose slot was reused) harmless: waking it does nothing.
@@ -68,7 +68,13 @@ pub(crate) fn with_active<R>(f: impl FnOnce(&Inner) -> R) -> R {
     f(unsafe { &*p })
 }
 
-/// Single-threaded executor of coroutine tasks. `!Send`, like the coroutines it owns.
+/// Single-threaded executor of coroutine tasks. `!Send`, like the coroutines it owns: its
+/// tasks may only be resumed on the thread that created them.
+///
+/// ```compile_fail
+/// fn needs_send<T: Send>(_: T) {}
+/// needs_send(coro::Scheduler::default());
+/// ```
 pub struct Scheduler {
     inner: Rc<Inner>,
 }
@@ -103,7 +109,9 @@ impl Scheduler {
     }
 
     /// Adds a task that will run `f` on the next [`run`](Self::run).
-    pub fn spawn<F>(&self, f: F) -> io::Result<TaskId>
+    ///
+    /// Fails as [`Builder::spawn`] does, or with [`Error::TooManyTasks`].
+    pub fn spawn<F>(&self, f: F) -> Result<TaskId, Error>
     where
         F: FnOnce() + 'static,
     {
@@ -120,11 +128,6 @@ impl Scheduler {
         self.inner.tasks.borrow().len()
     }
 
-    /// Whether any task is ready to run now.
-    pub fn has_ready(&self) -> bool {
-        !self.inner.ready.borrow().is_empty()
-    }
-
     /// Operations submitted to the ring and not yet completed.
     pub fn io_in_flight(&self) -> usize {
         self.inner.ring.borrow().as_ref().map_or(0, Ring::in_flight)
@@ -139,15 +142,8 @@ impl Scheduler {
             .is_some_and(Ring::has_completions)
     }
 
-    /// The eventfd the ring signals on each completion, for an outside epoll loop; creates
-    /// the default ring if none was installed.
-    pub fn completion_fd(&self) -> io::Result<RawFd> {
-        self.inner.ensure_ring()?;
-        Ok(self.inner.ring.borrow().as_ref().map_or(-1, Ring::eventfd))
-    }
-
     /// Call after the completion eventfd fired: clears it, then [`run`](Self::run)s.
-    pub fn on_completion_event(&self) -> io::Result<usize> {
+    pub fn on_completion_event(&self) -> Result<usize, Error> {
         if let Some(ring) = self.inner.ring.borrow().as_ref() {
             ring.clear_eventfd();
         }
@@ -159,7 +155,11 @@ impl Scheduler {
     ///
     /// # Panics
     /// Re-raises a panic from a task.
-    pub fn run(&self) -> io::Result<usize> {
+    ///
+    /// # Errors
+    /// [`Error::Os`] when `io_uring_enter` fails; the queued operations stay queued and the
+    /// next call submits them again.
+    pub fn run(&self) -> Result<usize, Error> {
         let _enter = Enter::new(&self.inner);
         let mut resumed = 0;
         loop {
@@ -180,14 +180,14 @@ impl Scheduler {
     /// Like [`run`](Self::run), but blocks on the ring until every task has finished, or
     /// until the remaining tasks are all parked with no I/O in flight (they wait for an
     /// outside [`wake`](Self::wake)). Returns the number of tasks still alive.
-    pub fn run_until_idle(&self) -> io::Result<usize> {
+    pub fn run_until_idle(&self) -> Result<usize, Error> {
         loop {
             self.run()?;
             if self.task_count() == 0 || self.io_in_flight() == 0 {
                 return Ok(self.task_count());
             }
             if let Some(ring) = self.inner.ring.borrow().as_ref() {
-                ring.wait(1)?;
+                ring.wait(1).map_err(Error::os("io_uring_enter"))?;
             }
         }
     }
@@ -225,23 +225,24 @@ impl Drop for Enter {
 }
 
 impl Inner {
-    fn spawn<F>(&self, f: F) -> io::Result<TaskId>
+    fn spawn<F>(&self, f: F) -> Result<TaskId, Error>
     where
         F: FnOnce() + 'static,
     {
+        // Checked before inserting, so that a refused task leaves no slot behind.
+        let slot = self.tasks.borrow().vacant_key();
+        let index = u32::try_from(slot).map_err(|_| Error::TooManyTasks { slot })?;
         let co = self.builder.spawn(f)?;
         let gen = self.next_gen.get().wrapping_add(1);
         self.next_gen.set(gen);
-        let index = self.tasks.borrow_mut().insert(Task {
+        let inserted = self.tasks.borrow_mut().insert(Task {
             co: Some(co),
             gen,
             notified: false,
             queued: true,
         });
-        let id = TaskId {
-            index: u32::try_from(index).map_err(|_| io::Error::other("too many tasks"))?,
-            gen,
-        };
+        debug_assert_eq!(inserted, slot);
+        let id = TaskId { index, gen };
         self.ready.borrow_mut().push_back(id);
         Ok(id)
     }
@@ -323,12 +324,14 @@ impl Inner {
         }
     }
 
-    pub(crate) fn ensure_ring(&self) -> io::Result<()> {
-        let mut ring = self.ring.borrow_mut();
-        if ring.is_none() {
-            *ring = Some(Ring::new(self.ring_entries)?);
-        }
-        Ok(())
+    /// Calls `f` with the ring, creating the default one first if none was installed.
+    pub(crate) fn with_ring<R>(&self, f: impl FnOnce(&mut Ring) -> R) -> Result<R, Error> {
+        let mut slot = self.ring.borrow_mut();
+        let ring = match &mut *slot {
+            Some(ring) => ring,
+            None => slot.insert(Ring::new(self.ring_entries)?),
+        };
+        Ok(f(ring))
     }
 
     /// Posts finished operations' results and wakes their tasks; true if any.
@@ -340,9 +343,9 @@ impl Inner {
     }
 
     /// Submits queued operations; true if any went to the kernel.
-    fn submit(&self) -> io::Result<bool> {
+    fn submit(&self) -> Result<bool, Error> {
         match self.ring.borrow_mut().as_mut() {
-            Some(ring) => ring.submit(),
+            Some(ring) => ring.submit().map_err(Error::os("io_uring_enter")),
             None => Ok(false),
         }
     }
@@ -372,12 +375,4 @@ pub fn yield_task() {
     // The pending wake makes the scheduler requeue us at the back once we yield.
     wake(current_task());
     coroutine::yield_now();
-}
-
-/// Spawns a sibling task from inside a task.
-pub fn spawn<F>(f: F) -> io::Result<TaskId>
-where
-    F: FnOnce() + 'static,
-{
-    with_active(|s| s.spawn(f))
 }

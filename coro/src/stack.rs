@@ -5,10 +5,10 @@
 //! [`crate::overflow`] reports instead of silent corruption of the neighbouring mapping.
 //! Reuse of stacks (the pool) lives in [`crate::fiber`]; this module only maps and unmaps.
 
-use std::io;
 use std::ptr::NonNull;
 
 use crate::valgrind;
+use crate::Error;
 
 /// Default usable stack size: 256 KiB.
 ///
@@ -38,13 +38,14 @@ pub(crate) fn page_size() -> usize {
 
 impl Stack {
     /// Maps a stack of at least `size` usable bytes (rounded up to pages) plus one guard page.
-    pub(crate) fn new(size: usize) -> io::Result<Stack> {
+    pub(crate) fn new(size: usize) -> Result<Stack, Error> {
         let page = page_size();
+        let too_large = || Error::StackTooLarge { requested: size };
         let usable = size
             .max(MIN_STACK_SIZE)
             .checked_next_multiple_of(page)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let len = usable + page;
+            .ok_or_else(too_large)?;
+        let len = usable.checked_add(page).ok_or_else(too_large)?;
         // SAFETY: an anonymous private mapping at a kernel-chosen address aliases nothing.
         let ptr = unsafe {
             libc::mmap(
@@ -57,12 +58,21 @@ impl Stack {
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+            return Err(Error::last_os("mmap"));
         }
-        let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
+        let Some(base) = NonNull::new(ptr.cast::<u8>()) else {
+            // Only possible where vm.mmap_min_addr is 0; `Stack` keeps a non-null base, so
+            // give that mapping back rather than describe it.
+            // SAFETY: unmapping exactly the mapping created above.
+            unsafe { libc::munmap(ptr, len) };
+            return Err(Error::Os {
+                call: "mmap",
+                source: std::io::ErrorKind::AddrNotAvailable.into(),
+            });
+        };
         // SAFETY: the first page lies inside the mapping we just created.
         if unsafe { libc::mprotect(ptr, page, libc::PROT_NONE) } != 0 {
-            let err = io::Error::last_os_error();
+            let err = Error::last_os("mprotect");
             // SAFETY: unmapping exactly the mapping created above.
             unsafe { libc::munmap(ptr, len) };
             return Err(err);

@@ -121,15 +121,6 @@ impl Condvar {
         mutex.lock()
     }
 
-    /// Parks until notified, for conditions not protected by a [`Mutex`] (single-threaded
-    /// tasks need none when the condition is checked without yielding in between).
-    pub fn wait_unlocked(&self) {
-        let flag = self.enqueue();
-        while !flag.get() {
-            sched::park();
-        }
-    }
-
     fn enqueue(&self) -> Rc<Cell<bool>> {
         let flag = Rc::new(Cell::new(false));
         self.waiters
@@ -149,15 +140,6 @@ impl Condvar {
             }
             None => false,
         }
-    }
-
-    /// Wakes every waiting task; returns how many.
-    pub fn notify_all(&self) -> usize {
-        let mut n = 0;
-        while self.notify_one() {
-            n += 1;
-        }
-        n
     }
 
     /// Whether no task is waiting.

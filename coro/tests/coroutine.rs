@@ -5,7 +5,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::process::Command;
 use std::rc::Rc;
 
-use coro::{yield_now, Backend, Builder, Coroutine, Resumed, State};
+use coro::{yield_now, Backend, Builder, Coroutine, Error, Resumed, State};
 
 /// Defines `mod name { fn fast(); fn ucontext(); }` running `body(builder)` on each backend.
 macro_rules! both_backends {
@@ -214,6 +214,37 @@ both_backends!(unpooled_stacks_are_unmapped, |b: Builder| {
     }
     assert_eq!(coro::pool_idle_count(), before);
 });
+
+both_backends!(oversized_stack_is_refused, |b: Builder| {
+    let err = b
+        .stack_size(usize::MAX)
+        .spawn(|| ())
+        .err()
+        .expect("a stack of usize::MAX bytes cannot be mapped");
+    assert!(
+        matches!(
+            err,
+            Error::StackTooLarge {
+                requested: usize::MAX
+            }
+        ),
+        "{err:?}"
+    );
+});
+
+#[test]
+fn unknown_backend_name_is_an_error() {
+    assert_eq!("fast".parse::<Backend>().expect("fast"), Backend::Fast);
+    assert_eq!(
+        "ucontext".parse::<Backend>().expect("ucontext"),
+        Backend::Ucontext
+    );
+    let err = "turbo".parse::<Backend>().expect_err("no such backend");
+    assert!(
+        matches!(&err, Error::UnknownBackend { name } if name == "turbo"),
+        "{err:?}"
+    );
+}
 
 #[test]
 #[should_panic(expected = "yield_now called outside a coroutine")]

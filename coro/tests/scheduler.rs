@@ -7,7 +7,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use coro::sync::{Condvar, Mutex};
-use coro::{Backend, Builder, Scheduler};
+use coro::{Backend, Builder, Error, Scheduler};
 
 macro_rules! both_backends {
     ($name:ident, $body:expr) => {
@@ -299,4 +299,33 @@ fn submit_each_sends_io_before_the_batch_ends() {
         );
         drop(efd);
     }
+}
+
+/// A failed system call names itself, and keeps its errno.
+#[test]
+fn ring_setup_failure_names_the_call() {
+    // io_uring_setup rejects a ring of zero entries with EINVAL.
+    match coro::io::Ring::new(0) {
+        Err(Error::Os { call, source }) => {
+            assert_eq!(call, "io_uring_setup");
+            assert_eq!(source.raw_os_error(), Some(libc::EINVAL));
+        }
+        Err(other) => panic!("expected Error::Os, got {other:?}"),
+        Ok(_) => panic!("a ring of 0 entries must be refused"),
+    }
+}
+
+/// Callers that return `io::Result` can use `?` on a `coro::Error` without losing it.
+#[test]
+fn error_converts_to_io_error_losslessly() {
+    let io_err = std::io::Error::from(Error::StackTooLarge { requested: 7 });
+    assert_eq!(io_err.kind(), std::io::ErrorKind::InvalidInput);
+    let inner = io_err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<Error>())
+        .expect("the coro::Error is kept inside");
+    assert!(
+        matches!(inner, Error::StackTooLarge { requested: 7 }),
+        "{inner:?}"
+    );
 }

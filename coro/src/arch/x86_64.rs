@@ -1,17 +1,26 @@
 //! The `fast` backend's register-only context switch for x86_64 (System V ABI).
 //!
 //! A suspended context is a single stack pointer. [`switch`] pushes what it must keep and
-//! parks the stack pointer; the other side pops the same shape:
+//! parks the stack pointer; the other side pops the same shape. The stack of a suspended
+//! context, at a switch:
 //!
 //! ```text
 //!            higher addresses
+//!          | caller's frame    |   rsp at entry to the asm block (16-byte aligned)
 //!          +-------------------+
-//!          | saved rbp         |   rbp and rbx cannot be named as asm operands in Rust
-//!          | saved rbx         |   (frame pointer / reserved by LLVM), so they go on the stack
+//!   sp+16  | saved rbp         |   rbp and rbx cannot be named as asm operands in Rust
+//!   sp+8   | saved rbx         |   (frame pointer / reserved by LLVM), so they go on the stack
 //!   sp --> | resume address    |   label `2:` inside the switch that suspended this context
-//!          +-------------------+
+//!          +-------------------+   (sp is what `*save_sp` holds)
 //!            lower addresses
 //! ```
+//!
+//! Resuming is the mirror image: load that sp, pop the resume address and jump to it; the
+//! code at `2:` pops rbx and rbp, leaving rsp at its entry value. [`bootstrap`] saves the
+//! same three words, then calls a function on the stack below them (see there).
+//!
+//! Pushing below rsp is allowed because the blocks are not `nostack`: the compiler keeps
+//! rsp call-aligned at entry and nothing live in the red zone.
 //!
 //! Every other register is declared clobbered (`clobber_abi("C")` plus `r12`-`r15`), so the
 //! compiler spills only what is live across the switch at that call site instead of us
@@ -38,17 +47,25 @@ pub(crate) unsafe fn switch(save_sp: *mut *mut u8, load_sp: *mut u8) {
     // clobbered.
     unsafe {
         asm!(
+            // Build the suspended frame of the diagram: rbp, rbx, then where to resume.
             "push rbp",
             "push rbx",
             "lea rax, [rip + 2f]",
             "push rax",
+            // Park this context: its whole state is now the stack pointer.
             "mov [{save}], rsp",
+            // Enter the other context and continue at its resume address. `jmp`, not `ret`:
+            // no `call` pushed this address, so `ret` would mispredict every time.
             "mov rsp, {load}",
             "pop rax",
             "jmp rax",
+            // Someone switched back to us: restore what we pushed, in reverse.
             "2:",
             "pop rbx",
             "pop rbp",
+            // `save` and `load` are read after rax is overwritten, which is sound because
+            // rax and r12-r15 are `out` (not `lateout`), so no input shares them; the `reg`
+            // class never hands out rsp, rbx or rbp.
             save = in(reg) save_sp,
             load = in(reg) load_sp,
             out("rax") _,
@@ -82,14 +99,22 @@ pub(crate) unsafe fn bootstrap(
     // points at the saved frame, and `enter` never returns into this asm.
     unsafe {
         asm!(
+            // The same suspended frame as `switch` builds.
             "push rbp",
             "push rbx",
             "lea rax, [rip + 2f]",
             "push rax",
             "mov [{save}], rsp",
+            // The System V ABI requires rsp to be a multiple of 16 at a `call` (the callee
+            // finds rsp+8 aligned and aligns its own frame, SSE spills included, on that).
+            // Entry was aligned and three pushes left rsp 8 off; rounding down moves it into
+            // free stack below the saved frame, never into it.
             "and rsp, -16",
+            // `enter` leaves for the new stack and never returns ...
             "call {enter}",
             "ud2",
+            // ... the first switch back to the saved frame lands here instead, and what
+            // `enter` left below the frame is abandoned.
             "2:",
             "pop rbx",
             "pop rbp",

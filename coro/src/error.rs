@@ -1,0 +1,79 @@
+//! The crate's error type, for everything that sets up or drives coroutines: mapping a
+//! stack, spawning a task, creating and submitting to the io_uring.
+//!
+//! The I/O operations in [`crate::io`] (`readv`, `fsync`, ...) keep returning [`io::Error`]:
+//! their failures are the operation's own errno, which storage code maps to a virtio status by
+//! kind. Should the ring have to be created during such an operation and fail, the
+//! [`Error`] travels inside that `io::Error` (see the `From` impl below).
+
+use std::io;
+
+/// Why a coroutine, a task or an io_uring could not be set up or driven.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A system call failed. `call` names it because the errno alone does not say what ran
+    /// out: `ENOMEM` from `mmap` (a stack) and from `io_uring_setup` (locked memory for a
+    /// ring) call for different fixes.
+    #[error("{call} failed: {source}")]
+    Os {
+        /// The system call or libc function that failed, e.g. `"mmap"`.
+        call: &'static str,
+        /// Its error, with the errno.
+        #[source]
+        source: io::Error,
+    },
+    /// A stack of `requested` usable bytes cannot be mapped: rounded up to whole pages, it
+    /// does not fit in the address space (`usize`).
+    #[error("coroutine stack size of {requested} bytes is too large")]
+    StackTooLarge {
+        /// The stack size asked for through [`Builder::stack_size`](crate::Builder::stack_size).
+        requested: usize,
+    },
+    /// The scheduler's task table would need slot `slot`, beyond the 32-bit index that a
+    /// [`TaskId`](crate::TaskId) holds. The task is not created.
+    #[error("too many tasks: slot {slot} does not fit in a task id")]
+    TooManyTasks {
+        /// The first free slot of the task table.
+        slot: usize,
+    },
+    /// A backend name that is neither `fast` nor `ucontext` (from [`Backend`]'s `FromStr`).
+    ///
+    /// [`Backend`]: crate::Backend
+    #[error("unknown coroutine backend '{name}': use 'fast' or 'ucontext'")]
+    UnknownBackend {
+        /// The name as given.
+        name: String,
+    },
+}
+
+impl Error {
+    /// `Error::Os` for `call` with the thread's current errno; call right after the failure.
+    pub(crate) fn last_os(call: &'static str) -> Error {
+        Error::Os {
+            call,
+            source: io::Error::last_os_error(),
+        }
+    }
+
+    /// For `map_err`: wraps an `io::Error` that `call` returned.
+    pub(crate) fn os(call: &'static str) -> impl FnOnce(io::Error) -> Error {
+        move |source| Error::Os { call, source }
+    }
+}
+
+/// For callers whose own functions return `io::Result` (the daemon's worker setup uses `?`
+/// on [`Ring::with_eventfd`](crate::io::Ring::with_eventfd)). The kind is the OS error's for
+/// [`Error::Os`]; the `Error` itself stays reachable through [`io::Error::get_ref`] and
+/// [`io::Error::into_inner`], so nothing is flattened into a string.
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        let kind = match &e {
+            Error::Os { source, .. } => source.kind(),
+            Error::StackTooLarge { .. } | Error::UnknownBackend { .. } => {
+                io::ErrorKind::InvalidInput
+            }
+            Error::TooManyTasks { .. } => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e)
+    }
+}
