@@ -3,6 +3,9 @@
 //! Startup order matters for operators: every option and the disk are validated before the
 //! socket is created, so a bad invocation fails with one line and leaves nothing behind.
 
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
 use std::process::ExitCode;
 use std::sync::Arc;
 

@@ -451,8 +451,9 @@ pub fn send_mem_table(sock: &Path, regions: &[MemRegion]) -> io::Result<()> {
     fe.get_features().map(drop).map_err(err)
 }
 
-/// Sends one raw vhost-user message (header fields + payload, optional fds) and returns the
-/// stream, for malformed-message tests.
+/// Writes one raw vhost-user message (the three header fields, then `payload`) to `stream`,
+/// for malformed-message tests: `size` need not match the payload. The caller reads the
+/// daemon's answer, or its closing the connection, from the same stream.
 pub fn raw_message(
     stream: &mut UnixStream,
     request: u32,

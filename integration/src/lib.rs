@@ -27,6 +27,11 @@
 //! (starting and watching a server), `procfs` (what /proc says about it), [`vm`] (booting
 //! a guest), [`console`] (what the guest printed), [`frontend`] (the protocol-level client).
 
+#![deny(
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks,
+    clippy::missing_safety_doc
+)]
 #![warn(missing_docs)]
 
 pub mod console;

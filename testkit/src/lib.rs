@@ -9,6 +9,7 @@
 //! harness, and nothing here links corodev's code, so a test of the device never checks
 //! the device against its own constants.
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 use virtio_bindings::{virtio_blk, virtio_ring};

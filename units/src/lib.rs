@@ -5,6 +5,7 @@
 //! formatting and no policy (minimums, alignment) — each caller checks its own limits.
 //! The error is a `String` so the function plugs straight into clap's `value_parser`.
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 /// Parses `4096`, `64K`, `1M`, `10G`, `1T` (binary units).

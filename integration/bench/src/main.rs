@@ -15,7 +15,12 @@
 //! Exit status: 0 on success, 1 on any error (one line on stderr), including I/O errors or
 //! verify mismatches during the run (after the report is printed).
 
-#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+#![deny(
+    unsafe_op_in_unsafe_fn,
+    clippy::undocumented_unsafe_blocks,
+    clippy::missing_safety_doc
+)]
+#![warn(missing_docs)]
 
 mod error;
 mod pattern;
