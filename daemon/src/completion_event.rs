@@ -64,6 +64,16 @@ impl CompletionEvents {
         device_event == self.id
     }
 
+    /// Wakes worker `worker` as if completions had arrived: its next pass through epoll
+    /// returns at once (to see a shutdown, or other events, while its queues stay busy).
+    pub fn wake(&self, worker: usize) {
+        if let Some(fd) = self.fds.get(worker) {
+            if let Err(e) = fd.write(1) {
+                log::error!("cannot wake worker {worker}: {e}");
+            }
+        }
+    }
+
     /// A duplicate of worker `worker`'s eventfd, for its io_uring to signal.
     pub fn ring_fd(&self, worker: usize) -> io::Result<OwnedFd> {
         let fd = self.fds.get(worker).ok_or_else(|| {

@@ -5,8 +5,8 @@
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -40,10 +40,13 @@ pub struct Connection {
     pub workers: WorkerConfig,
     /// The eventfds through which each worker's io_uring wakes it.
     pub completions: CompletionEvents,
-    /// Requests started and not yet completed, per queue (for `stop_vring`).
-    in_flight: Vec<AtomicUsize>,
-    /// Queues found broken (bad avail index): ignored until restarted.
-    broken: Vec<AtomicBool>,
+    /// Per-queue state shared with the frontend thread.
+    queues: Vec<QueueState>,
+    /// Set once the frontend is gone: each worker finishes what is in flight, frees its
+    /// scheduler, ring, stacks and memory map, and counts itself out of `live_workers`.
+    closing: AtomicBool,
+    /// Workers holding per-thread state (a scheduler), and a condvar to wait for zero.
+    live_workers: (Mutex<usize>, Condvar),
     /// `queues_per_thread` masks: bit `q` of entry `t` means thread `t` serves queue `q`.
     thread_masks: Vec<u64>,
     /// Exit-event consumer descriptors handed to the library (see [`Drop for Connection`]).
@@ -80,8 +83,9 @@ impl Connection {
             blk: VirtioBlk::new(config, disk),
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             workers,
-            in_flight: (0..nq).map(|_| AtomicUsize::new(0)).collect(),
-            broken: (0..nq).map(|_| AtomicBool::new(false)).collect(),
+            queues: (0..nq).map(|_| QueueState::default()).collect(),
+            closing: AtomicBool::new(false),
+            live_workers: (Mutex::new(0), Condvar::new()),
             thread_masks,
             exit_fds: Mutex::new(Vec::new()),
         })
@@ -98,46 +102,71 @@ impl Connection {
         (0..64).filter(|q| mask >> q & 1 == 1).nth(local)
     }
 
-    /// Counts `n` requests of `queue` as started.
-    pub fn started(&self, queue: usize, n: usize) {
-        if let Some(c) = self.in_flight.get(queue) {
-            c.fetch_add(n, Ordering::AcqRel);
-        }
-    }
-
-    /// Counts `n` requests of `queue` as answered (used element published, guest signalled).
-    pub fn finished(&self, queue: usize, n: usize) {
-        if let Some(c) = self.in_flight.get(queue) {
-            c.fetch_sub(n, Ordering::AcqRel);
-        }
+    /// The shared state of `queue` (`None`: no such queue).
+    pub fn queue(&self, queue: usize) -> Option<&QueueState> {
+        self.queues.get(queue)
     }
 
     /// Requests of `queue` started and not yet answered (`None`: no such queue).
     pub fn in_flight(&self, queue: usize) -> Option<usize> {
-        Some(self.in_flight.get(queue)?.load(Ordering::Acquire))
-    }
-
-    /// Marks a queue broken after the guest corrupted its ring; it needs a reset.
-    pub fn queue_broken(&self, queue: usize, e: &virtio_queue::Error) {
-        if let Some(b) = self.broken.get(queue) {
-            if !b.swap(true, Ordering::AcqRel) {
-                log::error!("queue {queue}: ring is broken ({e}); device needs reset, ignoring the queue until it is restarted");
-            }
-        }
+        Some(self.queues.get(queue)?.in_flight.load(Ordering::Acquire))
     }
 
     /// Whether a queue was marked broken and is being ignored until restarted.
     pub fn is_broken(&self, queue: usize) -> bool {
-        self.broken
+        self.queues
             .get(queue)
-            .is_some_and(|b| b.load(Ordering::Acquire))
+            .is_some_and(|q| q.broken.load(Ordering::Acquire))
     }
 
-    /// Serves a restarted queue again.
-    pub fn clear_broken(&self, queue: usize) {
-        if let Some(b) = self.broken.get(queue) {
-            b.store(false, Ordering::Release);
+    /// Whether the frontend is gone and the workers are to wind down.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// Counts a worker that now holds per-thread state.
+    pub fn worker_started(&self) {
+        *self.live_lock() += 1;
+    }
+
+    /// Counts a worker that has freed its per-thread state.
+    pub fn worker_stopped(&self) {
+        let mut live = self.live_lock();
+        *live = live.saturating_sub(1);
+        self.live_workers.1.notify_all();
+    }
+
+    /// After the frontend is gone: tells every worker to finish its requests in flight and
+    /// free its state, and waits for them, up to `timeout`. `Err(n)`: `n` workers still
+    /// had requests in flight then.
+    pub fn close_workers(&self, timeout: Duration) -> Result<(), usize> {
+        self.closing.store(true, Ordering::Release);
+        for worker in 0..self.thread_masks.len() {
+            self.completions.wake(worker);
         }
+        let deadline = Instant::now() + timeout;
+        let mut live = self.live_lock();
+        while *live > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(*live);
+            }
+            live = self
+                .live_workers
+                .1
+                .wait_timeout(live, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        Ok(())
+    }
+
+    fn live_lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        // A counter stays consistent whatever panicked while holding it.
+        self.live_workers
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Remembers an exit-event descriptor the library will leak (see `Drop`).
@@ -145,6 +174,34 @@ impl Connection {
         if let Ok(mut fds) = self.exit_fds.lock() {
             fds.push(fd);
         }
+    }
+}
+
+/// What the frontend thread and the queue's worker share about one queue.
+#[derive(Default)]
+pub struct QueueState {
+    /// Requests popped and not yet answered (used element published and the guest
+    /// signalled). Raised under the vring lock as chains are popped, so GET_VRING_BASE,
+    /// which stops the ring under that lock and then waits for zero, never misses one.
+    pub in_flight: AtomicUsize,
+    /// The guest corrupted the ring: nothing more is popped until the ring is set up again.
+    broken: AtomicBool,
+}
+
+impl QueueState {
+    /// Marks the queue broken; true if it was not already.
+    pub fn mark_broken(&self) -> bool {
+        !self.broken.swap(true, Ordering::AcqRel)
+    }
+
+    /// Serves the queue again (its ring was stopped, to be set up afresh).
+    pub fn clear_broken(&self) {
+        self.broken.store(false, Ordering::Release);
+    }
+
+    /// Counts `n` requests answered.
+    pub fn finished(&self, n: usize) {
+        self.in_flight.fetch_sub(n, Ordering::AcqRel);
     }
 }
 

@@ -23,8 +23,9 @@ use vmm_sys_util::event::{
 use crate::connection::Connection;
 use crate::worker::Worker;
 
-/// How long `stop_vring` waits for in-flight requests before giving up on them.
-const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `stop_vring` waits for a ring's requests in flight. Past it the ring cannot be
+/// stopped truthfully, so the connection is closed instead (see `stop_vring`).
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Per-connection device handle given to the vhost-user library.
 #[derive(Clone)]
@@ -68,11 +69,19 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        self.0
-            .blk
-            .config()
+        let blk = &self.0.blk;
+        blk.config()
             .write_config(offset, buf)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // The guest can toggle the cache as fast as it likes: through the device's limiter.
+        blk.log().log(
+            log::Level::Info,
+            format_args!(
+                "guest set the write cache to {}",
+                if blk.config().writeback() { "writeback" } else { "writethrough" }
+            ),
+        );
+        Ok(())
     }
 
     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
@@ -98,21 +107,38 @@ impl VhostUserBackend for BlkDevice {
         }
     }
 
+    /// GET_VRING_BASE: "stop ring upon receiving VHOST_USER_GET_VRING_BASE" (vhost-user
+    /// spec, "Starting and stopping rings"), and the base returned must account for every
+    /// request, so this returns only when none of the ring's requests is in flight. The
+    /// library has already marked the queue not ready (under the vring lock), so no new
+    /// chain is popped; the worker keeps completing the rest (its completion eventfd stays
+    /// registered). Past [`STOP_TIMEOUT`] the answer would be a lie: the error closes the
+    /// connection instead.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let q = queue_index as usize;
-        // The worker keeps completing requests (its completion eventfd stays registered);
-        // we only wait. Polling keeps the data path free of any lock or condvar signal.
+        let Some(state) = self.0.queue(q) else {
+            return Ok(());
+        };
+        // Polling keeps the data path free of any lock or condvar signal.
         let start = Instant::now();
-        while let Some(n @ 1..) = self.0.in_flight(q) {
+        loop {
+            let n = state.in_flight.load(std::sync::atomic::Ordering::Acquire);
+            if n == 0 {
+                break;
+            }
             if start.elapsed() > STOP_TIMEOUT {
                 log::error!(
-                    "queue {q}: {n} requests still in flight after {STOP_TIMEOUT:?}; stopping anyway"
+                    "queue {q}: {n} requests still in flight after {STOP_TIMEOUT:?}; cannot stop the ring, closing the connection"
                 );
-                break;
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("queue {q}: {n} requests still in flight"),
+                ));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        self.0.clear_broken(q);
+        // The ring will be set up afresh before it is started again.
+        state.clear_broken();
         Ok(())
     }
 
@@ -125,6 +151,11 @@ impl VhostUserBackend for BlkDevice {
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             log::warn!("worker {thread_id}: unexpected events {evset:?} on {device_event}");
+        }
+        if self.0.is_closing() {
+            // The frontend is gone: finish and free this thread's requests and state.
+            Worker::shut_down();
+            return Ok(());
         }
         let worker = Worker::get(&self.0, vrings, thread_id)?;
         worker.woke();

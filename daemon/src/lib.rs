@@ -9,6 +9,7 @@
 //!   event dispatch).
 //! - [`completion_event`]: the eventfd through which a worker's io_uring wakes it.
 //! - [`worker`]: per-thread scheduler, kicks, completions, notifications.
+//! - [`ring`]: popping the avail ring with every ring-level check (faults break a queue).
 //! - [`poll_window`]: how long a worker polls after its last work.
 
 #![deny(
@@ -24,6 +25,7 @@ pub mod connection;
 pub mod device;
 pub mod error;
 pub mod poll_window;
+pub mod ring;
 pub mod server;
 pub mod socket;
 pub mod worker;

@@ -21,6 +21,10 @@ use crate::connection::{Connection, WorkerConfig};
 use crate::device::BlkDevice;
 use crate::error::Error;
 
+/// How long a closing connection waits for its workers to finish their requests in flight
+/// before saying so (it goes on waiting: the kernel may still write into their buffers).
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What every connection is served with.
 pub struct ServerConfig {
     /// Socket path to listen on.
@@ -102,8 +106,19 @@ pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
             Err(e) => log::warn!("connection {connection}: closed: {e}"),
         }
         stop.set(None);
-        drop(daemon); // joins the workers, which finish in-flight I/O first
-        log::info!("connection {connection}: in-flight requests drained");
+        // Every request in flight is finished and every worker's scheduler, ring, stacks
+        // and memory map freed before the library joins the worker threads.
+        match conn.close_workers(CLOSE_TIMEOUT) {
+            Ok(()) => log::info!("connection {connection}: in-flight requests drained"),
+            Err(n) => log::error!(
+                "connection {connection}: {n} worker(s) still have requests in flight after {CLOSE_TIMEOUT:?}; waiting for them to finish"
+            ),
+        }
+        drop(daemon); // joins the worker threads
+        let leaked = Arc::strong_count(&conn) - 1;
+        if leaked > 0 {
+            log::error!("connection {connection}: state still referenced {leaked} time(s) after close");
+        }
         if cfg.once {
             break;
         }

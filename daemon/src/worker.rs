@@ -1,7 +1,8 @@
 //! The per-thread data path: guest kicks become coroutines, completions resume them.
 //!
-//! Each vhost-user worker thread owns a [`Worker`] (created on the thread's first event and
-//! dropped when the thread exits): a `coro` scheduler with its own io_uring. A kick pops
+//! Each vhost-user worker thread owns a [`Worker`] (created on the thread's first event,
+//! freed when the connection closes, see [`Worker::shut_down`]): a `coro` scheduler with
+//! its own io_uring. A kick pops
 //! every available descriptor chain and spawns one coroutine per request; the scheduler
 //! runs them until each has submitted its I/O and parked, and submits that I/O in one
 //! batch. When the ring's eventfd fires, finished requests are resumed, write their status,
@@ -21,33 +22,41 @@
 //! worker never sleeps in epoll; when the device stays idle for the window, notifications
 //! are re-enabled and the worker returns to epoll. The window adapts between zero and
 //! `--poll-us` to how long the worker actually waits for work ([`PollWindow`]), so slow
-//! storage does not cost a spinning core. This is QEMU's `poll-max-ns` idea.
+//! storage does not cost a spinning core. This is QEMU's `poll-max-ns` idea. A worker
+//! that stays busy still goes back through epoll every [`POLL_BUDGET`], so it sees a
+//! shutdown and the library's exit event however much work keeps arriving.
+//!
+//! **Ring faults** ([`crate::ring`]) break one queue: it is no longer popped, the
+//! frontend's error eventfd is signalled and the device log says why; the queue serves
+//! again once the frontend stops and restarts it (a guest reset).
 //!
 //! The worker is thread-local because coroutines are `!Send`; the vhost-user library gives
 //! us `&self` on a shared backend, so per-thread state cannot live in it.
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::num::Wrapping;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use coro::io::Ring;
 use coro::Scheduler;
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
 use corodev_devices::request::Used;
 
 use crate::connection::Connection;
 use crate::poll_window::PollWindow;
+use crate::ring::{has_avail, pop_all, InFlightHeads, RingFault};
 
 /// Submission queue entries per worker ring: enough for a full 1024-deep queue per batch;
 /// a fuller queue is flushed to the kernel early rather than failing.
 const RING_ENTRIES: u32 = 1024;
+
+/// Longest a worker polls without passing through epoll, however busy: the library's
+/// exit event and a connection shutdown are only seen there.
+pub const POLL_BUDGET: Duration = Duration::from_millis(2);
 
 /// One worker thread's scheduler and completion bookkeeping.
 ///
@@ -56,11 +65,15 @@ const RING_ENTRIES: u32 = 1024;
 /// this worker), and each request's coroutine needs only a handle to it.
 pub struct Worker {
     conn: Arc<Connection>,
+    /// This worker's index among the connection's worker threads.
+    thread: usize,
     sched: Scheduler,
     /// This thread's vrings, by local index.
     vrings: Vec<VringRwLock>,
     /// Global queue index of each local vring (`None`: not ours, never served).
     queues: Vec<Option<usize>>,
+    /// Per local vring: heads whose requests are in flight.
+    heads: RefCell<Vec<InFlightHeads>>,
     /// Per local vring: requests published since the batch began; settled (in-flight
     /// total, guest signal) by [`notify`](Self::notify).
     published: RefCell<Vec<usize>>,
@@ -93,18 +106,52 @@ impl Worker {
             .stack_size(conn.workers.stack_size);
         let worker = Rc::new(Worker {
             conn: conn.clone(),
+            thread: thread_id,
             sched: Scheduler::new(builder).with_ring(ring),
             vrings: vrings.to_vec(),
             queues: (0..vrings.len())
                 .map(|local| conn.global_queue(thread_id, local))
                 .collect(),
+            heads: RefCell::new((0..vrings.len()).map(|_| InFlightHeads::default()).collect()),
             published: RefCell::new(vec![0; vrings.len()]),
             window: PollWindow::new(conn.workers.poll),
             idle_since: Cell::new(None),
         });
         WORKER.with(|w| *w.borrow_mut() = Some(worker.clone()));
+        conn.worker_started();
         log::debug!("worker {thread_id} ready");
         Ok(worker)
+    }
+
+    /// Frees this thread's worker once the connection is closing: runs every request in
+    /// flight to completion (the kernel may still write into their buffers, so nothing is
+    /// freed before), publishes their used elements, then drops the scheduler, its ring,
+    /// its stacks and its hold on the guest memory map.
+    ///
+    /// Each request's coroutine holds an `Rc` of the worker, so the worker cannot simply
+    /// be dropped with requests parked: they would keep it, and the memory map, alive for
+    /// ever. Only once they have finished is the last reference the thread-local one.
+    pub fn shut_down() {
+        let Some(worker) = WORKER.with(|w| w.borrow_mut().take()) else {
+            return;
+        };
+        match worker.sched.run_until_idle() {
+            Ok(0) => {}
+            Ok(n) => log::error!(
+                "worker {}: {n} requests parked with no I/O in flight at shutdown",
+                worker.thread
+            ),
+            Err(e) => log::error!("worker {}: finishing requests at shutdown: {e}", worker.thread),
+        }
+        worker.notify();
+        let (conn, thread) = (worker.conn.clone(), worker.thread);
+        let refs = Rc::strong_count(&worker);
+        drop(worker);
+        if refs > 1 {
+            log::error!("worker {thread}: {} requests still hold it at shutdown", refs - 1);
+        }
+        conn.worker_stopped();
+        log::debug!("worker {thread} shut down");
     }
 
     /// Called first on every event: if the worker had gone to sleep idle, how long it
@@ -154,44 +201,88 @@ impl Worker {
     /// added meanwhile); without, they stay off for the poll loop. Returns the count.
     fn start_requests(self: &Rc<Self>, local: usize, queue: usize, rearm: bool) -> usize {
         let conn = &self.conn;
-        let mem: Arc<GuestMemoryMmap> = conn.mem.memory().into_inner();
-        let chains = match pop_all(&self.vrings[local], &mem, rearm) {
-            Ok(c) => c,
-            Err(e) => {
-                conn.queue_broken(queue, &e);
-                return 0;
-            }
+        let Some(state) = conn.queue(queue) else {
+            return 0;
         };
-        let count = chains.len();
-        // One atomic add per batch; `notify` subtracts as requests complete.
-        conn.started(queue, count);
-        for chain in chains {
-            let head = chain.head_index();
-            let (worker, mem) = (self.clone(), mem.clone());
+        let mem: Arc<GuestMemoryMmap> = conn.mem.memory().into_inner();
+        let popped = {
+            let mut heads = self.heads.borrow_mut();
+            pop_all(
+                &self.vrings[local],
+                &mem,
+                rearm,
+                &mut heads[local],
+                &state.in_flight,
+            )
+        };
+        let count = popped.chains.len();
+        for chain in popped.chains {
+            // Kept to answer the request if no coroutine can be started for it (a clone
+            // is two reference-count updates; the spawn consumes the original).
+            let spare = chain.clone();
+            let (worker, chain_mem) = (self.clone(), mem.clone());
             let spawned = self.sched.spawn(move || {
-                let used = worker.conn.blk.serve(chain, mem);
+                let used = worker.conn.blk.serve(chain, chain_mem);
                 worker.complete(local, used);
             });
             if let Err(e) = spawned {
-                // Out of memory for a stack: give the buffer back rather than leak it.
-                log::error!("queue {queue}: cannot start a request coroutine: {e}");
-                self.complete(local, Used { head, len: 0 });
+                // No stack for it (memory or map count exhausted): answer it with IOERR
+                // now rather than leave it, or publish it with a stale status byte.
+                conn.blk.log().warn(format_args!(
+                    "queue {queue}: cannot start a request coroutine for head {}: {e}",
+                    spare.head_index()
+                ));
+                let used = conn.blk.refuse(spare, mem.clone());
+                self.complete(local, used);
             }
+        }
+        if let Some(fault) = popped.fault {
+            self.break_queue(local, queue, &fault);
         }
         count
     }
 
+    /// Stops serving a queue whose ring the guest corrupted, and tells the frontend.
+    fn break_queue(&self, local: usize, queue: usize, fault: &RingFault) {
+        let newly = self.conn.queue(queue).is_some_and(|q| q.mark_broken());
+        if !newly {
+            return;
+        }
+        self.conn.blk.log().log(
+            log::Level::Error,
+            format_args!(
+                "queue {queue}: ring is broken ({fault}); not serving it until the driver resets it"
+            ),
+        );
+        if let Some(vring) = self.vrings.get(local) {
+            if let Err(e) = vring.signal_error() {
+                log::error!("queue {queue}: cannot signal the frontend's error eventfd: {e}");
+            }
+        }
+    }
+
     /// Polls this thread's vrings and io_uring while the poll window lasts after the last
-    /// work, with guest notifications off; re-arms them before returning to epoll.
+    /// work, with guest notifications off; re-arms them before returning to epoll. Returns
+    /// early, with the worker's completion eventfd raised so epoll comes straight back,
+    /// after [`POLL_BUDGET`] of continuous polling or when the connection is closing.
     pub fn poll(self: &Rc<Self>) {
         let conn = &self.conn;
         if conn.workers.poll.is_zero() {
             // Notifications were re-armed when the chains were popped.
             return;
         }
-        let mut idle_start = Instant::now();
+        let started = Instant::now();
+        let mut idle_start = started;
         let mut idle_spins = 0u32;
+        let mut passes = 0u32;
         loop {
+            passes = passes.wrapping_add(1);
+            if passes % 64 == 0 && (conn.is_closing() || started.elapsed() >= POLL_BUDGET) {
+                // Back through epoll without sleeping: notifications stay off, and the
+                // raised eventfd brings the worker straight back to polling.
+                conn.completions.wake(self.thread);
+                return;
+            }
             let mut work = 0;
             if self.sched.has_completions() {
                 self.run();
@@ -258,6 +349,9 @@ impl Worker {
             return;
         };
         *count += 1;
+        if let Some(heads) = self.heads.borrow_mut().get_mut(local) {
+            heads.remove(head);
+        }
         if let Err(e) = vring.get_mut().add_used(head, len) {
             self.conn.blk.log().warn(format_args!(
                 "queue {queue}: cannot add used element {head}: {e}"
@@ -286,69 +380,9 @@ impl Worker {
             }
             // Only now: `stop_vring` may return (and the frontend tear the queue down) as
             // soon as this reaches zero, and the guest must have had its signal by then.
-            self.conn.finished(queue, n);
+            if let Some(state) = self.conn.queue(queue) {
+                state.finished(n);
+            }
         }
     }
-}
-
-/// Whether the driver has published buffers we have not popped (a read of the avail
-/// index in guest memory; no lock beyond the uncontended vring read lock).
-fn has_avail(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
-    let state = vring.get_ref();
-    let queue = state.get_queue();
-    if !queue.ready() {
-        return false;
-    }
-    match queue.avail_idx(mem, Ordering::Acquire) {
-        Ok(idx) => idx != Wrapping(queue.next_avail()),
-        Err(_) => false,
-    }
-}
-
-/// Pops every available chain. With `rearm`, re-enables notifications and re-checks, so a
-/// buffer added in between is not missed (the EVENT_IDX race); without, leaves them off.
-fn pop_all(
-    vring: &VringRwLock,
-    mem: &Arc<GuestMemoryMmap>,
-    rearm: bool,
-) -> Result<Vec<virtio_queue::DescriptorChain<Arc<GuestMemoryMmap>>>, virtio_queue::Error> {
-    let mut chains = Vec::new();
-    let mut state = vring.get_mut();
-    loop {
-        state.disable_notification()?;
-        let queue = state.get_queue_mut();
-        let first = chains.len();
-        chains.extend(queue.iter(mem.clone())?);
-        prefetch_heads(queue, mem, &chains[first..]);
-        if !rearm || !state.enable_notification()? {
-            return Ok(chains);
-        }
-    }
-}
-
-/// Starts loading each chain's head descriptor into this core's cache. The driver wrote
-/// them on another core; without this each request's coroutine stalls on that transfer
-/// in turn, with it the transfers overlap. Only a hint: nothing is dereferenced here.
-fn prefetch_heads(
-    queue: &virtio_queue::Queue,
-    mem: &GuestMemoryMmap,
-    chains: &[virtio_queue::DescriptorChain<Arc<GuestMemoryMmap>>],
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let len = 16 * usize::from(queue.size());
-        let Ok(table) = mem.get_slice(GuestAddress(queue.desc_table()), len) else {
-            return;
-        };
-        let base = table.ptr_guard().as_ptr();
-        for chain in chains {
-            let desc = base.wrapping_add(16 * usize::from(chain.head_index()));
-            // SAFETY: a prefetch reads nothing the program can observe and never faults,
-            // whatever the address; SSE, its only requirement, is in every x86_64 CPU.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(desc.cast()) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (queue, mem, chains);
 }

@@ -88,6 +88,21 @@ impl VirtioBlk {
         }
     }
 
+    /// Answers a chain with IOERR without executing it, for a caller that cannot run it
+    /// (no coroutine could be started): the guest must read a failure, never a stale status
+    /// byte as success. Parsing does no I/O, so this may run outside a coroutine.
+    pub fn refuse<M, B>(&self, chain: DescriptorChain<M>, mem: Arc<GuestMemoryMmap<B>>) -> Used
+    where
+        M: Deref,
+        M::Target: vm_memory::GuestMemory,
+        B: Bitmap + 'static,
+    {
+        match Request::parse(chain, mem, &self.config) {
+            Ok(request) => request.complete(S_IOERR, 0),
+            Err(rejected) => self.reject(*rejected),
+        }
+    }
+
     /// Answers a request that failed validation with its error's status.
     fn reject<B: Bitmap + 'static>(&self, rejected: Rejected<B>) -> Used {
         self.log.warn(format_args!(

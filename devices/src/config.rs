@@ -464,10 +464,6 @@ impl DeviceConfig {
         match (usize::try_from(offset), data) {
             (Ok(WRITEBACK_OFFSET), [v @ (0 | 1)]) => {
                 self.0.writeback.store(*v == 1, Ordering::Release);
-                log::info!(
-                    "guest set the write cache to {}",
-                    if *v == 1 { "writeback" } else { "writethrough" }
-                );
                 Ok(())
             }
             (Ok(WRITEBACK_OFFSET), [v]) => Err(ConfigError::BadWriteback(*v)),

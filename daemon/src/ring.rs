@@ -1,0 +1,270 @@
+//! Taking requests off a guest's avail ring, checking every ring-level rule on the way.
+//!
+//! The guest writes the avail ring; nothing in it can be trusted. A request-level fault (a
+//! bad descriptor, a bad header) fails one request with a status byte. A *ring-level* fault
+//! cannot be answered that way — there is no request to answer, or answering would corrupt
+//! the used ring — so it breaks the queue: [`Popped::fault`] says why, the caller stops
+//! serving the queue, signals the frontend's error eventfd and logs. The rules:
+//!
+//! - the avail index moves forward by at most the queue size (virtio-queue checks this);
+//! - every avail entry names a head below the queue size (virtio 1.2, 2.7.13);
+//! - a head is not published again while its request is in flight (2.7.13.1: the driver
+//!   must not reuse a buffer before the device returned it) — which also caps the
+//!   requests in flight per queue at the queue size;
+//! - the three rings lie inside guest memory at the queue's current size (also checked by
+//!   the vhost-user library at SET_VRING_ADDR; checked again here because SET_VRING_NUM
+//!   may come after it).
+
+use std::num::Wrapping;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// A chain as popped: it reads guest memory through the map it holds.
+pub type Chain = DescriptorChain<Arc<GuestMemoryMmap>>;
+
+/// Why a queue is broken.
+#[derive(Debug, thiserror::Error)]
+pub enum RingFault {
+    /// The avail index is more than a queue size ahead of the last one we popped (also
+    /// what an index moved backwards looks like).
+    #[error("avail index {avail} is more than the queue size {size} ahead of {next}")]
+    AvailIndex {
+        /// The avail index the driver published.
+        avail: u16,
+        /// The next index we expected to pop.
+        next: u16,
+        /// Queue size.
+        size: u16,
+    },
+    /// An avail entry names a descriptor beyond the table.
+    #[error("avail entry {head} is not below the queue size {size}")]
+    HeadOutOfRange {
+        /// The head index published.
+        head: u16,
+        /// Queue size.
+        size: u16,
+    },
+    /// A head was published again while its request is still in flight.
+    #[error("head {head} published again while its request is in flight")]
+    HeadInFlight {
+        /// The head index published twice.
+        head: u16,
+    },
+    /// A ring lies (partly) outside guest memory.
+    #[error("{ring} at {addr:#x} ({len} bytes) is not inside guest memory")]
+    RingOutsideMemory {
+        /// Which ring.
+        ring: &'static str,
+        /// Its guest address.
+        addr: u64,
+        /// Its length at the current queue size.
+        len: u64,
+    },
+    /// The avail index or the notification fields could not be accessed.
+    #[error("ring not accessible: {0}")]
+    Unreadable(#[source] virtio_queue::Error),
+}
+
+/// The heads of one queue whose requests are in flight: a bit per descriptor index.
+#[derive(Default)]
+pub struct InFlightHeads {
+    bits: Vec<u64>,
+}
+
+impl InFlightHeads {
+    /// Marks `head` in flight; false if it already was.
+    fn insert(&mut self, head: u16) -> bool {
+        let (word, bit) = (usize::from(head / 64), head % 64);
+        if self.bits.len() <= word {
+            self.bits.resize(word + 1, 0);
+        }
+        let was = self.bits[word] >> bit & 1 == 1;
+        self.bits[word] |= 1 << bit;
+        !was
+    }
+
+    /// Marks `head` answered.
+    pub fn remove(&mut self, head: u16) {
+        if let Some(w) = self.bits.get_mut(usize::from(head / 64)) {
+            *w &= !(1 << (head % 64));
+        }
+    }
+}
+
+/// What one pop found: the chains to serve, and the fault that stopped it, if any. Chains
+/// popped before a fault are well-formed at ring level and are served.
+pub struct Popped {
+    /// Chains to serve, in avail order.
+    pub chains: Vec<Chain>,
+    /// Why the queue must stop, if it must.
+    pub fault: Option<RingFault>,
+}
+
+/// Pops every available chain of an enabled, ready queue, marking each head in flight and
+/// counting it in `in_flight` while the vring lock is held (so GET_VRING_BASE, which takes
+/// the lock to stop the queue, never sees a popped chain uncounted). With `rearm`,
+/// re-enables notifications and re-checks, so a buffer added in between is not missed
+/// (the EVENT_IDX race); without, leaves them off for the poll loop. Never pops more than
+/// a queue size, so a guest that keeps publishing cannot hold the lock forever.
+pub fn pop_all(
+    vring: &VringRwLock,
+    mem: &Arc<GuestMemoryMmap>,
+    rearm: bool,
+    heads: &mut InFlightHeads,
+    in_flight: &AtomicUsize,
+) -> Popped {
+    let mut popped = Popped {
+        chains: Vec::new(),
+        fault: None,
+    };
+    let mut state = vring.get_mut();
+    if !state.is_enabled() || !state.get_queue().ready() {
+        return popped;
+    }
+    let size = state.get_queue().size();
+    if let Err(fault) = rings_in_memory(state.get_queue(), mem) {
+        popped.fault = Some(fault);
+        return popped;
+    }
+    loop {
+        let pass = pop_pass(state.get_queue_mut(), mem, size, heads, &mut popped);
+        in_flight.fetch_add(pass, Ordering::AcqRel);
+        if popped.fault.is_some() || !rearm || popped.chains.len() >= usize::from(size) {
+            return popped;
+        }
+        match state.enable_notification() {
+            Ok(false) => return popped,
+            Ok(true) => {}
+            Err(e) => {
+                popped.fault = Some(RingFault::Unreadable(e));
+                return popped;
+            }
+        }
+    }
+}
+
+/// One pass over the avail ring: pops up to the avail index seen now. Returns the chains
+/// added to `popped`.
+fn pop_pass(
+    queue: &mut virtio_queue::Queue,
+    mem: &Arc<GuestMemoryMmap>,
+    size: u16,
+    heads: &mut InFlightHeads,
+    popped: &mut Popped,
+) -> usize {
+    let first = popped.chains.len();
+    if let Err(e) = queue.disable_notification(&**mem) {
+        popped.fault = Some(RingFault::Unreadable(e));
+        return 0;
+    }
+    let next = queue.next_avail();
+    let avail = match queue.avail_idx(&**mem, Ordering::Acquire) {
+        Ok(a) => a.0,
+        Err(e) => {
+            popped.fault = Some(RingFault::Unreadable(e));
+            return 0;
+        }
+    };
+    if (Wrapping(avail) - Wrapping(next)).0 > size {
+        popped.fault = Some(RingFault::AvailIndex { avail, next, size });
+        return 0;
+    }
+    let iter = match queue.iter(mem.clone()) {
+        Ok(it) => it,
+        Err(e) => {
+            popped.fault = Some(RingFault::Unreadable(e));
+            return 0;
+        }
+    };
+    for chain in iter {
+        let head = chain.head_index();
+        if head >= size {
+            popped.fault = Some(RingFault::HeadOutOfRange { head, size });
+            break;
+        }
+        if !heads.insert(head) {
+            popped.fault = Some(RingFault::HeadInFlight { head });
+            break;
+        }
+        popped.chains.push(chain);
+    }
+    // The iterator would also stop, silently, at an unreadable avail entry; it cannot
+    // meet one: `rings_in_memory` checked the whole avail ring against this same map.
+    prefetch_heads(queue, mem, &popped.chains[first..]);
+    popped.chains.len() - first
+}
+
+/// Whether all three rings lie inside guest memory at the queue's current size.
+fn rings_in_memory(queue: &virtio_queue::Queue, mem: &GuestMemoryMmap) -> Result<(), RingFault> {
+    let size = u64::from(queue.size());
+    let rings = [
+        ("descriptor table", queue.desc_table(), 16 * size),
+        ("avail ring", queue.avail_ring(), 6 + 2 * size),
+        ("used ring", queue.used_ring(), 6 + 8 * size),
+    ];
+    for (ring, addr, len) in rings {
+        // `len` is at most 6 + 8 * 65535: it fits a usize.
+        if !mem.check_range(GuestAddress(addr), len as usize) {
+            return Err(RingFault::RingOutsideMemory { ring, addr, len });
+        }
+    }
+    Ok(())
+}
+
+/// Whether the driver has published buffers we have not popped on an enabled, ready queue
+/// (a read of the avail index in guest memory; no lock beyond the vring read lock).
+pub fn has_avail(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    if !state.is_enabled() || !queue.ready() {
+        return false;
+    }
+    match queue.avail_idx(mem, Ordering::Acquire) {
+        Ok(idx) => idx != Wrapping(queue.next_avail()),
+        Err(_) => false,
+    }
+}
+
+/// Starts loading each chain's head descriptor into this core's cache. The driver wrote
+/// them on another core; without this each request's coroutine stalls on that transfer
+/// in turn, with it the transfers overlap. Only a hint: nothing is dereferenced here.
+fn prefetch_heads(queue: &virtio_queue::Queue, mem: &GuestMemoryMmap, chains: &[Chain]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let len = 16 * usize::from(queue.size());
+        let Ok(table) = mem.get_slice(GuestAddress(queue.desc_table()), len) else {
+            return;
+        };
+        let base = table.ptr_guard().as_ptr();
+        for chain in chains {
+            let desc = base.wrapping_add(16 * usize::from(chain.head_index()));
+            // SAFETY: a prefetch reads nothing the program can observe and never faults,
+            // whatever the address; SSE, its only requirement, is in every x86_64 CPU.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(desc.cast()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (queue, mem, chains);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_is_in_flight_once() {
+        let mut heads = InFlightHeads::default();
+        assert!(heads.insert(0));
+        assert!(heads.insert(1023));
+        assert!(!heads.insert(1023), "second publication of an in-flight head");
+        heads.remove(1023);
+        assert!(heads.insert(1023), "free again once answered");
+        heads.remove(40_000); // never inserted: no effect, no panic
+        assert!(!heads.insert(0));
+    }
+}
