@@ -14,16 +14,31 @@
 //! stay valid until it is resumed, which happens only after the completion. The scheduler's
 //! `Drop` waits for all operations in flight before unwinding any task, so cancellation
 //! cannot free memory the kernel still writes to.
+//!
+//! Completion-queue overflow: every parked task can have an operation in flight, so more
+//! completions than the CQ holds can be outstanding. The kernel then keeps the extra CQEs on
+//! an overflow list (`IORING_SQ_CQ_OVERFLOW`; with `IORING_FEAT_NODROP` none are lost) and
+//! moves them to the CQ only inside a later `io_uring_enter` with `GETEVENTS`. Reaping checks
+//! that flag (shared memory, no syscall) and flushes, so completions never wait for an
+//! unrelated submission; the CQ is also made larger than the SQ to make overflow rare.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{opcode, squeue, types, EnterFlags, IoUring};
 use slab::Slab;
 
 use crate::sched::{self, TaskId};
 use crate::Error;
+
+/// CQ entries per SQ entry. `io_uring_setup`'s default is 2; a task can keep an operation in
+/// flight while the SQ is refilled many times, so completions outnumber SQ slots. A larger CQ
+/// makes overflow (and its flush syscall) rare; 16 bytes a CQE keeps it cheap.
+const CQ_PER_SQ: u32 = 4;
+
+/// The kernel's limit on CQ entries (`IORING_MAX_CQ_ENTRIES`); asking for more is `EINVAL`.
+const MAX_CQ_ENTRIES: u32 = 65536;
 
 struct Op {
     task: TaskId,
@@ -42,7 +57,8 @@ pub struct Ring {
 }
 
 impl Ring {
-    /// A ring with `entries` submission slots and a fresh non-blocking eventfd.
+    /// A ring with `entries` submission slots (and four times as many completion slots, at
+    /// most 65536) and a fresh non-blocking eventfd.
     pub fn new(entries: u32) -> Result<Ring, Error> {
         // SAFETY: eventfd has no memory preconditions; the result is checked.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -56,7 +72,15 @@ impl Ring {
     /// A ring that signals the given eventfd on completions (e.g. one already registered
     /// with an epoll loop before the worker thread created its scheduler).
     pub fn with_eventfd(entries: u32, eventfd: OwnedFd) -> Result<Ring, Error> {
-        let uring = IoUring::new(entries).map_err(Error::os("io_uring_setup"))?;
+        // At least `entries`: the kernel refuses a CQ smaller than the SQ.
+        let cq_entries = entries
+            .saturating_mul(CQ_PER_SQ)
+            .min(MAX_CQ_ENTRIES)
+            .max(entries);
+        let uring = IoUring::builder()
+            .setup_cqsize(cq_entries)
+            .build(entries)
+            .map_err(Error::os("io_uring_setup"))?;
         uring
             .submitter()
             .register_eventfd(eventfd.as_raw_fd())
@@ -136,22 +160,50 @@ impl Ring {
 
     /// Records the results of completed operations and calls `wake` with each owner;
     /// returns whether there were any.
+    ///
+    /// Completions the kernel parked on its overflow list are flushed into the CQ and reaped
+    /// too: nothing else would bring them in, since the worker enters the kernel only to
+    /// submit, and the eventfd is not guaranteed to fire again for them. Without overflow this
+    /// costs one load of the SQ flags, no syscall.
     pub(crate) fn reap(&mut self, mut wake: impl FnMut(TaskId)) -> bool {
         let mut any = false;
-        for cqe in self.uring.completion() {
-            if let Some(op) = self.ops.get_mut(cqe.user_data() as usize) {
-                op.result = Some(cqe.result());
-                wake(op.task);
-                any = true;
+        loop {
+            for cqe in self.uring.completion() {
+                if let Some(op) = self.ops.get_mut(cqe.user_data() as usize) {
+                    op.result = Some(cqe.result());
+                    wake(op.task);
+                    any = true;
+                }
+            }
+            // The CQ is empty now, so the flush has room; stop when it brings nothing.
+            if !self.uring.submission().cq_overflow()
+                || self.flush_overflow().is_err()
+                || self.uring.completion().is_empty()
+            {
+                return any;
             }
         }
-        any
     }
 
-    /// Whether completions are waiting in the completion queue (a userspace check, no
-    /// syscall), for callers that poll instead of sleeping on the eventfd.
+    /// Moves overflowed completions into the CQ: an `io_uring_enter` with `GETEVENTS` that
+    /// submits nothing (queued SQEs stay for the scheduler's batch) and waits for nothing.
+    fn flush_overflow(&self) -> io::Result<usize> {
+        // SAFETY: no submissions and no argument pointer; `GETEVENTS` with
+        // `min_complete == 0` only flushes the overflow list and returns.
+        unsafe {
+            self.uring
+                .submitter()
+                .enter::<libc::sigset_t>(0, 0, EnterFlags::GETEVENTS.bits(), None)
+        }
+    }
+
+    /// Whether completions are waiting, in the completion queue or on the kernel's overflow
+    /// list (userspace checks, no syscall), for callers that poll instead of sleeping on the
+    /// eventfd. Overflow counts: the eventfd is not guaranteed to fire again for those
+    /// completions, so a poll loop that ignored them could go back to epoll with requests
+    /// stranded.
     pub fn has_completions(&mut self) -> bool {
-        !self.uring.completion().is_empty()
+        !self.uring.completion().is_empty() || self.uring.submission().cq_overflow()
     }
 
     /// Resets the eventfd's counter after an epoll wake-up, so level-triggered epoll does
