@@ -12,8 +12,10 @@
 //!
 //! Buffers: the iovec arrays and data buffers passed in here belong to the parked caller and
 //! stay valid until it is resumed, which happens only after the completion. The scheduler's
-//! `Drop` waits for all operations in flight before unwinding any task, so cancellation
-//! cannot free memory the kernel still writes to.
+//! `Drop` cancels the operations in flight (see [`Ring::cancel_on_drop`]) and then waits for
+//! every one of their completions before unwinding any task, so dropping a scheduler cannot
+//! free memory the kernel still writes to. That wait survives signals (`EINTR`); should it
+//! fail for real, the tasks are leaked rather than unwound.
 //!
 //! Completion-queue overflow: every parked task can have an operation in flight, so more
 //! completions than the CQ holds can be outstanding. The kernel then keeps the extra CQEs on
@@ -40,6 +42,10 @@ const CQ_PER_SQ: u32 = 4;
 /// The kernel's limit on CQ entries (`IORING_MAX_CQ_ENTRIES`); asking for more is `EINVAL`.
 const MAX_CQ_ENTRIES: u32 = 65536;
 
+/// `user_data` of the cancel-everything request sent on drop. Never a slot key: the slab
+/// would need `usize::MAX` entries.
+const CANCEL_KEY: u64 = u64::MAX;
+
 struct Op {
     task: TaskId,
     result: Option<i32>,
@@ -54,6 +60,8 @@ pub struct Ring {
     queued: usize,
     /// Submit every operation as soon as it is queued (see [`Ring::submit_each`]).
     submit_each: bool,
+    /// Cancel the operations in flight before draining (see [`Ring::cancel_on_drop`]).
+    cancel_on_drop: bool,
 }
 
 impl Ring {
@@ -91,6 +99,7 @@ impl Ring {
             ops: Slab::new(),
             queued: 0,
             submit_each: false,
+            cancel_on_drop: true,
         })
     }
 
@@ -104,6 +113,17 @@ impl Ring {
     /// idle in between; submitting each operation keeps the device's queue full.
     pub fn submit_each(mut self, yes: bool) -> Ring {
         self.submit_each = yes;
+        self
+    }
+
+    /// With `yes` (the default), dropping the scheduler first asks the kernel to cancel every
+    /// operation in flight (`IORING_OP_ASYNC_CANCEL` matching any request), so that a
+    /// disconnect does not wait out a parked timer or a read nobody will answer. Either way
+    /// the drop waits for each operation's completion (cancelled or not) before it frees the
+    /// tasks that own their buffers. With `false` the operations run to completion instead,
+    /// e.g. writes that should land even though nobody will see their result.
+    pub fn cancel_on_drop(mut self, yes: bool) -> Ring {
+        self.cancel_on_drop = yes;
         self
     }
 
@@ -224,17 +244,56 @@ impl Ring {
         }
     }
 
-    /// Waits for every operation in flight, discarding results (used on scheduler drop).
-    pub(crate) fn drain(&mut self) {
-        while self.ops.iter().any(|(_, op)| op.result.is_none()) {
-            if self.uring.submit_and_wait(1).is_err() {
-                break;
+    /// Waits for every operation in flight, discarding results (used on scheduler drop),
+    /// after asking the kernel to cancel them unless [`cancel_on_drop`](Self::cancel_on_drop)
+    /// is off.
+    ///
+    /// A signal interrupts the wait (`EINTR`, when its handler lacks `SA_RESTART`); that is
+    /// no reason to stop waiting, since the operations are still in flight. Only another
+    /// error ends the wait early; it is returned, and the caller must then not free anything
+    /// an operation may still write to.
+    pub(crate) fn drain(&mut self) -> io::Result<()> {
+        if self.cancel_on_drop && self.pending() {
+            self.cancel_all();
+        }
+        while self.pending() {
+            match self.uring.submit_and_wait(1) {
+                Ok(_) => self.queued = 0,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
             }
             for cqe in self.uring.completion() {
                 if let Some(op) = self.ops.get_mut(cqe.user_data() as usize) {
                     op.result = Some(cqe.result());
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Whether some operation has not completed yet.
+    fn pending(&self) -> bool {
+        self.ops.iter().any(|(_, op)| op.result.is_none())
+    }
+
+    /// Queues a request that cancels every operation in flight; [`drain`](Self::drain)'s
+    /// wait submits it behind the queued SQEs, which are thus cancelled too. Best effort:
+    /// if it cannot be queued, or the kernel cannot match any request (before 5.19: its CQE
+    /// says `EINVAL`), the drain simply waits for the operations to finish on their own.
+    fn cancel_all(&mut self) {
+        let entry = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(CANCEL_KEY);
+        for _ in 0..2 {
+            // SAFETY: a cancel request points to no memory.
+            if unsafe { self.uring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            // Submission queue full: send it to make room.
+            if self.uring.submit().is_err() {
+                return;
+            }
+            self.queued = 0;
         }
     }
 
