@@ -12,18 +12,39 @@
 //!
 //! Buffers: the iovec arrays and data buffers passed in here belong to the parked caller and
 //! stay valid until it is resumed, which happens only after the completion. The scheduler's
-//! `Drop` waits for all operations in flight before unwinding any task, so cancellation
-//! cannot free memory the kernel still writes to.
+//! `Drop` cancels the operations in flight (see [`Ring::cancel_on_drop`]) and then waits for
+//! every one of their completions before unwinding any task, so dropping a scheduler cannot
+//! free memory the kernel still writes to. That wait survives signals (`EINTR`); should it
+//! fail for real, the tasks are leaked rather than unwound.
+//!
+//! Completion-queue overflow: every parked task can have an operation in flight, so more
+//! completions than the CQ holds can be outstanding. The kernel then keeps the extra CQEs on
+//! an overflow list (`IORING_SQ_CQ_OVERFLOW`; with `IORING_FEAT_NODROP` none are lost) and
+//! moves them to the CQ only inside a later `io_uring_enter` with `GETEVENTS`. Reaping checks
+//! that flag (shared memory, no syscall) and flushes, so completions never wait for an
+//! unrelated submission; the CQ is also made larger than the SQ to make overflow rare.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{opcode, squeue, types, EnterFlags, IoUring};
 use slab::Slab;
 
 use crate::sched::{self, TaskId};
 use crate::Error;
+
+/// CQ entries per SQ entry. `io_uring_setup`'s default is 2; a task can keep an operation in
+/// flight while the SQ is refilled many times, so completions outnumber SQ slots. A larger CQ
+/// makes overflow (and its flush syscall) rare; 16 bytes a CQE keeps it cheap.
+const CQ_PER_SQ: u32 = 4;
+
+/// The kernel's limit on CQ entries (`IORING_MAX_CQ_ENTRIES`); asking for more is `EINVAL`.
+const MAX_CQ_ENTRIES: u32 = 65536;
+
+/// `user_data` of the cancel-everything request sent on drop. Never a slot key: the slab
+/// would need `usize::MAX` entries.
+const CANCEL_KEY: u64 = u64::MAX;
 
 struct Op {
     task: TaskId,
@@ -39,10 +60,13 @@ pub struct Ring {
     queued: usize,
     /// Submit every operation as soon as it is queued (see [`Ring::submit_each`]).
     submit_each: bool,
+    /// Cancel the operations in flight before draining (see [`Ring::cancel_on_drop`]).
+    cancel_on_drop: bool,
 }
 
 impl Ring {
-    /// A ring with `entries` submission slots and a fresh non-blocking eventfd.
+    /// A ring with `entries` submission slots (and four times as many completion slots, at
+    /// most 65536) and a fresh non-blocking eventfd.
     pub fn new(entries: u32) -> Result<Ring, Error> {
         // SAFETY: eventfd has no memory preconditions; the result is checked.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -56,7 +80,15 @@ impl Ring {
     /// A ring that signals the given eventfd on completions (e.g. one already registered
     /// with an epoll loop before the worker thread created its scheduler).
     pub fn with_eventfd(entries: u32, eventfd: OwnedFd) -> Result<Ring, Error> {
-        let uring = IoUring::new(entries).map_err(Error::os("io_uring_setup"))?;
+        // At least `entries`: the kernel refuses a CQ smaller than the SQ.
+        let cq_entries = entries
+            .saturating_mul(CQ_PER_SQ)
+            .min(MAX_CQ_ENTRIES)
+            .max(entries);
+        let uring = IoUring::builder()
+            .setup_cqsize(cq_entries)
+            .build(entries)
+            .map_err(Error::os("io_uring_setup"))?;
         uring
             .submitter()
             .register_eventfd(eventfd.as_raw_fd())
@@ -67,6 +99,7 @@ impl Ring {
             ops: Slab::new(),
             queued: 0,
             submit_each: false,
+            cancel_on_drop: true,
         })
     }
 
@@ -80,6 +113,17 @@ impl Ring {
     /// idle in between; submitting each operation keeps the device's queue full.
     pub fn submit_each(mut self, yes: bool) -> Ring {
         self.submit_each = yes;
+        self
+    }
+
+    /// With `yes` (the default), dropping the scheduler first asks the kernel to cancel every
+    /// operation in flight (`IORING_OP_ASYNC_CANCEL` matching any request), so that a
+    /// disconnect does not wait out a parked timer or a read nobody will answer. Either way
+    /// the drop waits for each operation's completion (cancelled or not) before it frees the
+    /// tasks that own their buffers. With `false` the operations run to completion instead,
+    /// e.g. writes that should land even though nobody will see their result.
+    pub fn cancel_on_drop(mut self, yes: bool) -> Ring {
+        self.cancel_on_drop = yes;
         self
     }
 
@@ -136,22 +180,50 @@ impl Ring {
 
     /// Records the results of completed operations and calls `wake` with each owner;
     /// returns whether there were any.
+    ///
+    /// Completions the kernel parked on its overflow list are flushed into the CQ and reaped
+    /// too: nothing else would bring them in, since the worker enters the kernel only to
+    /// submit, and the eventfd is not guaranteed to fire again for them. Without overflow this
+    /// costs one load of the SQ flags, no syscall.
     pub(crate) fn reap(&mut self, mut wake: impl FnMut(TaskId)) -> bool {
         let mut any = false;
-        for cqe in self.uring.completion() {
-            if let Some(op) = self.ops.get_mut(cqe.user_data() as usize) {
-                op.result = Some(cqe.result());
-                wake(op.task);
-                any = true;
+        loop {
+            for cqe in self.uring.completion() {
+                if let Some(op) = self.ops.get_mut(cqe.user_data() as usize) {
+                    op.result = Some(cqe.result());
+                    wake(op.task);
+                    any = true;
+                }
+            }
+            // The CQ is empty now, so the flush has room; stop when it brings nothing.
+            if !self.uring.submission().cq_overflow()
+                || self.flush_overflow().is_err()
+                || self.uring.completion().is_empty()
+            {
+                return any;
             }
         }
-        any
     }
 
-    /// Whether completions are waiting in the completion queue (a userspace check, no
-    /// syscall), for callers that poll instead of sleeping on the eventfd.
+    /// Moves overflowed completions into the CQ: an `io_uring_enter` with `GETEVENTS` that
+    /// submits nothing (queued SQEs stay for the scheduler's batch) and waits for nothing.
+    fn flush_overflow(&self) -> io::Result<usize> {
+        // SAFETY: no submissions and no argument pointer; `GETEVENTS` with
+        // `min_complete == 0` only flushes the overflow list and returns.
+        unsafe {
+            self.uring
+                .submitter()
+                .enter::<libc::sigset_t>(0, 0, EnterFlags::GETEVENTS.bits(), None)
+        }
+    }
+
+    /// Whether completions are waiting, in the completion queue or on the kernel's overflow
+    /// list (userspace checks, no syscall), for callers that poll instead of sleeping on the
+    /// eventfd. Overflow counts: the eventfd is not guaranteed to fire again for those
+    /// completions, so a poll loop that ignored them could go back to epoll with requests
+    /// stranded.
     pub fn has_completions(&mut self) -> bool {
-        !self.uring.completion().is_empty()
+        !self.uring.completion().is_empty() || self.uring.submission().cq_overflow()
     }
 
     /// Resets the eventfd's counter after an epoll wake-up, so level-triggered epoll does
@@ -172,17 +244,56 @@ impl Ring {
         }
     }
 
-    /// Waits for every operation in flight, discarding results (used on scheduler drop).
-    pub(crate) fn drain(&mut self) {
-        while self.ops.iter().any(|(_, op)| op.result.is_none()) {
-            if self.uring.submit_and_wait(1).is_err() {
-                break;
+    /// Waits for every operation in flight, discarding results (used on scheduler drop),
+    /// after asking the kernel to cancel them unless [`cancel_on_drop`](Self::cancel_on_drop)
+    /// is off.
+    ///
+    /// A signal interrupts the wait (`EINTR`, when its handler lacks `SA_RESTART`); that is
+    /// no reason to stop waiting, since the operations are still in flight. Only another
+    /// error ends the wait early; it is returned, and the caller must then not free anything
+    /// an operation may still write to.
+    pub(crate) fn drain(&mut self) -> io::Result<()> {
+        if self.cancel_on_drop && self.pending() {
+            self.cancel_all();
+        }
+        while self.pending() {
+            match self.uring.submit_and_wait(1) {
+                Ok(_) => self.queued = 0,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
             }
             for cqe in self.uring.completion() {
                 if let Some(op) = self.ops.get_mut(cqe.user_data() as usize) {
                     op.result = Some(cqe.result());
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Whether some operation has not completed yet.
+    fn pending(&self) -> bool {
+        self.ops.iter().any(|(_, op)| op.result.is_none())
+    }
+
+    /// Queues a request that cancels every operation in flight; [`drain`](Self::drain)'s
+    /// wait submits it behind the queued SQEs, which are thus cancelled too. Best effort:
+    /// if it cannot be queued, or the kernel cannot match any request (before 5.19: its CQE
+    /// says `EINVAL`), the drain simply waits for the operations to finish on their own.
+    fn cancel_all(&mut self) {
+        let entry = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(CANCEL_KEY);
+        for _ in 0..2 {
+            // SAFETY: a cancel request points to no memory.
+            if unsafe { self.uring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            // Submission queue full: send it to make room.
+            if self.uring.submit().is_err() {
+                return;
+            }
+            self.queued = 0;
         }
     }
 

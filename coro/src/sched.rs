@@ -195,13 +195,26 @@ impl Scheduler {
 
 impl Drop for Scheduler {
     fn drop(&mut self) {
-        // The kernel may still write into buffers on parked tasks' stacks: wait for every
-        // operation in flight before unwinding the tasks that own them.
-        if let Some(ring) = self.inner.ring.borrow_mut().as_mut() {
-            ring.drain();
+        // The kernel may still write into buffers on parked tasks' stacks: cancel and wait
+        // for every operation in flight before unwinding the tasks that own them.
+        let drained = match self.inner.ring.borrow_mut().as_mut() {
+            Some(ring) => ring.drain(),
+            None => Ok(()),
+        };
+        let tasks: Vec<Task> = self.inner.tasks.borrow_mut().drain().collect();
+        if let Err(e) = drained {
+            // Some operation may still be in flight, and unwinding its task would free the
+            // buffer the kernel writes to (a use-after-free in kernel context). Leaking the
+            // tasks (stacks, closures, everything they own) is the safe choice.
+            eprintln!(
+                "coro: io_uring_enter failed while waiting for I/O in flight on scheduler drop: \
+                 {e}; leaking {} task(s) so that the kernel cannot write into freed memory",
+                tasks.len()
+            );
+            std::mem::forget(tasks);
+            return;
         }
         let _enter = Enter::new(&self.inner);
-        let tasks: Vec<Task> = self.inner.tasks.borrow_mut().drain().collect();
         drop(tasks);
     }
 }
