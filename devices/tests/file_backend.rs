@@ -1,8 +1,11 @@
 //! The file backend on a real file through io_uring, inside a real coroutine scheduler.
 
-use std::cell::Cell;
-use std::io::Write;
+use std::cell::{Cell, RefCell};
+use std::io::{self, Write};
+use std::path::Path;
+use std::process::Command;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use corodev_devices::backend::{BlockBackend, FileBackend, GuestBuffers};
 
@@ -131,19 +134,33 @@ fn write_to_readonly_file_fails_cleanly() {
     });
 }
 
-/// A loop device over a temp file, detached on drop (needs root, as CI has).
+/// A loop device, detached on drop (needs root, as CI has).
 struct Loop {
     dev: String,
-    _file: tempfile::NamedTempFile,
+    _file: Option<tempfile::NamedTempFile>,
 }
 
 impl Loop {
+    /// Over a fresh sparse temp file of `size` bytes.
     fn new(size: u64) -> Loop {
+        Loop::with_args(size, &[])
+    }
+
+    /// Over a fresh sparse temp file of `size` bytes, with extra `losetup` arguments.
+    fn with_args(size: u64, args: &[&str]) -> Loop {
         let file = tempfile::NamedTempFile::new_in(env!("CARGO_TARGET_TMPDIR")).expect("temp");
         file.as_file().set_len(size).expect("size");
-        let out = std::process::Command::new("losetup")
+        let mut lo = Loop::over(file.path(), args);
+        lo._file = Some(file);
+        lo
+    }
+
+    /// Over an existing `backing` file, with extra `losetup` arguments.
+    fn over(backing: &Path, args: &[&str]) -> Loop {
+        let out = Command::new("losetup")
             .args(["-f", "--show"])
-            .arg(file.path())
+            .args(args)
+            .arg(backing)
             .output()
             .expect("run losetup");
         assert!(
@@ -152,22 +169,73 @@ impl Loop {
             String::from_utf8_lossy(&out.stderr)
         );
         let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        Loop { dev, _file: file }
+        Loop { dev, _file: None }
+    }
+
+    fn path(&self) -> &Path {
+        Path::new(&self.dev)
+    }
+
+    /// A `queue/` attribute of the device in sysfs.
+    fn queue_attr(&self, name: &str) -> String {
+        let dev = self.dev.trim_start_matches("/dev/");
+        std::fs::read_to_string(format!("/sys/block/{dev}/queue/{name}"))
+            .expect("sysfs queue attribute")
+            .trim()
+            .to_owned()
     }
 }
 
 impl Drop for Loop {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &self.dev])
-            .status();
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+/// A file system mounted on a fresh directory, unmounted on drop (needs root). Declare it
+/// before the loop devices over its files so that they are detached first.
+struct Mount {
+    dir: tempfile::TempDir,
+}
+
+impl Mount {
+    fn new(fstype: &str, source: &str, options: &str) -> Mount {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("mount point");
+        let status = Command::new("mount")
+            .args(["-t", fstype, "-o", options, source])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount -t {fstype} failed (needs root)");
+        Mount { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(self.dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            // Still busy (a test failed with a descriptor open): detach it now, the kernel
+            // finishes once the last user is gone, so no mount outlives the test.
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
     }
 }
 
 #[test]
 fn block_device_size_io_discard_and_zeroes() {
     let lo = Loop::new(8 << 20);
-    let disk = FileBackend::open(std::path::Path::new(&lo.dev), false, true).expect("open loop");
+    let disk = FileBackend::open(lo.path(), false, true).expect("open loop");
     assert_eq!(disk.size(), 8 << 20, "size from BLKGETSIZE64");
     assert!(disk.topology().physical_block_size >= 512);
     run_in_task(move || {
@@ -352,5 +420,257 @@ fn requests_through_guest_memory_to_a_file() {
         (0..8192u32)
             .map(|i| (i * 31 % 256) as u8)
             .collect::<Vec<_>>()[..]
+    );
+}
+
+/// What a second coroutine saw while `op` ran in the same scheduler.
+#[derive(Debug)]
+struct Progress {
+    /// How long `op` took.
+    op: Duration,
+    /// The longest the ticker went without running while `op` was in flight.
+    longest_stall: Duration,
+    /// How often the ticker ran while `op` was in flight.
+    ticks: usize,
+}
+
+/// Runs `op` in a coroutine next to a ticker that sleeps 1 ms in a loop: a backend call
+/// that blocks the worker thread instead of parking shows as one stall as long as itself.
+fn run_next_to_ticker(op: impl FnOnce() + 'static) -> Progress {
+    let sched = coro::Scheduler::default();
+    let done = Rc::new(Cell::new(false));
+    let ticks = Rc::new(RefCell::new(Vec::new()));
+    let span = Rc::new(Cell::new(None));
+    let (d, t) = (done.clone(), ticks.clone());
+    sched
+        .spawn(move || {
+            while !d.get() {
+                t.borrow_mut().push(Instant::now());
+                coro::io::sleep(Duration::from_millis(1));
+            }
+        })
+        .expect("spawn ticker");
+    let (d, sp) = (done.clone(), span.clone());
+    sched
+        .spawn(move || {
+            let start = Instant::now();
+            op();
+            sp.set(Some((start, Instant::now())));
+            d.set(true);
+        })
+        .expect("spawn op");
+    assert_eq!(sched.run_until_idle().expect("run"), 0);
+    let (start, end) = span.get().expect("op finished");
+    let mut points = vec![start];
+    points.extend(ticks.borrow().iter().filter(|&&t| t > start && t < end));
+    points.push(end);
+    Progress {
+        op: end - start,
+        longest_stall: points
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or_default(),
+        ticks: points.len() - 2,
+    }
+}
+
+/// Writes `fill` into `len` bytes at each of `offsets`, through the backend.
+fn fill_at(disk: &FileBackend, offsets: &[u64], len: usize, fill: u8) {
+    for &at in offsets {
+        let mut buf = vec![fill; len];
+        let v = [iov(&mut buf)];
+        // SAFETY: the buffer outlives `bufs`.
+        let bufs = unsafe { GuestBuffers::new(&v) };
+        disk.write_vectored(&bufs, at).expect("write");
+    }
+}
+
+/// Whether `len` bytes at each of `offsets` read as zeroes through the backend.
+fn zero_at(disk: &FileBackend, offsets: &[u64], len: usize) -> bool {
+    offsets.iter().all(|&at| {
+        let mut buf = vec![0xffu8; len];
+        let v = [iov(&mut buf)];
+        // SAFETY: the buffer outlives `bufs`.
+        let bufs = unsafe { GuestBuffers::new(&v) };
+        disk.read_vectored(&bufs, at).expect("read");
+        buf.iter().all(|&b| b == 0)
+    })
+}
+
+/// A file of `len` bytes, sparse, at `path`.
+fn sparse_file(path: &Path, len: u64) {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(len))
+        .expect("backing file");
+}
+
+/// ramfs has no `fallocate` at all, so a loop device over a ramfs file offers neither
+/// WRITE ZEROES nor discard: `fallocate(PUNCH_HOLE)` on it fails with EOPNOTSUPP, the
+/// branch where the backend used to issue a synchronous BLKZEROOUT ioctl that froze every
+/// coroutine of the thread for the whole zeroing.
+#[test]
+fn write_zeroes_on_a_device_without_write_zeroes_keeps_the_thread_running() {
+    const LEN: u64 = 256 << 20;
+    let fs = Mount::new("ramfs", "ramfs", "mode=0700");
+    sparse_file(&fs.path().join("disk"), LEN);
+    let lo = Loop::over(&fs.path().join("disk"), &[]);
+    assert_eq!(
+        lo.queue_attr("write_zeroes_max_bytes"),
+        "0",
+        "precondition: the loop device has no WRITE ZEROES"
+    );
+    let disk = Rc::new(FileBackend::open(lo.path(), false, true).expect("open"));
+    let spots = [0, LEN / 2, LEN - 65536];
+    let d = disk.clone();
+    run_in_task(move || fill_at(&d, &spots, 65536, 0x5a));
+    let d = disk.clone();
+    let p = run_next_to_ticker(move || d.write_zeroes(0, LEN, true).expect("write zeroes"));
+    eprintln!("{p:?}");
+    assert!(
+        p.longest_stall * 2 < p.op,
+        "the ticker stalled while the range was zeroed: {p:?}"
+    );
+    assert!(p.ticks > 1, "the ticker ran during the zeroing: {p:?}");
+    let d = disk.clone();
+    run_in_task(move || assert!(zero_at(&d, &spots, 65536), "range reads as zeroes"));
+}
+
+/// Same device: without unmapping, and a discard, which the device cannot do and which
+/// virtio lets us ignore.
+#[test]
+fn zero_range_and_discard_on_a_device_without_write_zeroes() {
+    const LEN: u64 = 16 << 20;
+    let fs = Mount::new("ramfs", "ramfs", "mode=0700");
+    sparse_file(&fs.path().join("disk"), LEN);
+    let lo = Loop::over(&fs.path().join("disk"), &[]);
+    assert_eq!(lo.queue_attr("discard_max_bytes"), "0", "precondition");
+    let disk = FileBackend::open(lo.path(), false, true).expect("open");
+    run_in_task(move || {
+        fill_at(&disk, &[0, 1 << 20], 65536, 0x5a);
+        disk.write_zeroes(0, 1 << 20, false).expect("zero range");
+        assert!(zero_at(&disk, &[0], 65536));
+        disk.discard(1 << 20, 1 << 20)
+            .expect("unsupported discard is ignored");
+        assert!(!zero_at(&disk, &[1 << 20], 65536), "the data stays");
+    });
+}
+
+/// An image file on ramfs, which has no `fallocate`: zeroes are written from a buffer in
+/// chunks, each its own io_uring write, so the thread keeps serving other coroutines.
+#[test]
+fn write_zeroes_on_a_file_system_without_fallocate_writes_chunks() {
+    const LEN: u64 = 128 << 20;
+    let fs = Mount::new("ramfs", "ramfs", "mode=0700");
+    let path = fs.path().join("img");
+    sparse_file(&path, LEN);
+    let disk = Rc::new(FileBackend::open(&path, false, false).expect("open"));
+    let spots = [0, LEN / 2, LEN - 65536];
+    let d = disk.clone();
+    run_in_task(move || fill_at(&d, &spots, 65536, 0x5a));
+    let d = disk.clone();
+    let p = run_next_to_ticker(move || d.write_zeroes(0, LEN, false).expect("write zeroes"));
+    eprintln!("{p:?}");
+    assert!(p.longest_stall * 2 < p.op, "ticker stalled: {p:?}");
+    assert!(p.ticks > 1, "the ticker ran during the zeroing: {p:?}");
+    let d = disk.clone();
+    run_in_task(move || assert!(zero_at(&d, &spots, 65536), "range reads as zeroes"));
+    assert_eq!(std::fs::metadata(&path).expect("stat").len(), LEN);
+}
+
+/// A writeback error is reported by one fdatasync only (the kernel's errseq); the data it
+/// lost stays lost, so every later flush must fail too, or a guest that retries its flush
+/// (or flushed from another queue) believes unwritten data is durable.
+///
+/// The loop device's backing file lives on a 1 MiB tmpfs but is 16 MiB long: writes land
+/// in the loop device's page cache and succeed, and writeback fails once tmpfs is full.
+#[test]
+fn flush_errors_are_sticky() {
+    let fs = Mount::new("tmpfs", "tmpfs", "size=1M,mode=0700");
+    sparse_file(&fs.path().join("disk"), 16 << 20);
+    let lo = Loop::over(&fs.path().join("disk"), &[]);
+    let disk = FileBackend::open(lo.path(), false, false).expect("open buffered");
+    let results = Rc::new(RefCell::new(Vec::new()));
+    let r = results.clone();
+    run_in_task(move || {
+        fill_at(&disk, &[0], 4 << 20, 0xa5);
+        r.borrow_mut().push(disk.flush());
+        r.borrow_mut().push(disk.flush());
+        // Data that fits (tmpfs still holds the first MiB): the disk stays failed anyway.
+        fill_at(&disk, &[0], 4096, 0x5a);
+        r.borrow_mut().push(disk.flush());
+    });
+    let results = results.take();
+    eprintln!("{results:?}");
+    let errno = |i: usize| results[i].as_ref().err().and_then(io::Error::raw_os_error);
+    assert_eq!(errno(0), Some(libc::EIO), "writeback past the full tmpfs");
+    assert_eq!(errno(1), Some(libc::EIO), "a second flush still fails");
+    assert_eq!(
+        errno(2),
+        Some(libc::EIO),
+        "a flush after new writes still fails"
+    );
+}
+
+/// Writes one logical block (as the backend's topology states it) at the second logical
+/// block, from buffers at three alignments, and reads each back: the guest may issue any
+/// request at the granularity the topology advertises, so each must work.
+fn io_at_the_advertised_granularity(disk: &FileBackend) {
+    let lbs = disk.topology().logical_block_size as usize;
+    let mut raw = vec![0u8; 4 * 4096 + lbs];
+    let aligned = raw.as_ptr().align_offset(4096);
+    // A page-aligned buffer, one that is only 512-aligned, and one that is not aligned.
+    for (i, skew) in [0usize, 512, 1].into_iter().enumerate() {
+        let at = aligned + 4096 + skew;
+        let pattern: Vec<u8> = (0..lbs).map(|b| (b % 251) as u8 ^ i as u8).collect();
+        raw[at..at + lbs].copy_from_slice(&pattern);
+        let v = [iov(&mut raw[at..at + lbs])];
+        // SAFETY: `raw` outlives `bufs` and is only used through it meanwhile.
+        let bufs = unsafe { GuestBuffers::new(&v) };
+        let offset = (lbs * (i + 1)) as u64;
+        if let Err(e) = disk.write_vectored(&bufs, offset) {
+            panic!("write of {lbs} bytes at {offset} from a buffer skewed by {skew}: {e:?}");
+        }
+        raw[at..at + lbs].fill(0);
+        let v = [iov(&mut raw[at..at + lbs])];
+        // SAFETY: as above.
+        let bufs = unsafe { GuestBuffers::new(&v) };
+        disk.read_vectored(&bufs, offset).expect("read back");
+        assert_eq!(raw[at..at + lbs], pattern[..], "skew {skew}");
+    }
+}
+
+/// A 4096-byte-sector block device under O_DIRECT: the logical block size is the device's.
+#[test]
+fn direct_io_on_a_4k_sector_block_device() {
+    let lo = Loop::with_args(8 << 20, &["--sector-size", "4096"]);
+    assert_eq!(lo.queue_attr("logical_block_size"), "4096", "precondition");
+    let disk = FileBackend::open(lo.path(), false, true).expect("open O_DIRECT");
+    assert_eq!(disk.topology().logical_block_size, 4096);
+    assert!(disk.topology().physical_block_size >= 4096);
+    run_in_task(move || io_at_the_advertised_granularity(&disk));
+}
+
+/// An image file under O_DIRECT on a file system on a 4096-byte-sector disk: the kernel
+/// refuses 512-byte-granular direct I/O there (statx's DIOALIGN says 4096), so the backend
+/// must not advertise or assume 512.
+#[test]
+fn direct_io_on_a_file_on_a_4k_sector_disk() {
+    let lo = Loop::with_args(64 << 20, &["--sector-size", "4096"]);
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(lo.path())
+        .status()
+        .expect("run mkfs.ext4 (e2fsprogs)");
+    assert!(status.success(), "mkfs.ext4");
+    let fs = Mount::new("ext4", &lo.dev, "rw");
+    let path = fs.path().join("img");
+    std::fs::write(&path, vec![0x33u8; 1 << 20]).expect("image");
+    let disk = FileBackend::open(&path, false, true).expect("open O_DIRECT");
+    let lbs = disk.topology().logical_block_size;
+    run_in_task(move || io_at_the_advertised_granularity(&disk));
+    assert_eq!(
+        lbs, 4096,
+        "logical block size of an O_DIRECT file on a 4K disk"
     );
 }

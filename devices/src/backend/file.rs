@@ -2,15 +2,21 @@
 //!
 //! Reads and writes are vectored io_uring operations straight from/to guest memory (zero
 //! copy), continued after short transfers and split at the kernel's 1024-iovec limit. With
-//! O_DIRECT, buffers the kernel would refuse (not aligned to the disk's logical block) go
-//! through an aligned bounce buffer, as QEMU does, in bounded chunks so a guest cannot make
-//! us allocate its whole 4 GiB request.
+//! O_DIRECT, buffers the kernel would refuse go through an aligned bounce buffer, as QEMU
+//! does, in bounded chunks so a guest cannot make us allocate its whole 4 GiB request. The
+//! alignment is the storage's own (the block device's logical block, or what `statx`
+//! reports for a file), not an assumed 512: on a 4K-native disk 512-byte I/O is EINVAL.
 //!
 //! Discard and write-zeroes go through io_uring as `fallocate`, on files and block devices
 //! alike (Linux maps `PUNCH_HOLE`/`ZERO_RANGE` on a block device to an unmapping or plain
-//! zero-out). Only when a block device refuses that (EOPNOTSUPP) do we fall back to the
-//! `BLKDISCARD`/`BLKZEROOUT` ioctls, which are synchronous: they stall this worker's queues
-//! for their duration, which is acceptable for the rare device that needs them.
+//! zero-out). Nothing here is a synchronous ioctl: a block device without WRITE ZEROES
+//! refuses `PUNCH_HOLE` but still zeroes with `ZERO_RANGE` (the kernel writes zero pages,
+//! in an io_uring worker), and where even that is refused we write zeroes ourselves, one
+//! bounded io_uring write at a time. A `BLKZEROOUT` of up to 32 GiB on the worker thread
+//! would stall every queue that thread serves.
+//!
+//! A failed flush is sticky: the kernel reports a writeback error to one `fdatasync` only
+//! and drops the data, so later flushes fail with the same error, as QEMU's file-posix does.
 
 use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
@@ -18,6 +24,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use smallvec::SmallVec;
 
@@ -27,16 +34,16 @@ const BLKSSZGET: libc::c_ulong = 0x1268;
 const BLKIOMIN: libc::c_ulong = 0x1278;
 const BLKIOOPT: libc::c_ulong = 0x1279;
 const BLKPBSZGET: libc::c_ulong = 0x127b;
-const BLKDISCARD: libc::c_ulong = 0x1277;
-const BLKZEROOUT: libc::c_ulong = 0x127f;
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
 /// Most iovecs one `readv`/`writev` accepts (`UIO_MAXIOV`); more fail with EINVAL. A
 /// request can exceed it: up to queue-size descriptors, more when they cross memory regions.
 const MAX_IOVECS: usize = libc::UIO_MAXIOV as usize;
-/// O_DIRECT alignment for image files: the common logical block of the disk underneath.
-const FILE_DIRECT_ALIGN: u32 = 512;
-/// Alignment of our bounce buffers (a page, which satisfies any logical block size).
+/// O_DIRECT alignment for image files whose file system does not report one (`statx`'s
+/// `STATX_DIOALIGN` needs Linux 6.1 and file system support): the historical assumption,
+/// right for disks with 512-byte sectors.
+const FILE_DIRECT_ALIGN_FALLBACK: u32 = 512;
+/// Least alignment of our bounce buffers (a page); more when the storage asks for more.
 const BOUNCE_ALIGN: usize = 4096;
 /// Largest bounce buffer (and zero-fill chunk): bounds the memory one request can pin.
 const BOUNCE_MAX: usize = 1 << 20;
@@ -46,10 +53,60 @@ pub struct FileBackend {
     file: File,
     size: u64,
     block_device: bool,
-    /// O_DIRECT's required alignment of buffers, lengths and offsets; `None` when buffered.
-    direct_align: Option<usize>,
+    /// O_DIRECT's required alignments; `None` when buffered.
+    direct_align: Option<DirectAlign>,
     readonly: bool,
     topology: Topology,
+    /// The errno of the first failed flush, 0 while none has failed (see [`Self::flush`]).
+    flush_errno: AtomicI32,
+}
+
+/// What O_DIRECT requires of one open file, in bytes (powers of two).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DirectAlign {
+    /// Alignment of buffer addresses in memory.
+    mem: usize,
+    /// Alignment of file offsets and lengths; we hold each iovec's length to it too.
+    offset: usize,
+}
+
+impl DirectAlign {
+    /// The alignment for `file` (opened with O_DIRECT).
+    fn of(file: &File, block_device: bool) -> io::Result<DirectAlign> {
+        let (mem, offset) = if block_device {
+            // The kernel checks offsets and lengths against the logical block size;
+            // memory only against the (usually smaller) DMA alignment, which we do not
+            // query: bouncing a buffer that was acceptable costs a copy, not an error.
+            let logical = ioctl_u32(file, BLKSSZGET)?;
+            (logical, logical)
+        } else {
+            statx_dio_align(file)?
+                .unwrap_or((FILE_DIRECT_ALIGN_FALLBACK, FILE_DIRECT_ALIGN_FALLBACK))
+        };
+        let valid = |a: u32| a.is_power_of_two() && a as usize <= BOUNCE_MAX;
+        if !valid(mem) || !valid(offset) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                UnsupportedDirectAlign { mem, offset },
+            ));
+        }
+        Ok(DirectAlign {
+            mem: mem as usize,
+            // Below 512 the virtio sector would not be addressable; no disk has that.
+            offset: offset.max(512) as usize,
+        })
+    }
+}
+
+/// O_DIRECT alignments the backend cannot serve: not powers of two, or beyond its
+/// largest bounce buffer (no real storage reports such values).
+#[derive(Debug, thiserror::Error)]
+#[error("unsupported O_DIRECT alignment: memory {mem}, offset {offset}")]
+pub struct UnsupportedDirectAlign {
+    /// Required alignment of buffer addresses.
+    pub mem: u32,
+    /// Required alignment of offsets and lengths.
+    pub offset: u32,
 }
 
 impl FileBackend {
@@ -70,13 +127,19 @@ impl FileBackend {
                 "not a regular file or block device",
             ));
         }
-        let (size, logical, mut topology) = if block_device {
-            let logical = ioctl_u32(&file, BLKSSZGET).unwrap_or(512).max(512);
+        let direct_align = if direct {
+            Some(DirectAlign::of(&file, block_device)?)
+        } else {
+            None
+        };
+        // Buffered I/O works at any 512-byte granularity (the page cache does the
+        // read-modify-write); O_DIRECT makes the storage's alignment the smallest unit.
+        let logical = direct_align.map_or(512, |a| a.offset as u32);
+        let (size, mut topology) = if block_device {
             (
                 ioctl_u64(&file, BLKGETSIZE64)?,
-                logical,
                 Topology {
-                    logical_block_size: 512,
+                    logical_block_size: logical,
                     physical_block_size: ioctl_u32(&file, BLKPBSZGET).unwrap_or(logical),
                     min_io_size: ioctl_u32(&file, BLKIOMIN).unwrap_or(0),
                     opt_io_size: ioctl_u32(&file, BLKIOOPT).unwrap_or(0),
@@ -86,9 +149,8 @@ impl FileBackend {
             let blksize = u32::try_from(meta.blksize()).unwrap_or(4096);
             (
                 meta.len(),
-                FILE_DIRECT_ALIGN,
                 Topology {
-                    logical_block_size: 512,
+                    logical_block_size: logical,
                     // Below the file system block the page cache does read-modify-write.
                     physical_block_size: blksize.clamp(512, 4096),
                     min_io_size: blksize.clamp(512, 4096),
@@ -96,23 +158,29 @@ impl FileBackend {
                 },
             )
         };
-        // Buffered I/O works at any 512-byte granularity (the page cache does the
-        // read-modify-write); O_DIRECT makes the disk's sector the smallest unit.
-        if direct {
-            topology.logical_block_size = logical;
-        }
+        // A physical block smaller than the logical one would be a nonsensical hint.
+        topology.physical_block_size = topology.physical_block_size.max(logical);
         Ok(FileBackend {
             file,
             size,
             block_device,
-            direct_align: direct.then_some(logical as usize),
+            direct_align,
             readonly,
             topology,
+            flush_errno: AtomicI32::new(0),
         })
     }
 
     fn fd(&self) -> i32 {
         self.file.as_raw_fd()
+    }
+
+    /// The error of the first failed flush, if one failed.
+    fn flush_failed(&self) -> Option<io::Error> {
+        match self.flush_errno.load(Ordering::Acquire) {
+            0 => None,
+            errno => Some(io::Error::from_raw_os_error(errno)),
+        }
     }
 
     /// Whether O_DIRECT would refuse these buffers (the parser already aligned offsets and
@@ -121,8 +189,13 @@ impl FileBackend {
         self.direct_align.is_some_and(|a| {
             bufs.iovecs()
                 .iter()
-                .any(|v| v.iov_base as usize % a != 0 || v.iov_len % a != 0)
+                .any(|v| v.iov_base as usize % a.mem != 0 || v.iov_len % a.offset != 0)
         })
+    }
+
+    /// A bounce buffer for `len` bytes, aligned as O_DIRECT requires.
+    fn bounce(&self, len: usize) -> io::Result<Bounce> {
+        Bounce::new(len, self.direct_align.map_or(0, |a| a.mem))
     }
 
     /// Reads `iov` at `offset`, continuing after short reads, until it is full or the file
@@ -166,7 +239,7 @@ impl FileBackend {
 
     /// O_DIRECT read through an aligned bounce buffer, one bounded chunk at a time.
     fn read_bounced(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()> {
-        let mut bounce = Bounce::new(chunk_len(bufs.len()))?;
+        let mut bounce = self.bounce(chunk_len(bufs.len()))?;
         let mut pos = 0u64;
         while pos < bufs.len() {
             let n = chunk_len(bufs.len() - pos);
@@ -183,7 +256,7 @@ impl FileBackend {
 
     /// O_DIRECT write through an aligned bounce buffer, one bounded chunk at a time.
     fn write_bounced(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()> {
-        let mut bounce = Bounce::new(chunk_len(bufs.len()))?;
+        let mut bounce = self.bounce(chunk_len(bufs.len()))?;
         let mut pos = 0u64;
         while pos < bufs.len() {
             let n = chunk_len(bufs.len() - pos);
@@ -194,21 +267,11 @@ impl FileBackend {
         Ok(())
     }
 
-    /// A synchronous `BLKDISCARD`/`BLKZEROOUT`: blocks the worker thread (see module docs).
-    fn ioctl_range(&self, request: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
-        let range = [offset, len];
-        // SAFETY: BLKDISCARD/BLKZEROOUT read a `[u64; 2]` {start, len} from the pointer,
-        // which points at a live array of exactly that type.
-        let r = unsafe { libc::ioctl(self.fd(), request, range.as_ptr()) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Writes zeroes the slow way, for file systems without `FALLOC_FL_ZERO_RANGE`.
+    /// Writes zeroes the slow way, for storage without `FALLOC_FL_ZERO_RANGE`: one
+    /// bounded io_uring write per chunk, each parking this coroutine, so zeroing 32 GiB
+    /// never holds the thread for longer than one chunk's submission.
     fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
-        let bounce = Bounce::new(chunk_len(len))?;
+        let bounce = self.bounce(chunk_len(len))?;
         let mut done = 0;
         while done < len {
             let n = chunk_len(len - done);
@@ -264,40 +327,64 @@ impl BlockBackend for FileBackend {
         self.write_full(bufs.iovecs(), offset)
     }
 
+    /// `fdatasync`, failing for good once it has failed. The kernel reports a writeback
+    /// error to one `fdatasync` (its errseq), perhaps one a flush on another queue made,
+    /// and marks the lost pages clean: a later flush would succeed although the data never
+    /// reached the disk. So the first error is kept and returned by every later flush of
+    /// this disk, as QEMU's file-posix does (`page_cache_inconsistent`).
     fn flush(&self) -> io::Result<()> {
-        coro::io::fsync(self.fd(), true)
+        if let Some(e) = self.flush_failed() {
+            return Err(e);
+        }
+        match coro::io::fsync(self.fd(), true) {
+            Err(e) => {
+                // Only the kernel's answer is sticky: an error without an errno (no ring)
+                // never reached the file. The first failure wins a race between queues.
+                if let Some(errno) = e.raw_os_error() {
+                    let _ = self.flush_errno.compare_exchange(
+                        0,
+                        errno,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                }
+                Err(e)
+            }
+            // A flush that ran alongside the failing one may have had the error reported to
+            // the other: once it is known, it covers this flush's writes too.
+            Ok(()) => self.flush_failed().map_or(Ok(()), Err),
+        }
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let r = match coro::io::fallocate(self.fd(), mode, offset, len) {
-            Err(e) if self.block_device && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                self.ioctl_range(BLKDISCARD, offset, len)
-            }
-            r => r,
-        };
-        match r {
+        match coro::io::fallocate(self.fd(), mode, offset, len) {
             // Discard is a hint the device may ignore (virtio 1.2, 5.2.6.2); storage that
             // cannot deallocate leaves the data, as QEMU does, rather than fail the guest.
+            // On a block device this is one without WRITE ZEROES: the BLKDISCARD ioctl
+            // might still deallocate, but it is synchronous and would stall the thread, and
+            // Linux offers no asynchronous discard (fallocate's NO_HIDE_STALE is refused).
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
             r => r,
         }
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        let mode = if may_unmap {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-        } else {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-        };
-        match coro::io::fallocate(self.fd(), mode, offset, len) {
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                if self.block_device {
-                    self.ioctl_range(BLKZEROOUT, offset, len)
-                } else {
-                    self.write_zero_buffers(offset, len)
-                }
+        let unsupported = |e: &io::Error| e.raw_os_error() == Some(libc::EOPNOTSUPP);
+        if may_unmap {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            match coro::io::fallocate(self.fd(), mode, offset, len) {
+                // A block device without WRITE ZEROES, or a file system that cannot punch
+                // holes: zero without unmapping, which the guest allowed, not required.
+                Err(e) if unsupported(&e) => {}
+                r => return r,
             }
+        }
+        // On a block device the kernel writes zero pages when the device lacks WRITE
+        // ZEROES, inside the io_uring worker, so this thread keeps running.
+        let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        match coro::io::fallocate(self.fd(), mode, offset, len) {
+            Err(e) if unsupported(&e) => self.write_zero_buffers(offset, len),
             r => r,
         }
     }
@@ -386,7 +473,42 @@ fn ioctl_u32(file: &File, request: libc::c_ulong) -> io::Result<u32> {
     Ok(v)
 }
 
-/// A zeroed, page-aligned heap buffer for O_DIRECT.
+/// O_DIRECT's memory and offset alignment of `file` as `statx` reports it (Linux 6.1+);
+/// `None` when the kernel or file system does not say, or says the file has no O_DIRECT
+/// (an offset alignment of 0) although it opened with the flag.
+fn statx_dio_align(file: &File) -> io::Result<Option<(u32, u32)>> {
+    // SAFETY: `statx` is plain data for which all-zero bytes are a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is an empty NUL-terminated string, which AT_EMPTY_PATH makes mean
+    // the descriptor itself, and `stx` is a live, writable `statx` the kernel fills.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        // Kernels before 4.11 have no statx at all.
+        return if e.raw_os_error() == Some(libc::ENOSYS) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    if stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
+        return Ok(None);
+    }
+    Ok(Some((
+        stx.stx_dio_mem_align.max(1),
+        stx.stx_dio_offset_align,
+    )))
+}
+
+/// A zeroed, aligned heap buffer for O_DIRECT.
 struct Bounce {
     ptr: *mut u8,
     len: usize,
@@ -394,10 +516,11 @@ struct Bounce {
 }
 
 impl Bounce {
-    fn new(len: usize) -> io::Result<Bounce> {
-        let layout =
-            Layout::from_size_align(len.max(1).next_multiple_of(BOUNCE_ALIGN), BOUNCE_ALIGN)
-                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    /// `len` bytes aligned to a page, or to `align` when that is larger (a power of two).
+    fn new(len: usize, align: usize) -> io::Result<Bounce> {
+        let align = align.max(BOUNCE_ALIGN);
+        let layout = Layout::from_size_align(len.max(1).next_multiple_of(align), align)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
         if ptr.is_null() {

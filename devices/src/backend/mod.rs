@@ -17,15 +17,15 @@ mod null;
 use std::io;
 
 pub use buffers::GuestBuffers;
-pub use file::FileBackend;
+pub use file::{FileBackend, UnsupportedDirectAlign};
 pub use null::NullBackend;
 
 /// I/O geometry of the storage, in bytes (virtio-blk `blk_size` floor and `topology`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Topology {
-    /// The smallest unit the backend can address: 512, or the disk's sector size when
-    /// O_DIRECT makes the kernel refuse anything smaller. The guest's block size must not
-    /// be below it.
+    /// The smallest unit the backend can address: 512, or the storage's O_DIRECT offset
+    /// alignment (the disk's logical sector, 4096 on 4K-native disks) when O_DIRECT makes
+    /// the kernel refuse anything smaller. The guest's block size must not be below it.
     pub logical_block_size: u32,
     /// The smallest write the storage can do without read-modify-write.
     pub physical_block_size: u32,
@@ -88,7 +88,9 @@ pub trait BlockBackend: Send + Sync {
     /// Writes all of `bufs` at `offset`.
     fn write_vectored(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()>;
 
-    /// Makes completed writes durable.
+    /// Makes completed writes durable. Once a flush has failed, writes may have been lost
+    /// for good, so every later flush of the disk fails too (with the same error), rather
+    /// than report durable what never got there.
     fn flush(&self) -> io::Result<()>;
 
     /// Drops the data of a range; later reads return zeroes or the old data (virtio allows
