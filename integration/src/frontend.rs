@@ -398,11 +398,34 @@ impl TestFrontend {
     }
 
     /// Runs a well-formed request and returns its status byte (0xff if none was written).
+    /// Panics unless its used element names its head (0) and a length that fits the
+    /// outcome: exactly data + status for a successful read (what fits of the 20-byte
+    /// serial for GET_ID), only the status byte for anything else that succeeded, and at
+    /// least the status byte but no more than data + status for a failure.
     pub fn run(&mut self, q: usize, kind: u32, sector: u64, data: &[(u64, u32)]) -> u8 {
         let status = self.request(q, kind, sector, data);
-        let used = self.wait_used(q, Duration::from_secs(10));
-        assert!(used.is_some(), "request type {kind} got no used element");
-        self.mem.read(status, 1)[0]
+        let Some(used) = self.wait_used(q, Duration::from_secs(10)) else {
+            panic!("request type {kind} got no used element");
+        };
+        let st = self.mem.read(status, 1)[0];
+        assert_eq!(used.id, 0, "the used element names the chain's head");
+        let writable: u32 = if kind == T_IN || kind == T_GET_ID {
+            data.iter().map(|&(_, len)| len).sum()
+        } else {
+            0
+        };
+        match (kind, st) {
+            (T_IN, S_OK) => assert_eq!(used.len, writable + 1, "read: data + status"),
+            (T_GET_ID, S_OK) => assert_eq!(used.len, writable.min(20) + 1, "serial + status"),
+            (_, S_OK) => assert_eq!(used.len, 1, "type {kind}: only the status byte"),
+            _ => assert!(
+                (1..=writable + 1).contains(&used.len),
+                "type {kind} failed with status {st}: used length {} outside 1..={}",
+                used.len,
+                writable + 1
+            ),
+        }
+        st
     }
 
     /// Writes `data` at `sector` and reads it back; true if it round-trips.
