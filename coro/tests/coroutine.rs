@@ -170,14 +170,16 @@ fn rss_pages() -> usize {
         .expect("rss field")
 }
 
-/// Runs in a child process (see `create_finish_100k_no_rss_growth_*`): RSS is per process,
-/// so parallel tests in the same process would disturb the measurement.
+/// The child process of `create_finish_100k_no_rss_growth_*`: RSS is per process, so
+/// parallel tests in the same process would disturb the measurement. Ignored so that a
+/// plain test run never counts it as passed without having measured anything; the parents
+/// run it with `--ignored --exact` and the backend in `CORO_RSS_CHILD`, and it fails when
+/// run any other way.
 #[test]
+#[ignore = "child process: run by create_finish_100k_no_rss_growth_{fast,ucontext}"]
 fn rss_child() {
-    let Ok(backend) = std::env::var("CORO_RSS_CHILD") else {
-        return; // Only meaningful in the child process.
-    };
-    let b = Builder::new().backend(backend.parse().expect("backend"));
+    let backend = child_backend("CORO_RSS_CHILD");
+    let b = Builder::new().backend(backend);
     let cycle = |n: u32| {
         for i in 0..n {
             let mut co = b.spawn(move || i.wrapping_mul(3)).expect("spawn");
@@ -195,14 +197,29 @@ fn rss_child() {
     );
 }
 
+fn rss_in_child(backend: &str) {
+    let out = run_child("rss_child", "CORO_RSS_CHILD", backend);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child rss_child ({backend}) failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A child that ran no test (a renamed test, a filter that matched nothing) also exits 0.
+    assert!(
+        stdout.contains("test rss_child ... ok") && stdout.contains("1 passed"),
+        "the child must have run rss_child and passed it; stdout: {stdout}"
+    );
+}
+
 #[test]
 fn create_finish_100k_no_rss_growth_fast() {
-    run_child("rss_child", "CORO_RSS_CHILD", "fast");
+    rss_in_child("fast");
 }
 
 #[test]
 fn create_finish_100k_no_rss_growth_ucontext() {
-    run_child("rss_child", "CORO_RSS_CHILD", "ucontext");
+    rss_in_child("ucontext");
 }
 
 both_backends!(unpooled_stacks_are_unmapped, |b: Builder| {
@@ -260,13 +277,13 @@ fn resume_after_done_panics() {
     co.resume();
 }
 
-/// Runs in a child process (see `stack_overflow_is_reported`): overflows a small stack.
+/// The child process of `stack_overflow_is_reported_*`: overflows a small stack, which
+/// kills the process. Ignored (see `rss_child`); the parents run it with the backend in
+/// `CORO_OVERFLOW_CHILD`.
 #[test]
+#[ignore = "child process: run by stack_overflow_is_reported_{fast,ucontext}"]
 fn overflow_child() {
-    let Ok(backend) = std::env::var("CORO_OVERFLOW_CHILD") else {
-        return; // Only meaningful in the child process spawned below.
-    };
-    let backend: Backend = backend.parse().expect("backend");
+    let backend = child_backend("CORO_OVERFLOW_CHILD");
     #[allow(unconditional_recursion)] // the point: run off the stack
     fn runaway(n: u64) -> u64 {
         let buf = std::hint::black_box([n; 64]);
@@ -278,28 +295,42 @@ fn overflow_child() {
         .spawn(|| runaway(0))
         .expect("spawn");
     co.resume();
+    panic!("resumed a coroutine that recursed without bound, and it returned");
 }
 
-/// Runs the test `name` of this binary alone in a child process with `var=value` set.
+/// The backend a child test runs, from `var`; panics when the variable is absent, since a
+/// child entry point run outside its parent has nothing to test.
+fn child_backend(var: &str) -> Backend {
+    let name = std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: this is a child process entry point, run by its parent test")
+    });
+    name.parse().expect("backend")
+}
+
+/// Runs the ignored test `name` of this binary alone in a child process with `var=value`
+/// set; the caller judges its exit status and output.
 fn run_child(name: &str, var: &str, value: &str) -> std::process::Output {
-    let out = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+    Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--ignored",
+            "--exact",
+            name,
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(var, value)
         .output()
-        .expect("run child");
-    if var != "CORO_OVERFLOW_CHILD" {
-        assert!(
-            out.status.success(),
-            "child {name} failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
-    out
+        .expect("run child")
 }
 
 fn overflow_in_child(backend: &str) {
     let out = run_child("overflow_child", "CORO_OVERFLOW_CHILD", backend);
+    let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("running 1 test"),
+        "the child must have started overflow_child; stdout: {stdout}"
+    );
     assert!(!out.status.success(), "child must die, stderr: {stderr}");
     assert!(
         stderr.contains("coroutine stack overflow"),

@@ -214,7 +214,8 @@ both_backends!(io_uring_write_fsync_fallocate_roundtrip, |s: Scheduler| {
         // Reading at EOF returns 0 bytes, not an error.
         assert_eq!(coro::io::readv(fd, &iov, 1 << 20).expect("readv eof"), 0);
         // An invalid descriptor is an error for this request only.
-        assert!(coro::io::readv(-1, &iov, 0).is_err());
+        let err = coro::io::readv(-1, &iov, 0).expect_err("readv of fd -1");
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{err:?}");
         okc.set(true);
     })
     .expect("spawn");

@@ -127,11 +127,17 @@ fn write_to_readonly_file_fails_cleanly() {
         let v = [iov(&mut buf)];
         // SAFETY: the buffer outlives `bufs`.
         let bufs = unsafe { GuestBuffers::new(&v) };
-        assert!(
-            disk.write_vectored(&bufs, 0).is_err(),
-            "EBADF from a read-only descriptor"
+        let err = disk
+            .write_vectored(&bufs, 0)
+            .expect_err("a write through a read-only descriptor");
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::EBADF),
+            "EBADF from a read-only descriptor: {err:?}"
         );
     });
+    let on_disk = std::fs::read(img.path()).expect("read image");
+    assert_eq!(on_disk, vec![0u8; 4096], "the failed write changed nothing");
 }
 
 /// A loop device, detached on drop (needs root, as CI has).

@@ -202,6 +202,23 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The first line of the server's log that contains `needle`, waiting up to `timeout`
+    /// for it to appear (the server writes its log asynchronously to what a test sees on
+    /// the socket); `None` if none did.
+    pub fn wait_log_line(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.log_text();
+            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                return Some(line.to_owned());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Panics (with its log) if the server exited.
     pub fn assert_alive(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {

@@ -7,7 +7,7 @@
 //! malformed-message tests.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -398,11 +398,34 @@ impl TestFrontend {
     }
 
     /// Runs a well-formed request and returns its status byte (0xff if none was written).
+    /// Panics unless its used element names its head (0) and a length that fits the
+    /// outcome: exactly data + status for a successful read (what fits of the 20-byte
+    /// serial for GET_ID), only the status byte for anything else that succeeded, and at
+    /// least the status byte but no more than data + status for a failure.
     pub fn run(&mut self, q: usize, kind: u32, sector: u64, data: &[(u64, u32)]) -> u8 {
         let status = self.request(q, kind, sector, data);
-        let used = self.wait_used(q, Duration::from_secs(10));
-        assert!(used.is_some(), "request type {kind} got no used element");
-        self.mem.read(status, 1)[0]
+        let Some(used) = self.wait_used(q, Duration::from_secs(10)) else {
+            panic!("request type {kind} got no used element");
+        };
+        let st = self.mem.read(status, 1)[0];
+        assert_eq!(used.id, 0, "the used element names the chain's head");
+        let writable: u32 = if kind == T_IN || kind == T_GET_ID {
+            data.iter().map(|&(_, len)| len).sum()
+        } else {
+            0
+        };
+        match (kind, st) {
+            (T_IN, S_OK) => assert_eq!(used.len, writable + 1, "read: data + status"),
+            (T_GET_ID, S_OK) => assert_eq!(used.len, writable.min(20) + 1, "serial + status"),
+            (_, S_OK) => assert_eq!(used.len, 1, "type {kind}: only the status byte"),
+            _ => assert!(
+                (1..=writable + 1).contains(&used.len),
+                "type {kind} failed with status {st}: used length {} outside 1..={}",
+                used.len,
+                writable + 1
+            ),
+        }
+        st
     }
 
     /// Writes `data` at `sector` and reads it back; true if it round-trips.
@@ -421,34 +444,98 @@ impl TestFrontend {
     }
 }
 
-/// Negotiates features on a fresh connection and sends a memory table of `regions`
-/// (all in one shared memfd); returns the backend's verdict
-/// (REPLY_ACK makes it report failure rather than stay silent).
-pub fn send_mem_table(sock: &Path, regions: &[MemRegion]) -> io::Result<()> {
-    let err = |e: vhost::Error| io::Error::other(e.to_string());
-    let mut fe = Frontend::from_stream(UnixStream::connect(sock)?, 1);
-    let mem = GuestMem::new(MEM_SIZE);
-    fe.set_owner().map_err(err)?;
-    let offered = fe.get_features().map_err(err)?;
-    fe.set_features(offered & (F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()))
-        .map_err(err)?;
-    let pf = fe.get_protocol_features().map_err(err)?;
-    fe.set_protocol_features(pf & VhostUserProtocolFeatures::REPLY_ACK)
-        .map_err(err)?;
-    fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
-    let infos: Vec<VhostUserMemoryRegionInfo> = regions
-        .iter()
-        .map(|r| VhostUserMemoryRegionInfo {
-            guest_phys_addr: r.gpa,
-            memory_size: r.size,
-            userspace_addr: mem.ptr as u64 + r.offset,
-            mmap_offset: r.offset,
-            mmap_handle: mem.file.as_raw_fd(),
-        })
-        .collect();
-    fe.set_mem_table(&infos).map_err(err)?;
-    // A backend that accepted the table answers the next request; one that closed does not.
-    fe.get_features().map(drop).map_err(err)
+/// A fresh connection that has negotiated VERSION_1 and REPLY_ACK and asks for a reply to
+/// every message, so that the backend NACKs (rather than silently drops) what it refuses:
+/// for tests that send one message at a time and look at the backend's verdict.
+pub struct AckedSession {
+    /// The vhost-user connection.
+    pub fe: Frontend,
+    /// Guest memory a memory table can point into.
+    pub mem: GuestMem,
+    /// A second handle on the connection's socket, to see the backend hang up
+    /// ([`AckedSession::hangup`]).
+    stream: UnixStream,
+}
+
+impl AckedSession {
+    /// Connects and negotiates; panics if any step fails, since every test that uses a
+    /// session needs this much to work before it can test anything.
+    pub fn connect(sock: &Path) -> AckedSession {
+        let stream = UnixStream::connect(sock).expect("connect");
+        // A backend that never answers must fail the test, not hang it.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("read timeout");
+        let mut fe = Frontend::from_stream(stream.try_clone().expect("clone the socket"), 1);
+        fe.set_owner().expect("SET_OWNER");
+        let offered = fe.get_features().expect("GET_FEATURES");
+        fe.set_features(
+            offered & (F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()),
+        )
+        .expect("SET_FEATURES");
+        let pf = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+        assert!(
+            pf.contains(VhostUserProtocolFeatures::REPLY_ACK),
+            "the backend must offer REPLY_ACK: {pf:?}"
+        );
+        fe.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK)
+            .expect("SET_PROTOCOL_FEATURES");
+        fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+        AckedSession {
+            fe,
+            mem: GuestMem::new(MEM_SIZE),
+            stream,
+        }
+    }
+
+    /// Sends a memory table of `regions` (all in [`AckedSession::mem`]'s memfd); returns
+    /// the backend's verdict: `Err(VhostUserProtocol(BackendInternalError))` is a NACK.
+    pub fn set_mem_table(&mut self, regions: &[MemRegion]) -> Result<(), vhost::Error> {
+        let infos: Vec<VhostUserMemoryRegionInfo> = regions
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo {
+                guest_phys_addr: r.gpa,
+                memory_size: r.size,
+                userspace_addr: self.mem.ptr as u64 + r.offset,
+                mmap_offset: r.offset,
+                mmap_handle: self.mem.file.as_raw_fd(),
+            })
+            .collect();
+        self.fe.set_mem_table(&infos).map(drop)
+    }
+
+    /// The frontend address of guest address `gpa` when the memory table maps all of
+    /// [`AckedSession::mem`] at GPA 0 (what ring addresses travel as).
+    pub fn va(&self, gpa: u64) -> u64 {
+        self.mem.ptr as u64 + gpa
+    }
+
+    /// How the backend's end of the connection reads now: `Ok(())` once it hung up (EOF,
+    /// or ECONNRESET when it closed with our bytes unread), the read's error if it stayed
+    /// silent for the 5 s read timeout, and `InvalidData` if it sent anything more.
+    pub fn hangup(&self) -> io::Result<()> {
+        let mut buf = [0u8; 64];
+        match (&self.stream).read(&mut buf) {
+            Ok(0) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(()),
+            Ok(n) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the backend sent {n} more bytes instead of hanging up"),
+            )),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Negotiates features on a fresh connection ([`AckedSession`]) and sends a memory table
+/// of `regions`; returns the backend's verdict on the table. When the table is accepted,
+/// checks that the backend goes on answering (a GET_FEATURES).
+pub fn send_mem_table(sock: &Path, regions: &[MemRegion]) -> Result<(), vhost::Error> {
+    let mut s = AckedSession::connect(sock);
+    s.set_mem_table(regions)?;
+    s.fe.get_features()
+        .expect("the backend answers after accepting a table");
+    Ok(())
 }
 
 /// Writes one raw vhost-user message (the three header fields, then `payload`) to `stream`,

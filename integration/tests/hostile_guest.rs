@@ -45,6 +45,38 @@ fn submit(fe: &mut TestFrontend, descs: &[Desc]) -> (Option<Used>, u8) {
     (used, fe.mem.read(STATUS, 1)[0])
 }
 
+/// The used element for the chain at head 0 when the device wrote `len` bytes into it.
+fn used(len: u32) -> Option<Used> {
+    Some(Used { id: 0, len })
+}
+
+/// Bytes of [`CANARY`] at BUF before a chain that must not be written through.
+const CANARY_LEN: usize = 1024;
+const CANARY: u8 = 0xee;
+
+/// Fills the data buffers at BUF with [`CANARY`].
+fn put_canaries(fe: &TestFrontend) {
+    fe.mem.write(BUF, &[CANARY; CANARY_LEN]);
+}
+
+/// A chain the device cannot answer (no usable status byte): completed with a used
+/// length of 0, nothing written to its data buffers, the status canary untouched.
+fn assert_unanswered(server: &Daemon, fe: &TestFrontend, got: Option<Used>) {
+    assert_eq!(
+        got,
+        used(0),
+        "completed with nothing written; log: {}",
+        server.log_text()
+    );
+    assert_eq!(
+        fe.mem.read(BUF, CANARY_LEN),
+        vec![CANARY; CANARY_LEN],
+        "data buffers untouched (no status byte was guessed into them); log: {}",
+        server.log_text()
+    );
+    assert_eq!(fe.mem.read(STATUS, 1)[0], 0xff, "status canary untouched");
+}
+
 /// After a hostile request: the same connection still does verified I/O.
 fn still_serves(server: &mut Daemon, fe: &mut TestFrontend) {
     server.assert_alive();
@@ -56,16 +88,25 @@ fn still_serves(server: &mut Daemon, fe: &mut TestFrontend) {
     server.assert_alive();
 }
 
+/// A refused request: status `want`, a used length of 1 (the status byte; no data was
+/// transferred), and its data buffers (0xee canaries at BUF) untouched.
 fn expect_status(descs: &[Desc], kind: u32, sector: u64, want: u8) {
     let (mut server, mut fe) = setup();
     put_header(&fe, kind, sector);
-    let (used, status) = submit(&mut fe, descs);
-    assert!(
-        used.is_some(),
-        "no used element; log: {}",
+    put_canaries(&fe);
+    let (got, status) = submit(&mut fe, descs);
+    assert_eq!(status, want, "status byte; log: {}", server.log_text());
+    assert_eq!(
+        got,
+        used(1),
+        "only the status byte written; log: {}",
         server.log_text()
     );
-    assert_eq!(status, want, "status byte; log: {}", server.log_text());
+    assert_eq!(
+        fe.mem.read(BUF, CANARY_LEN),
+        vec![CANARY; CANARY_LEN],
+        "no data transferred for a refused request"
+    );
     still_serves(&mut server, &mut fe);
 }
 
@@ -135,12 +176,8 @@ fn header_shorter_than_16_bytes() {
 fn no_status_descriptor() {
     let (mut server, mut fe) = setup();
     put_header(&fe, T_OUT, 0);
-    let (used, status) = submit(&mut fe, &[d(HDR, 16, N, 1), d(BUF, 4096, 0, 0)]);
-    assert_eq!(
-        used.map(|u| u.len),
-        Some(0),
-        "completed with nothing written"
-    );
+    let (got, status) = submit(&mut fe, &[d(HDR, 16, N, 1), d(BUF, 4096, 0, 0)]);
+    assert_eq!(got, used(0), "completed with nothing written");
     assert_eq!(status, 0xff);
     still_serves(&mut server, &mut fe);
 }
@@ -149,11 +186,17 @@ fn no_status_descriptor() {
 fn device_readable_status_descriptor() {
     let (mut server, mut fe) = setup();
     put_header(&fe, T_IN, 0);
-    let (used, status) = submit(
+    put_canaries(&fe);
+    let (got, status) = submit(
         &mut fe,
         &[d(HDR, 16, N, 1), d(BUF, 512, W | N, 2), d(STATUS, 1, 0, 0)],
     );
-    assert_eq!(used.map(|u| u.len), Some(0));
+    assert_eq!(got, used(0), "completed with nothing written");
+    assert_eq!(
+        fe.mem.read(BUF, CANARY_LEN),
+        vec![CANARY; CANARY_LEN],
+        "no data read into a request that cannot report its status"
+    );
     assert_eq!(
         status, 0xff,
         "a read-only status descriptor must not be written"
@@ -226,12 +269,12 @@ fn get_id_short_buffer_gets_what_fits() {
     let (mut server, mut fe) = setup();
     fe.mem.write(BUF, &[0u8; 20]);
     put_header(&fe, T_GET_ID, 0);
-    let (used, status) = submit(
+    let (got, status) = submit(
         &mut fe,
         &[d(HDR, 16, N, 1), d(BUF, 7, W | N, 2), d(STATUS, 1, W, 0)],
     );
-    assert!(used.is_some());
     assert_eq!(status, S_OK);
+    assert_eq!(got, used(8), "7 bytes of serial + the status byte");
     assert_eq!(
         fe.mem.read(BUF, 8),
         b"corodev\0".to_vec(),
@@ -245,7 +288,7 @@ fn segments_case(kind: u32, segs: &[[u8; 16]], want: u8) {
     let bytes = segments(segs);
     fe.mem.write(BUF, &bytes);
     put_header(&fe, kind, 0);
-    let (used, status) = submit(
+    let (got, status) = submit(
         &mut fe,
         &[
             d(HDR, 16, N, 1),
@@ -253,12 +296,12 @@ fn segments_case(kind: u32, segs: &[[u8; 16]], want: u8) {
             d(STATUS, 1, W, 0),
         ],
     );
-    assert!(
-        used.is_some(),
-        "no used element; log: {}",
-        server.log_text()
-    );
     assert_eq!(status, want, "log: {}", server.log_text());
+    assert_eq!(
+        got,
+        used(1),
+        "segments are device-readable: only the status byte is written"
+    );
     still_serves(&mut server, &mut fe);
 }
 
@@ -289,11 +332,12 @@ fn write_zeroes_multiple_segments_zero_data() {
     let bytes = segments(&segs);
     fe.mem.write(BUF, &bytes);
     put_header(&fe, T_WRITE_ZEROES, 0);
-    let (_, status) = submit(
+    let (got, status) = submit(
         &mut fe,
         &[d(HDR, 16, N, 1), d(BUF, 32, N, 2), d(STATUS, 1, W, 0)],
     );
     assert_eq!(status, S_OK, "log: {}", server.log_text());
+    assert_eq!(got, used(1), "only the status byte written");
     let out = BUF + (8 << 20);
     assert_eq!(fe.run(Q, T_IN, 0, &[(out, 16384)]), S_OK);
     let got = fe.mem.read(out, 16384);
@@ -309,8 +353,9 @@ fn write_zeroes_multiple_segments_zero_data() {
 fn descriptor_next_loop() {
     let (mut server, mut fe) = setup();
     put_header(&fe, T_IN, 0);
+    put_canaries(&fe);
     // 0 -> 1 -> 2 -> 1 -> 2 ...: never reaches a status descriptor.
-    let (used, _) = submit(
+    let (got, _) = submit(
         &mut fe,
         &[
             d(HDR, 16, N, 1),
@@ -318,7 +363,7 @@ fn descriptor_next_loop() {
             d(BUF + 512, 512, W | N, 1),
         ],
     );
-    assert!(used.is_some(), "a looping chain must still be completed");
+    assert_unanswered(&server, &fe, got);
     still_serves(&mut server, &mut fe);
 }
 
@@ -327,12 +372,13 @@ fn indirect_table_loops() {
     let (mut server, mut fe) = setup();
     put_header(&fe, T_IN, 0);
     let table = BUF + (2 << 20);
+    put_canaries(&fe);
     let entries = [d(HDR, 16, N, 1), d(BUF, 512, W | N, 0)];
     for (i, e) in entries.iter().enumerate() {
         fe.mem.write(table + 16 * i as u64, &e.bytes());
     }
-    let (used, _) = submit(&mut fe, &[d(table, 32, VIRTQ_DESC_F_INDIRECT, 0)]);
-    assert!(used.is_some());
+    let (got, _) = submit(&mut fe, &[d(table, 32, VIRTQ_DESC_F_INDIRECT, 0)]);
+    assert_unanswered(&server, &fe, got);
     still_serves(&mut server, &mut fe);
 }
 
@@ -341,10 +387,11 @@ fn indirect_table_nested() {
     let (mut server, mut fe) = setup();
     put_header(&fe, T_IN, 0);
     let table = BUF + (2 << 20);
+    put_canaries(&fe);
     fe.mem
         .write(table, &d(table, 16, VIRTQ_DESC_F_INDIRECT, 0).bytes());
-    let (used, _) = submit(&mut fe, &[d(table, 16, VIRTQ_DESC_F_INDIRECT, 0)]);
-    assert!(used.is_some());
+    let (got, _) = submit(&mut fe, &[d(table, 16, VIRTQ_DESC_F_INDIRECT, 0)]);
+    assert_unanswered(&server, &fe, got);
     still_serves(&mut server, &mut fe);
 }
 
@@ -352,8 +399,9 @@ fn indirect_table_nested() {
 fn indirect_table_bad_length() {
     let (mut server, mut fe) = setup();
     put_header(&fe, T_IN, 0);
-    let (used, _) = submit(&mut fe, &[d(BUF + (2 << 20), 20, VIRTQ_DESC_F_INDIRECT, 0)]);
-    assert!(used.is_some());
+    put_canaries(&fe);
+    let (got, _) = submit(&mut fe, &[d(BUF + (2 << 20), 20, VIRTQ_DESC_F_INDIRECT, 0)]);
+    assert_unanswered(&server, &fe, got);
     still_serves(&mut server, &mut fe);
 }
 
@@ -361,11 +409,12 @@ fn indirect_table_bad_length() {
 fn indirect_table_outside_memory() {
     let (mut server, mut fe) = setup();
     put_header(&fe, T_IN, 0);
-    let (used, _) = submit(
+    put_canaries(&fe);
+    let (got, _) = submit(
         &mut fe,
         &[d(MEM_SIZE as u64 - 16, 64, VIRTQ_DESC_F_INDIRECT, 0)],
     );
-    assert!(used.is_some());
+    assert_unanswered(&server, &fe, got);
     still_serves(&mut server, &mut fe);
 }
 
@@ -380,9 +429,9 @@ fn good_indirect_request() {
     for (i, e) in entries.iter().enumerate() {
         fe.mem.write(table + 16 * i as u64, &e.bytes());
     }
-    let (used, status) = submit(&mut fe, &[d(table, 48, VIRTQ_DESC_F_INDIRECT, 0)]);
-    assert!(used.is_some());
+    let (got, status) = submit(&mut fe, &[d(table, 48, VIRTQ_DESC_F_INDIRECT, 0)]);
     assert_eq!(status, S_OK);
+    assert_eq!(got, used(4097), "data + status byte");
     assert_eq!(fe.mem.read(out, 4096), pattern(3, 4096));
     still_serves(&mut server, &mut fe);
 }
@@ -397,7 +446,14 @@ fn head_index_beyond_queue_size() {
     std::thread::sleep(Duration::from_millis(300));
     server.assert_alive();
     server.assert_idle();
-    let _ = fe.wait_used(Q, Duration::from_millis(100));
+    let got = fe.wait_used(Q, Duration::from_millis(100));
+    assert_eq!(
+        got,
+        None,
+        "a head that does not exist gets no used element; log: {}",
+        server.log_text()
+    );
+    assert_eq!(fe.mem.read(STATUS, 1)[0], 0xff, "status canary untouched");
     still_serves(&mut server, &mut fe);
 }
 
@@ -419,6 +475,14 @@ fn write_on_readonly_export_fails() {
     let mut fe = TestFrontend::connect(server.socket(), 1, 128).expect("connect");
     fe.mem.write(BUF, &pattern(1, 4096));
     assert_eq!(fe.run(Q, T_OUT, 0, &[(BUF, 4096)]), S_IOERR);
-    assert_eq!(fe.run(Q, T_IN, 0, &[(BUF, 4096)]), S_OK);
+    assert_eq!(fe.wait_used(Q, Duration::ZERO), None, "one used element");
+    let back = BUF + (4 << 20);
+    fe.mem.write(back, &[0xee; 4096]);
+    assert_eq!(fe.run(Q, T_IN, 0, &[(back, 4096)]), S_OK);
+    assert_eq!(
+        fe.mem.read(back, 4096),
+        vec![0u8; 4096],
+        "the refused write left the (fresh, zeroed) image unchanged"
+    );
     server.assert_alive();
 }
