@@ -78,7 +78,11 @@ impl VhostUserBackend for BlkDevice {
             log::Level::Info,
             format_args!(
                 "guest set the write cache to {}",
-                if blk.config().writeback() { "writeback" } else { "writethrough" }
+                if blk.config().writeback() {
+                    "writeback"
+                } else {
+                    "writethrough"
+                }
             ),
         );
         Ok(())

@@ -261,7 +261,10 @@ mod tests {
         let mut heads = InFlightHeads::default();
         assert!(heads.insert(0));
         assert!(heads.insert(1023));
-        assert!(!heads.insert(1023), "second publication of an in-flight head");
+        assert!(
+            !heads.insert(1023),
+            "second publication of an in-flight head"
+        );
         heads.remove(1023);
         assert!(heads.insert(1023), "free again once answered");
         heads.remove(40_000); // never inserted: no effect, no panic

@@ -117,7 +117,9 @@ pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
         drop(daemon); // joins the worker threads
         let leaked = Arc::strong_count(&conn) - 1;
         if leaked > 0 {
-            log::error!("connection {connection}: state still referenced {leaked} time(s) after close");
+            log::error!(
+                "connection {connection}: state still referenced {leaked} time(s) after close"
+            );
         }
         if cfg.once {
             break;

@@ -112,7 +112,11 @@ impl Worker {
             queues: (0..vrings.len())
                 .map(|local| conn.global_queue(thread_id, local))
                 .collect(),
-            heads: RefCell::new((0..vrings.len()).map(|_| InFlightHeads::default()).collect()),
+            heads: RefCell::new(
+                (0..vrings.len())
+                    .map(|_| InFlightHeads::default())
+                    .collect(),
+            ),
             published: RefCell::new(vec![0; vrings.len()]),
             window: PollWindow::new(conn.workers.poll),
             idle_since: Cell::new(None),
@@ -141,14 +145,20 @@ impl Worker {
                 "worker {}: {n} requests parked with no I/O in flight at shutdown",
                 worker.thread
             ),
-            Err(e) => log::error!("worker {}: finishing requests at shutdown: {e}", worker.thread),
+            Err(e) => log::error!(
+                "worker {}: finishing requests at shutdown: {e}",
+                worker.thread
+            ),
         }
         worker.notify();
         let (conn, thread) = (worker.conn.clone(), worker.thread);
         let refs = Rc::strong_count(&worker);
         drop(worker);
         if refs > 1 {
-            log::error!("worker {thread}: {} requests still hold it at shutdown", refs - 1);
+            log::error!(
+                "worker {thread}: {} requests still hold it at shutdown",
+                refs - 1
+            );
         }
         conn.worker_stopped();
         log::debug!("worker {thread} shut down");

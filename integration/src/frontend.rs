@@ -183,6 +183,8 @@ pub struct Queue {
     pub kick: EventFd,
     /// Eventfd the backend signals completions on.
     pub call: EventFd,
+    /// Eventfd the backend signals when it finds the ring broken (SET_VRING_ERR).
+    pub err: EventFd,
     /// The avail index published so far.
     pub avail_idx: u16,
     /// Used elements consumed so far.
@@ -259,30 +261,11 @@ impl TestFrontend {
                 used,
                 kick: EventFd::new(libc::EFD_NONBLOCK)?,
                 call: EventFd::new(libc::EFD_NONBLOCK)?,
+                err: EventFd::new(libc::EFD_NONBLOCK)?,
                 avail_idx: 0,
                 used_seen: 0,
             };
-            fe.set_vring_num(q, qsize).map_err(err)?;
-            // Ring addresses travel as frontend virtual addresses (vhost-user spec,
-            // "Vring address description"); the backend maps them through the memory table.
-            let va = mem.ptr as u64;
-            fe.set_vring_addr(
-                q,
-                &VringConfigData {
-                    queue_max_size: qsize,
-                    queue_size: qsize,
-                    flags: 0,
-                    desc_table_addr: va + desc,
-                    used_ring_addr: va + used,
-                    avail_ring_addr: va + avail,
-                    log_addr: None,
-                },
-            )
-            .map_err(err)?;
-            fe.set_vring_base(q, 0).map_err(err)?;
-            fe.set_vring_call(q, &queue.call).map_err(err)?;
-            fe.set_vring_kick(q, &queue.kick).map_err(err)?;
-            fe.set_vring_enable(q, true).map_err(err)?;
+            start_queue(&mut fe, &mem, q, &queue).map_err(err)?;
             queues.push(queue);
         }
         Ok(TestFrontend {
@@ -291,6 +274,42 @@ impl TestFrontend {
             queues,
             features,
         })
+    }
+
+    /// Stops queue `q` (GET_VRING_BASE, which the backend answers only once none of the
+    /// ring's requests is in flight) and returns the base it reported.
+    pub fn stop_queue(&mut self, q: usize) -> Result<u32, vhost::Error> {
+        self.fe.get_vring_base(q)
+    }
+
+    /// Sets queue `q` up afresh, as a driver resetting the device does: stops it, clears
+    /// its rings, and starts it again at index 0.
+    pub fn restart_queue(&mut self, q: usize) -> Result<(), vhost::Error> {
+        self.stop_queue(q)?;
+        let queue = &mut self.queues[q];
+        let n = u64::from(queue.size);
+        self.mem.write(queue.desc, &vec![0; (16 * n) as usize]);
+        self.mem.write(queue.avail, &vec![0; (6 + 2 * n) as usize]);
+        self.mem.write(queue.used, &vec![0; (6 + 8 * n) as usize]);
+        queue.avail_idx = 0;
+        queue.used_seen = 0;
+        let _ = queue.err.read();
+        start_queue(&mut self.fe, &self.mem, q, queue)
+    }
+
+    /// Whether the backend signalled queue `q`'s error eventfd within `timeout` (consumes
+    /// the signal).
+    pub fn error_signalled(&self, q: usize, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.queues[q].err.read().is_ok() {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Writes descriptors at the given table slots.
@@ -319,6 +338,21 @@ impl TestFrontend {
         let slot = u64::from(queue.avail_idx % queue.size);
         self.mem.write_u16(queue.avail + 4 + 2 * slot, head);
         queue.avail_idx = queue.avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem.write_u16(queue.avail + 2, queue.avail_idx);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        queue.kick.write(1).expect("kick");
+    }
+
+    /// Publishes several heads with one avail index update and one kick, so the backend
+    /// sees them in one pass (for the "same head twice" hostile case).
+    pub fn publish_heads(&mut self, q: usize, heads: &[u16]) {
+        let queue = &mut self.queues[q];
+        for &head in heads {
+            let slot = u64::from(queue.avail_idx % queue.size);
+            self.mem.write_u16(queue.avail + 4 + 2 * slot, head);
+            queue.avail_idx = queue.avail_idx.wrapping_add(1);
+        }
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         self.mem.write_u16(queue.avail + 2, queue.avail_idx);
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
@@ -554,6 +588,37 @@ pub fn raw_message(
     msg.extend_from_slice(&size.to_le_bytes());
     msg.extend_from_slice(payload);
     stream.write_all(&msg)
+}
+
+/// Configures and starts one queue: size, ring addresses, base 0, call, error and kick
+/// eventfds, enabled.
+fn start_queue(
+    fe: &mut Frontend,
+    mem: &GuestMem,
+    q: usize,
+    queue: &Queue,
+) -> Result<(), vhost::Error> {
+    fe.set_vring_num(q, queue.size)?;
+    // Ring addresses travel as frontend virtual addresses (vhost-user spec, "Vring address
+    // description"); the backend maps them through the memory table.
+    let va = mem.ptr as u64;
+    fe.set_vring_addr(
+        q,
+        &VringConfigData {
+            queue_max_size: queue.size,
+            queue_size: queue.size,
+            flags: 0,
+            desc_table_addr: va + queue.desc,
+            used_ring_addr: va + queue.used,
+            avail_ring_addr: va + queue.avail,
+            log_addr: None,
+        },
+    )?;
+    fe.set_vring_base(q, 0)?;
+    fe.set_vring_call(q, &queue.call)?;
+    fe.set_vring_err(q, &queue.err)?;
+    fe.set_vring_kick(q, &queue.kick)?;
+    fe.set_vring_enable(q, true)
 }
 
 /// A deterministic pseudo-random buffer.

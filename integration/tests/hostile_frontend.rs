@@ -173,9 +173,6 @@ fn vring_num_zero() {
 }
 
 #[test]
-#[ignore = "fails: corodev accepts SET_VRING_NUM 100 (vhost-user-backend only checks 1..=max; \
-            virtio-queue logs `virtio queue with invalid size: 100` and keeps the old size) \
-            and keeps the connection open instead of refusing it"]
 fn vring_num_not_power_of_two() {
     // Virtio 1.2, 2.7: "Queue Size value is always a power of 2" for split queues.
     vring_num_case(0, 100);
@@ -305,4 +302,98 @@ fn overlapping_memory_regions_are_refused() {
     );
     server.assert_alive();
     next_connection_serves(&server, 11);
+}
+
+/// A ring that starts inside guest memory but runs past its end: the library used to
+/// accept it, and the first kick then hung the daemon (it stopped answering even new
+/// connections). Refused at SET_VRING_ADDR now.
+#[test]
+fn vring_avail_ring_running_past_the_end_of_memory() {
+    let mut server = Daemon::with_image(&[]);
+    {
+        let mut s = AckedSession::connect(server.socket());
+        let all = MemRegion {
+            gpa: 0,
+            size: s.mem.size(),
+            offset: 0,
+        };
+        s.set_mem_table(&[all]).expect("a valid table is accepted");
+        s.fe.set_vring_num(0, 128).expect("SET_VRING_NUM 128");
+        // 6 + 2 * 128 bytes of avail ring, starting 64 bytes before the end of memory.
+        let end = s.mem.size();
+        let r = s.fe.set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: 128,
+                queue_size: 128,
+                flags: 0,
+                desc_table_addr: s.va(0),
+                used_ring_addr: s.va(0x1000),
+                avail_ring_addr: s.va(end - 64),
+                log_addr: None,
+            },
+        );
+        assert!(
+            is_nack(&r),
+            "an avail ring running past the end of memory must be NACKed, got {r:?}; log:\n{}",
+            server.log_text()
+        );
+        if let Err(e) = s.hangup() {
+            panic!(
+                "the daemon must hang up after refusing the rings: {e}; log:\n{}",
+                server.log_text()
+            );
+        }
+    }
+    if server.kind() == Server::Corodev {
+        let line = server.wait_log_line("available ring at", CLOSE_TIMEOUT);
+        assert!(
+            line.as_deref()
+                .is_some_and(|l| l.contains("is not inside guest memory")),
+            "the refusal names the ring: {line:?}; log:\n{}",
+            server.log_text()
+        );
+    }
+    server.assert_alive();
+    next_connection_serves(&server, 11);
+    server.assert_alive();
+}
+
+/// A memory region claiming more bytes than its file has: mapping it succeeds, and the
+/// first access past the end of the file raised SIGBUS and killed the daemon. Refused at
+/// SET_MEM_TABLE now.
+#[test]
+fn memory_region_larger_than_its_file() {
+    let mut server = Daemon::with_image(&[]);
+    {
+        let mut s = AckedSession::connect(server.socket());
+        let too_big = MemRegion {
+            gpa: 0,
+            size: 2 * s.mem.size(),
+            offset: 0,
+        };
+        let r = s.set_mem_table(&[too_big]);
+        assert!(
+            is_nack(&r),
+            "a region larger than its file must be NACKed, got {r:?}; log:\n{}",
+            server.log_text()
+        );
+        if let Err(e) = s.hangup() {
+            panic!(
+                "the daemon must hang up after refusing the table: {e}; log:\n{}",
+                server.log_text()
+            );
+        }
+    }
+    if server.kind() == Server::Corodev {
+        let line = server.wait_log_line("runs past the end of its", CLOSE_TIMEOUT);
+        assert!(
+            line.is_some(),
+            "the refusal says why; log:\n{}",
+            server.log_text()
+        );
+    }
+    server.assert_alive();
+    next_connection_serves(&server, 12);
+    server.assert_alive();
 }

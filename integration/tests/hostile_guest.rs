@@ -437,27 +437,6 @@ fn good_indirect_request() {
 }
 
 #[test]
-fn head_index_beyond_queue_size() {
-    let (mut server, mut fe) = setup();
-    put_header(&fe, T_IN, 0);
-    fe.put_descs(Q, &[(0, d(HDR, 16, N, 1)), (1, d(STATUS, 1, W, 0))]);
-    fe.publish(Q, 500);
-    // Nothing can be completed for a head that does not exist; the daemon must survive.
-    std::thread::sleep(Duration::from_millis(300));
-    server.assert_alive();
-    server.assert_idle();
-    let got = fe.wait_used(Q, Duration::from_millis(100));
-    assert_eq!(
-        got,
-        None,
-        "a head that does not exist gets no used element; log: {}",
-        server.log_text()
-    );
-    assert_eq!(fe.mem.read(STATUS, 1)[0], 0xff, "status canary untouched");
-    still_serves(&mut server, &mut fe);
-}
-
-#[test]
 fn avail_index_jumps_past_queue_size_then_new_connection_works() {
     let (mut server, mut fe) = setup();
     fe.publish_raw_idx(Q, 1000);

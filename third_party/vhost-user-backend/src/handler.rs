@@ -473,9 +473,12 @@ where
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
 
-        if num == 0 || num as usize > self.max_queue_size {
+        // corodev patch: a split queue's size is a power of 2 (virtio 1.2, 2.7); virtio-queue
+        // would only log a bad one and keep the old size, acknowledging a ring it does not
+        // have.
+        if num == 0 || num as usize > self.max_queue_size || !num.is_power_of_two() {
             log::error!(
-                "vring {index} requested queue size {num} out of range (1-{})",
+                "vring {index} requested queue size {num}: not a power of two in 1-{}",
                 self.max_queue_size
             );
             return Err(VhostUserError::InvalidParam);
