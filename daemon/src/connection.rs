@@ -4,10 +4,11 @@
 //! eventfds. A new connection gets a fresh one; only the disk outlives it.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use vhost_user_backend::ShutdownHandle;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use corodev_devices::backend::BlockBackend;
@@ -16,6 +17,10 @@ use corodev_devices::config::DeviceConfig;
 
 use crate::completion_event::CompletionEvents;
 use crate::error::Error;
+use crate::guest_fault;
+
+/// Connection ids, unique in the process (0 is never used: the fault registry's "free").
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// How each worker thread runs its requests.
 #[derive(Clone, Copy, Debug)]
@@ -32,6 +37,14 @@ pub struct WorkerConfig {
 
 /// Per-connection device state.
 pub struct Connection {
+    /// Unique in the process; names this connection's guest mappings in [`guest_fault`].
+    id: u64,
+    /// Ends the connection from the daemon's side (set once it is accepted).
+    shutdown: OnceLock<ShutdownHandle>,
+    /// The process-wide fault count last looked at, and whether this connection's memory
+    /// was found truncated (reported once).
+    faults_seen: AtomicU64,
+    memory_lost: AtomicBool,
     /// The device model: config space, disk, guest-error log.
     pub blk: VirtioBlk,
     /// Guest memory as updated by the frontend's memory table messages.
@@ -60,6 +73,7 @@ pub struct Connection {
 /// only after the library has joined its workers and dropped their epoll.
 impl Drop for Connection {
     fn drop(&mut self) {
+        guest_fault::unregister(self.id);
         let fds = std::mem::take(self.exit_fds.get_mut().unwrap_or_else(|p| p.into_inner()));
         for fd in fds {
             // SAFETY: the library took these descriptors with `into_raw_fd` and never closes
@@ -79,6 +93,10 @@ impl Connection {
         let nq = config.num_queues();
         let thread_masks = spread_queues(usize::from(nq), workers.threads);
         Ok(Connection {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            shutdown: OnceLock::new(),
+            faults_seen: AtomicU64::new(0),
+            memory_lost: AtomicBool::new(false),
             completions: CompletionEvents::new(thread_masks.len(), nq)?,
             blk: VirtioBlk::new(config, disk),
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
@@ -89,6 +107,42 @@ impl Connection {
             thread_masks,
             exit_fds: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Records how to end this connection from the daemon's side.
+    pub fn set_shutdown(&self, handle: ShutdownHandle) {
+        let _ = self.shutdown.set(handle);
+    }
+
+    /// Registers the current guest memory map's regions for SIGBUS recovery (after every
+    /// memory table change).
+    pub fn guard_memory(&self) {
+        use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+        let mem = self.mem.memory();
+        for region in mem.iter() {
+            // `len` of a mapped region fits the address space.
+            guest_fault::register(self.id, region.as_ptr(), region.len() as usize);
+        }
+    }
+
+    /// Called on the data path: if the frontend truncated this connection's guest memory
+    /// (a SIGBUS was recovered in it), closes the connection once, loudly. Costs one atomic
+    /// load while no fault ever happened in the process.
+    pub fn check_memory(&self) {
+        let total = guest_fault::total_faults();
+        if total == self.faults_seen.load(Ordering::Acquire) {
+            return;
+        }
+        self.faults_seen.store(total, Ordering::Release);
+        let mine = guest_fault::faults(self.id);
+        if mine > 0 && !self.memory_lost.swap(true, Ordering::AcqRel) {
+            log::error!(
+                "guest memory was truncated by the frontend ({mine} page(s) past the end of its file accessed); closing the connection"
+            );
+            if let Some(h) = self.shutdown.get() {
+                h.shutdown();
+            }
+        }
     }
 
     /// Which queues each worker thread serves, as the library wants them.

@@ -91,6 +91,7 @@ impl VhostUserBackend for BlkDevice {
     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         // The library updates the GuestMemoryAtomic we handed it; requests take an Arc of
         // the current map when they start, so in-flight ones keep the old map alive.
+        self.0.guard_memory();
         Ok(())
     }
 
@@ -170,6 +171,7 @@ impl VhostUserBackend for BlkDevice {
         }
         worker.notify();
         worker.poll();
+        self.0.check_memory();
         Ok(())
     }
 }

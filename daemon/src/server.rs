@@ -97,6 +97,9 @@ pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
         }
         log::info!("connection {connection}: frontend connected");
         stop.set(daemon.shutdown_handle());
+        if let Some(h) = daemon.shutdown_handle() {
+            conn.set_shutdown(h);
+        }
         match daemon.wait() {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(

@@ -42,6 +42,15 @@ pub struct GuestMem {
 }
 
 impl GuestMem {
+    /// Shrinks the file behind guest memory to `len` bytes, as a hostile frontend could
+    /// at any time. Pages past `len` then raise SIGBUS on access, here too: afterwards the
+    /// test must touch only memory below `len`.
+    pub fn truncate(&self, len: u64) {
+        self.file
+            .set_len(len)
+            .expect("truncate the guest memory file");
+    }
+
     /// `size` bytes of zeroed, shared guest memory.
     pub fn new(size: usize) -> GuestMem {
         // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.

@@ -397,3 +397,60 @@ fn memory_region_larger_than_its_file() {
     next_connection_serves(&server, 12);
     server.assert_alive();
 }
+
+/// The frontend shrinks its memory file after the table was accepted: the daemon's next
+/// access to a page past the new end raised SIGBUS and killed it (and every guest it
+/// served). Now the fault is recovered, the connection closed, the daemon lives on.
+#[test]
+fn memory_file_truncated_while_in_use() {
+    let mut server = Daemon::with_image(&[]);
+    {
+        let mut fe = TestFrontend::connect(server.socket(), 1, 128).expect("connect");
+        // Setup messages are not acknowledged: a first request proves the daemon took the
+        // memory table while the file was whole.
+        assert!(fe.verified_io(0, 0, &pattern(14, 4096)));
+        // A read whose header, data and status all lie past the end the file will have.
+        let (hdr, data, status) = (8u64 << 20, (8u64 << 20) + 4096, (8u64 << 20) + 8192);
+        fe.mem.write(hdr, &header(T_IN, 0, 0));
+        let d = |addr, len, flags, next| Desc {
+            addr,
+            len,
+            flags,
+            next,
+        };
+        fe.put_descs(
+            0,
+            &[
+                (0, d(hdr, 16, VIRTQ_DESC_F_NEXT, 1)),
+                (1, d(data, 4096, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 2)),
+                (2, d(status, 1, VIRTQ_DESC_F_WRITE, 0)),
+            ],
+        );
+        fe.mem.truncate(1 << 20); // the rings (below 64 KiB) stay
+        fe.publish(0, 0);
+        std::thread::sleep(Duration::from_millis(300));
+        server.assert_alive();
+        if server.kind() == Server::Corodev {
+            let line = server.wait_log_line("guest memory was truncated", CLOSE_TIMEOUT);
+            assert!(
+                line.is_some(),
+                "the daemon must notice the truncation; log:\n{}",
+                server.log_text()
+            );
+            assert!(
+                server
+                    .wait_log_line("connection 1: frontend disconnected", CLOSE_TIMEOUT)
+                    .is_some()
+                    || server
+                        .wait_log_line("connection 1: closed", CLOSE_TIMEOUT)
+                        .is_some(),
+                "and close the connection; log:\n{}",
+                server.log_text()
+            );
+        }
+        server.assert_alive();
+    }
+    server.assert_alive();
+    next_connection_serves(&server, 13);
+    server.assert_alive();
+}
