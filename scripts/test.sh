@@ -12,3 +12,14 @@ cargo clippy --workspace --all-targets --release -- -D warnings
 # The integration tests start the release binary; build it first so they test this tree.
 cargo build --release --bin corodev
 cargo test --workspace --release -- --test-threads=1
+
+# The hostile and lifecycle suites again, against a daemon built with AddressSanitizer
+# (stable rustc's sanitizer runtime, unlocked with RUSTC_BOOTSTRAP): any access outside
+# guest memory, use after free or overflow in the daemon aborts it and fails the test
+# (the harness also fails a test whose daemon logged a sanitizer report).
+RUSTC_BOOTSTRAP=1 RUSTFLAGS="-Zsanitizer=address" CARGO_TARGET_DIR=target/asan \
+    cargo build --target x86_64-unknown-linux-gnu --bin corodev
+CORODEV_BIN="$PWD/target/asan/x86_64-unknown-linux-gnu/debug/corodev" \
+    ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+    cargo test --release -p integration --test hostile_guest --test hostile_frontend \
+    --test ring_faults --test backend_errors -- --test-threads=1

@@ -249,6 +249,13 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A daemon built with a sanitizer (scripts/test.sh runs the hostile suites against
+        // one) may report an error after the test's own assertions passed, or abort in a
+        // way the test did not look at: fail the test on any report.
+        let log = self.log_text();
+        if log.contains("ERROR: AddressSanitizer") && !std::thread::panicking() {
+            panic!("the server reported a memory error:\n{log}");
+        }
     }
 }
 
