@@ -16,10 +16,15 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 
 use corodev_devices::backend::BlockBackend;
 use corodev_devices::config::DeviceConfig;
+use corodev_devices::ratelimit::{RateLimitedLog, DEFAULT_BURST, DEFAULT_WINDOW};
 
 use crate::connection::{Connection, WorkerConfig};
 use crate::device::BlkDevice;
 use crate::error::Error;
+
+/// The per-connection lines: a frontend that connects and disconnects in a loop must not
+/// flood the journal any more than a guest can.
+static CONNECTION_LOG: RateLimitedLog = RateLimitedLog::new(DEFAULT_BURST, DEFAULT_WINDOW);
 
 /// How long a closing connection waits for its workers to finish their requests in flight
 /// before saying so (it goes on waiting: the kernel may still write into their buffers).
@@ -92,10 +97,16 @@ pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
             .map_err(Error::Vhost)?;
         conn.completions.register(&daemon)?;
         if let Err(e) = daemon.start(&mut listener) {
-            log::error!("accepting connection {connection} failed: {e}");
+            CONNECTION_LOG.log(
+                log::Level::Error,
+                format_args!("accepting connection {connection} failed: {e}"),
+            );
             continue;
         }
-        log::info!("connection {connection}: frontend connected");
+        CONNECTION_LOG.log(
+            log::Level::Info,
+            format_args!("connection {connection}: frontend connected"),
+        );
         stop.set(daemon.shutdown_handle());
         if let Some(h) = daemon.shutdown_handle() {
             conn.set_shutdown(h);
@@ -104,15 +115,27 @@ pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
                 VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => log::info!("connection {connection}: frontend disconnected"),
+            )) => {
+                CONNECTION_LOG.log(
+                    log::Level::Info,
+                    format_args!("connection {connection}: frontend disconnected"),
+                );
+            }
             // A malformed message ends only this connection.
-            Err(e) => log::warn!("connection {connection}: closed: {e}"),
+            Err(e) => {
+                CONNECTION_LOG.warn(format_args!("connection {connection}: closed: {e}"));
+            }
         }
         stop.set(None);
         // Every request in flight is finished and every worker's scheduler, ring, stacks
         // and memory map freed before the library joins the worker threads.
         match conn.close_workers(CLOSE_TIMEOUT) {
-            Ok(()) => log::info!("connection {connection}: in-flight requests drained"),
+            Ok(()) => {
+                CONNECTION_LOG.log(
+                    log::Level::Info,
+                    format_args!("connection {connection}: in-flight requests drained"),
+                );
+            }
             Err(n) => log::error!(
                 "connection {connection}: {n} worker(s) still have requests in flight after {CLOSE_TIMEOUT:?}; waiting for them to finish"
             ),

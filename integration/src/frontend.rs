@@ -285,6 +285,23 @@ impl TestFrontend {
         })
     }
 
+    /// Replaces the memory table with guest memory at GPA 0 plus a second mapping of the
+    /// same file at `alias`, so that guest addresses from `alias` on name the same bytes as
+    /// those from 0 (the rings included): a hostile but well-formed table.
+    pub fn alias_memory(&mut self, alias: u64) -> Result<(), vhost::Error> {
+        let region = |gpa, va| VhostUserMemoryRegionInfo {
+            guest_phys_addr: gpa,
+            memory_size: self.mem.size(),
+            userspace_addr: va,
+            mmap_offset: 0,
+            mmap_handle: self.mem.file.as_raw_fd(),
+        };
+        let va = self.mem.ptr as u64;
+        self.fe
+            .set_mem_table(&[region(0, va), region(alias, va + self.mem.size())])
+            .map(drop)
+    }
+
     /// Stops queue `q` (GET_VRING_BASE, which the backend answers only once none of the
     /// ring's requests is in flight) and returns the base it reported.
     pub fn stop_queue(&mut self, q: usize) -> Result<u32, vhost::Error> {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use integration::frontend::*;
 use integration::{Daemon, Server};
 use vhost::{VhostBackend, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
 
 // vhost-user request codes (vhost-user spec, "Front-end message types").
 const GET_FEATURES: u32 = 1;
@@ -452,5 +453,94 @@ fn memory_file_truncated_while_in_use() {
     }
     server.assert_alive();
     next_connection_serves(&server, 13);
+    server.assert_alive();
+}
+
+/// Kick, call and error descriptors must be eventfds. A pipe as the call descriptor used to
+/// be taken: once its buffer filled, the worker signalling it blocked for ever.
+#[test]
+fn ring_descriptors_that_are_not_eventfds_are_refused() {
+    use std::os::fd::FromRawFd;
+    let mut server = Daemon::with_image(&[]);
+    let cases: [(
+        &str,
+        fn(&mut AckedSession, &EventFd) -> Result<(), vhost::Error>,
+    ); 3] = [
+        ("call", |s, fd| s.fe.set_vring_call(0, fd)),
+        ("kick", |s, fd| s.fe.set_vring_kick(0, fd)),
+        ("err", |s, fd| s.fe.set_vring_err(0, fd)),
+    ];
+    for (connection, (what, send)) in (1..).zip(cases) {
+        {
+            let mut s = AckedSession::connect(server.socket());
+            let all = MemRegion {
+                gpa: 0,
+                size: s.mem.size(),
+                offset: 0,
+            };
+            s.set_mem_table(&[all]).expect("a valid table is accepted");
+            let mut pipe = [0; 2];
+            // SAFETY: pipe2 fills two descriptors we then own.
+            assert_eq!(
+                unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) },
+                0
+            );
+            // SAFETY: the read end is ours; EventFd takes it over (it is only sent, never
+            // used as an eventfd here). The write end is closed by its File.
+            let not_an_eventfd = unsafe { EventFd::from_raw_fd(pipe[0]) };
+            // SAFETY: the write end is ours.
+            drop(unsafe { std::fs::File::from_raw_fd(pipe[1]) });
+            let r = send(&mut s, &not_an_eventfd);
+            assert!(
+                is_nack(&r),
+                "a pipe as the {what} descriptor must be NACKed, got {r:?}; log:\n{}",
+                server.log_text()
+            );
+            if let Err(e) = s.hangup() {
+                panic!("the daemon must hang up: {e}; log:\n{}", server.log_text());
+            }
+        }
+        if server.kind() == Server::Corodev {
+            let line = server.wait_log_line(
+                &format!("the {what} descriptor is not an eventfd"),
+                CLOSE_TIMEOUT,
+            );
+            assert!(line.is_some(), "log:\n{}", server.log_text());
+            expect_closed_log(&server, connection, "invalid parameters");
+        }
+        server.assert_alive();
+    }
+    next_connection_serves(&server, 15);
+}
+
+/// A memory table that maps the same file twice, so that a read's data buffer is the
+/// queue's own rings: the device's data lands on the descriptor table and both rings. The
+/// daemon must neither crash nor hang nor spin: whatever the rings then say is either
+/// served or breaks the queue loudly, and the next connection works.
+#[test]
+fn data_buffer_aliasing_the_rings() {
+    let mut server = Daemon::with_image(&["--num-queues", "1"]);
+    {
+        let mut fe = TestFrontend::connect(server.socket(), 1, 128).expect("connect");
+        // Sector 0 holds a pattern (it will become the rings' contents).
+        assert!(fe.verified_io(0, 0, &pattern(16, 65536)));
+        let alias = 1u64 << 32;
+        fe.alias_memory(alias).expect("SET_MEM_TABLE with an alias");
+        // Read 64 KiB of the pattern into the alias of GPA 0: queue 0's whole 64 KiB slot.
+        let status = fe.request(0, T_IN, 0, &[(alias, 65536)]);
+        std::thread::sleep(Duration::from_millis(300));
+        server.assert_alive();
+        server.assert_idle();
+        let _ = status; // the status byte sits outside the rings; what it says is not the point
+        let broke = fe.error_signalled(0, Duration::from_millis(500));
+        let served = fe.wait_used(0, Duration::from_millis(500)).is_some();
+        assert!(
+            broke || served,
+            "the request must be answered or the queue break loudly; log:\n{}",
+            server.log_text()
+        );
+        server.assert_alive();
+    }
+    next_connection_serves(&server, 16);
     server.assert_alive();
 }

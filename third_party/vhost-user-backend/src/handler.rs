@@ -579,6 +579,9 @@ where
             .vrings
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
+        if let Some(f) = file.as_ref() {
+            check_eventfd(f, index, "kick")?;
+        }
 
         // SAFETY: EventFd requires that it has sole ownership of its fd. So
         // does File, so this is safe.
@@ -598,6 +601,9 @@ where
             .vrings
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
+        if let Some(f) = file.as_ref() {
+            check_eventfd(f, index, "call")?;
+        }
 
         vring.set_call(file);
 
@@ -613,6 +619,9 @@ where
             .vrings
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
+        if let Some(f) = file.as_ref() {
+            check_eventfd(f, index, "err")?;
+        }
 
         vring.set_err(file);
 
@@ -969,6 +978,25 @@ impl<T: VhostUserBackend> Drop for VhostUserHandler<T> {
                 error!("Error in vring worker: {:?}", e);
             }
         }
+    }
+}
+
+/// corodev patch: kick, call and error descriptors must be eventfds (vhost-user spec,
+/// "Ring setup"). Anything else misbehaves in ways the library does not expect: a
+/// regular file cannot be polled, and a pipe whose buffer is full blocks the worker
+/// thread that signals it, for ever.
+fn check_eventfd(file: &File, index: u8, what: &str) -> VhostUserResult<()> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    match link {
+        Ok(target) if target.as_os_str() == "anon_inode:[eventfd]" => Ok(()),
+        Ok(target) => {
+            log::error!(
+                "vring {index}: the {what} descriptor is not an eventfd ({})",
+                target.display()
+            );
+            Err(VhostUserError::InvalidParam)
+        }
+        Err(e) => Err(VhostUserError::ReqHandlerError(e)),
     }
 }
 
