@@ -462,10 +462,8 @@ fn memory_file_truncated_while_in_use() {
 fn ring_descriptors_that_are_not_eventfds_are_refused() {
     use std::os::fd::FromRawFd;
     let mut server = Daemon::with_image(&[]);
-    let cases: [(
-        &str,
-        fn(&mut AckedSession, &EventFd) -> Result<(), vhost::Error>,
-    ); 3] = [
+    type Send = fn(&mut AckedSession, &EventFd) -> Result<(), vhost::Error>;
+    let cases: [(&str, Send); 3] = [
         ("call", |s, fd| s.fe.set_vring_call(0, fd)),
         ("kick", |s, fd| s.fe.set_vring_kick(0, fd)),
         ("err", |s, fd| s.fe.set_vring_err(0, fd)),
