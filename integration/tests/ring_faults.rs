@@ -61,6 +61,15 @@ fn assert_reported(server: &Daemon, fe: &TestFrontend, reason: &str) {
         panic!("no 'ring is broken' line; log:\n{}", server.log_text());
     };
     assert!(line.contains(reason), "{line:?} does not say {reason:?}");
+    // virtio-queue logs (unlimited) when asked to publish a head beyond the ring; the
+    // daemon must never ask.
+    assert!(
+        !server
+            .log_text()
+            .contains("attempted to add out of bounds descriptor"),
+        "a bad head reached the used ring; log:\n{}",
+        server.log_text()
+    );
 }
 
 /// Queue 1 serves while queue 0 is broken; queue 0 serves again once set up afresh.
