@@ -260,6 +260,17 @@ for c in $CASES; do
 done
 
 # --- report ------------------------------------------------------------------------------
+# median(side, col): the median of column `col` over the rows of `side` (awk arrays S: side
+# per row, V[row, col]: values, rows: row count), shared by the report's tables.
+AWK_MEDIAN='
+function median(side, col,   n, i, j, t, v) {
+    n = 0
+    for (i = 1; i <= rows; i++) if (S[i] == side) v[++n] = V[i, col]
+    if (n == 0) return ""
+    for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] > v[j]; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+    return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+}
+'
 REPORT=$OUT/report.md
 {
     echo "# corodev vs qemu-storage-daemon"
@@ -278,14 +289,7 @@ REPORT=$OUT/report.md
     echo "| case | IOPS corodev | IOPS qsd | ratio | ratio per round | p50 us corodev | p50 us qsd | ratio | p99 us corodev | p99 us qsd | ratio | CPU-s/Mio corodev | CPU-s/Mio qsd | ratio | RSS MiB corodev | RSS MiB qsd | ratio |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for c in $CASES; do
-        awk -F'\t' -v c="$c" '
-            function median(side, col,   n, i, j, t, v) {
-                n = 0
-                for (i = 1; i <= rows; i++) if (S[i] == side) v[++n] = V[i, col]
-                if (n == 0) return ""
-                for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] > v[j]; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
-                return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
-            }
+        awk -F'\t' -v c="$c" "$AWK_MEDIAN"'
             function cell(x, fmt) { return x == "" ? "-" : sprintf(fmt, x) }
             function ratio(a, b) { return (a == "" || b == "" || b == 0) ? "-" : sprintf("**%.2f**", a / b) }
             # The range of per-round IOPS ratios (rounds where both sides ran).
@@ -322,14 +326,7 @@ REPORT=$OUT/report.md
         echo "| case | IOPS corodev | IOPS baseline | ratio | ratio per round | CPU-s/Mio corodev | CPU-s/Mio baseline | ratio | corodev/qsd | baseline/qsd |"
         echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         for c in $CASES; do
-            awk -F'\t' -v c="$c" '
-                function median(side, col,   n, i, j, t, v) {
-                    n = 0
-                    for (i = 1; i <= rows; i++) if (S[i] == side) v[++n] = V[i, col]
-                    if (n == 0) return ""
-                    for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] > v[j]; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
-                    return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
-                }
+            awk -F'\t' -v c="$c" "$AWK_MEDIAN"'
                 function ratio(a, b) { return (a == "" || b == "" || b == 0) ? "-" : sprintf("%.2f", a / b) }
                 NR > 1 && $1 == c {
                     rows++; S[rows] = $2; V[rows, 4] = $4; V[rows, 7] = $7

@@ -147,6 +147,16 @@ pub struct Desc {
 }
 
 impl Desc {
+    /// A descriptor from its four fields, in table order.
+    pub fn new(addr: u64, len: u32, flags: u16, next: u16) -> Desc {
+        Desc {
+            addr,
+            len,
+            flags,
+            next,
+        }
+    }
+
     /// `struct virtq_desc` as it sits in a descriptor table.
     pub fn bytes(&self) -> [u8; 16] {
         let mut b = [0u8; 16];
@@ -360,14 +370,7 @@ impl TestFrontend {
 
     /// Publishes `head` in the avail ring and kicks.
     pub fn publish(&mut self, q: usize, head: u16) {
-        let queue = &mut self.queues[q];
-        let slot = u64::from(queue.avail_idx % queue.size);
-        self.mem.write_u16(queue.avail + 4 + 2 * slot, head);
-        queue.avail_idx = queue.avail_idx.wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.mem.write_u16(queue.avail + 2, queue.avail_idx);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        queue.kick.write(1).expect("kick");
+        self.publish_heads(q, &[head]);
     }
 
     /// Publishes several heads with one avail index update and one kick, so the backend

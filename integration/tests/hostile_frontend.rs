@@ -199,6 +199,35 @@ fn is_nack(r: &Result<(), vhost::Error>) -> bool {
     )
 }
 
+/// The daemon NACKed `what` (the result `r`), then hung up, and (corodev) logged a line
+/// containing `because`.
+fn assert_refused(
+    server: &Daemon,
+    s: &AckedSession,
+    r: Result<(), vhost::Error>,
+    what: &str,
+    because: &str,
+) {
+    assert!(
+        is_nack(&r),
+        "{what} must be NACKed, got {r:?}; log:\n{}",
+        server.log_text()
+    );
+    if let Err(e) = s.hangup() {
+        panic!(
+            "the daemon must hang up after refusing {what}: {e}; log:\n{}",
+            server.log_text()
+        );
+    }
+    if server.kind() == Server::Corodev {
+        assert!(
+            server.wait_log_line(because, CLOSE_TIMEOUT).is_some(),
+            "the log must say {because:?}; log:\n{}",
+            server.log_text()
+        );
+    }
+}
+
 #[test]
 fn vring_addr_outside_memory() {
     let mut server = Daemon::with_image(&[]);
@@ -334,25 +363,12 @@ fn vring_avail_ring_running_past_the_end_of_memory() {
                 log_addr: None,
             },
         );
-        assert!(
-            is_nack(&r),
-            "an avail ring running past the end of memory must be NACKed, got {r:?}; log:\n{}",
-            server.log_text()
-        );
-        if let Err(e) = s.hangup() {
-            panic!(
-                "the daemon must hang up after refusing the rings: {e}; log:\n{}",
-                server.log_text()
-            );
-        }
-    }
-    if server.kind() == Server::Corodev {
-        let line = server.wait_log_line("available ring at", CLOSE_TIMEOUT);
-        assert!(
-            line.as_deref()
-                .is_some_and(|l| l.contains("is not inside guest memory")),
-            "the refusal names the ring: {line:?}; log:\n{}",
-            server.log_text()
+        assert_refused(
+            &server,
+            &s,
+            r,
+            "an avail ring running past the end of memory",
+            "is not inside guest memory",
         );
     }
     server.assert_alive();
@@ -374,24 +390,12 @@ fn memory_region_larger_than_its_file() {
             offset: 0,
         };
         let r = s.set_mem_table(&[too_big]);
-        assert!(
-            is_nack(&r),
-            "a region larger than its file must be NACKed, got {r:?}; log:\n{}",
-            server.log_text()
-        );
-        if let Err(e) = s.hangup() {
-            panic!(
-                "the daemon must hang up after refusing the table: {e}; log:\n{}",
-                server.log_text()
-            );
-        }
-    }
-    if server.kind() == Server::Corodev {
-        let line = server.wait_log_line("runs past the end of its", CLOSE_TIMEOUT);
-        assert!(
-            line.is_some(),
-            "the refusal says why; log:\n{}",
-            server.log_text()
+        assert_refused(
+            &server,
+            &s,
+            r,
+            "a region larger than its file",
+            "runs past the end of its",
         );
     }
     server.assert_alive();
@@ -413,12 +417,7 @@ fn memory_file_truncated_while_in_use() {
         // A read whose header, data and status all lie past the end the file will have.
         let (hdr, data, status) = (8u64 << 20, (8u64 << 20) + 4096, (8u64 << 20) + 8192);
         fe.mem.write(hdr, &header(T_IN, 0, 0));
-        let d = |addr, len, flags, next| Desc {
-            addr,
-            len,
-            flags,
-            next,
-        };
+        let d = Desc::new;
         fe.put_descs(
             0,
             &[
@@ -489,21 +488,15 @@ fn ring_descriptors_that_are_not_eventfds_are_refused() {
             // SAFETY: the write end is ours.
             drop(unsafe { std::fs::File::from_raw_fd(pipe[1]) });
             let r = send(&mut s, &not_an_eventfd);
-            assert!(
-                is_nack(&r),
-                "a pipe as the {what} descriptor must be NACKed, got {r:?}; log:\n{}",
-                server.log_text()
+            assert_refused(
+                &server,
+                &s,
+                r,
+                &format!("a pipe as the {what} descriptor"),
+                &format!("the {what} descriptor is not an eventfd"),
             );
-            if let Err(e) = s.hangup() {
-                panic!("the daemon must hang up: {e}; log:\n{}", server.log_text());
-            }
         }
         if server.kind() == Server::Corodev {
-            let line = server.wait_log_line(
-                &format!("the {what} descriptor is not an eventfd"),
-                CLOSE_TIMEOUT,
-            );
-            assert!(line.is_some(), "log:\n{}", server.log_text());
             expect_closed_log(&server, connection, "invalid parameters");
         }
         server.assert_alive();

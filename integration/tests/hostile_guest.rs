@@ -26,12 +26,7 @@ fn put_header(fe: &TestFrontend, kind: u32, sector: u64) {
 }
 
 fn d(addr: u64, len: u32, flags: u16, next: u16) -> Desc {
-    Desc {
-        addr,
-        len,
-        flags,
-        next,
-    }
+    Desc::new(addr, len, flags, next)
 }
 
 const N: u16 = VIRTQ_DESC_F_NEXT;

@@ -28,12 +28,7 @@ fn setup() -> Option<(Daemon, TestFrontend)> {
 fn put_read(fe: &TestFrontend) {
     fe.mem.write(HDR, &header(T_IN, 0, 0));
     fe.mem.write(STATUS, &[0xff]);
-    let d = |addr, len, flags, next| Desc {
-        addr,
-        len,
-        flags,
-        next,
-    };
+    let d = Desc::new;
     fe.put_descs(
         0,
         &[
