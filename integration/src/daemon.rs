@@ -3,12 +3,14 @@
 //! the server process and its socket; booting a guest against it is [`crate::Vm`]'s job
 //! ([`Daemon::boot`] only joins the two).
 
+use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::console::GuestRun;
+use crate::frontend::GUEST_MEMFD_NAME;
 use crate::image::{Image, TEST_IMAGE_SIZE};
 use crate::procfs;
 use crate::server::{corodev_bin, Server};
@@ -30,6 +32,46 @@ pub struct Daemon {
 /// How long a server may take to listen on its socket.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// What a server process holds at one moment, from /proc: for the tests that check a
+/// closed connection leaves nothing behind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resources {
+    /// Open file descriptors.
+    pub fds: usize,
+    /// Threads.
+    pub threads: usize,
+    /// Lines of /proc/PID/maps that map a test frontend's guest memory
+    /// ([`GUEST_MEMFD_NAME`]).
+    pub guest_maps: Vec<String>,
+    /// Resident memory, KiB.
+    pub rss_kib: u64,
+}
+
+impl Resources {
+    /// Whether this holds no more than `baseline`: no more fds or threads, and no guest
+    /// memory mapped (RSS is not compared: the allocator keeps what it freed).
+    pub fn within(&self, baseline: &Resources) -> bool {
+        self.fds <= baseline.fds && self.threads <= baseline.threads && self.guest_maps.is_empty()
+    }
+}
+
+impl fmt::Display for Resources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} fds, {} threads, RSS {} KiB, {} mapping(s) of guest memory",
+            self.fds,
+            self.threads,
+            self.rss_kib,
+            self.guest_maps.len()
+        )?;
+        for m in &self.guest_maps {
+            write!(f, "\n  {m}")?;
+        }
+        Ok(())
+    }
+}
+
 impl Daemon {
     /// Starts the server [`Server::from_env`] selects on `image`, with corodev options
     /// (translated for qemu-storage-daemon, see [`Daemon::qsd`]).
@@ -48,6 +90,21 @@ impl Daemon {
             .arg(&socket)
             .arg("--disk")
             .arg(&image.path)
+            .args(args);
+        Daemon::spawn(Server::Corodev, cmd, dir, socket)
+    }
+
+    /// Starts corodev on its null backend (`--backend null --size 64M`: reads return
+    /// zeroes, writes are discarded) with `args`, e.g. `--null-latency-us` to keep requests
+    /// parked. Always corodev: the options that make these tests work (latency, polling,
+    /// stack size) have no qemu-storage-daemon counterpart, so callers skip under
+    /// `CORODEV_TEST_SERVER=qsd`.
+    pub fn corodev_null(args: &[&str]) -> Daemon {
+        let (dir, socket) = socket_dir();
+        let mut cmd = Command::new(corodev_bin());
+        cmd.arg("--socket")
+            .arg(&socket)
+            .args(["--backend", "null", "--size", "64M"])
             .args(args);
         Daemon::spawn(Server::Corodev, cmd, dir, socket)
     }
@@ -195,6 +252,68 @@ impl Daemon {
             used < 0.2,
             "server used {used:.2} CPU-s in 0.5 s of guest idleness"
         );
+    }
+
+    /// What the server holds now: open fds, threads, mappings of guest memory, RSS.
+    pub fn resources(&self) -> Resources {
+        let pid = self.pid();
+        Resources {
+            fds: procfs::count_entries(pid, "fd"),
+            threads: procfs::count_entries(pid, "task"),
+            guest_maps: procfs::mappings_of(pid, GUEST_MEMFD_NAME),
+            rss_kib: procfs::status_kib(pid, "VmRSS"),
+        }
+    }
+
+    /// The server's virtual memory size in KiB (`VmSize`, what RLIMIT_AS limits).
+    pub fn vm_size_kib(&self) -> u64 {
+        procfs::status_kib(self.pid(), "VmSize")
+    }
+
+    /// Sends the server SIGTERM (returns at once; see [`wait_exit`](Self::wait_exit)).
+    pub fn sigterm(&self) {
+        let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child, not
+        // yet reaped (the Child is reaped only by wait_exit or drop), so it is not reused.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits up to `timeout` for the server to exit; its status, or `None` if it is still
+    /// running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the server") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sets the soft limit on the server's address space (RLIMIT_AS) to `bytes`, leaving the
+    /// hard limit alone; returns the soft limit it replaces, to restore it with. For tests
+    /// that make the server's allocations (coroutine stacks) fail.
+    pub fn limit_address_space(&self, bytes: u64) -> u64 {
+        let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
+        let mut old = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: reading into a valid rlimit; the pid is our unreaped child.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_AS, std::ptr::null(), &mut old) };
+        assert_eq!(rc, 0, "prlimit (get): {}", std::io::Error::last_os_error());
+        let new = libc::rlimit {
+            rlim_cur: bytes.min(old.rlim_max),
+            rlim_max: old.rlim_max,
+        };
+        // SAFETY: as above, with a valid new limit.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_AS, &new, std::ptr::null_mut()) };
+        assert_eq!(rc, 0, "prlimit (set): {}", std::io::Error::last_os_error());
+        old.rlim_cur
     }
 
     /// The server's stderr so far.

@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -34,12 +34,23 @@ const F_MQ: u64 = 1 << 12;
 const F_DISCARD: u64 = 1 << 13;
 const F_WRITE_ZEROES: u64 = 1 << 14;
 
+const F_CONFIG_WCE: u64 = 1 << 11;
+
+/// The name of every test frontend's guest-memory memfd: a backend that maps the memory
+/// shows it in `/proc/PID/maps` (as `/memfd:corodev-test-guest (deleted)`).
+pub const GUEST_MEMFD_NAME: &str = "corodev-test-guest";
+
 /// Guest physical memory: one memfd mapped at GPA 0 here and in the backend.
 pub struct GuestMem {
     file: File,
     ptr: *mut u8,
     size: usize,
 }
+
+// SAFETY: a GuestMem owns its mapping (unmapped only by its drop) and no other value of
+// this process points into it, so the owner may move to another thread (a load generator).
+// It is not Sync: its accessors copy bytes without synchronisation.
+unsafe impl Send for GuestMem {}
 
 impl GuestMem {
     /// Shrinks the file behind guest memory to `len` bytes, as a hostile frontend could
@@ -53,8 +64,9 @@ impl GuestMem {
 
     /// `size` bytes of zeroed, shared guest memory.
     pub fn new(size: usize) -> GuestMem {
+        let name = std::ffi::CString::new(GUEST_MEMFD_NAME).expect("no NUL in the name");
         // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"corodev-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
         assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
         // SAFETY: `fd` is a fresh descriptor we own.
         let file = unsafe { File::from_raw_fd(fd) };
@@ -214,6 +226,9 @@ pub struct Queue {
 pub const DATA_BASE: u64 = 1 << 20;
 /// Bytes of guest memory a [`TestFrontend`] maps.
 pub const MEM_SIZE: usize = 16 << 20;
+/// Where [`TestFrontend::put_flush`] puts its requests' headers and status bytes: a 64 KiB
+/// block per queue of 32-byte slots, clear of the data buffers tests use from [`DATA_BASE`].
+pub const REQ_AREA: u64 = 12 << 20;
 
 /// A connected frontend with its queues started.
 pub struct TestFrontend {
@@ -244,6 +259,7 @@ impl TestFrontend {
             | F_MQ
             | F_DISCARD
             | F_WRITE_ZEROES
+            | F_CONFIG_WCE
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let features = offered & wanted;
         fe.set_features(features).map_err(err)?;
@@ -316,6 +332,18 @@ impl TestFrontend {
     /// ring's requests is in flight) and returns the base it reported.
     pub fn stop_queue(&mut self, q: usize) -> Result<u32, vhost::Error> {
         self.fe.get_vring_base(q)
+    }
+
+    /// A second handle on the vhost-user connection's socket (a duplicate descriptor):
+    /// shutting it down ends the connection and nothing else, so guest memory, rings and
+    /// eventfds stay and a guest can go on publishing and kicking, as when QEMU loses its
+    /// socket to the backend while the VM runs. Usable from another thread than the one
+    /// driving the queues.
+    pub fn socket(&self) -> io::Result<UnixStream> {
+        // SAFETY: the descriptor is `fe`'s socket, open for as long as `self` is borrowed
+        // here; it is only duplicated.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.fe.as_raw_fd()) };
+        Ok(UnixStream::from(fd.try_clone_to_owned()?))
     }
 
     /// Sets queue `q` up afresh, as a driver resetting the device does: stops it, clears
@@ -489,6 +517,68 @@ impl TestFrontend {
             ),
         }
         st
+    }
+
+    /// Guest address of flush request `n`'s header on queue `q` (its status byte is 16 on).
+    fn flush_slot(q: usize, n: u16) -> u64 {
+        assert!(
+            q < 16 && n < 2048,
+            "test bug: flush {n} of queue {q} outside REQ_AREA"
+        );
+        REQ_AREA + ((q as u64) << 16) + 32 * u64::from(n)
+    }
+
+    /// Builds flush request `n` of queue `q` in descriptor slots 2n (header) and 2n+1
+    /// (status), with a header and status byte of its own (0xff, a canary, until the
+    /// backend answers); returns its head, 2n. Not published. Unlike
+    /// [`request`](Self::request)'s, which all use slot 0, any number of these can be in
+    /// flight at once.
+    pub fn put_flush(&self, q: usize, n: u16) -> u16 {
+        let head = 2 * n;
+        assert!(
+            head + 1 < self.queues[q].size,
+            "test bug: flush {n} needs slots {head}..={} of a {}-entry queue",
+            head + 1,
+            self.queues[q].size
+        );
+        let hdr = Self::flush_slot(q, n);
+        self.mem.write(hdr, &header(T_FLUSH, 0, 0));
+        self.mem.write(hdr + 16, &[0xff]);
+        self.put_descs(
+            q,
+            &[
+                (
+                    head,
+                    Desc {
+                        addr: hdr,
+                        len: 16,
+                        flags: VIRTQ_DESC_F_NEXT,
+                        next: head + 1,
+                    },
+                ),
+                (
+                    head + 1,
+                    Desc {
+                        addr: hdr + 16,
+                        len: 1,
+                        flags: VIRTQ_DESC_F_WRITE,
+                        next: 0,
+                    },
+                ),
+            ],
+        );
+        head
+    }
+
+    /// The status byte of [`put_flush`](Self::put_flush) request `n` of queue `q` (0xff
+    /// until the backend writes it).
+    pub fn flush_status(&self, q: usize, n: u16) -> u8 {
+        self.mem.read(Self::flush_slot(q, n) + 16, 1)[0]
+    }
+
+    /// Queue `q`'s used index as the backend last published it.
+    pub fn used_idx(&self, q: usize) -> u16 {
+        self.mem.read_u16(self.queues[q].used + 2)
     }
 
     /// Writes `data` at `sector` and reads it back; true if it round-trips.

@@ -44,7 +44,7 @@ pub mod vm;
 pub mod workspace;
 
 pub use console::{parse_results, GuestLine, GuestRun, LineKind};
-pub use daemon::Daemon;
+pub use daemon::{Daemon, Resources};
 pub use image::{Image, TEST_IMAGE_SIZE};
 pub use server::{corodev_bin, Server};
 pub use vm::{guest_artifacts, Guest, GuestArtifacts, Vm};
