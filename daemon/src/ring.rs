@@ -215,6 +215,13 @@ fn rings_in_memory(queue: &virtio_queue::Queue, mem: &GuestMemoryMmap) -> Result
     Ok(())
 }
 
+/// Whether requests are taken from this ring at all: enabled (SET_VRING_ENABLE) and
+/// ready (started, not stopped by GET_VRING_BASE).
+pub fn accepts_requests(vring: &VringRwLock) -> bool {
+    let state = vring.get_ref();
+    state.is_enabled() && state.get_queue().ready()
+}
+
 /// Whether the driver has published buffers we have not popped on an enabled, ready queue
 /// (a read of the avail index in guest memory; no lock beyond the vring read lock).
 pub fn has_avail(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {

@@ -48,14 +48,14 @@ use corodev_devices::request::Used;
 
 use crate::connection::Connection;
 use crate::poll_window::PollWindow;
-use crate::ring::{has_avail, pop_all, InFlightHeads, RingFault};
+use crate::ring::{self, has_avail, pop_all, InFlightHeads, RingFault};
 
 /// Submission queue entries per worker ring: enough for a full 1024-deep queue per batch;
 /// a fuller queue is flushed to the kernel early rather than failing.
 const RING_ENTRIES: u32 = 1024;
 
-/// Longest a worker polls without passing through epoll, however busy: the library's
-/// exit event and a connection shutdown are only seen there.
+/// Longest a worker keeps finding work without passing through epoll: the library's exit
+/// event and a connection shutdown are only seen there.
 pub const POLL_BUDGET: Duration = Duration::from_millis(2);
 
 /// One worker thread's scheduler and completion bookkeeping.
@@ -274,7 +274,7 @@ impl Worker {
     /// Polls this thread's vrings and io_uring while the poll window lasts after the last
     /// work, with guest notifications off; re-arms them before returning to epoll. Returns
     /// early, with the worker's completion eventfd raised so epoll comes straight back,
-    /// after [`POLL_BUDGET`] of continuous polling or when the connection is closing.
+    /// when it has been finding work for [`POLL_BUDGET`] or the connection is closing.
     pub fn poll(self: &Rc<Self>) {
         let conn = &self.conn;
         if conn.workers.poll.is_zero() {
@@ -284,15 +284,7 @@ impl Worker {
         let started = Instant::now();
         let mut idle_start = started;
         let mut idle_spins = 0u32;
-        let mut passes = 0u32;
         loop {
-            passes = passes.wrapping_add(1);
-            if passes % 64 == 0 && (conn.is_closing() || started.elapsed() >= POLL_BUDGET) {
-                // Back through epoll without sleeping: notifications stay off, and the
-                // raised eventfd brings the worker straight back to polling.
-                conn.completions.wake(self.thread);
-                return;
-            }
             let mut work = 0;
             if self.sched.has_completions() {
                 self.run();
@@ -313,6 +305,14 @@ impl Worker {
                 self.run();
                 self.notify();
                 idle_spins = 0;
+                if conn.is_closing() || started.elapsed() >= POLL_BUDGET {
+                    // Busy for a whole budget: back through epoll without sleeping.
+                    // Notifications stay off, and the raised eventfd brings the worker
+                    // straight back to polling. (An idle worker returns anyway once its
+                    // window, at most --poll-us, has passed.)
+                    conn.completions.wake(self.thread);
+                    return;
+                }
                 continue;
             }
             idle_spins += 1;
@@ -330,10 +330,13 @@ impl Worker {
             if expired {
                 // Idle: re-arm notifications. A buffer that arrived in between would get no
                 // kick, so if re-arming reports one, keep polling.
-                // Broken queues are skipped: their avail index never catches up, so they
-                // would look like a race forever.
+                // Broken, disabled and stopped queues are skipped: nothing is popped from
+                // them, so their avail index never catches up and they would look like a
+                // race forever (a spinning core).
                 let raced = self.vrings.iter().enumerate().any(|(local, v)| {
-                    self.serving(local).is_some() && v.enable_notification().unwrap_or(false)
+                    self.serving(local).is_some()
+                        && ring::accepts_requests(v)
+                        && v.enable_notification().unwrap_or(false)
                 });
                 if !raced {
                     self.idle_since.set(Some(idle_start));

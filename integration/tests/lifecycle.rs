@@ -560,9 +560,6 @@ fn busy_worker_still_sees_shutdown() {
 /// A disabled ring with a request waiting in it must not keep a polling worker spinning:
 /// the worker neither serves the ring nor polls it.
 #[test]
-#[ignore = "fails: the worker spins at 100% CPU (1.00 CPU-s per second) for as long as \
-            the ring stays disabled with an unserved request; the poll loop's re-arm check \
-            (enable_notification) reports the disabled ring's waiting entry as a race"]
 fn disabled_ring_with_a_request_waiting_costs_no_cpu() {
     let Some(server) = null_daemon(&["--poll-us", "10000"]) else {
         return;
