@@ -22,6 +22,7 @@ use std::ptr::NonNull;
 use std::thread;
 
 use crate::fiber::{self, Backend, Fiber, Payload};
+use crate::sched::Job;
 use crate::stack::DEFAULT_STACK_SIZE;
 use crate::Error;
 
@@ -109,6 +110,23 @@ impl Builder {
         let fib = Fiber::acquire(self.backend, self.stack_size, self.pooled)?;
         // SAFETY: an acquired fiber is parked with no job and an empty payload.
         unsafe { Fiber::start::<F, T>(fib.as_ptr(), f) };
+        Ok(Coroutine {
+            fiber: Some(fib),
+            state: State::Ready,
+            builder: self,
+            _marker: PhantomData,
+        })
+    }
+
+    /// Like [`spawn`](Self::spawn) for a scheduler task, handing `job` back unrun (not
+    /// wrapped in a closure) when no coroutine can be made for it.
+    pub(crate) fn spawn_job<J: Job>(self, job: J) -> Result<Coroutine<()>, (Error, J)> {
+        let fib = match Fiber::acquire(self.backend, self.stack_size, self.pooled) {
+            Ok(fib) => fib,
+            Err(e) => return Err((e, job)),
+        };
+        // SAFETY: an acquired fiber is parked with no job and an empty payload.
+        unsafe { Fiber::start::<_, ()>(fib.as_ptr(), move || job.run()) };
         Ok(Coroutine {
             fiber: Some(fib),
             state: State::Ready,

@@ -77,3 +77,40 @@ impl From<Error> for io::Error {
         io::Error::new(kind, e)
     }
 }
+
+/// A task the scheduler could not start ([`Scheduler::spawn`](crate::Scheduler::spawn)),
+/// with its job handed back unrun: whatever the job owns (a request to answer, a buffer to
+/// return) is still the caller's to dispose of, without the caller keeping a copy of it
+/// for every task that did start.
+pub struct SpawnError<F> {
+    /// Why the task could not start.
+    pub error: Error,
+    /// The job, never run.
+    pub job: F,
+}
+
+impl<F> std::fmt::Debug for SpawnError<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpawnError")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F> std::fmt::Display for SpawnError<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot start a task: {}", self.error)
+    }
+}
+
+impl<F> std::error::Error for SpawnError<F> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl<F> From<SpawnError<F>> for Error {
+    fn from(e: SpawnError<F>) -> Error {
+        e.error
+    }
+}

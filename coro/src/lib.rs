@@ -43,8 +43,8 @@ pub mod sync;
 mod valgrind;
 
 pub use coroutine::{yield_now, Builder, Coroutine, Resumed, State};
-pub use error::Error;
+pub use error::{Error, SpawnError};
 pub use fiber::{pool_idle_count, Backend, POOL_MAX};
 pub use io::sleep;
-pub use sched::{current_task, park, wake, yield_task, Scheduler, TaskId};
+pub use sched::{current_task, park, wake, yield_task, Job, Scheduler, TaskId};
 pub use stack::{DEFAULT_STACK_SIZE, MIN_STACK_SIZE};

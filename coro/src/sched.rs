@@ -22,7 +22,7 @@ use slab::Slab;
 
 use crate::coroutine::{self, Builder, Coroutine, Resumed};
 use crate::io::Ring;
-use crate::Error;
+use crate::{Error, SpawnError};
 
 /// Identifies a task within its scheduler. The generation makes a stale id (of a finished
 /// task whose slot was reused) harmless: waking it does nothing.
@@ -110,12 +110,10 @@ impl Scheduler {
 
     /// Adds a task that will run `f` on the next [`run`](Self::run).
     ///
-    /// Fails as [`Builder::spawn`] does, or with [`Error::TooManyTasks`].
-    pub fn spawn<F>(&self, f: F) -> Result<TaskId, Error>
-    where
-        F: FnOnce() + 'static,
-    {
-        self.inner.spawn(f)
+    /// Fails as [`Builder::spawn`] does, or with [`Error::TooManyTasks`]; the job comes back
+    /// unrun in the [`SpawnError`].
+    pub fn spawn<J: Job>(&self, job: J) -> Result<TaskId, SpawnError<J>> {
+        self.inner.spawn(job)
     }
 
     /// Wakes a parked task (from outside any task, e.g. an I/O completion handler).
@@ -237,15 +235,33 @@ impl Drop for Enter {
     }
 }
 
+/// Work a [`Scheduler`] runs as a task: any `FnOnce()`, or a type of the caller's whose
+/// `run` does the work. With a type of its own, a caller whose task cannot start gets the
+/// job back from [`SpawnError`] with its fields in reach (a closure's captures are not), so
+/// it can still dispose of what the job owns without keeping a copy for every task.
+pub trait Job: 'static {
+    /// Does the work, inside the task's coroutine.
+    fn run(self);
+}
+
+impl<F: FnOnce() + 'static> Job for F {
+    fn run(self) {
+        self()
+    }
+}
+
 impl Inner {
-    fn spawn<F>(&self, f: F) -> Result<TaskId, Error>
-    where
-        F: FnOnce() + 'static,
-    {
+    fn spawn<J: Job>(&self, job: J) -> Result<TaskId, SpawnError<J>> {
         // Checked before inserting, so that a refused task leaves no slot behind.
         let slot = self.tasks.borrow().vacant_key();
-        let index = u32::try_from(slot).map_err(|_| Error::TooManyTasks { slot })?;
-        let co = self.builder.spawn(f)?;
+        let Ok(index) = u32::try_from(slot) else {
+            let error = Error::TooManyTasks { slot };
+            return Err(SpawnError { error, job });
+        };
+        let co = self
+            .builder
+            .spawn_job(job)
+            .map_err(|(error, job)| SpawnError { error, job })?;
         let gen = self.next_gen.get().wrapping_add(1);
         self.next_gen.set(gen);
         let inserted = self.tasks.borrow_mut().insert(Task {

@@ -330,3 +330,43 @@ fn error_converts_to_io_error_losslessly() {
         "{inner:?}"
     );
 }
+
+/// A job of the caller's own type: a task that cannot start hands it back unrun, fields
+/// intact, so whatever it owns can still be answered for (the daemon answers the request).
+#[test]
+fn a_refused_task_hands_its_job_back() {
+    struct Answer {
+        head: u16,
+        ran: Rc<Cell<bool>>,
+    }
+    impl coro::Job for Answer {
+        fn run(self) {
+            self.ran.set(true);
+        }
+    }
+    let ran = Rc::new(Cell::new(false));
+    let s = Scheduler::new(Builder::new().stack_size(usize::MAX - 4096));
+    let refused = s
+        .spawn(Answer {
+            head: 7,
+            ran: ran.clone(),
+        })
+        .expect_err("a stack that does not fit the address space");
+    assert!(
+        matches!(refused.error, Error::StackTooLarge { .. }),
+        "{:?}",
+        refused.error
+    );
+    assert_eq!(refused.job.head, 7, "the job comes back whole");
+    assert!(!ran.get(), "and unrun");
+    assert_eq!(s.task_count(), 0, "no task slot is left behind");
+    // Where stacks can be had, the same job type runs as a task.
+    let s = Scheduler::default();
+    s.spawn(Answer {
+        head: 1,
+        ran: ran.clone(),
+    })
+    .expect("spawn");
+    s.run().expect("run");
+    assert!(ran.get());
+}

@@ -109,6 +109,12 @@ pub struct Cli {
     #[arg(long, value_name = "US", default_value_t = 32, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub poll_us: u64,
 
+    /// How long stopping a ring (GET_VRING_BASE: VM stop, migration, device reset) waits
+    /// for the ring's requests in flight, in seconds. Past it the stop cannot be answered
+    /// truthfully, so the connection is closed instead.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub stop_timeout: u64,
+
     /// Serve one connection, then exit (default: listen again after each disconnect).
     #[arg(long)]
     pub once: bool,

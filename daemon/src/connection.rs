@@ -22,7 +22,7 @@ use crate::guest_fault;
 /// Connection ids, unique in the process (0 is never used: the fault registry's "free").
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// How each worker thread runs its requests.
+/// How each worker thread runs its requests, and how long a ring stop waits for them.
 #[derive(Clone, Copy, Debug)]
 pub struct WorkerConfig {
     /// Worker threads per connection (at most one per queue).
@@ -33,6 +33,8 @@ pub struct WorkerConfig {
     pub stack_size: usize,
     /// Longest busy-poll window after the last work (zero: never poll).
     pub poll: Duration,
+    /// How long stopping a ring waits for its requests in flight (`--stop-timeout`).
+    pub stop_timeout: Duration,
 }
 
 /// Per-connection device state.

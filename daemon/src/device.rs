@@ -23,10 +23,6 @@ use vmm_sys_util::event::{
 use crate::connection::Connection;
 use crate::worker::Worker;
 
-/// How long `stop_vring` waits for a ring's requests in flight. Past it the ring cannot be
-/// stopped truthfully, so the connection is closed instead (see `stop_vring`).
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Per-connection device handle given to the vhost-user library.
 #[derive(Clone)]
 pub struct BlkDevice(pub Arc<Connection>);
@@ -117,7 +113,7 @@ impl VhostUserBackend for BlkDevice {
     /// request, so this returns only when none of the ring's requests is in flight. The
     /// library has already marked the queue not ready (under the vring lock), so no new
     /// chain is popped; the worker keeps completing the rest (its completion eventfd stays
-    /// registered). Past [`STOP_TIMEOUT`] the answer would be a lie: the error closes the
+    /// registered). Past `--stop-timeout` the answer would be a lie: the error closes the
     /// connection instead.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let q = queue_index as usize;
@@ -126,14 +122,15 @@ impl VhostUserBackend for BlkDevice {
         };
         // Polling keeps the data path free of any lock or condvar signal.
         let start = Instant::now();
+        let timeout = self.0.workers.stop_timeout;
         loop {
             let n = state.in_flight.load(std::sync::atomic::Ordering::Acquire);
             if n == 0 {
                 break;
             }
-            if start.elapsed() > STOP_TIMEOUT {
+            if start.elapsed() > timeout {
                 log::error!(
-                    "queue {q}: {n} requests still in flight after {STOP_TIMEOUT:?}; cannot stop the ring, closing the connection"
+                    "queue {q}: {n} requests still in flight after {timeout:?}; cannot stop the ring, closing the connection"
                 );
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -155,7 +152,9 @@ impl VhostUserBackend for BlkDevice {
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
-            log::warn!("worker {thread_id}: unexpected events {evset:?} on {device_event}");
+            self.0.blk.log().warn(format_args!(
+                "worker {thread_id}: unexpected events {evset:?} on {device_event}"
+            ));
         }
         if self.0.is_closing() {
             // The frontend is gone: finish and free this thread's requests and state.
@@ -196,6 +195,7 @@ mod tests {
             coroutine_backend: coro::Backend::Fast,
             stack_size: coro::DEFAULT_STACK_SIZE,
             poll: Duration::ZERO,
+            stop_timeout: Duration::from_secs(30),
         };
         BlkDevice(Arc::new(
             Connection::new(disk, config, workers).expect("connection"),

@@ -23,6 +23,8 @@ use std::ptr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Once;
 
+use corodev_devices::ratelimit::{RateLimitedLog, DEFAULT_BURST, DEFAULT_WINDOW};
+
 /// Guest mappings that can be registered at once (regions of all live connections'
 /// memory tables, old tables included until their connection closes).
 const SLOTS: usize = 1024;
@@ -78,7 +80,12 @@ pub fn register(owner: u64, start: *const u8, len: usize) -> bool {
             return true;
         }
     }
-    log::error!("guest memory registry full: a truncated memory file could crash the daemon");
+    // Each memory table message can get here: rate-limited like anything a frontend does.
+    static FULL: RateLimitedLog = RateLimitedLog::new(DEFAULT_BURST, DEFAULT_WINDOW);
+    FULL.log(
+        log::Level::Error,
+        format_args!("guest memory registry full: a truncated memory file could crash the daemon"),
+    );
     false
 }
 

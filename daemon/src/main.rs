@@ -77,6 +77,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             },
             stack_size: usize::try_from(cli.stack_size).unwrap_or(coro::DEFAULT_STACK_SIZE),
             poll: std::time::Duration::from_micros(cli.poll_us),
+            stop_timeout: std::time::Duration::from_secs(cli.stop_timeout),
         },
         once: cli.once,
     };

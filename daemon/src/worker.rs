@@ -48,7 +48,7 @@ use corodev_devices::request::Used;
 
 use crate::connection::Connection;
 use crate::poll_window::PollWindow;
-use crate::ring::{self, has_avail, pop_all, InFlightHeads, RingFault};
+use crate::ring::{self, has_avail, pop_all, Chain, InFlightHeads, RingFault};
 
 /// Submission queue entries per worker ring: enough for a full 1024-deep queue per batch;
 /// a fuller queue is flushed to the kernel early rather than failing.
@@ -81,6 +81,23 @@ pub struct Worker {
     window: PollWindow,
     /// When the worker last went back to epoll, idle, to measure how long it slept.
     idle_since: Cell<Option<Instant>>,
+}
+
+/// One request's coroutine: serve its chain, then publish the result. A type rather than a
+/// closure so that a request whose coroutine cannot start comes back whole (see
+/// [`coro::SpawnError`]) and is answered anyway.
+struct Request {
+    worker: Rc<Worker>,
+    local: usize,
+    chain: Chain,
+    mem: Arc<GuestMemoryMmap>,
+}
+
+impl coro::Job for Request {
+    fn run(self) {
+        let used = self.worker.conn.blk.serve(self.chain, self.mem);
+        self.worker.complete(self.local, used);
+    }
 }
 
 thread_local! {
@@ -196,14 +213,21 @@ impl Worker {
     /// Handles the completion eventfd: resumes the requests whose I/O finished.
     pub fn on_completion(&self) {
         if let Err(e) = self.sched.on_completion_event() {
-            log::error!("io_uring submission failed: {e}");
+            self.submission_failed(&e);
         }
     }
 
     fn run(&self) {
         if let Err(e) = self.sched.run() {
-            log::error!("io_uring submission failed: {e}");
+            self.submission_failed(&e);
         }
+    }
+
+    fn submission_failed(&self, e: &coro::Error) {
+        self.conn.blk.log().log(
+            log::Level::Error,
+            format_args!("worker {}: io_uring submission failed: {e}", self.thread),
+        );
     }
 
     /// Pops the available chains of one vring and spawns a coroutine for each. With
@@ -227,22 +251,22 @@ impl Worker {
         };
         let count = popped.chains.len();
         for chain in popped.chains {
-            // Kept to answer the request if no coroutine can be started for it (a clone
-            // is two reference-count updates; the spawn consumes the original).
-            let spare = chain.clone();
-            let (worker, chain_mem) = (self.clone(), mem.clone());
-            let spawned = self.sched.spawn(move || {
-                let used = worker.conn.blk.serve(chain, chain_mem);
-                worker.complete(local, used);
-            });
-            if let Err(e) = spawned {
+            let job = Request {
+                worker: self.clone(),
+                local,
+                chain,
+                mem: mem.clone(),
+            };
+            if let Err(refused) = self.sched.spawn(job) {
                 // No stack for it (memory or map count exhausted): answer it with IOERR
                 // now rather than leave it, or publish it with a stale status byte.
+                let Request { chain, mem, .. } = refused.job;
                 conn.blk.log().warn(format_args!(
-                    "queue {queue}: cannot start a request coroutine for head {}: {e}",
-                    spare.head_index()
+                    "queue {queue}: cannot start a request coroutine for head {}: {}",
+                    chain.head_index(),
+                    refused.error
                 ));
-                let used = conn.blk.refuse(spare, mem.clone());
+                let used = conn.blk.refuse(chain, mem);
                 self.complete(local, used);
             }
         }
@@ -387,7 +411,10 @@ impl Worker {
                 Ok(false) => {}
                 Ok(true) | Err(_) => {
                     if let Err(e) = vring.signal_used_queue() {
-                        log::warn!("cannot notify the guest: {e}");
+                        self.conn
+                            .blk
+                            .log()
+                            .warn(format_args!("queue {queue}: cannot notify the guest: {e}"));
                     }
                 }
             }

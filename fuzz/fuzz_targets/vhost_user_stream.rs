@@ -114,6 +114,7 @@ fn server() -> &'static PathBuf {
                 coroutine_backend: coro::Backend::Fast,
                 stack_size: coro::DEFAULT_STACK_SIZE,
                 poll: Duration::ZERO,
+                stop_timeout: Duration::from_secs(5),
             },
             once: false,
         };

@@ -317,6 +317,53 @@ fn get_vring_base_waits_for_requests_in_flight() {
     assert_all_ok(&fe, &heads, &used, &server.log_text());
 }
 
+/// A ring whose requests cannot finish within `--stop-timeout`: GET_VRING_BASE must not
+/// answer with a base that leaves requests unaccounted for (it used to give up silently
+/// after 30 s and return one); the connection is closed, loudly, and once the requests
+/// have finished the daemon serves the next connection.
+#[test]
+fn ring_stop_that_cannot_drain_closes_the_connection() {
+    let Some(mut server) = null_daemon(&[
+        "--null-latency-us",
+        "3000000",
+        "--poll-us",
+        "0",
+        "--stop-timeout",
+        "1",
+    ]) else {
+        return;
+    };
+    {
+        let mut fe = connect(&server);
+        park(&mut fe, 4);
+        std::thread::sleep(Duration::from_millis(20));
+        let asked = Instant::now();
+        let r = {
+            let _watchdog = Watchdog::new(&server, Duration::from_secs(10));
+            fe.stop_queue(0)
+        };
+        let took = asked.elapsed();
+        assert!(
+            r.is_err(),
+            "GET_VRING_BASE answered {r:?} after {took:?} with 4 requests still in flight; log:\n{}",
+            server.log_text()
+        );
+        assert!(
+            took < Duration::from_millis(2500),
+            "the refusal took {took:?}: longer than --stop-timeout 1"
+        );
+        let line = server.wait_log_line("cannot stop the ring, closing the connection", WAIT);
+        assert!(
+            line.is_some_and(|l| l.contains("queue 0: 4 requests still in flight")),
+            "log:\n{}",
+            server.log_text()
+        );
+    }
+    server.assert_alive();
+    let mut fe = connect(&server);
+    assert!(serves(&mut fe), "log:\n{}", server.log_text());
+}
+
 /// SET_VRING_ENABLE(0): the worker stops taking requests from the ring, even while it is
 /// polling; enabled again, the ring serves what was published meanwhile.
 #[test]
