@@ -160,7 +160,10 @@ impl Ring {
                     // Submission queue full: flush it now rather than fail the request.
                     if let Err(e) = self.uring.submit() {
                         self.ops.remove(key);
-                        return Err(e);
+                        // Wrapped, so the caller can tell "never reached the kernel" (no
+                        // raw errno) from the operation's own result (a storage backend
+                        // makes a failed fsync's errno sticky; this must not be).
+                        return Err(Error::os("io_uring_enter")(e).into());
                     }
                     self.queued = 0;
                 }

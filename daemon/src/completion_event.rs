@@ -74,6 +74,14 @@ impl CompletionEvents {
         }
     }
 
+    /// Consumes a pending wake-up of worker `worker` without running its ring (when the
+    /// worker has no ring any more).
+    pub fn clear(&self, worker: usize) {
+        if let Some(fd) = self.fds.get(worker) {
+            let _ = fd.read(); // EAGAIN: nothing was pending
+        }
+    }
+
     /// A duplicate of worker `worker`'s eventfd, for its io_uring to signal.
     pub fn ring_fd(&self, worker: usize) -> io::Result<OwnedFd> {
         let fd = self.fds.get(worker).ok_or_else(|| {

@@ -5,7 +5,7 @@
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use vhost_user_backend::ShutdownHandle;
@@ -47,6 +47,10 @@ pub struct Connection {
     /// was found truncated (reported once).
     faults_seen: AtomicU64,
     memory_lost: AtomicBool,
+    /// Memory maps registered with [`guest_fault`], and their ranges: a range is released
+    /// once no live map (current, or held by a request in flight) contains it, so a
+    /// frontend changing its table over and over cannot fill the registry.
+    guarded: Mutex<Vec<(Weak<GuestMemoryMmap>, Vec<(usize, usize)>)>>,
     /// The device model: config space, disk, guest-error log.
     pub blk: VirtioBlk,
     /// Guest memory as updated by the frontend's memory table messages.
@@ -75,7 +79,7 @@ pub struct Connection {
 /// only after the library has joined its workers and dropped their epoll.
 impl Drop for Connection {
     fn drop(&mut self) {
-        guest_fault::unregister(self.id);
+        guest_fault::unregister(self.id, None);
         let fds = std::mem::take(self.exit_fds.get_mut().unwrap_or_else(|p| p.into_inner()));
         for fd in fds {
             // SAFETY: the library took these descriptors with `into_raw_fd` and never closes
@@ -99,6 +103,7 @@ impl Connection {
             shutdown: OnceLock::new(),
             faults_seen: AtomicU64::new(0),
             memory_lost: AtomicBool::new(false),
+            guarded: Mutex::new(Vec::new()),
             completions: CompletionEvents::new(thread_masks.len(), nq)?,
             blk: VirtioBlk::new(config, disk),
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
@@ -120,11 +125,27 @@ impl Connection {
     /// memory table change).
     pub fn guard_memory(&self) {
         use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
-        let mem = self.mem.memory();
+        let mem = self.mem.memory().into_inner();
+        let mut ranges = Vec::new();
         for region in mem.iter() {
+            let page = region
+                .file_offset()
+                .map_or(0, |f| guest_fault::page_size_of(f.file()));
             // `len` of a mapped region fits the address space.
-            guest_fault::register(self.id, region.as_ptr(), region.len() as usize);
+            let len = region.len() as usize;
+            guest_fault::register(self.id, region.as_ptr(), len, page);
+            ranges.push((region.as_ptr() as usize, region.as_ptr() as usize + len));
         }
+        let mut guarded = self.guarded.lock().unwrap_or_else(PoisonError::into_inner);
+        guarded.push((Arc::downgrade(&mem), ranges));
+        let (live, dead): (Vec<_>, Vec<_>) =
+            guarded.drain(..).partition(|(m, _)| m.strong_count() > 0);
+        for range in dead.iter().flat_map(|(_, r)| r) {
+            if !live.iter().any(|(_, r)| r.contains(range)) {
+                guest_fault::unregister(self.id, Some(*range));
+            }
+        }
+        *guarded = live;
     }
 
     /// Called on the data path: if the frontend truncated this connection's guest memory
@@ -135,15 +156,21 @@ impl Connection {
         if total == self.faults_seen.load(Ordering::Acquire) {
             return;
         }
-        self.faults_seen.store(total, Ordering::Release);
         let mine = guest_fault::faults(self.id);
-        if mine > 0 && !self.memory_lost.swap(true, Ordering::AcqRel) {
+        if mine == 0 {
+            self.faults_seen.store(total, Ordering::Release);
+            return;
+        }
+        // Until the connection can be shut down (it is being accepted), look again later.
+        let Some(h) = self.shutdown.get() else {
+            return;
+        };
+        self.faults_seen.store(total, Ordering::Release);
+        if !self.memory_lost.swap(true, Ordering::AcqRel) {
             log::error!(
                 "guest memory was truncated by the frontend ({mine} page(s) past the end of its file accessed); closing the connection"
             );
-            if let Some(h) = self.shutdown.get() {
-                h.shutdown();
-            }
+            h.shutdown();
         }
     }
 
@@ -181,8 +208,17 @@ impl Connection {
     }
 
     /// Counts a worker that now holds per-thread state.
-    pub fn worker_started(&self) {
-        *self.live_lock() += 1;
+    /// Counts a worker about to create its per-thread state; false once the connection is
+    /// closing (then it must create none). Checked and counted under the same lock that
+    /// `close_workers` sets `closing` under, so a worker is either counted before the close
+    /// starts waiting or sees it.
+    pub fn worker_started(&self) -> bool {
+        let mut live = self.live_lock();
+        if self.closing.load(Ordering::Acquire) {
+            return false;
+        }
+        *live += 1;
+        true
     }
 
     /// Counts a worker that has freed its per-thread state.
@@ -196,7 +232,10 @@ impl Connection {
     /// free its state, and waits for them, up to `timeout`. `Err(n)`: `n` workers still
     /// had requests in flight then.
     pub fn close_workers(&self, timeout: Duration) -> Result<(), usize> {
-        self.closing.store(true, Ordering::Release);
+        {
+            let _live = self.live_lock();
+            self.closing.store(true, Ordering::Release);
+        }
         for worker in 0..self.thread_masks.len() {
             self.completions.wake(worker);
         }

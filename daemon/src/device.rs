@@ -157,11 +157,17 @@ impl VhostUserBackend for BlkDevice {
             ));
         }
         if self.0.is_closing() {
-            // The frontend is gone: finish and free this thread's requests and state.
+            // The frontend is gone: finish and free this thread's requests and state. The
+            // wake-up that brought us here is consumed, or the level-triggered eventfd
+            // would spin this thread until the library's exit event.
+            self.0.completions.clear(thread_id);
             Worker::shut_down();
             return Ok(());
         }
-        let worker = Worker::get(&self.0, vrings, thread_id)?;
+        let Some(worker) = Worker::get(&self.0, vrings, thread_id)? else {
+            self.0.completions.clear(thread_id);
+            return Ok(());
+        };
         worker.woke();
         if self.0.completions.is_completion(device_event) {
             worker.on_completion();

@@ -30,10 +30,13 @@ use corodev_devices::ratelimit::{RateLimitedLog, DEFAULT_BURST, DEFAULT_WINDOW};
 const SLOTS: usize = 1024;
 
 /// One registered mapping: `[start, end)` in the daemon's address space, owned by a
-/// connection id (0: free slot), with the faults recovered in it.
+/// connection id (0: free slot), mapped in pages of `page` bytes (huge pages for a
+/// hugetlbfs file: a mapping there can only be replaced a whole huge page at a time), with
+/// the faults recovered in it.
 struct Slot {
     start: AtomicUsize,
     end: AtomicUsize,
+    page: AtomicUsize,
     owner: AtomicU64,
     faults: AtomicU64,
 }
@@ -42,6 +45,7 @@ struct Slot {
 const FREE: Slot = Slot {
     start: AtomicUsize::new(0),
     end: AtomicUsize::new(0),
+    page: AtomicUsize::new(0),
     owner: AtomicU64::new(0),
     faults: AtomicU64::new(0),
 };
@@ -51,10 +55,11 @@ static REGISTRY: [Slot; SLOTS] = [FREE; SLOTS];
 static TOTAL_FAULTS: AtomicU64 = AtomicU64::new(0);
 static INSTALL: Once = Once::new();
 
-/// Registers `[start, start + len)` as guest memory of connection `owner` (non-zero), and
-/// installs the SIGBUS handler on first use. Returns false if the table is full (the
-/// mapping then stays unprotected, as before this module existed; logged).
-pub fn register(owner: u64, start: *const u8, len: usize) -> bool {
+/// Registers `[start, start + len)`, mapped in pages of `page` bytes, as guest memory of
+/// connection `owner` (non-zero), and installs the SIGBUS handler on first use. Returns
+/// false if the table is full (the mapping then stays unprotected, as before this module
+/// existed; logged).
+pub fn register(owner: u64, start: *const u8, len: usize, page: usize) -> bool {
     INSTALL.call_once(install);
     let (start, end) = (start as usize, (start as usize).saturating_add(len));
     for slot in &REGISTRY {
@@ -75,6 +80,7 @@ pub fn register(owner: u64, start: *const u8, len: usize) -> bool {
         {
             slot.start.store(start, Ordering::Release);
             slot.end.store(end, Ordering::Release);
+            slot.page.store(page, Ordering::Release);
             slot.faults.store(0, Ordering::Release);
             slot.owner.store(owner, Ordering::Release);
             return true;
@@ -90,14 +96,37 @@ pub fn register(owner: u64, start: *const u8, len: usize) -> bool {
 }
 
 /// Forgets every mapping of connection `owner` (when the connection and its memory maps
-/// are gone).
-pub fn unregister(owner: u64) {
+/// are gone), or only `[start, end)` of it (a map no request uses any more).
+pub fn unregister(owner: u64, range: Option<(usize, usize)>) {
     for slot in &REGISTRY {
-        if slot.owner.load(Ordering::Acquire) == owner {
+        let matches = slot.owner.load(Ordering::Acquire) == owner
+            && range.is_none_or(|(start, end)| {
+                slot.start.load(Ordering::Acquire) == start
+                    && slot.end.load(Ordering::Acquire) == end
+            });
+        if matches {
+            // Hide the slot from the handler before clearing it, then free it.
+            slot.owner.store(u64::MAX, Ordering::Release);
             slot.start.store(0, Ordering::Release);
             slot.end.store(0, Ordering::Release);
             slot.owner.store(0, Ordering::Release);
         }
+    }
+}
+
+/// The page size of the file behind a mapping: the huge page size for a hugetlbfs file,
+/// else the base page size.
+pub fn page_size_of(file: &std::fs::File) -> usize {
+    use std::os::fd::AsRawFd;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    // SAFETY: a zeroed statfs is a valid buffer for fstatfs to fill; the fd is borrowed.
+    let mut st: libc::statfs = unsafe { mem::zeroed() };
+    // SAFETY: fstatfs writes only into `st`.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    if rc == 0 && i64::from(st.f_type) == HUGETLBFS_MAGIC {
+        usize::try_from(st.f_bsize).unwrap_or(page_size())
+    } else {
+        page_size()
     }
 }
 
@@ -139,11 +168,16 @@ fn install() {
     }
 }
 
-/// The SIGBUS handler. Async-signal-safe: atomics and one `mmap` system call.
+/// The SIGBUS handler. Async-signal-safe: atomics, `mmap`, `sigaction` and `raise`.
 extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
-    let addr = unsafe { (*info).si_addr() } as usize;
-    let page = page_size();
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    if code <= 0 {
+        // Sent by a process (kill, sigqueue), not a fault: `si_addr` means nothing and
+        // returning would not re-raise it. Die as SIGBUS would have.
+        die();
+        return;
+    }
     for slot in &REGISTRY {
         let owner = slot.owner.load(Ordering::Acquire);
         if owner == 0 || owner == u64::MAX {
@@ -154,11 +188,16 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
             slot.end.load(Ordering::Acquire),
         );
         if (start..end).contains(&addr) {
+            let page = match slot.page.load(Ordering::Acquire) {
+                p if p.is_power_of_two() => p,
+                _ => page_size(),
+            };
             let at = addr & !(page - 1);
-            // SAFETY: `at` is a page inside a guest mapping this process made (registered
-            // by its connection and not yet unregistered): replacing that one page with a
-            // private anonymous page changes only memory the guest shares with us, and
-            // MAP_FIXED never touches anything outside the page.
+            // SAFETY: `at` is a page (huge page for hugetlbfs) inside a guest mapping this
+            // process made, registered by its connection and not yet unregistered, and
+            // mappings are page-aligned: replacing that one page with a private anonymous
+            // page changes only memory the guest shares with us, and MAP_FIXED never
+            // touches anything outside the page.
             let p = unsafe {
                 libc::mmap(
                     at as *mut libc::c_void,
@@ -177,13 +216,28 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
             break;
         }
     }
-    // Not guest memory (or the page could not be replaced): die as SIGBUS would have.
-    // SAFETY: restoring the default action for SIGBUS; returning re-raises the fault.
+    // Not guest memory (or the page could not be replaced): returning re-raises the fault,
+    // which the default action turns into the death SIGBUS always meant.
+    default_action();
+}
+
+/// Restores SIGBUS's default action (terminate with a core).
+fn default_action() {
+    // SAFETY: a zeroed sigaction with SIG_DFL is a valid action; sigaction is
+    // async-signal-safe.
     unsafe {
         let mut dfl: libc::sigaction = mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
         libc::sigaction(libc::SIGBUS, &dfl, ptr::null_mut());
     }
+}
+
+/// Terminates the process with SIGBUS from inside the handler.
+fn die() {
+    default_action();
+    // SAFETY: raise is async-signal-safe; with the default action restored it terminates
+    // the process once the handler returns and the signal is unblocked.
+    unsafe { libc::raise(libc::SIGBUS) };
 }
 
 /// The page size, read once by [`install`] (`sysconf` is not async-signal-safe).

@@ -101,20 +101,60 @@ impl coro::Job for Request {
 }
 
 thread_local! {
-    static WORKER: RefCell<Option<Rc<Worker>>> = const { RefCell::new(None) };
+    static WORKER: WorkerSlot = const { WorkerSlot(RefCell::new(None)) };
+}
+
+/// The thread-local home of a thread's [`Worker`]. Normally emptied by
+/// [`Worker::shut_down`] before the thread exits; if the thread ends another way (the
+/// library's loop failed) with requests in flight, nothing can safely finish them at this
+/// point (the coroutine machinery's own thread-locals may already be gone), so the state is
+/// left where it is, loudly, and counted out so that closing the connection does not wait
+/// for it.
+struct WorkerSlot(RefCell<Option<Rc<Worker>>>);
+
+impl Drop for WorkerSlot {
+    fn drop(&mut self) {
+        if let Some(worker) = self.0.get_mut().take() {
+            log::error!(
+                "worker {} exited without shutting down, {} request(s) in flight: their memory stays allocated",
+                worker.thread,
+                worker.sched.task_count()
+            );
+            worker.conn.worker_stopped();
+            // Requests hold the worker: dropping this reference frees nothing, and must not
+            // try to (see above).
+            std::mem::forget(worker);
+        }
+    }
 }
 
 impl Worker {
     /// This thread's worker, created on first use with the thread's `vrings` and an
-    /// io_uring that signals the thread's completion eventfd.
+    /// io_uring that signals the thread's completion eventfd. `None` once the connection is
+    /// closing: no new worker state is made then.
     pub fn get(
         conn: &Arc<Connection>,
         vrings: &[VringRwLock],
         thread_id: usize,
-    ) -> io::Result<Rc<Worker>> {
-        if let Some(w) = WORKER.with(|w| w.borrow().clone()) {
-            return Ok(w);
+    ) -> io::Result<Option<Rc<Worker>>> {
+        if let Some(w) = WORKER.with(|w| w.0.borrow().clone()) {
+            return Ok(Some(w));
         }
+        if !conn.worker_started() {
+            return Ok(None);
+        }
+        let created = Worker::create(conn, vrings, thread_id);
+        if created.is_err() {
+            conn.worker_stopped();
+        }
+        created.map(Some)
+    }
+
+    fn create(
+        conn: &Arc<Connection>,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<Rc<Worker>> {
         let efd = conn.completions.ring_fd(thread_id)?;
         let ring =
             Ring::with_eventfd(RING_ENTRIES, efd)?.submit_each(conn.blk.disk().submit_each_io());
@@ -138,8 +178,7 @@ impl Worker {
             window: PollWindow::new(conn.workers.poll),
             idle_since: Cell::new(None),
         });
-        WORKER.with(|w| *w.borrow_mut() = Some(worker.clone()));
-        conn.worker_started();
+        WORKER.with(|w| *w.0.borrow_mut() = Some(worker.clone()));
         log::debug!("worker {thread_id} ready");
         Ok(worker)
     }
@@ -153,7 +192,7 @@ impl Worker {
     /// be dropped with requests parked: they would keep it, and the memory map, alive for
     /// ever. Only once they have finished is the last reference the thread-local one.
     pub fn shut_down() {
-        let Some(worker) = WORKER.with(|w| w.borrow_mut().take()) else {
+        let Some(worker) = WORKER.with(|w| w.0.borrow_mut().take()) else {
             return;
         };
         match worker.sched.run_until_idle() {

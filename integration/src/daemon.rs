@@ -272,10 +272,15 @@ impl Daemon {
 
     /// Sends the server SIGTERM (returns at once; see [`wait_exit`](Self::wait_exit)).
     pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Sends `sig` to the server.
+    pub fn signal(&self, sig: libc::c_int) {
         let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
         // SAFETY: kill has no memory-safety preconditions; the pid is our own child, not
         // yet reaped (the Child is reaped only by wait_exit or drop), so it is not reused.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        let rc = unsafe { libc::kill(pid, sig) };
         assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
     }
 

@@ -311,6 +311,20 @@ impl TestFrontend {
         })
     }
 
+    /// Replaces the memory table with one region of `size` bytes at GPA 0 (at most the
+    /// file's size), as a frontend resizing or re-sending its table does.
+    pub fn set_memory_size(&mut self, size: u64) -> Result<(), vhost::Error> {
+        self.fe
+            .set_mem_table(&[VhostUserMemoryRegionInfo {
+                guest_phys_addr: 0,
+                memory_size: size,
+                userspace_addr: self.mem.ptr as u64,
+                mmap_offset: 0,
+                mmap_handle: self.mem.file.as_raw_fd(),
+            }])
+            .map(drop)
+    }
+
     /// Replaces the memory table with guest memory at GPA 0 plus a second mapping of the
     /// same file at `alias`, so that guest addresses from `alias` on name the same bytes as
     /// those from 0 (the rings included): a hostile but well-formed table.

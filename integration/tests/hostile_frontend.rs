@@ -409,49 +409,114 @@ fn memory_region_larger_than_its_file() {
 #[test]
 fn memory_file_truncated_while_in_use() {
     let mut server = Daemon::with_image(&[]);
-    {
-        let mut fe = TestFrontend::connect(server.socket(), 1, 128).expect("connect");
-        // Setup messages are not acknowledged: a first request proves the daemon took the
-        // memory table while the file was whole.
-        assert!(fe.verified_io(0, 0, &pattern(14, 4096)));
-        // A read whose header, data and status all lie past the end the file will have.
-        let (hdr, data, status) = (8u64 << 20, (8u64 << 20) + 4096, (8u64 << 20) + 8192);
-        fe.mem.write(hdr, &header(T_IN, 0, 0));
-        let d = Desc::new;
-        fe.put_descs(
-            0,
-            &[
-                (0, d(hdr, 16, VIRTQ_DESC_F_NEXT, 1)),
-                (1, d(data, 4096, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 2)),
-                (2, d(status, 1, VIRTQ_DESC_F_WRITE, 0)),
-            ],
-        );
-        fe.mem.truncate(1 << 20); // the rings (below 64 KiB) stay
-        fe.publish(0, 0);
-        std::thread::sleep(Duration::from_millis(300));
-        server.assert_alive();
-        if server.kind() == Server::Corodev {
-            let line = server.wait_log_line("guest memory was truncated", CLOSE_TIMEOUT);
-            assert!(
-                line.is_some(),
-                "the daemon must notice the truncation; log:\n{}",
-                server.log_text()
-            );
-            assert!(
-                server
-                    .wait_log_line("connection 1: frontend disconnected", CLOSE_TIMEOUT)
-                    .is_some()
-                    || server
-                        .wait_log_line("connection 1: closed", CLOSE_TIMEOUT)
-                        .is_some(),
-                "and close the connection; log:\n{}",
-                server.log_text()
-            );
-        }
-        server.assert_alive();
-    }
-    server.assert_alive();
+    let fe = TestFrontend::connect(server.socket(), 1, 128).expect("connect");
+    truncate_under_a_request(&mut server, fe);
     next_connection_serves(&server, 13);
+    server.assert_alive();
+}
+
+/// A frontend that replaces its memory table over and over (different sizes, so every map
+/// is a new range) must not wear out the truncation recovery: the daemon keeps track of
+/// only the maps still in use. Before, each map took one of a fixed number of slots for
+/// the connection's lifetime, and past them a truncation killed the daemon again.
+#[test]
+fn memory_table_churn_does_not_wear_out_truncation_recovery() {
+    let mut server = Daemon::with_image(&[]);
+    let mut fe = TestFrontend::connect(server.socket(), 1, 128).expect("connect");
+    // 1100 sizes from 16 MiB down to 11.7 MiB: every map a range of its own, and all of
+    // them larger than the 8 MiB the truncation below needs.
+    for i in 0..1100u64 {
+        let size = fe.mem.size() - i * 4096;
+        fe.set_memory_size(size).expect("SET_MEM_TABLE");
+    }
+    truncate_under_a_request(&mut server, fe);
+    next_connection_serves(&server, 17);
+    server.assert_alive();
+}
+
+/// Puts a read whose header, data and status lie at 8 MiB, truncates the memory file to
+/// 1 MiB and publishes it: the daemon must survive, notice and close the connection.
+fn truncate_under_a_request(server: &mut Daemon, mut fe: TestFrontend) {
+    // Setup messages are not acknowledged: a first request proves the daemon took the
+    // memory table while the file was whole.
+    assert!(fe.verified_io(0, 0, &pattern(14, 4096)));
+    let (hdr, data, status) = (8u64 << 20, (8u64 << 20) + 4096, (8u64 << 20) + 8192);
+    fe.mem.write(hdr, &header(T_IN, 0, 0));
+    let d = Desc::new;
+    fe.put_descs(
+        0,
+        &[
+            (0, d(hdr, 16, VIRTQ_DESC_F_NEXT, 1)),
+            (1, d(data, 4096, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 2)),
+            (2, d(status, 1, VIRTQ_DESC_F_WRITE, 0)),
+        ],
+    );
+    fe.mem.truncate(1 << 20); // the rings (below 64 KiB) stay
+    fe.publish(0, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    server.assert_alive();
+    if server.kind() == Server::Corodev {
+        let line = server.wait_log_line("guest memory was truncated", CLOSE_TIMEOUT);
+        assert!(
+            line.is_some(),
+            "the daemon must notice the truncation; log:\n{}",
+            server.log_text()
+        );
+        assert!(
+            server
+                .wait_log_line(": frontend disconnected", CLOSE_TIMEOUT)
+                .is_some()
+                || server.wait_log_line(": closed", CLOSE_TIMEOUT).is_some(),
+            "and close the connection; log:\n{}",
+            server.log_text()
+        );
+    }
+    drop(fe);
+    server.assert_alive();
+}
+
+/// A call eventfd the frontend made blocking and filled to the top: signalling it would
+/// block the worker for ever with the vring lock held, so that GET_VRING_BASE (and with it
+/// SIGTERM) hung too. Ring eventfds are made non-blocking now.
+#[test]
+fn full_blocking_call_eventfd_does_not_wedge_the_daemon() {
+    let mut server = Daemon::with_image(&[]);
+    let mut fe = TestFrontend::connect(server.socket(), 1, 128).expect("connect");
+    assert!(fe.verified_io(0, 0, &pattern(18, 4096)));
+    let full = EventFd::new(0).expect("a blocking eventfd");
+    full.write(u64::MAX - 1).expect("fill its counter");
+    fe.fe.set_vring_call(0, &full).expect("SET_VRING_CALL");
+    fe.fe
+        .get_features()
+        .expect("a round trip: the daemon has the new call fd");
+    // Completing this request signals the full eventfd.
+    let status = fe.request(0, T_IN, 0, &[(DATA_BASE, 4096)]);
+    let used = fe.wait_used(0, Duration::from_secs(5));
+    assert!(
+        used.is_some(),
+        "the request must still complete; log:\n{}",
+        server.log_text()
+    );
+    assert_eq!(fe.mem.read(status, 1)[0], S_OK);
+    // The ring stops, so the worker is not stuck holding the vring lock.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stopper = std::thread::spawn(move || {
+        let r = fe.stop_queue(0).map(drop);
+        let _ = tx.send(r.is_ok());
+        fe
+    });
+    let stopped = rx.recv_timeout(Duration::from_secs(5));
+    if stopped.is_err() {
+        // Unstick the test before failing it: the daemon is wedged.
+        let _ = full.read();
+    }
+    assert_eq!(
+        stopped,
+        Ok(true),
+        "GET_VRING_BASE must answer; log:\n{}",
+        server.log_text()
+    );
+    drop(stopper.join());
     server.assert_alive();
 }
 

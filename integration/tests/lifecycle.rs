@@ -640,3 +640,59 @@ fn disabled_ring_with_a_request_waiting_costs_no_cpu() {
         "a disabled ring is not served"
     );
 }
+
+/// The SIGBUS handler recovers faults in guest memory only. A SIGBUS another process sends
+/// is no fault: the daemon must die of it as any process would (it used to shrug it off
+/// and stay alive with its fault recovery switched off).
+#[test]
+fn sigbus_from_another_process_still_terminates() {
+    let Some(mut server) = null_daemon(&[]) else {
+        return;
+    };
+    let mut fe = connect(&server); // the first memory table installs the handler
+    assert!(serves(&mut fe), "log:\n{}", server.log_text());
+    server.signal(libc::SIGBUS);
+    let status = server.wait_exit(WAIT);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.and_then(|s| s.signal()),
+        Some(libc::SIGBUS),
+        "status {status:?}; log:\n{}",
+        server.log_text()
+    );
+}
+
+/// While one worker of a closing connection still drains its requests, the others must
+/// wait quietly: the wake-up that told them to shut down used to stay pending on their
+/// level-triggered eventfd, so each spun a core until the slowest worker finished.
+#[test]
+fn closing_workers_wait_without_spinning() {
+    let Some(server) = null_daemon(&[
+        "--num-queues",
+        "2",
+        "--threads",
+        "2",
+        "--null-latency-us",
+        "2000000",
+        "--poll-us",
+        "0",
+    ]) else {
+        return;
+    };
+    {
+        let mut fe = TestFrontend::connect(server.socket(), 2, QSIZE).expect("connect");
+        park(&mut fe, 4); // queue 0's worker will drain for 2 s after the hang-up
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let before = server.cpu_seconds();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = server.cpu_seconds() - before;
+    assert!(
+        used < 0.2,
+        "the daemon used {used:.2} CPU-s in 1 s while one worker drained; log:\n{}",
+        server.log_text()
+    );
+    let drained = server.wait_log_line("connection 1: in-flight requests drained", WAIT);
+    assert!(drained.is_some(), "log:\n{}", server.log_text());
+}

@@ -982,22 +982,31 @@ impl<T: VhostUserBackend> Drop for VhostUserHandler<T> {
 }
 
 /// corodev patch: kick, call and error descriptors must be eventfds (vhost-user spec,
-/// "Ring setup"). Anything else misbehaves in ways the library does not expect: a
-/// regular file cannot be polled, and a pipe whose buffer is full blocks the worker
-/// thread that signals it, for ever.
+/// "Ring setup"), and are made non-blocking. Anything else misbehaves in ways the library
+/// does not expect: a regular file cannot be polled, a pipe whose buffer is full or a
+/// blocking eventfd whose counter is full blocks the worker that signals it, and a blocking
+/// kick eventfd the frontend drained itself blocks the worker that reads it, for ever, with
+/// the vring lock held. Needs /proc (to tell an eventfd from other anonymous inodes).
 fn check_eventfd(file: &File, index: u8, what: &str) -> VhostUserResult<()> {
     let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()));
     match link {
-        Ok(target) if target.as_os_str() == "anon_inode:[eventfd]" => Ok(()),
+        Ok(target) if target.as_os_str() == "anon_inode:[eventfd]" => {}
         Ok(target) => {
             log::error!(
                 "vring {index}: the {what} descriptor is not an eventfd ({})",
                 target.display()
             );
-            Err(VhostUserError::InvalidParam)
+            return Err(VhostUserError::InvalidParam);
         }
-        Err(e) => Err(VhostUserError::ReqHandlerError(e)),
+        Err(e) => return Err(VhostUserError::ReqHandlerError(e)),
     }
+    // SAFETY: F_GETFL/F_SETFL on a descriptor this function borrows; no memory is passed.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(VhostUserError::ReqHandlerError(io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// corodev patch: a memory region must not extend past the end of the file behind it.

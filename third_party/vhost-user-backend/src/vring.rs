@@ -265,7 +265,14 @@ impl<M: GuestAddressSpace> VringState<M> {
     /// Read event from the kick `EventFd`.
     fn read_kick(&self) -> io::Result<bool> {
         if let Some(kick) = &self.kick {
-            kick.consume()?;
+            // corodev patch: the frontend can read its own kick eventfd between our
+            // epoll_wait and this read; an empty (non-blocking) eventfd is a spurious
+            // wake-up, not an error that ends the worker thread.
+            match kick.consume() {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
         }
 
         Ok(self.enabled)
