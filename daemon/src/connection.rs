@@ -37,6 +37,9 @@ pub struct WorkerConfig {
     pub stop_timeout: Duration,
 }
 
+/// A memory map registered for SIGBUS recovery, and the address ranges of its regions.
+type GuardedMap = (Weak<GuestMemoryMmap>, Vec<(usize, usize)>);
+
 /// Per-connection device state.
 pub struct Connection {
     /// Unique in the process; names this connection's guest mappings in [`guest_fault`].
@@ -50,7 +53,7 @@ pub struct Connection {
     /// Memory maps registered with [`guest_fault`], and their ranges: a range is released
     /// once no live map (current, or held by a request in flight) contains it, so a
     /// frontend changing its table over and over cannot fill the registry.
-    guarded: Mutex<Vec<(Weak<GuestMemoryMmap>, Vec<(usize, usize)>)>>,
+    guarded: Mutex<Vec<GuardedMap>>,
     /// The device model: config space, disk, guest-error log.
     pub blk: VirtioBlk,
     /// Guest memory as updated by the frontend's memory table messages.

@@ -123,7 +123,10 @@ pub fn page_size_of(file: &std::fs::File) -> usize {
     let mut st: libc::statfs = unsafe { mem::zeroed() };
     // SAFETY: fstatfs writes only into `st`.
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
-    if rc == 0 && i64::from(st.f_type) == HUGETLBFS_MAGIC {
+    // `f_type` is an i64 on x86_64 and a narrower integer elsewhere.
+    #[allow(clippy::useless_conversion)]
+    let f_type = i64::from(st.f_type);
+    if rc == 0 && f_type == HUGETLBFS_MAGIC {
         usize::try_from(st.f_bsize).unwrap_or(page_size())
     } else {
         page_size()
