@@ -56,6 +56,17 @@ fn park(fe: &mut TestFrontend, n: u16) -> Vec<u16> {
     heads
 }
 
+/// The daemon is alive and a new connection does I/O.
+fn next_connection_serves(server: &mut Daemon) {
+    server.assert_alive();
+    let mut fe = connect(server);
+    assert!(
+        serves(&mut fe),
+        "the next connection must serve; log:\n{}",
+        server.log_text()
+    );
+}
+
 /// Every used element queue 0 has now, without waiting.
 fn used_now(fe: &mut TestFrontend) -> Vec<Used> {
     std::iter::from_fn(|| fe.wait_used(0, Duration::ZERO)).collect()
@@ -223,13 +234,7 @@ fn disconnect_with_requests_parked(poll_us: &str) {
          {after}\nbaseline after a clean close: {baseline}\nlog:\n{}",
         server.log_text()
     );
-    server.assert_alive();
-    let mut fe = connect(&server);
-    assert!(
-        serves(&mut fe),
-        "the next connection must serve; log:\n{}",
-        server.log_text()
-    );
+    next_connection_serves(&mut server);
 }
 
 /// The frontend dies with requests parked: they finish, and then the connection's fds,
@@ -359,9 +364,7 @@ fn ring_stop_that_cannot_drain_closes_the_connection() {
             server.log_text()
         );
     }
-    server.assert_alive();
-    let mut fe = connect(&server);
-    assert!(serves(&mut fe), "log:\n{}", server.log_text());
+    next_connection_serves(&mut server);
 }
 
 /// SET_VRING_ENABLE(0): the worker stops taking requests from the ring, even while it is
@@ -595,13 +598,7 @@ fn busy_worker_still_sees_shutdown() {
          hang-up, {total} by the end: the worker went on serving the ring)\nlog:\n{}",
         server.log_text()
     );
-    server.assert_alive();
-    let mut fe = connect(&server);
-    assert!(
-        serves(&mut fe),
-        "the next connection must serve; log:\n{}",
-        server.log_text()
-    );
+    next_connection_serves(&mut server);
 }
 
 /// A disabled ring with a request waiting in it must not keep a polling worker spinning:
