@@ -140,6 +140,20 @@ fn wait_resources(
 
 /// What the idle daemon holds once connection `n` is closed: guest memory unmapped and
 /// two readings 200 ms apart agreeing.
+/// Serves one warm-up connection (the first may create lazily-made state) and returns the
+/// daemon's resources once it has closed: what every later connection must return to.
+fn warmed_up_baseline(server: &Daemon) -> Resources {
+    {
+        let mut fe = connect(server);
+        assert!(
+            serves(&mut fe),
+            "warm-up connection; log:\n{}",
+            server.log_text()
+        );
+    }
+    settled_after(server, 1)
+}
+
 fn settled_after(server: &Daemon, n: u32) -> Resources {
     let line = format!("connection {n}: frontend disconnected");
     assert!(
@@ -206,15 +220,7 @@ fn disconnect_with_requests_parked(poll_us: &str) {
     else {
         return;
     };
-    {
-        let mut fe = connect(&server);
-        assert!(
-            serves(&mut fe),
-            "warm-up connection; log:\n{}",
-            server.log_text()
-        );
-    }
-    let baseline = settled_after(&server, 1);
+    let baseline = warmed_up_baseline(&server);
     {
         let mut fe = connect(&server);
         park(&mut fe, 32);
@@ -557,15 +563,7 @@ fn busy_worker_still_sees_shutdown() {
     let Some(mut server) = null_daemon(&["--poll-us", "10000", "--null-latency-us", "2000"]) else {
         return;
     };
-    {
-        let mut fe = connect(&server);
-        assert!(
-            serves(&mut fe),
-            "warm-up connection; log:\n{}",
-            server.log_text()
-        );
-    }
-    let baseline = settled_after(&server, 1);
+    let baseline = warmed_up_baseline(&server);
     let mut fe = connect(&server);
     // Requests 5 ms apart open the worker's poll window to 8 ms: from then on the worker
     // leaves its poll loop only if it finds no work for that long.
