@@ -1,15 +1,17 @@
 //! What one vhost-user connection shares between the frontend thread (configuration
 //! messages) and its worker threads (the data path): the device model, guest memory, the
-//! queue-to-worker map, per-queue in-flight counts and broken flags, and the completion
-//! eventfds. A new connection gets a fresh one; only the disk outlives it.
+//! queue-to-worker map, per-queue in-flight counts and broken flags, the inflight region
+//! and the completion eventfds. A new connection gets a fresh one; only the disk outlives
+//! it (and the inflight region, which the frontend keeps and hands to the next daemon).
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use vhost_user_backend::ShutdownHandle;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_backend::{ShutdownHandle, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use corodev_devices::backend::BlockBackend;
 use corodev_devices::blk::VirtioBlk;
@@ -18,6 +20,7 @@ use corodev_devices::config::DeviceConfig;
 use crate::completion_event::CompletionEvents;
 use crate::error::Error;
 use crate::guest_fault;
+use crate::inflight::{InflightError, QueueTracker, Region, RingView};
 
 /// Connection ids, unique in the process (0 is never used: the fault registry's "free").
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -64,6 +67,9 @@ pub struct Connection {
     pub completions: CompletionEvents,
     /// Per-queue state shared with the frontend thread.
     queues: Vec<QueueState>,
+    /// The frontend's inflight region (SET_INFLIGHT_FD), if it gave one: each queue
+    /// records its requests in flight there from its next start.
+    inflight: Mutex<Option<Arc<Region>>>,
     /// Set once the frontend is gone: each worker finishes what is in flight, frees its
     /// scheduler, ring, stacks and memory map, and counts itself out of `live_workers`.
     closing: AtomicBool,
@@ -112,6 +118,7 @@ impl Connection {
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             workers,
             queues: (0..nq).map(|_| QueueState::default()).collect(),
+            inflight: Mutex::new(None),
             closing: AtomicBool::new(false),
             live_workers: (Mutex::new(0), Condvar::new()),
             thread_masks,
@@ -175,6 +182,75 @@ impl Connection {
             );
             h.shutdown();
         }
+    }
+
+    /// Tracks requests in flight in `region` from each queue's next start.
+    pub fn set_inflight(&self, region: Arc<Region>) {
+        *self.inflight.lock().unwrap_or_else(PoisonError::into_inner) = Some(region);
+    }
+
+    /// The inflight region, if the frontend gave one.
+    pub fn inflight(&self) -> Option<Arc<Region>> {
+        self.inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A ring starts: with an inflight region, reconciles the queue's part with the ring,
+    /// sets the avail position past every request popped before a restart and queues those
+    /// left in flight for resubmission, then raises the ring's kick so its worker serves
+    /// them at once. Without one, the queue simply records nothing.
+    pub fn start_queue(&self, queue: usize, vring: &VringRwLock) -> Result<(), InflightError> {
+        let Some(state) = self.queue(queue) else {
+            return Ok(());
+        };
+        let Some(region) = self.inflight() else {
+            state.start(None, Vec::new());
+            return Ok(());
+        };
+        let tracker = region.queue(queue)?;
+        let mem = self.mem.memory();
+        let mut vstate = vring.get_mut();
+        let q = vstate.get_queue();
+        let (size, avail_ring) = (q.size(), q.avail_ring());
+        let view = RingView {
+            size,
+            used_idx: q
+                .used_idx(&*mem, Ordering::Acquire)
+                .map_err(InflightError::Ring)?
+                .0,
+            avail_idx: q
+                .avail_idx(&*mem, Ordering::Acquire)
+                .map_err(InflightError::Ring)?
+                .0,
+            // The avail ring: flags, idx, then one little-endian u16 per slot.
+            avail_head: |pos: u16| {
+                let slot = u64::from(pos % size);
+                mem.load::<u16>(GuestAddress(avail_ring + 4 + 2 * slot), Ordering::Acquire)
+                    .ok()
+                    .map(u16::from_le)
+            },
+        };
+        let Some(resume) = tracker.resume(&view)? else {
+            state.start(Some(Arc::new(tracker)), Vec::new());
+            return Ok(());
+        };
+        vstate.get_queue_mut().set_next_avail(resume.next_avail);
+        let count = resume.heads.len();
+        state.start(Some(Arc::new(tracker)), resume.heads);
+        if count > 0 {
+            log::info!(
+                "queue {queue}: resubmitting {count} request(s) left in flight by the previous daemon; {} of them were overtaken (completed out of order)",
+                resume.overtaken
+            );
+            if let Some(kick) = vstate.get_kick() {
+                if let Err(e) = raise(kick) {
+                    log::error!("queue {queue}: cannot raise the kick to resubmit: {e}");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Which queues each worker thread serves, as the library wants them.
@@ -284,6 +360,13 @@ pub struct QueueState {
     pub in_flight: AtomicUsize,
     /// The guest corrupted the ring: nothing more is popped until the ring is set up again.
     broken: AtomicBool,
+    /// Where requests are recorded in flight while the ring runs (`None`: the frontend
+    /// gave no inflight region). Set when the ring starts.
+    tracker: Mutex<Option<Arc<QueueTracker>>>,
+    /// Heads a previous daemon left in flight, oldest first: served before any new
+    /// request. `resubmit_pending` saves the data path a lock while there are none.
+    resubmit: Mutex<Vec<u16>>,
+    resubmit_pending: AtomicBool,
 }
 
 impl QueueState {
@@ -292,15 +375,51 @@ impl QueueState {
         !self.broken.swap(true, Ordering::AcqRel)
     }
 
-    /// Serves the queue again (its ring was stopped, to be set up afresh).
-    pub fn clear_broken(&self) {
+    /// The ring starts: record requests in `tracker`, and serve `resubmit` first.
+    pub fn start(&self, tracker: Option<Arc<QueueTracker>>, resubmit: Vec<u16>) {
+        *self.tracker.lock().unwrap_or_else(PoisonError::into_inner) = tracker;
+        let pending = !resubmit.is_empty();
+        *self.resubmit.lock().unwrap_or_else(PoisonError::into_inner) = resubmit;
+        self.resubmit_pending.store(pending, Ordering::Release);
+    }
+
+    /// The ring stopped with nothing in flight: it will be set up afresh (and reconciled
+    /// with the inflight region again) before it starts again.
+    pub fn stop(&self) {
         self.broken.store(false, Ordering::Release);
+        self.start(None, Vec::new());
+    }
+
+    /// Where this queue records requests in flight.
+    pub fn tracker(&self) -> Option<Arc<QueueTracker>> {
+        self.tracker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The heads to resubmit, once (empty after the first call).
+    pub fn take_resubmit(&self) -> Vec<u16> {
+        if !self.resubmit_pending.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.resubmit.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Counts `n` requests answered.
     pub fn finished(&self, n: usize) {
         self.in_flight.fetch_sub(n, Ordering::AcqRel);
     }
+}
+
+/// Adds one to an eventfd we hold the read end of (a ring's kick), through a duplicate
+/// of its descriptor, so its reader wakes up as if the frontend had written it.
+fn raise(fd: &impl AsRawFd) -> std::io::Result<()> {
+    use std::io::Write;
+    // SAFETY: `fd` is open for as long as the borrow, which ends in this statement.
+    let owned = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }.try_clone_to_owned()?;
+    let file = std::fs::File::from(owned);
+    (&file).write_all(&1u64.to_ne_bytes())
 }
 
 /// Splits `nq` queues over `threads` threads as evenly as possible, contiguous ranges.

@@ -7,12 +7,15 @@
 //! across `handle_event` and `stop_vring`: `stop_vring` waits for in-flight requests, which
 //! need `handle_event` on the worker thread to complete, so the wrapper would deadlock.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -21,6 +24,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::connection::Connection;
+use crate::inflight::{self, InflightError, Region};
 use crate::worker::Worker;
 
 /// Per-connection device handle given to the vhost-user library.
@@ -54,6 +58,7 @@ impl VhostUserBackend for BlkDevice {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -140,7 +145,33 @@ impl VhostUserBackend for BlkDevice {
             std::thread::sleep(Duration::from_millis(1));
         }
         // The ring will be set up afresh before it is started again.
-        state.clear_broken();
+        state.stop();
+        Ok(())
+    }
+
+    /// Reconciles the ring with the inflight region, if the frontend gave one, and queues
+    /// the requests a previous daemon left in flight (see [`crate::inflight`]).
+    fn start_vring(&self, queue_index: u32, vring: &VringRwLock) -> io::Result<()> {
+        self.0
+            .start_queue(queue_index as usize, vring)
+            .map_err(|e| self.refuse_region(&format!("queue {queue_index}"), e))
+    }
+
+    fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        let (reply, file) = inflight::allocate(msg, self.queue_count(), self.max_queue_size16())
+            .map_err(|e| self.refuse_region("GET_INFLIGHT_FD", e))?;
+        log::info!(
+            "inflight region allocated: {} queue(s) of {} descriptors",
+            reply.num_queues,
+            reply.queue_size
+        );
+        Ok((reply, file))
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        let region = Region::map(msg, file, self.queue_count(), self.max_queue_size16())
+            .map_err(|e| self.refuse_region("SET_INFLIGHT_FD", e))?;
+        self.0.set_inflight(region);
         Ok(())
     }
 
@@ -178,6 +209,26 @@ impl VhostUserBackend for BlkDevice {
         worker.poll();
         self.0.check_memory();
         Ok(())
+    }
+}
+
+impl BlkDevice {
+    fn queue_count(&self) -> u16 {
+        self.0.blk.config().num_queues()
+    }
+
+    fn max_queue_size16(&self) -> u16 {
+        self.0.blk.config().queue_size()
+    }
+
+    /// The frontend's inflight region does not fit: one line (rate-limited: the frontend
+    /// can repeat the message), and the message is refused.
+    fn refuse_region(&self, what: &str, e: InflightError) -> io::Error {
+        self.0.blk.log().log(
+            log::Level::Error,
+            format_args!("{what}: inflight region refused: {e}"),
+        );
+        io::Error::new(io::ErrorKind::InvalidInput, e)
     }
 }
 

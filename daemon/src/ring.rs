@@ -16,12 +16,15 @@
 //!   may come after it).
 
 use std::num::Wrapping;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::connection::QueueState;
+use crate::inflight::QueueTracker;
 
 /// A chain as popped: it reads guest memory through the map it holds.
 pub type Chain = DescriptorChain<Arc<GuestMemoryMmap>>;
@@ -98,28 +101,33 @@ impl InFlightHeads {
 /// What one pop found: the chains to serve, and the fault that stopped it, if any. Chains
 /// popped before a fault are well-formed at ring level and are served.
 pub struct Popped {
-    /// Chains to serve, in avail order.
+    /// Chains to serve: resubmitted ones first (oldest first), then in avail order.
     pub chains: Vec<Chain>,
     /// Why the queue must stop, if it must.
     pub fault: Option<RingFault>,
+    /// Where the chains are recorded in flight, to be recorded answered in the same place.
+    pub tracker: Option<Arc<QueueTracker>>,
 }
 
-/// Pops every available chain of an enabled, ready queue, marking each head in flight and
-/// counting it in `in_flight` while the vring lock is held (so GET_VRING_BASE, which takes
-/// the lock to stop the queue, never sees a popped chain uncounted). With `rearm`,
-/// re-enables notifications and re-checks, so a buffer added in between is not missed
-/// (the EVENT_IDX race); without, leaves them off for the poll loop. Never pops more than
-/// a queue size, so a guest that keeps publishing cannot hold the lock forever.
+/// Pops every available chain of an enabled, ready queue — first the heads a previous
+/// daemon left in flight, if the ring just resumed — marking each head in flight (in the
+/// inflight region too, if there is one) and counting it in the queue's in-flight total
+/// while the vring lock is held (so GET_VRING_BASE, which takes the lock to stop the
+/// queue, never sees a popped chain uncounted). With `rearm`, re-enables notifications
+/// and re-checks, so a buffer added in between is not missed (the EVENT_IDX race);
+/// without, leaves them off for the poll loop. Never pops more than a queue size from the
+/// avail ring, so a guest that keeps publishing cannot hold the lock forever.
 pub fn pop_all(
     vring: &VringRwLock,
     mem: &Arc<GuestMemoryMmap>,
     rearm: bool,
     heads: &mut InFlightHeads,
-    in_flight: &AtomicUsize,
+    queue: &QueueState,
 ) -> Popped {
     let mut popped = Popped {
         chains: Vec::new(),
         fault: None,
+        tracker: None,
     };
     let mut state = vring.get_mut();
     if !state.is_enabled() || !state.get_queue().ready() {
@@ -130,21 +138,54 @@ pub fn pop_all(
         popped.fault = Some(fault);
         return popped;
     }
-    loop {
+    popped.tracker = queue.tracker();
+    let resubmitted = resubmit(state.get_queue(), mem, queue, heads, &mut popped);
+    queue.in_flight.fetch_add(resubmitted, Ordering::AcqRel);
+    let mut avail = 0;
+    while popped.fault.is_none() {
         let pass = pop_pass(state.get_queue_mut(), mem, size, heads, &mut popped);
-        in_flight.fetch_add(pass, Ordering::AcqRel);
-        if popped.fault.is_some() || !rearm || popped.chains.len() >= usize::from(size) {
-            return popped;
+        queue.in_flight.fetch_add(pass, Ordering::AcqRel);
+        avail += pass;
+        if popped.fault.is_some() || !rearm || avail >= usize::from(size) {
+            break;
         }
         match state.enable_notification() {
-            Ok(false) => return popped,
+            Ok(false) => break,
             Ok(true) => {}
-            Err(e) => {
-                popped.fault = Some(RingFault::Unreadable(e));
-                return popped;
-            }
+            Err(e) => popped.fault = Some(RingFault::Unreadable(e)),
         }
     }
+    popped
+}
+
+/// The chains of the heads a previous daemon left in flight (see [`crate::inflight`]):
+/// no longer in the unread part of the avail ring, so rebuilt from their head index.
+/// Their region entries already say they are in flight. Returns how many were added.
+fn resubmit(
+    queue: &virtio_queue::Queue,
+    mem: &Arc<GuestMemoryMmap>,
+    state: &QueueState,
+    heads: &mut InFlightHeads,
+    popped: &mut Popped,
+) -> usize {
+    let size = queue.size();
+    let mut added = 0;
+    for head in state.take_resubmit() {
+        if head >= size {
+            popped.fault = Some(RingFault::HeadOutOfRange { head, size });
+            break;
+        }
+        if !heads.insert(head) {
+            popped.fault = Some(RingFault::HeadInFlight { head });
+            break;
+        }
+        let table = GuestAddress(queue.desc_table());
+        popped
+            .chains
+            .push(DescriptorChain::new(mem.clone(), table, size, head));
+        added += 1;
+    }
+    added
 }
 
 /// One pass over the avail ring: pops up to the avail index seen now. Returns the chains
@@ -189,6 +230,9 @@ fn pop_pass(
         if !heads.insert(head) {
             popped.fault = Some(RingFault::HeadInFlight { head });
             break;
+        }
+        if let Some(tracker) = &popped.tracker {
+            tracker.popped(head);
         }
         popped.chains.push(chain);
     }

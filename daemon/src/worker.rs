@@ -42,11 +42,13 @@ use std::time::{Duration, Instant};
 use coro::io::Ring;
 use coro::Scheduler;
 use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
 use corodev_devices::request::Used;
 
 use crate::connection::Connection;
+use crate::inflight::QueueTracker;
 use crate::poll_window::PollWindow;
 use crate::ring::{self, has_avail, pop_all, Chain, InFlightHeads, RingFault};
 
@@ -91,12 +93,15 @@ struct Request {
     local: usize,
     chain: Chain,
     mem: Arc<GuestMemoryMmap>,
+    /// Where the request is recorded in flight (the inflight region), if anywhere.
+    tracker: Option<Arc<QueueTracker>>,
 }
 
 impl coro::Job for Request {
     fn run(self) {
         let used = self.worker.conn.blk.serve(self.chain, self.mem);
-        self.worker.complete(self.local, used);
+        self.worker
+            .complete(self.local, used, self.tracker.as_deref());
     }
 }
 
@@ -280,13 +285,7 @@ impl Worker {
         let mem: Arc<GuestMemoryMmap> = conn.mem.memory().into_inner();
         let popped = {
             let mut heads = self.heads.borrow_mut();
-            pop_all(
-                &self.vrings[local],
-                &mem,
-                rearm,
-                &mut heads[local],
-                &state.in_flight,
-            )
+            pop_all(&self.vrings[local], &mem, rearm, &mut heads[local], state)
         };
         let count = popped.chains.len();
         for chain in popped.chains {
@@ -295,18 +294,24 @@ impl Worker {
                 local,
                 chain,
                 mem: mem.clone(),
+                tracker: popped.tracker.clone(),
             };
             if let Err(refused) = self.sched.spawn(job) {
                 // No stack for it (memory or map count exhausted): answer it with IOERR
                 // now rather than leave it, or publish it with a stale status byte.
-                let Request { chain, mem, .. } = refused.job;
+                let Request {
+                    chain,
+                    mem,
+                    tracker,
+                    ..
+                } = refused.job;
                 conn.blk.log().warn(format_args!(
                     "queue {queue}: cannot start a request coroutine for head {}: {}",
                     chain.head_index(),
                     refused.error
                 ));
                 let used = conn.blk.refuse(chain, mem);
-                self.complete(local, used);
+                self.complete(local, used, tracker.as_deref());
             }
         }
         if let Some(fault) = popped.fault {
@@ -412,8 +417,9 @@ impl Worker {
     }
 
     /// The one place a request leaves the device: its used element goes to the used ring
-    /// now; [`notify`](Self::notify) settles the batch.
-    fn complete(&self, local: usize, used: Used) {
+    /// now, bracketed by the inflight region's record of it (see [`crate::inflight`]);
+    /// [`notify`](Self::notify) settles the batch.
+    fn complete(&self, local: usize, used: Used, tracker: Option<&QueueTracker>) {
         let Used { head, len } = used;
         let mut published = self.published.borrow_mut();
         let (Some(vring), Some(Some(queue)), Some(count)) = (
@@ -428,10 +434,21 @@ impl Worker {
         if let Some(heads) = self.heads.borrow_mut().get_mut(local) {
             heads.remove(head);
         }
-        if let Err(e) = vring.get_mut().add_used(head, len) {
-            self.conn.blk.log().warn(format_args!(
-                "queue {queue}: cannot add used element {head}: {e}"
-            ));
+        let mut state = vring.get_mut();
+        if let Some(t) = tracker {
+            t.completing(head);
+        }
+        match state.add_used(head, len) {
+            Ok(()) => {
+                if let Some(t) = tracker {
+                    t.completed(head, state.get_queue().next_used());
+                }
+            }
+            Err(e) => {
+                self.conn.blk.log().warn(format_args!(
+                    "queue {queue}: cannot add used element {head}: {e}"
+                ));
+            }
         }
     }
 

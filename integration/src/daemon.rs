@@ -24,6 +24,11 @@ pub struct Daemon {
     /// The vhost-user socket it listens on.
     pub socket: PathBuf,
     log: PathBuf,
+    /// The command line it was started with, to start it again ([`Daemon::restart`]).
+    program: std::ffi::OsString,
+    args: Vec<std::ffi::OsString>,
+    /// Processes started so far on this socket (1 + restarts).
+    generation: u32,
     _dir: tempfile::TempDir,
     /// The image, when the daemon owns it ([`Daemon::with_image`]).
     pub image: Option<Image>,
@@ -158,28 +163,60 @@ impl Daemon {
     /// Spawns `cmd` with its stderr in a log file and waits until it listens on `socket`.
     fn spawn(kind: Server, mut cmd: Command, dir: tempfile::TempDir, socket: PathBuf) -> Daemon {
         let log = dir.path().join("daemon.log");
+        let program = cmd.get_program().to_os_string();
+        let args = cmd.get_args().map(|a| a.to_os_string()).collect();
+        let child = Daemon::launch(kind, &mut cmd, &log);
+        let mut d = Daemon {
+            child,
+            kind,
+            socket,
+            log,
+            program,
+            args,
+            generation: 1,
+            _dir: dir,
+            image: None,
+        };
+        d.wait_listening();
+        d
+    }
+
+    fn launch(kind: Server, cmd: &mut Command, log: &Path) -> Child {
         let logf =
-            File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+            File::create(log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let program = cmd.get_program().to_string_lossy().into_owned();
-        let child = cmd
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
             .unwrap_or_else(|e| match kind {
                 Server::Corodev => panic!("cannot start {program}: {e}"),
                 Server::Qsd => panic!("cannot start {program}: {e}; {INSTALL_HINT}"),
-            });
-        let mut d = Daemon {
-            child,
-            kind,
-            socket,
-            log,
-            _dir: dir,
-            image: None,
-        };
-        d.wait_listening();
-        d
+            })
+    }
+
+    /// Ends the server with `sig` (SIGKILL: a crash; SIGTERM: a stop), waits until the
+    /// process is gone (and with it its end of every connection), then starts `program`
+    /// (an upgrade) or the same binary again with the same arguments on the same socket,
+    /// as a service manager restarting it would. The new process logs to a new file:
+    /// [`log_text`](Self::log_text) is the new process's log from then on.
+    pub fn restart(&mut self, sig: libc::c_int, program: Option<&Path>) {
+        self.signal(sig);
+        let status = self.wait_exit(Duration::from_secs(60));
+        assert!(
+            status.is_some(),
+            "{:?} server still running 60 s after signal {sig}; log:\n{}",
+            self.kind,
+            self.log_text()
+        );
+        self.generation += 1;
+        self.log = self
+            .log
+            .with_file_name(format!("daemon-{}.log", self.generation));
+        let mut cmd = Command::new(program.map_or(self.program.as_os_str(), Path::as_os_str));
+        cmd.args(&self.args);
+        self.child = Daemon::launch(self.kind, &mut cmd, &self.log);
+        self.wait_listening();
     }
 
     /// Waits until the socket file exists and the server has a listening unix socket.

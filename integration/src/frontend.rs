@@ -13,7 +13,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -240,44 +242,36 @@ pub struct TestFrontend {
     pub queues: Vec<Queue>,
     /// The virtio features negotiated.
     pub features: u64,
+    /// The inflight region the backend allocated, kept across backend restarts.
+    pub inflight: Option<(VhostUserInflight, File)>,
 }
 
 impl TestFrontend {
     /// Connects and brings up `nq` queues of `qsize` entries.
     pub fn connect(sock: &Path, nq: usize, qsize: u16) -> io::Result<TestFrontend> {
+        TestFrontend::connect_with(sock, nq, qsize, false)
+    }
+
+    /// Like [`connect`](Self::connect), and also asks the backend for an inflight region
+    /// (GET_INFLIGHT_FD) and hands it back (SET_INFLIGHT_FD), as QEMU's vhost-user-blk
+    /// does, so that [`reconnect`](Self::reconnect) can give it to a restarted backend.
+    pub fn connect_tracked(sock: &Path, nq: usize, qsize: u16) -> io::Result<TestFrontend> {
+        TestFrontend::connect_with(sock, nq, qsize, true)
+    }
+
+    fn connect_with(sock: &Path, nq: usize, qsize: u16, track: bool) -> io::Result<TestFrontend> {
         let stream = UnixStream::connect(sock)?;
         let mut fe = Frontend::from_stream(stream, nq as u64);
         let mem = GuestMem::new(MEM_SIZE);
-        let err = |e: vhost::Error| io::Error::other(e.to_string());
-        fe.set_owner().map_err(err)?;
-        let offered = fe.get_features().map_err(err)?;
-        let wanted = F_VERSION_1
-            | F_INDIRECT_DESC
-            | F_SEG_MAX
-            | F_BLK_SIZE
-            | F_FLUSH
-            | F_MQ
-            | F_DISCARD
-            | F_WRITE_ZEROES
-            | F_CONFIG_WCE
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        let features = offered & wanted;
-        fe.set_features(features).map_err(err)?;
-        let pf = fe.get_protocol_features().map_err(err)?;
-        fe.set_protocol_features(
-            pf & (VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::REPLY_ACK),
-        )
-        .map_err(err)?;
-        fe.set_mem_table(&[VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: mem.size(),
-            userspace_addr: mem.ptr as u64,
-            mmap_offset: 0,
-            mmap_handle: mem.file.as_raw_fd(),
-        }])
-        .map_err(err)?;
+        let features = handshake(&mut fe, &mem, track).map_err(err)?;
+        let inflight = if track {
+            let ask = VhostUserInflight::new(0, 0, nq as u16, qsize);
+            let (desc, file) = fe.get_inflight_fd(&ask).map_err(err)?;
+            fe.set_inflight_fd(&desc, file.as_raw_fd()).map_err(err)?;
+            Some((desc, file))
+        } else {
+            None
+        };
         let mut queues = Vec::new();
         for q in 0..nq {
             let base = (q as u64) << 16;
@@ -300,7 +294,7 @@ impl TestFrontend {
                 avail_idx: 0,
                 used_seen: 0,
             };
-            start_queue(&mut fe, &mem, q, &queue).map_err(err)?;
+            start_queue(&mut fe, &mem, q, &queue, 0).map_err(err)?;
             queues.push(queue);
         }
         Ok(TestFrontend {
@@ -308,7 +302,29 @@ impl TestFrontend {
             mem,
             queues,
             features,
+            inflight,
         })
+    }
+
+    /// Connects to a backend started on `sock` after the previous one died, as QEMU does
+    /// with `reconnect=`: the same guest memory and rings, untouched; the inflight region
+    /// (if any) handed over with SET_INFLIGHT_FD; each ring restarted at the used index in
+    /// guest memory (what QEMU sets when it could not ask the dead backend for its base).
+    pub fn reconnect(&mut self, sock: &Path) -> io::Result<()> {
+        let stream = UnixStream::connect(sock)?;
+        self.fe = Frontend::from_stream(stream, self.queues.len() as u64);
+        let track = self.inflight.is_some();
+        self.features = handshake(&mut self.fe, &self.mem, track).map_err(err)?;
+        if let Some((desc, file)) = &self.inflight {
+            self.fe
+                .set_inflight_fd(desc, file.as_raw_fd())
+                .map_err(err)?;
+        }
+        for (q, queue) in self.queues.iter().enumerate() {
+            let base = self.mem.read_u16(queue.used + 2);
+            start_queue(&mut self.fe, &self.mem, q, queue, base).map_err(err)?;
+        }
+        Ok(())
     }
 
     /// Replaces the memory table with one region of `size` bytes at GPA 0 (at most the
@@ -372,7 +388,7 @@ impl TestFrontend {
         queue.avail_idx = 0;
         queue.used_seen = 0;
         let _ = queue.err.read();
-        start_queue(&mut self.fe, &self.mem, q, queue)
+        start_queue(&mut self.fe, &self.mem, q, queue, 0)
     }
 
     /// Whether the backend signalled queue `q`'s error eventfd within `timeout` (consumes
@@ -725,11 +741,60 @@ pub fn raw_message(
 
 /// Configures and starts one queue: size, ring addresses, base 0, call, error and kick
 /// eventfds, enabled.
+fn err(e: vhost::Error) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// Owner, features, protocol features (inflight tracking too with `track`), memory table.
+/// Returns the virtio features acked.
+fn handshake(fe: &mut Frontend, mem: &GuestMem, track: bool) -> Result<u64, vhost::Error> {
+    fe.set_owner()?;
+    let offered = fe.get_features()?;
+    let wanted = F_VERSION_1
+        | F_INDIRECT_DESC
+        | F_SEG_MAX
+        | F_BLK_SIZE
+        | F_FLUSH
+        | F_MQ
+        | F_DISCARD
+        | F_WRITE_ZEROES
+        | F_CONFIG_WCE
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    let features = offered & wanted;
+    fe.set_features(features)?;
+    let pf = fe.get_protocol_features()?;
+    let mut want = VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK;
+    if track {
+        assert!(
+            pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+            "the backend does not offer inflight I/O tracking (offered {pf:?})"
+        );
+        want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    }
+    fe.set_protocol_features(pf & want)?;
+    if track {
+        // Every message answered, so that a refused one (a hostile region) is seen as such.
+        fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    }
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: mem.size(),
+        userspace_addr: mem.ptr as u64,
+        mmap_offset: 0,
+        mmap_handle: mem.file.as_raw_fd(),
+    }])?;
+    Ok(features)
+}
+
+/// Sets queue `q` up and starts it at avail position `base`.
 fn start_queue(
     fe: &mut Frontend,
     mem: &GuestMem,
     q: usize,
     queue: &Queue,
+    base: u16,
 ) -> Result<(), vhost::Error> {
     fe.set_vring_num(q, queue.size)?;
     // Ring addresses travel as frontend virtual addresses (vhost-user spec, "Vring address
@@ -747,7 +812,7 @@ fn start_queue(
             log_addr: None,
         },
     )?;
-    fe.set_vring_base(q, 0)?;
+    fe.set_vring_base(q, base)?;
     fe.set_vring_call(q, &queue.call)?;
     fe.set_vring_err(q, &queue.err)?;
     fe.set_vring_kick(q, &queue.kick)?;

@@ -24,8 +24,8 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
 use vm_memory::bitmap::Bitmap;
@@ -144,6 +144,37 @@ pub trait VhostUserBackend: Send + Sync {
     /// have completed. Wrapper implementations may hold their backend lock during this call.
     fn stop_vring(&self, _queue_index: u32) -> Result<()> {
         Ok(())
+    }
+
+    /// corodev patch: start processing requests from the specified vring.
+    ///
+    /// Called when a vring is started (its kick descriptor is set), after its size, addresses
+    /// and base are known and before it is marked ready and registered for kicks. A backend
+    /// tracking inflight I/O (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`) reconciles its region
+    /// and prepares the resubmission of requests left in flight here. An error refuses the
+    /// message that would start the vring, and the vring stays stopped.
+    fn start_vring(&self, _queue_index: u32, _vring: &Self::Vring) -> Result<()> {
+        Ok(())
+    }
+
+    /// corodev patch: `VHOST_USER_GET_INFLIGHT_FD`: allocate the region in which the backend
+    /// tracks inflight I/O, for the queues and queue size given, and return its description
+    /// and file. Only called if the backend offers `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`.
+    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
+    }
+
+    /// corodev patch: `VHOST_USER_SET_INFLIGHT_FD`: the region to track inflight I/O in from
+    /// now on (the frontend keeps it across backend restarts). Its contents come from the
+    /// frontend and must be validated before use.
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support inflight I/O tracking",
+        ))
     }
 
     /// Handle IO events for backend registered file descriptors.
@@ -422,6 +453,18 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn stop_vring(&self, queue_index: u32) -> Result<()> {
         self.deref().stop_vring(queue_index)
+    }
+
+    fn start_vring(&self, queue_index: u32, vring: &Self::Vring) -> Result<()> {
+        self.deref().start_vring(queue_index, vring)
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.deref().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.deref().set_inflight_fd(inflight, file)
     }
 
     fn handle_event(

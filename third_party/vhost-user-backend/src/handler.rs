@@ -283,6 +283,10 @@ where
     }
 
     fn initialize_vring(&self, vring: &T::Vring, index: u8) -> VhostUserResult<()> {
+        // corodev patch: the backend may refuse to start the vring (see `start_vring`).
+        self.backend
+            .start_vring(u32::from(index), vring)
+            .map_err(VhostUserError::ReqHandlerError)?;
         vring.set_queue_ready(true);
         self.update_vring_registration(vring, index)
     }
@@ -609,6 +613,13 @@ where
 
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
+        } else if vring.get_ref().get_queue().ready() {
+            // corodev patch: a started ring may have answered requests before this
+            // descriptor came (QEMU sends SET_VRING_CALL after SET_VRING_KICK, and a
+            // restarted backend resubmits requests left in flight as soon as the ring
+            // starts): signal it once, as libvhost-user does. A spurious interrupt is
+            // harmless; a lost one leaves the driver waiting for ever.
+            let _ = vring.signal_used_queue();
         }
 
         Ok(())
@@ -710,22 +721,24 @@ where
         }
     }
 
+    // corodev patch: forwarded to the backend (which offers the protocol feature or not).
     fn get_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
     ) -> VhostUserResult<(vhost::vhost_user::message::VhostUserInflight, File)> {
-        // Assume the backend hasn't negotiated the inflight feature; it
-        // wouldn't be correct for the backend to do so, as we don't (yet)
-        // provide a way for it to handle such requests.
-        Err(VhostUserError::InvalidOperation("not supported"))
+        self.backend
+            .get_inflight_fd(inflight)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
     fn set_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
-        _file: File,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
+        file: File,
     ) -> VhostUserResult<()> {
-        Err(VhostUserError::InvalidOperation("not supported"))
+        self.backend
+            .set_inflight_fd(inflight, file)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
