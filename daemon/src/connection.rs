@@ -367,6 +367,9 @@ pub struct QueueState {
     /// request. `resubmit_pending` saves the data path a lock while there are none.
     resubmit: Mutex<Vec<u16>>,
     resubmit_pending: AtomicBool,
+    /// Raised by every start and stop: a worker that saw the same value has the current
+    /// tracker, and need not take the lock to look.
+    generation: AtomicU64,
 }
 
 impl QueueState {
@@ -381,6 +384,7 @@ impl QueueState {
         let pending = !resubmit.is_empty();
         *self.resubmit.lock().unwrap_or_else(PoisonError::into_inner) = resubmit;
         self.resubmit_pending.store(pending, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The ring stopped with nothing in flight: it will be set up afresh (and reconciled
@@ -390,17 +394,28 @@ impl QueueState {
         self.start(None, Vec::new());
     }
 
-    /// Where this queue records requests in flight.
-    pub fn tracker(&self) -> Option<Arc<QueueTracker>> {
-        self.tracker
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    /// Where this queue records requests in flight, if it changed since `seen` (a value
+    /// of the start/stop generation a previous call stored there): one atomic load on the
+    /// data path while the ring runs.
+    pub fn tracker_update(&self, seen: &mut u64) -> Option<Option<Arc<QueueTracker>>> {
+        let now = self.generation.load(Ordering::Acquire);
+        if now == *seen {
+            return None;
+        }
+        *seen = now;
+        Some(
+            self.tracker
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
     }
 
     /// The heads to resubmit, once (empty after the first call).
     pub fn take_resubmit(&self) -> Vec<u16> {
-        if !self.resubmit_pending.swap(false, Ordering::AcqRel) {
+        if !self.resubmit_pending.load(Ordering::Acquire)
+            || !self.resubmit_pending.swap(false, Ordering::AcqRel)
+        {
             return Vec::new();
         }
         std::mem::take(&mut *self.resubmit.lock().unwrap_or_else(PoisonError::into_inner))

@@ -491,7 +491,10 @@ impl QueueTracker {
 
     /// Spec, "receiving available buffers": `head` was popped; its counter, then its flag.
     pub fn popped(&self, head: u16) {
-        let counter = self.counter.fetch_add(1, Ordering::Relaxed);
+        // Only the queue's worker writes the counter while the ring runs: no RMW needed.
+        let counter = self.counter.load(Ordering::Relaxed);
+        self.counter
+            .store(counter.wrapping_add(1), Ordering::Relaxed);
         if let Some(c) = self.desc::<AtomicU64>(head, COUNTER_AT) {
             c.store(counter, Ordering::Relaxed);
         }

@@ -105,13 +105,11 @@ pub struct Popped {
     pub chains: Vec<Chain>,
     /// Why the queue must stop, if it must.
     pub fault: Option<RingFault>,
-    /// Where the chains are recorded in flight, to be recorded answered in the same place.
-    pub tracker: Option<Arc<QueueTracker>>,
 }
 
 /// Pops every available chain of an enabled, ready queue — first the heads a previous
 /// daemon left in flight, if the ring just resumed — marking each head in flight (in the
-/// inflight region too, if there is one) and counting it in the queue's in-flight total
+/// inflight region too, through `tracker`, if there is one) and counting it in the queue's in-flight total
 /// while the vring lock is held (so GET_VRING_BASE, which takes the lock to stop the
 /// queue, never sees a popped chain uncounted). With `rearm`, re-enables notifications
 /// and re-checks, so a buffer added in between is not missed (the EVENT_IDX race);
@@ -123,11 +121,11 @@ pub fn pop_all(
     rearm: bool,
     heads: &mut InFlightHeads,
     queue: &QueueState,
+    tracker: Option<&QueueTracker>,
 ) -> Popped {
     let mut popped = Popped {
         chains: Vec::new(),
         fault: None,
-        tracker: None,
     };
     let mut state = vring.get_mut();
     if !state.is_enabled() || !state.get_queue().ready() {
@@ -138,12 +136,18 @@ pub fn pop_all(
         popped.fault = Some(fault);
         return popped;
     }
-    popped.tracker = queue.tracker();
     let resubmitted = resubmit(state.get_queue(), mem, queue, heads, &mut popped);
     queue.in_flight.fetch_add(resubmitted, Ordering::AcqRel);
     let mut avail = 0;
     while popped.fault.is_none() {
-        let pass = pop_pass(state.get_queue_mut(), mem, size, heads, &mut popped);
+        let pass = pop_pass(
+            state.get_queue_mut(),
+            mem,
+            size,
+            heads,
+            tracker,
+            &mut popped,
+        );
         queue.in_flight.fetch_add(pass, Ordering::AcqRel);
         avail += pass;
         if popped.fault.is_some() || !rearm || avail >= usize::from(size) {
@@ -195,6 +199,7 @@ fn pop_pass(
     mem: &Arc<GuestMemoryMmap>,
     size: u16,
     heads: &mut InFlightHeads,
+    tracker: Option<&QueueTracker>,
     popped: &mut Popped,
 ) -> usize {
     let first = popped.chains.len();
@@ -231,7 +236,7 @@ fn pop_pass(
             popped.fault = Some(RingFault::HeadInFlight { head });
             break;
         }
-        if let Some(tracker) = &popped.tracker {
+        if let Some(tracker) = tracker {
             tracker.popped(head);
         }
         popped.chains.push(chain);

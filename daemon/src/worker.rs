@@ -76,6 +76,11 @@ pub struct Worker {
     queues: Vec<Option<usize>>,
     /// Per local vring: heads whose requests are in flight.
     heads: RefCell<Vec<InFlightHeads>>,
+    /// Per local vring: where its requests are recorded in flight (the inflight region),
+    /// and the queue's start/stop generation it was read at. A ring's tracker changes
+    /// only when it is restarted, which waits until none of its requests is in flight, so
+    /// a request is answered in the tracker it was popped into.
+    trackers: RefCell<Vec<(u64, Option<Arc<QueueTracker>>)>>,
     /// Per local vring: requests published since the batch began; settled (in-flight
     /// total, guest signal) by [`notify`](Self::notify).
     published: RefCell<Vec<usize>>,
@@ -93,15 +98,12 @@ struct Request {
     local: usize,
     chain: Chain,
     mem: Arc<GuestMemoryMmap>,
-    /// Where the request is recorded in flight (the inflight region), if anywhere.
-    tracker: Option<Arc<QueueTracker>>,
 }
 
 impl coro::Job for Request {
     fn run(self) {
         let used = self.worker.conn.blk.serve(self.chain, self.mem);
-        self.worker
-            .complete(self.local, used, self.tracker.as_deref());
+        self.worker.complete(self.local, used);
     }
 }
 
@@ -180,6 +182,7 @@ impl Worker {
                     .collect(),
             ),
             published: RefCell::new(vec![0; vrings.len()]),
+            trackers: RefCell::new(vec![(0, None); vrings.len()]),
             window: PollWindow::new(conn.workers.poll),
             idle_since: Cell::new(None),
         });
@@ -285,7 +288,19 @@ impl Worker {
         let mem: Arc<GuestMemoryMmap> = conn.mem.memory().into_inner();
         let popped = {
             let mut heads = self.heads.borrow_mut();
-            pop_all(&self.vrings[local], &mem, rearm, &mut heads[local], state)
+            let mut trackers = self.trackers.borrow_mut();
+            let (seen, tracker) = &mut trackers[local];
+            if let Some(now) = state.tracker_update(seen) {
+                *tracker = now;
+            }
+            pop_all(
+                &self.vrings[local],
+                &mem,
+                rearm,
+                &mut heads[local],
+                state,
+                tracker.as_deref(),
+            )
         };
         let count = popped.chains.len();
         for chain in popped.chains {
@@ -294,24 +309,18 @@ impl Worker {
                 local,
                 chain,
                 mem: mem.clone(),
-                tracker: popped.tracker.clone(),
             };
             if let Err(refused) = self.sched.spawn(job) {
                 // No stack for it (memory or map count exhausted): answer it with IOERR
                 // now rather than leave it, or publish it with a stale status byte.
-                let Request {
-                    chain,
-                    mem,
-                    tracker,
-                    ..
-                } = refused.job;
+                let Request { chain, mem, .. } = refused.job;
                 conn.blk.log().warn(format_args!(
                     "queue {queue}: cannot start a request coroutine for head {}: {}",
                     chain.head_index(),
                     refused.error
                 ));
                 let used = conn.blk.refuse(chain, mem);
-                self.complete(local, used, tracker.as_deref());
+                self.complete(local, used);
             }
         }
         if let Some(fault) = popped.fault {
@@ -419,7 +428,7 @@ impl Worker {
     /// The one place a request leaves the device: its used element goes to the used ring
     /// now, bracketed by the inflight region's record of it (see [`crate::inflight`]);
     /// [`notify`](Self::notify) settles the batch.
-    fn complete(&self, local: usize, used: Used, tracker: Option<&QueueTracker>) {
+    fn complete(&self, local: usize, used: Used) {
         let Used { head, len } = used;
         let mut published = self.published.borrow_mut();
         let (Some(vring), Some(Some(queue)), Some(count)) = (
@@ -434,6 +443,8 @@ impl Worker {
         if let Some(heads) = self.heads.borrow_mut().get_mut(local) {
             heads.remove(head);
         }
+        let trackers = self.trackers.borrow();
+        let tracker = trackers.get(local).and_then(|(_, t)| t.as_deref());
         let mut state = vring.get_mut();
         if let Some(t) = tracker {
             t.completing(head);
