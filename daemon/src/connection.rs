@@ -73,6 +73,9 @@ pub struct Connection {
     /// Set once the frontend is gone: each worker finishes what is in flight, frees its
     /// scheduler, ring, stacks and memory map, and counts itself out of `live_workers`.
     closing: AtomicBool,
+    /// Set when the daemon is told to stop while the frontend is still connected: no
+    /// queue is popped any more, so what is in flight can finish before the hang-up.
+    draining: AtomicBool,
     /// Workers holding per-thread state (a scheduler), and a condvar to wait for zero.
     live_workers: (Mutex<usize>, Condvar),
     /// `queues_per_thread` masks: bit `q` of entry `t` means thread `t` serves queue `q`.
@@ -120,6 +123,7 @@ impl Connection {
             queues: (0..nq).map(|_| QueueState::default()).collect(),
             inflight: Mutex::new(None),
             closing: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             live_workers: (Mutex::new(0), Condvar::new()),
             thread_masks,
             exit_fds: Mutex::new(Vec::new()),
@@ -279,6 +283,37 @@ impl Connection {
         self.queues
             .get(queue)
             .is_some_and(|q| q.broken.load(Ordering::Acquire))
+    }
+
+    /// Stops popping every queue and waits up to `timeout` until none has a request in
+    /// flight: a stop (SIGTERM) answers everything it took before it hangs up, so the
+    /// frontend's idea of the rings (QEMU restarts them at the used index when it cannot
+    /// ask) is exact, with or without an inflight region. False if requests were still in
+    /// flight at the timeout.
+    pub fn drain(&self, timeout: Duration) -> bool {
+        self.draining.store(true, Ordering::Release);
+        for worker in 0..self.thread_masks.len() {
+            self.completions.wake(worker);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let busy = self
+                .queues
+                .iter()
+                .any(|q| q.in_flight.load(Ordering::Acquire) > 0);
+            if !busy {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Whether the queues are no longer popped (see [`drain`](Self::drain)).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Whether the frontend is gone and the workers are to wind down.

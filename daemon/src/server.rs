@@ -48,25 +48,38 @@ pub struct ServerConfig {
 #[derive(Default)]
 pub struct Stop {
     requested: AtomicBool,
-    current: Mutex<Option<ShutdownHandle>>,
+    current: Mutex<Option<(ShutdownHandle, Arc<Connection>)>>,
 }
 
 impl Stop {
-    /// Ends the current connection (if any) and stops accepting new ones. Returns whether
-    /// a connection was active (if not, the caller may exit at once).
+    /// Stops accepting new connections and ends the current one (if any) — after its
+    /// requests in flight are answered (up to `--stop-timeout`), so the frontend finds its
+    /// rings exactly as far as they were served when it sees the hang-up. Blocks for that
+    /// long. Returns whether a connection was active (if not, the caller may exit at once).
     pub fn request(&self) -> bool {
         self.requested.store(true, Ordering::Release);
-        match self.current.lock() {
-            Ok(cur) => cur.as_ref().map(ShutdownHandle::shutdown).is_some(),
-            Err(_) => false,
+        let current = match self.current.lock() {
+            Ok(cur) => cur.clone(),
+            Err(_) => None,
+        };
+        let Some((handle, conn)) = current else {
+            return false;
+        };
+        let timeout = conn.workers.stop_timeout;
+        if !conn.drain(timeout) {
+            log::error!(
+                "requests still in flight {timeout:?} after the stop request; hanging up anyway"
+            );
         }
+        handle.shutdown();
+        true
     }
 
     fn requested(&self) -> bool {
         self.requested.load(Ordering::Acquire)
     }
 
-    fn set(&self, h: Option<ShutdownHandle>) {
+    fn set(&self, h: Option<(ShutdownHandle, Arc<Connection>)>) {
         if let Ok(mut cur) = self.current.lock() {
             *cur = h;
         }
@@ -107,8 +120,8 @@ pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
             log::Level::Info,
             format_args!("connection {connection}: frontend connected"),
         );
-        stop.set(daemon.shutdown_handle());
         if let Some(h) = daemon.shutdown_handle() {
+            stop.set(Some((h.clone(), conn.clone())));
             conn.set_shutdown(h);
         }
         match daemon.wait() {

@@ -251,10 +251,11 @@ impl Worker {
         // Otherwise the queue is broken: kicks are ignored until it is restarted.
     }
 
-    /// The global queue behind local vring `local`, unless it is not ours or is broken.
+    /// The global queue behind local vring `local`, unless it is not ours, is broken, or
+    /// the daemon is stopping (draining what is in flight).
     fn serving(&self, local: usize) -> Option<usize> {
         let queue = (*self.queues.get(local)?)?;
-        (!self.conn.is_broken(queue)).then_some(queue)
+        (!self.conn.is_broken(queue) && !self.conn.is_draining()).then_some(queue)
     }
 
     /// Handles the completion eventfd: resumes the requests whose I/O finished.

@@ -336,3 +336,26 @@ fn regions_the_device_cannot_use_are_refused_with_one_line() {
     fe.publish(0, head);
     assert_eq!(answers(&mut fe, 0, 1), vec![head]);
 }
+
+#[test]
+fn sigterm_answers_everything_before_it_hangs_up() {
+    // A frontend without an inflight region restarts a ring at the used index it reads
+    // when it sees the hang-up: every request must be answered by then.
+    let Some(server) = null_daemon(1) else {
+        return;
+    };
+    let mut fe = TestFrontend::connect(server.socket(), 1, QSIZE).expect("connect");
+    let heads = overtake(&mut fe, 0, 4);
+    let mut socket = fe.socket().expect("socket");
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    server.sigterm();
+    let mut byte = [0u8; 1];
+    let n = std::io::Read::read(&mut socket, &mut byte).expect("hang-up within the timeout");
+    assert_eq!(n, 0, "the daemon sends nothing unasked");
+    assert_eq!(
+        fe.used_idx(0),
+        5,
+        "at the hang-up the 4 flushes (and the GET_ID) are answered"
+    );
+    assert_eq!(answers(&mut fe, 0, 4), heads);
+}
