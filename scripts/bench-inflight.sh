@@ -28,13 +28,13 @@ cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 run() { # run MODE -> "iops cpu_s_per_million_ios rss_kib"
     local mode=$1 sock=$WORK/blk.sock flag=
     [[ $mode == tracked ]] && flag=--tracked
-    "$CORODEV" --socket "$sock" --backend null --size 1G --queue-size 256 2>"$WORK/daemon.log" &
+    taskset -c 1 "$CORODEV" --socket "$sock" --backend null --size 1G --queue-size 256 2>"$WORK/daemon.log" &
     PID=$!
     for _ in $(seq 200); do [[ -S $sock ]] && break; sleep 0.05; done
     [[ -S $sock ]] || { cat "$WORK/daemon.log" >&2; echo "bench-inflight: corodev did not listen" >&2; exit 1; }
     local before rss=0 out
     before=$(cpu_ticks "$PID")
-    "$LOAD" "$sock" $flag --iodepth "$IODEPTH" --seconds "$RUNTIME" >"$WORK/out" &
+    taskset -c 0 "$LOAD" "$sock" $flag --iodepth "$IODEPTH" --seconds "$RUNTIME" >"$WORK/out" &
     local load=$!
     while kill -0 "$load" 2>/dev/null; do
         rss=$(awk -v r="$rss" '/^VmRSS/ { print ($2 > r ? $2 : r) }' "/proc/$PID/status")
