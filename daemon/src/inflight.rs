@@ -34,23 +34,38 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{fence, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use std::ptr::NonNull;
 use vhost::vhost_user::message::VhostUserInflight;
-use vm_memory::{FileOffset, MmapRegion, VolatileMemory};
+
+use vm_memory::{FileOffset, MmapRegion};
 
 /// The only region layout version there is.
 pub const VERSION: u16 = 1;
 /// Each queue's part of the region starts at a multiple of this.
 const QUEUE_ALIGN: usize = 64;
-/// `features`, `version`, `desc_num`, `last_batch_head`, `used_idx`.
-const HEADER: usize = 16;
-/// One descriptor's state: `inflight`, padding, `next`, `counter`.
-const DESC: usize = 16;
-const VERSION_AT: usize = 8;
-const DESC_NUM_AT: usize = 10;
-const LAST_BATCH_HEAD_AT: usize = 12;
-const USED_IDX_AT: usize = 14;
-const NEXT_AT: usize = 6;
-const COUNTER_AT: usize = 8;
+/// The spec's `QueueRegionSplit` without its array. Atomics throughout: the frontend maps
+/// the same memory and may write any byte of it at any time.
+#[repr(C)]
+struct QueueHeader {
+    features: AtomicU64,
+    version: AtomicU16,
+    desc_num: AtomicU16,
+    last_batch_head: AtomicU16,
+    used_idx: AtomicU16,
+}
+
+/// The spec's `DescStateSplit`: one descriptor's state.
+#[repr(C)]
+struct DescState {
+    inflight: AtomicU8,
+    _padding: [AtomicU8; 5],
+    next: AtomicU16,
+    counter: AtomicU64,
+}
+
+const HEADER: usize = std::mem::size_of::<QueueHeader>();
+const DESC: usize = std::mem::size_of::<DescState>();
+const _: () = assert!(HEADER == 16 && DESC == 16, "the spec's layout");
 
 /// Why an inflight region, or a request for one, is refused.
 #[derive(Debug, thiserror::Error)]
@@ -283,9 +298,26 @@ impl Region {
                 num_queues: self.num_queues,
             });
         }
+        // Inside the mapping: it holds `num_queues` parts of this stride.
+        let part = self
+            .map
+            .as_ptr()
+            .wrapping_add(queue * queue_stride(self.queue_size));
+        let header =
+            NonNull::new(part.cast::<QueueHeader>()).ok_or(InflightError::NoSuchQueue {
+                queue,
+                num_queues: self.num_queues,
+            })?;
+        let descs = NonNull::new(part.wrapping_add(HEADER).cast::<DescState>()).ok_or(
+            InflightError::NoSuchQueue {
+                queue,
+                num_queues: self.num_queues,
+            },
+        )?;
         Ok(QueueTracker {
-            region: self.clone(),
-            base: queue * queue_stride(self.queue_size),
+            _region: self.clone(),
+            header,
+            descs,
             size: self.queue_size,
             counter: AtomicU64::new(0),
         })
@@ -322,40 +354,41 @@ pub struct Resume {
 /// Written by the queue's worker thread while the ring runs, and by the frontend thread
 /// in [`resume`](Self::resume) before it starts: never by both at once.
 pub struct QueueTracker {
-    region: Arc<Region>,
-    /// Offset of this queue's part in the region.
-    base: usize,
+    /// Keeps the mapping `header` and `descs` point into.
+    _region: Arc<Region>,
+    /// This queue's header in the region.
+    header: NonNull<QueueHeader>,
+    /// Its `size` descriptor states, right after the header.
+    descs: NonNull<DescState>,
     /// Descriptors in the region's part (`desc_num` as the frontend asked for it).
     size: u16,
     /// Pop order of the next head marked in flight.
     counter: AtomicU64,
 }
 
+// SAFETY: the pointers point into the mapping `_region` keeps alive for as long as the
+// tracker exists, and everything there is accessed only through atomics, from any thread.
+unsafe impl Send for QueueTracker {}
+// SAFETY: as for Send: shared access is atomic access.
+unsafe impl Sync for QueueTracker {}
+
 impl QueueTracker {
-    fn field<T: vm_memory::AtomicInteger>(&self, offset: usize) -> Option<&T> {
-        self.region.map.get_atomic_ref(self.base + offset).ok()
+    fn header(&self) -> &QueueHeader {
+        // SAFETY: `Region::queue` pointed `header` at the start of this queue's part,
+        // inside the mapping (which `_region` keeps); the mapping is page-aligned and each
+        // part starts at a multiple of 64, so it is aligned for the header's u64.
+        unsafe { self.header.as_ref() }
     }
 
-    fn desc<T: vm_memory::AtomicInteger>(&self, head: u16, offset: usize) -> Option<&T> {
+    /// `head`'s state, if `head` is below the region's queue size.
+    fn desc(&self, head: u16) -> Option<&DescState> {
         if head >= self.size {
             return None;
         }
-        self.field(HEADER + DESC * usize::from(head) + offset)
-    }
-
-    fn load16(&self, offset: usize) -> u16 {
-        self.field::<AtomicU16>(offset)
-            .map_or(0, |f| f.load(Ordering::Acquire))
-    }
-
-    fn store16(&self, offset: usize, value: u16) {
-        if let Some(f) = self.field::<AtomicU16>(offset) {
-            f.store(value, Ordering::Release);
-        }
-    }
-
-    fn flag(&self, head: u16) -> Option<&AtomicU8> {
-        self.desc(head, 0)
+        // SAFETY: head < size, and the part holds `size` entries after the header, inside
+        // the mapping (see `header`); entries are 16 bytes from a 16-byte-aligned start,
+        // so each field is aligned.
+        Some(unsafe { &*self.descs.as_ptr().add(usize::from(head)) })
     }
 
     /// Reconciles the region with the ring about to start (spec, "When reconnecting") and
@@ -373,7 +406,8 @@ impl QueueTracker {
                 size,
             });
         }
-        match self.load16(VERSION_AT) {
+        let h = self.header();
+        match h.version.load(Ordering::Acquire) {
             0 => {
                 self.initialise(ring.used_idx);
                 return Ok(None);
@@ -381,56 +415,45 @@ impl QueueTracker {
             VERSION => {}
             v => return Err(InflightError::Version(v)),
         }
-        let desc_num = self.load16(DESC_NUM_AT);
+        let desc_num = h.desc_num.load(Ordering::Acquire);
         if desc_num != size {
             return Err(InflightError::DescNum { desc_num, size });
         }
         let mut in_flight = Vec::new();
-        for head in 0..size {
-            match self.flag(head).map(|f| f.load(Ordering::Acquire)) {
-                Some(0) => {}
-                Some(1) => in_flight.push(head),
-                value => {
-                    return Err(InflightError::Flag {
-                        head,
-                        value: value.unwrap_or(u8::MAX),
-                    })
-                }
+        for (head, d) in self.descs() {
+            match d.inflight.load(Ordering::Acquire) {
+                0 => {}
+                1 => in_flight.push(head),
+                value => return Err(InflightError::Flag { head, value }),
             }
         }
         // Spec step 1: the last batch reached the used ring but not the region.
-        let recorded = self.load16(USED_IDX_AT);
+        let recorded = h.used_idx.load(Ordering::Acquire);
         let batch = ring.used_idx.wrapping_sub(recorded);
         let mut last = Vec::new();
-        if batch != 0 {
-            if batch > size {
-                return Err(InflightError::Batch { len: batch, size });
-            }
-            let mut head = self.load16(LAST_BATCH_HEAD_AT);
-            for n in 0..batch {
-                if head >= size {
-                    return Err(InflightError::Index {
-                        what: "last batch entry",
-                        index: head,
-                        size,
-                    });
-                }
-                last.push(head);
-                if n + 1 < batch {
-                    head = self
-                        .desc::<AtomicU16>(head, NEXT_AT)
-                        .map_or(size, |f| f.load(Ordering::Acquire));
-                }
-            }
+        if batch > size {
+            return Err(InflightError::Batch { len: batch, size });
+        }
+        let mut head = h.last_batch_head.load(Ordering::Acquire);
+        for _ in 0..batch {
+            let Some(d) = self.desc(head) else {
+                return Err(InflightError::Index {
+                    what: "last batch entry",
+                    index: head,
+                    size,
+                });
+            };
+            last.push(head);
+            head = d.next.load(Ordering::Acquire);
         }
         // Everything is checked: only now is the region written.
         for &head in &last {
-            if let Some(f) = self.flag(head) {
-                f.store(0, Ordering::Release);
+            if let Some(d) = self.desc(head) {
+                d.inflight.store(0, Ordering::Release);
             }
         }
         in_flight.retain(|h| !last.contains(h));
-        self.store16(USED_IDX_AT, ring.used_idx);
+        h.used_idx.store(ring.used_idx, Ordering::Release);
 
         // `in_flight` has at most `size` (<= 32768) entries.
         let count = in_flight.len() as u16;
@@ -443,12 +466,7 @@ impl QueueTracker {
         }
         let mut ordered: Vec<(u64, u16)> = in_flight
             .iter()
-            .map(|&h| {
-                let c = self
-                    .desc::<AtomicU64>(h, COUNTER_AT)
-                    .map_or(0, |f| f.load(Ordering::Acquire));
-                (c, h)
-            })
+            .filter_map(|&h| Some((self.desc(h)?.counter.load(Ordering::Acquire), h)))
             .collect();
         ordered.sort_unstable();
         let next = ordered.last().map_or(0, |&(c, _)| c.wrapping_add(1));
@@ -468,49 +486,51 @@ impl QueueTracker {
         }))
     }
 
+    /// Every descriptor state of the queue, with its head index.
+    fn descs(&self) -> impl Iterator<Item = (u16, &DescState)> {
+        (0..self.size).filter_map(|head| Some((head, self.desc(head)?)))
+    }
+
     /// A region never used: nothing in flight, the used index where the ring is.
     fn initialise(&self, used_idx: u16) {
-        for head in 0..self.size {
-            if let Some(f) = self.flag(head) {
-                f.store(0, Ordering::Relaxed);
-            }
-            if let Some(f) = self.desc::<AtomicU64>(head, COUNTER_AT) {
-                f.store(0, Ordering::Relaxed);
-            }
+        for (_, d) in self.descs() {
+            d.inflight.store(0, Ordering::Relaxed);
+            d.next.store(0, Ordering::Relaxed);
+            d.counter.store(0, Ordering::Relaxed);
         }
-        if let Some(f) = self.field::<AtomicU64>(0) {
-            f.store(0, Ordering::Relaxed);
-        }
-        self.store16(DESC_NUM_AT, self.size);
-        self.store16(LAST_BATCH_HEAD_AT, 0);
-        self.store16(USED_IDX_AT, used_idx);
+        let h = self.header();
+        h.features.store(0, Ordering::Relaxed);
+        h.desc_num.store(self.size, Ordering::Relaxed);
+        h.last_batch_head.store(0, Ordering::Relaxed);
+        h.used_idx.store(used_idx, Ordering::Relaxed);
         self.counter.store(0, Ordering::Relaxed);
         // Written last: a region is in use only once the rest is.
-        self.store16(VERSION_AT, VERSION);
+        h.version.store(VERSION, Ordering::Release);
     }
 
     /// Spec, "receiving available buffers": `head` was popped; its counter, then its flag.
     pub fn popped(&self, head: u16) {
+        let Some(d) = self.desc(head) else {
+            return;
+        };
         // Only the queue's worker writes the counter while the ring runs: no RMW needed.
         let counter = self.counter.load(Ordering::Relaxed);
         self.counter
             .store(counter.wrapping_add(1), Ordering::Relaxed);
-        if let Some(c) = self.desc::<AtomicU64>(head, COUNTER_AT) {
-            c.store(counter, Ordering::Relaxed);
-        }
-        if let Some(f) = self.flag(head) {
-            f.store(1, Ordering::Release);
-        }
+        d.counter.store(counter, Ordering::Relaxed);
+        d.inflight.store(1, Ordering::Release);
     }
 
     /// Spec, "supplying used buffers", steps 1-3, before the used element is written:
     /// `head` is the last (only) one of the batch.
     pub fn completing(&self, head: u16) {
-        let last = self.load16(LAST_BATCH_HEAD_AT);
-        if let Some(n) = self.desc::<AtomicU16>(head, NEXT_AT) {
-            n.store(last, Ordering::Relaxed);
-        }
-        self.store16(LAST_BATCH_HEAD_AT, head);
+        let Some(d) = self.desc(head) else {
+            return;
+        };
+        let h = self.header();
+        d.next
+            .store(h.last_batch_head.load(Ordering::Relaxed), Ordering::Relaxed);
+        h.last_batch_head.store(head, Ordering::Relaxed);
         // The batch is recorded before the used ring can show it.
         fence(Ordering::Release);
     }
@@ -519,10 +539,10 @@ impl QueueTracker {
     /// flight, and the region has caught up with the used index.
     pub fn completed(&self, head: u16, used_idx: u16) {
         fence(Ordering::Release);
-        if let Some(f) = self.flag(head) {
-            f.store(0, Ordering::Release);
+        if let Some(d) = self.desc(head) {
+            d.inflight.store(0, Ordering::Release);
         }
-        self.store16(USED_IDX_AT, used_idx);
+        self.header().used_idx.store(used_idx, Ordering::Release);
     }
 }
 
