@@ -2,7 +2,10 @@
 """Writes fuzz/seeds/vhost_user_stream/session.bin: one valid vhost-user-blk session in
 the input layout of fuzz_targets/vhost_user_stream.rs (guest memory holding a read
 request on queue 0, then the messages that set up memory and the ring and start it), so
-the fuzzer starts from an input that reaches the data path and mutates from there."""
+the fuzzer starts from an input that reaches the data path and mutates from there; and
+tracked.bin, the same session with inflight I/O tracking negotiated, an inflight region
+asked for (GET_INFLIGHT_FD) and one offered (SET_INFLIGHT_FD, with guest memory's memfd,
+which is not sealed: refused)."""
 
 import os
 import struct
@@ -38,8 +41,17 @@ def guest_memory():
     return bytes(mem)
 
 
-def session():
+INFLIGHT_SHMFD = 1 << 12
+
+
+def session(tracked=False):
     features = (1 << 32) | (1 << 30)  # VERSION_1, VHOST_USER_F_PROTOCOL_FEATURES
+    protocol = INFLIGHT_SHMFD if tracked else 0
+    inflight = struct.pack("<QQHH", 4096, 0, 1, QSIZE)
+    tracking = [
+        msg(31, inflight),  # GET_INFLIGHT_FD
+        msg(32, inflight, fds=(0,)),  # SET_INFLIGHT_FD
+    ] if tracked else []
     region = struct.pack("<QQQQ", 0, 1 << 20, UADDR, 0)
     vring_addr = struct.pack(
         "<IIQQQQ", 0, 0, UADDR + DESC, UADDR + USED, UADDR + AVAIL, 0
@@ -48,8 +60,9 @@ def session():
         [
             msg(3),  # SET_OWNER
             msg(2, struct.pack("<Q", features)),  # SET_FEATURES
-            msg(16, struct.pack("<Q", 0)),  # SET_PROTOCOL_FEATURES
+            msg(16, struct.pack("<Q", protocol)),  # SET_PROTOCOL_FEATURES
             msg(5, struct.pack("<II", 1, 0) + region, fds=(0,)),  # SET_MEM_TABLE
+            *tracking,
             msg(8, struct.pack("<II", 0, QSIZE)),  # SET_VRING_NUM
             msg(9, vring_addr),  # SET_VRING_ADDR
             msg(10, struct.pack("<II", 0, 0)),  # SET_VRING_BASE
@@ -68,6 +81,9 @@ def main():
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "session.bin"), "wb") as f:
         f.write(data)
+    tracked = struct.pack("<H", len(mem)) + mem + session(tracked=True)
+    with open(os.path.join(out, "tracked.bin"), "wb") as f:
+        f.write(tracked)
 
 
 if __name__ == "__main__":
