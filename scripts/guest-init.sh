@@ -18,6 +18,16 @@
 #   ext4      mkfs.ext4, mount, write files, sync, umount, remount, verify md5s, e2fsck -fn
 #   readonly  info, then a write must fail and a read must succeed
 #   discard   fio trim of the first 4 MiB
+#   restart   crash-restart workload (integration/tests/restart.rs): 8 writers, each in its
+#             own 8 MiB region from offset 0 (one per vCPU in turn), do O_DIRECT writes of
+#             1-4 MiB of fresh random data (a first pass covers the region, then random
+#             4 KiB-aligned offsets), each read back with O_DIRECT and compared; until the
+#             host writes CORODEV-STOP into the disk's last 4 KiB, or corodev.arg seconds
+#             (default 300). Prints CORODEV-PROGRESS writes= errors= while it runs. Then
+#             every region is read back and compared with what was last written to it, and
+#             the kernel log must hold no virtio_blk or I/O error line. Prints writes=,
+#             bytes=, errors=, dmesg=, and offset=, length=, md5= of the regions (what the
+#             guest wrote) so the host can check its image
 # shellcheck shell=dash
 # Word splitting of /proc/cmdline, the module list and $FIO_FIELDS is intended here:
 # shellcheck disable=SC2013,SC2086
@@ -101,6 +111,50 @@ fio_verify() {
         FIO_OK=0
         FIO_FIELDS="jobs=$jobs rc=$rc detail=$(grep -E 'err=|fio: |verify' /tmp/fio.out | clean 300)"
     fi
+}
+
+# restart_writer N: writer N of the restart test (see the header), until /tmp/stop exists.
+# Counts verified writes in /tmp/n.N and appends one line per error to /tmp/err.N.
+restart_writer() {
+    w=$1 base=$(($1 * RESTART_REGION)) exp=/tmp/exp.$1 n=0 fill=0 bytes=0
+    # ash reseeds RANDOM on assignment; each writer (a fork) would otherwise repeat the
+    # parent's sequence.
+    RANDOM=$(($(od -An -N2 -tu2 /dev/urandom) + w))
+    while [ ! -e /tmp/stop ]; do
+        size=$(((256 + RANDOM % 769) * 4096)) # 1 MiB .. 4 MiB in 4 KiB steps
+        if [ $fill -lt $RESTART_REGION ]; then
+            off=$fill
+            [ $((off + size)) -gt $RESTART_REGION ] && size=$((RESTART_REGION - off))
+            fill=$((off + size))
+        else
+            off=$(((RANDOM % ((RESTART_REGION - size) / 4096 + 1)) * 4096))
+        fi
+        at=$((base + off))
+        dd if=/dev/urandom of=/tmp/d.$w bs=$size count=1 iflag=fullblock 2>/dev/null
+        if ! dd if=/tmp/d.$w of=/dev/vda bs=$size count=1 seek=$at oflag=direct,seek_bytes \
+            2>/tmp/e.$w; then
+            echo "write-failed:at=$at:size=$size:$(clean 100 </tmp/e.$w)" >>/tmp/err.$w
+            continue
+        fi
+        if ! dd if=/dev/vda of=/tmp/r.$w bs=$size count=1 skip=$at iflag=direct,skip_bytes \
+            2>/tmp/e.$w; then
+            echo "read-failed:at=$at:size=$size:$(clean 100 </tmp/e.$w)" >>/tmp/err.$w
+            continue
+        fi
+        if ! cmp /tmp/d.$w /tmp/r.$w >/tmp/e.$w 2>&1; then
+            echo "mismatch:at=$at:size=$size:$(clean 100 </tmp/e.$w)" >>/tmp/err.$w
+            continue
+        fi
+        dd if=/tmp/d.$w of=$exp bs=$size count=1 seek=$off oflag=seek_bytes conv=notrunc 2>/dev/null
+        n=$((n + 1)) bytes=$((bytes + size))
+        echo "$n $bytes" >/tmp/n.$w
+    done
+}
+
+# restart_sum: "<verified writes> <bytes> <error lines>" over all writers so far.
+restart_sum() {
+    cat /tmp/n.* 2>/dev/null | awk '{ n += $1; b += $2 } END { printf "%d %d ", n, b }'
+    cat /tmp/err.* 2>/dev/null | wc -l
 }
 
 case "$TEST" in
@@ -196,6 +250,81 @@ discard)
         result PASS
     else
         result FAIL "detail=$(tail -c 200 /tmp/log | clean)"
+    fi
+    ;;
+restart)
+    RESTART_REGION=$((8 << 20))
+    writers=8 max_s=${ARG:-300} cpus=$(nproc)
+    stop_blk=$(($(cat /sys/block/vda/size) / 8 - 1)) # the last 4 KiB
+    # Kernel messages before the test (the driver's probe lines name virtio_blk too).
+    dmesg >/tmp/dmesg.0
+    w=0
+    while [ $w -lt $writers ]; do
+        dd if=/dev/zero of=/tmp/exp.$w bs=1M count=$((RESTART_REGION >> 20)) 2>/dev/null
+        restart_writer $w &
+        # Writers take the vCPUs (and so the blk-mq queues) in turn; what they run after
+        # this inherits the pinning.
+        taskset -p -c $((w % cpus)) $! >/dev/null 2>&1
+        w=$((w + 1))
+    done
+    # The host's stop word, polled apart from the progress lines so that those keep coming
+    # (within 0.25 s) while the server is away and this read waits for it.
+    (
+        while [ ! -e /tmp/stop ]; do
+            if ! dd if=/dev/vda of=/tmp/stopblk bs=4096 count=1 skip=$stop_blk iflag=direct \
+                2>/tmp/e.stop; then
+                echo "read-failed:stop-block:$(clean 100 </tmp/e.stop)" >>/tmp/err.stop
+            elif grep -q CORODEV-STOP /tmp/stopblk; then
+                touch /tmp/stop.host /tmp/stop
+            fi
+            sleep 0.25
+        done
+    ) &
+    last= t_end=$(awk "BEGIN{print $(uptime_s) + $max_s}")
+    while [ ! -e /tmp/stop ] && awk "BEGIN{exit !($(uptime_s) < $t_end)}"; do
+        read -r n b e <<EOF_SUM
+$(restart_sum)
+EOF_SUM
+        if [ "$n $e" != "$last" ]; then
+            echo "CORODEV-PROGRESS name=restart writes=$n bytes=$b errors=$e t=$(uptime_s)"
+            last="$n $e"
+        fi
+        sleep 0.2
+    done
+    touch /tmp/stop
+    wait
+    stopped=timeout
+    [ -e /tmp/stop.host ] && stopped=host
+    # Every block of every region, as the device has it now, against what was written.
+    bad=
+    w=0
+    while [ $w -lt $writers ]; do
+        if ! dd if=/dev/vda of=/tmp/final bs=$RESTART_REGION count=1 skip=$((w * RESTART_REGION)) \
+            iflag=direct,skip_bytes 2>/tmp/e.final; then
+            bad="$bad,region$w-read-failed:$(clean 80 </tmp/e.final)"
+        elif ! cmp /tmp/final /tmp/exp.$w >/tmp/e.final 2>&1; then
+            bad="$bad,region$w-differs:$(clean 80 </tmp/e.final)"
+        fi
+        w=$((w + 1))
+    done
+    exps= w=0
+    while [ $w -lt $writers ]; do exps="$exps /tmp/exp.$w" w=$((w + 1)); done
+    md5=$(cat $exps | md5sum | cut -d' ' -f1)
+    dmesg >/tmp/dmesg.1
+    tail -n +$(($(wc -l </tmp/dmesg.0) + 1)) /tmp/dmesg.1 |
+        grep -E "virtio_blk|I/O error|is not a head|blk_update_request|Buffer I/O" >/tmp/dmesg.bad
+    dmesg_st=clean
+    [ -s /tmp/dmesg.bad ] && dmesg_st=$(clean 300 </tmp/dmesg.bad)
+    read -r n b e <<EOF_SUM
+$(restart_sum)
+EOF_SUM
+    errs=$(cat /tmp/err.* 2>/dev/null | head -n 5 | clean 300)
+    fields="writers=$writers writes=$n bytes=$b errors=$e stopped=$stopped dmesg=$dmesg_st"
+    fields="$fields offset=0 length=$((writers * RESTART_REGION)) md5=$md5"
+    if [ "$e" = 0 ] && [ -z "$bad" ] && [ "$dmesg_st" = clean ] && [ "$n" -gt 0 ]; then
+        result PASS $fields
+    else
+        result FAIL "detail=${bad#,}${errs:+,$errs}" $fields
     fi
     ;;
 *)

@@ -6,7 +6,7 @@
 #   scripts/run-vm.sh --start-daemon --disk IMG [options] # start corodev (or qsd) first
 #
 # Guest:
-#   --test NAME       info, pattern, fio, mq, ext4, readonly, discard (default pattern);
+#   --test NAME       info, pattern, fio, mq, ext4, readonly, discard, restart (default pattern);
 #                     see scripts/guest-init.sh
 #   --arg VALUE       passed to the test as corodev.arg=VALUE (fio/mq: number of jobs)
 #   --queues N        virtqueues of the vhost-user-blk-pci device (default 1)
@@ -14,6 +14,8 @@
 #   --mem MiB         guest memory (default 256)
 #   --timeout SECONDS whole boot + test limit (default 180; TCG is slow)
 #   --accel A         auto (default: KVM if a probe boot under KVM works, else TCG), kvm, tcg
+#   --reconnect       QEMU reconnects to the socket by itself (every second) when the server
+#                     goes away, e.g. killed and restarted (default: a lost server is final)
 # Server (only with --start-daemon; it is stopped when the guest is done):
 #   --disk IMG        image to export
 #   --server S        corodev (default) or qsd (QEMU's qemu-storage-daemon, for comparison)
@@ -26,10 +28,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-socket='' test=pattern arg='' queues=1 smp=1 mem=256 timeout=180 accel=auto
+socket='' test=pattern arg='' queues=1 smp=1 mem=256 timeout=180 accel=auto reconnect=0
 start_daemon=0 disk='' server=corodev daemon_bin=${CORODEV_BIN:-target/release/corodev} readonly=0
 daemon_args=()
-usage() { sed -n '2,25p' "$0"; }
+usage() { sed -n '2,27p' "$0"; }
 die() {
     echo "run-vm: $*" >&2
     exit 2
@@ -45,6 +47,7 @@ while (($#)); do
         --mem) need "$@"; mem=$2; shift 2 ;;
         --timeout) need "$@"; timeout=$2; shift 2 ;;
         --accel) need "$@"; accel=$2; shift 2 ;;
+        --reconnect) reconnect=1; shift ;;
         --start-daemon) start_daemon=1; shift ;;
         --disk) need "$@"; disk=$2; shift 2 ;;
         --server) need "$@"; server=$2; shift 2 ;;
@@ -131,6 +134,8 @@ cpu=max
 
 append="console=ttyS0 panic=-1 quiet corodev.test=$test"
 [ -n "$arg" ] && append="$append corodev.arg=$arg"
+chardev="socket,id=c0,path=$socket"
+[ "$reconnect" = 1 ] && chardev="$chardev,reconnect=1"
 
 start=$(date +%s%N)
 set +e
@@ -141,7 +146,7 @@ timeout --foreground --kill-after=5 "$timeout" qemu-system-x86_64 -accel "$accel
     -object "memory-backend-memfd,id=mem,size=${mem}M,share=on" -m "${mem}M" -smp "$smp" \
     -nographic -nodefaults -serial stdio -no-reboot \
     -kernel "$kernel" -initrd "$initrd" -append "$append" \
-    -chardev "socket,id=c0,path=$socket" \
+    -chardev "$chardev" \
     -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues" </dev/null 2>&1 | tee "$work/console.log"
 qemu_rc=${PIPESTATUS[0]}
 set -e

@@ -1,7 +1,8 @@
 //! A running vhost-user-blk server: corodev, or qemu-storage-daemon with corodev's options
-//! translated, started on an [`Image`] with its stderr in a log, killed on drop. Boundary:
-//! the server process and its socket; booting a guest against it is [`crate::Vm`]'s job
-//! ([`Daemon::boot`] only joins the two).
+//! translated, started on an [`Image`] with its stderr in a log, killed on drop; and started
+//! again on the same socket once it exited ([`Daemon::restart`], [`Daemon::respawn`]).
+//! Boundary: the server process and its socket; booting a guest against it is
+//! [`crate::Vm`]'s job ([`Daemon::boot`] only joins the two).
 
 use std::fmt;
 use std::fs::File;
@@ -29,6 +30,8 @@ pub struct Daemon {
     args: Vec<std::ffi::OsString>,
     /// Processes started so far on this socket (1 + restarts).
     generation: u32,
+    /// The `cgroup.procs` file every process of this daemon joins ([`Daemon::join_cgroup`]).
+    cgroup_procs: Option<PathBuf>,
     _dir: tempfile::TempDir,
     /// The image, when the daemon owns it ([`Daemon::with_image`]).
     pub image: Option<Image>,
@@ -174,6 +177,7 @@ impl Daemon {
             program,
             args,
             generation: 1,
+            cgroup_procs: None,
             _dir: dir,
             image: None,
         };
@@ -209,14 +213,65 @@ impl Daemon {
             self.kind,
             self.log_text()
         );
+        self.respawn(program);
+    }
+
+    /// The second half of [`restart`](Self::restart), for a test that ends the process
+    /// itself and acts before the next one starts: starts `program` (or the same binary)
+    /// with the same arguments on the same socket, once the previous process has exited
+    /// and been reaped ([`wait_exit`](Self::wait_exit) returned its status), so its socket
+    /// and every file it had open are closed. The new process joins the cgroup of
+    /// [`join_cgroup`](Self::join_cgroup), if any, before it listens. Waits until it listens.
+    pub fn respawn(&mut self, program: Option<&Path>) {
+        assert!(
+            matches!(self.child.try_wait(), Ok(Some(_))),
+            "respawn: the previous {:?} server (pid {}) has not exited",
+            self.kind,
+            self.pid()
+        );
         self.generation += 1;
-        self.log = self
-            .log
-            .with_file_name(format!("daemon-{}.log", self.generation));
+        self.log = self.log_of(self.generation);
         let mut cmd = Command::new(program.map_or(self.program.as_os_str(), Path::as_os_str));
         cmd.args(&self.args);
         self.child = Daemon::launch(self.kind, &mut cmd, &self.log);
+        if let Some(procs) = self.cgroup_procs.clone() {
+            self.enter_cgroup(&procs);
+        }
         self.wait_listening();
+    }
+
+    /// The log file of the `generation`th process (1: the first).
+    fn log_of(&self, generation: u32) -> PathBuf {
+        let name = match generation {
+            1 => "daemon.log".to_owned(),
+            n => format!("daemon-{n}.log"),
+        };
+        self.log.with_file_name(name)
+    }
+
+    /// Moves the server (all its threads, and the io_uring workers it starts later) into the
+    /// cgroup whose `cgroup.procs` file is `procs`, and every process
+    /// [`respawn`](Self::respawn) starts after it: e.g. a
+    /// [`WriteThrottle`](crate::WriteThrottle) on its writes.
+    pub fn join_cgroup(&mut self, procs: &Path) {
+        self.cgroup_procs = Some(procs.to_owned());
+        self.enter_cgroup(procs);
+    }
+
+    fn enter_cgroup(&self, procs: &Path) {
+        std::fs::write(procs, self.pid().to_string()).unwrap_or_else(|e| {
+            panic!(
+                "cannot move the server (pid {}) into {}: {e}",
+                self.pid(),
+                procs.display()
+            )
+        });
+    }
+
+    /// The first process's binary (what [`respawn`](Self::respawn) starts unless given
+    /// another), as given: a path, or a name looked up on `$PATH` (`qemu-storage-daemon`).
+    pub fn program(&self) -> &std::ffi::OsStr {
+        &self.program
     }
 
     /// Waits until the socket file exists and the server has a listening unix socket.
@@ -363,6 +418,16 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Every process's log, first to current, each under a `--- server process N ---` line.
+    pub fn all_logs(&self) -> String {
+        let mut all = String::new();
+        for n in 1..=self.generation {
+            all.push_str(&format!("--- server process {n} ---\n"));
+            all.push_str(&std::fs::read_to_string(self.log_of(n)).unwrap_or_default());
+        }
+        all
+    }
+
     /// The first line of the server's log that contains `needle`, waiting up to `timeout`
     /// for it to appear (the server writes its log asynchronously to what a test sees on
     /// the socket); `None` if none did.
@@ -413,7 +478,7 @@ impl Drop for Daemon {
         // A daemon built with a sanitizer (scripts/test.sh runs the hostile suites against
         // one) may report an error after the test's own assertions passed, or abort in a
         // way the test did not look at: fail the test on any report.
-        let log = self.log_text();
+        let log = self.all_logs();
         if log.contains("ERROR: AddressSanitizer") && !std::thread::panicking() {
             panic!("the server reported a memory error:\n{log}");
         }

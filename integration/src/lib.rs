@@ -24,8 +24,9 @@
 //!
 //! Modules, one concern each: [`workspace`](mod@workspace) (where things are),
 //! [`server`] (which server, where its binary is), [`image`] (the disk image), [`daemon`]
-//! (starting and watching a server), `procfs` (what /proc says about it), [`vm`] (booting
-//! a guest), [`console`] (what the guest printed), [`frontend`] (the protocol-level client).
+//! (starting and watching a server), `procfs` (what /proc says about it), [`throttle`]
+//! (limiting a server's disk writes), [`vm`] (booting a guest), [`console`] (what the guest
+//! printed), [`frontend`] (the protocol-level client).
 
 #![deny(
     unsafe_op_in_unsafe_fn,
@@ -40,6 +41,7 @@ pub mod frontend;
 pub mod image;
 mod procfs;
 pub mod server;
+pub mod throttle;
 pub mod vm;
 pub mod workspace;
 
@@ -47,5 +49,6 @@ pub use console::{parse_results, GuestLine, GuestRun, LineKind};
 pub use daemon::{Daemon, Resources};
 pub use image::{Image, TEST_IMAGE_SIZE};
 pub use server::{corodev_bin, Server};
+pub use throttle::WriteThrottle;
 pub use vm::{guest_artifacts, Guest, GuestArtifacts, Vm};
 pub use workspace::workspace;

@@ -72,9 +72,9 @@ pub fn guest_artifacts() -> &'static GuestArtifacts {
 /// What to boot: the guest test to run (see `scripts/guest-init.sh`) and the VM shape.
 #[derive(Debug, Clone)]
 pub struct Guest<'a> {
-    /// `corodev.test=`: info, pattern, fio, mq, ext4, readonly, discard.
+    /// `corodev.test=`: info, pattern, fio, mq, ext4, readonly, discard, restart.
     pub test: &'a str,
-    /// `corodev.arg=` (fio/mq: number of jobs).
+    /// `corodev.arg=` (fio/mq: number of jobs; restart: longest run, seconds).
     pub arg: Option<&'a str>,
     /// Virtqueues of the vhost-user-blk-pci device.
     pub queues: u16,
@@ -82,6 +82,11 @@ pub struct Guest<'a> {
     pub smp: u16,
     /// Limit for boot + test; the VM is killed past it.
     pub timeout: Duration,
+    /// Guest memory, MiB.
+    pub mem_mib: u32,
+    /// Whether QEMU reconnects to the socket by itself when the server goes away
+    /// (`run-vm.sh --reconnect`), for tests that restart the server under a running guest.
+    pub reconnect: bool,
 }
 
 impl<'a> Guest<'a> {
@@ -94,6 +99,8 @@ impl<'a> Guest<'a> {
             queues: 1,
             smp: 1,
             timeout: Duration::from_secs(180),
+            mem_mib: 256,
+            reconnect: false,
         }
     }
 
@@ -152,9 +159,13 @@ impl Vm {
             .args(["--test", guest.test])
             .args(["--queues", &guest.queues.to_string()])
             .args(["--smp", &guest.smp.to_string()])
+            .args(["--mem", &guest.mem_mib.to_string()])
             .args(["--timeout", &guest.timeout.as_secs().max(1).to_string()]);
         if let Some(a) = guest.arg {
             cmd.args(["--arg", a]);
+        }
+        if guest.reconnect {
+            cmd.arg("--reconnect");
         }
         // Its own process group, so Drop can kill QEMU and timeout(1) along with bash.
         cmd.process_group(0)
@@ -181,6 +192,11 @@ impl Vm {
         std::fs::read(&self.console)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
+    }
+
+    /// Whether run-vm.sh (and so the guest) is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Waits for the guest to power off (or be killed at its timeout) and returns what it
