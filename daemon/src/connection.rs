@@ -9,18 +9,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use vhost_user_backend::{ShutdownHandle, VringRwLock, VringT};
+use vhost_user_backend::{ShutdownHandle, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use corodev_devices::backend::BlockBackend;
 use corodev_devices::blk::VirtioBlk;
 use corodev_devices::config::DeviceConfig;
 
 use crate::completion_event::CompletionEvents;
+use crate::dirty_log::{self, GuestMap};
 use crate::error::Error;
 use crate::guest_fault;
 use crate::inflight::{InflightError, QueueTracker, Region, RingView};
+use crate::ring::Vring;
 
 /// Connection ids, unique in the process (0 is never used: the fault registry's "free").
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -41,7 +43,7 @@ pub struct WorkerConfig {
 }
 
 /// A memory map registered for SIGBUS recovery, and the address ranges of its regions.
-type GuardedMap = (Weak<GuestMemoryMmap>, Vec<(usize, usize)>);
+type GuardedMap = (Weak<GuestMap>, Vec<(usize, usize)>);
 
 /// Per-connection device state.
 pub struct Connection {
@@ -60,7 +62,7 @@ pub struct Connection {
     /// The device model: config space, disk, guest-error log.
     pub blk: VirtioBlk,
     /// Guest memory as updated by the frontend's memory table messages.
-    pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    pub mem: GuestMemoryAtomic<GuestMap>,
     /// How the workers run.
     pub workers: WorkerConfig,
     /// The eventfds through which each worker's io_uring wakes it.
@@ -73,6 +75,9 @@ pub struct Connection {
     /// Set once the frontend is gone: each worker finishes what is in flight, frees its
     /// scheduler, ring, stacks and memory map, and counts itself out of `live_workers`.
     closing: AtomicBool,
+    /// `VHOST_F_LOG_ALL` is acked: the pages the daemon writes are marked in the
+    /// frontend's dirty log (see [`crate::dirty_log`]).
+    logging: AtomicBool,
     /// Set when the daemon is told to stop while the frontend is still connected: no
     /// queue is popped any more, so what is in flight can finish before the hang-up.
     draining: AtomicBool,
@@ -118,12 +123,13 @@ impl Connection {
             guarded: Mutex::new(Vec::new()),
             completions: CompletionEvents::new(thread_masks.len(), nq)?,
             blk: VirtioBlk::new(config, disk),
-            mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            mem: GuestMemoryAtomic::new(GuestMap::new()),
             workers,
             queues: (0..nq).map(|_| QueueState::default()).collect(),
             inflight: Mutex::new(None),
             closing: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            logging: AtomicBool::new(false),
             live_workers: (Mutex::new(0), Condvar::new()),
             thread_masks,
             exit_fds: Mutex::new(Vec::new()),
@@ -205,7 +211,7 @@ impl Connection {
     /// sets the avail position past every request popped before a restart and queues those
     /// left in flight for resubmission, then raises the ring's kick so its worker serves
     /// them at once. Without one, the queue simply records nothing.
-    pub fn start_queue(&self, queue: usize, vring: &VringRwLock) -> Result<(), InflightError> {
+    pub fn start_queue(&self, queue: usize, vring: &Vring) -> Result<(), InflightError> {
         let Some(state) = self.queue(queue) else {
             return Ok(());
         };
@@ -309,6 +315,24 @@ impl Connection {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Turns dirty-page logging on or off (`VHOST_F_LOG_ALL` acked or not).
+    pub fn set_logging(&self, on: bool) {
+        let was = self.logging.swap(on, Ordering::AcqRel);
+        dirty_log::set_logging(&self.mem.memory(), on);
+        if was != on {
+            log::info!(
+                "dirty page logging {} (migration {})",
+                if on { "on" } else { "off" },
+                if on { "started" } else { "ended" }
+            );
+        }
+    }
+
+    /// Whether dirty-page logging is on.
+    pub fn logging(&self) -> bool {
+        self.logging.load(Ordering::Acquire)
     }
 
     /// Whether the queues are no longer popped (see [`drain`](Self::drain)).

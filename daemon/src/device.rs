@@ -16,15 +16,17 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_backend::VhostUserBackend;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use crate::connection::Connection;
+use crate::dirty_log::{self, DirtyLog, GuestMap};
 use crate::inflight::{self, InflightError, Region};
+use crate::ring::Vring;
 use crate::worker::Worker;
 
 /// Per-connection device handle given to the vhost-user library.
@@ -32,8 +34,8 @@ use crate::worker::Worker;
 pub struct BlkDevice(pub Arc<Connection>);
 
 impl VhostUserBackend for BlkDevice {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = DirtyLog;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         usize::from(self.0.blk.config().num_queues())
@@ -44,13 +46,20 @@ impl VhostUserBackend for BlkDevice {
     }
 
     /// The device's virtio bits plus vhost-user's `VHOST_USER_F_PROTOCOL_FEATURES`, so the
-    /// frontend goes on to negotiate protocol features (CONFIG, MQ, ...).
+    /// frontend goes on to negotiate protocol features (CONFIG, MQ, ...), and
+    /// `VHOST_F_LOG_ALL`: the daemon marks the pages it writes while the VM migrates.
     fn features(&self) -> u64 {
-        self.0.blk.config().virtio_features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.0.blk.config().virtio_features()
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
+    /// `VHOST_F_LOG_ALL` switches dirty-page logging on (migration starts) and off (it
+    /// ended or was cancelled); the rest are the device's.
     fn acked_features(&self, features: u64) {
         self.0.blk.config().ack_features(features);
+        self.0
+            .set_logging(features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -59,6 +68,7 @@ impl VhostUserBackend for BlkDevice {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -89,10 +99,12 @@ impl VhostUserBackend for BlkDevice {
         Ok(())
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMap>) -> io::Result<()> {
         // The library updates the GuestMemoryAtomic we handed it; requests take an Arc of
         // the current map when they start, so in-flight ones keep the old map alive.
         self.0.guard_memory();
+        // A new table's regions log if logging is on.
+        dirty_log::set_logging(&self.0.mem.memory(), self.0.logging());
         Ok(())
     }
 
@@ -151,7 +163,7 @@ impl VhostUserBackend for BlkDevice {
 
     /// Reconciles the ring with the inflight region, if the frontend gave one, and queues
     /// the requests a previous daemon left in flight (see [`crate::inflight`]).
-    fn start_vring(&self, queue_index: u32, vring: &VringRwLock) -> io::Result<()> {
+    fn start_vring(&self, queue_index: u32, vring: &Vring) -> io::Result<()> {
         self.0
             .start_queue(queue_index as usize, vring)
             .map_err(|e| self.refuse_region(&format!("queue {queue_index}"), e))
@@ -179,7 +191,7 @@ impl VhostUserBackend for BlkDevice {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {

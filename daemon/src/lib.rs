@@ -10,6 +10,7 @@
 //! - [`completion_event`]: the eventfd through which a worker's io_uring wakes it.
 //! - [`worker`]: per-thread scheduler, kicks, completions, notifications.
 //! - [`ring`]: popping the avail ring with every ring-level check (faults break a queue).
+//! - [`dirty_log`]: marking the guest pages the daemon writes while the VM migrates.
 //! - [`inflight`]: the region that lets a restarted daemon resume requests left in flight.
 //! - [`guest_fault`]: surviving a frontend that truncates guest memory (SIGBUS recovery).
 //! - [`poll_window`]: how long a worker polls after its last work.
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod completion_event;
 pub mod connection;
 pub mod device;
+pub mod dirty_log;
 pub mod error;
 pub mod guest_fault;
 pub mod inflight;

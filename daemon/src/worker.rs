@@ -41,16 +41,17 @@ use std::time::{Duration, Instant};
 
 use coro::io::Ring;
 use coro::Scheduler;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 
 use corodev_devices::request::Used;
 
 use crate::connection::Connection;
+use crate::dirty_log::GuestMap;
 use crate::inflight::QueueTracker;
 use crate::poll_window::PollWindow;
-use crate::ring::{self, has_avail, pop_all, Chain, InFlightHeads, RingFault};
+use crate::ring::{self, has_avail, pop_all, Chain, InFlightHeads, RingFault, Vring};
 
 /// Submission queue entries per worker ring: enough for a full 1024-deep queue per batch;
 /// a fuller queue is flushed to the kernel early rather than failing.
@@ -71,7 +72,7 @@ pub struct Worker {
     thread: usize,
     sched: Scheduler,
     /// This thread's vrings, by local index.
-    vrings: Vec<VringRwLock>,
+    vrings: Vec<Vring>,
     /// Global queue index of each local vring (`None`: not ours, never served).
     queues: Vec<Option<usize>>,
     /// Per local vring: heads whose requests are in flight.
@@ -97,7 +98,7 @@ struct Request {
     worker: Rc<Worker>,
     local: usize,
     chain: Chain,
-    mem: Arc<GuestMemoryMmap>,
+    mem: Arc<GuestMap>,
 }
 
 impl coro::Job for Request {
@@ -141,7 +142,7 @@ impl Worker {
     /// closing: no new worker state is made then.
     pub fn get(
         conn: &Arc<Connection>,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<Option<Rc<Worker>>> {
         if let Some(w) = WORKER.with(|w| w.0.borrow().clone()) {
@@ -159,7 +160,7 @@ impl Worker {
 
     fn create(
         conn: &Arc<Connection>,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<Rc<Worker>> {
         let efd = conn.completions.ring_fd(thread_id)?;
@@ -286,7 +287,7 @@ impl Worker {
         let Some(state) = conn.queue(queue) else {
             return 0;
         };
-        let mem: Arc<GuestMemoryMmap> = conn.mem.memory().into_inner();
+        let mem: Arc<GuestMap> = conn.mem.memory().into_inner();
         let popped = {
             let mut heads = self.heads.borrow_mut();
             let mut trackers = self.trackers.borrow_mut();

@@ -259,6 +259,35 @@ impl TestFrontend {
         TestFrontend::connect_with(sock, nq, qsize, true)
     }
 
+    /// Like [`connect`](Self::connect), with `VHOST_USER_PROTOCOL_F_LOG_SHMFD` negotiated
+    /// (every message answered), so the test can hand over a dirty log (SET_LOG_BASE) and
+    /// switch logging on and off with `VHOST_F_LOG_ALL`, as QEMU does when it migrates.
+    pub fn connect_logged(sock: &Path, nq: usize, qsize: u16) -> io::Result<TestFrontend> {
+        let mut fe = TestFrontend::connect_with(sock, nq, qsize, false)?;
+        let pf = fe.fe.get_protocol_features().map_err(err)?;
+        assert!(
+            pf.contains(VhostUserProtocolFeatures::LOG_SHMFD),
+            "the backend does not offer dirty-page logging (offered {pf:?})"
+        );
+        fe.fe
+            .set_protocol_features(pf & (VhostUserProtocolFeatures::LOG_SHMFD | BASE_PROTOCOL))
+            .map_err(err)?;
+        fe.fe
+            .set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+        Ok(fe)
+    }
+
+    /// Switches the backend's dirty-page logging (`VHOST_F_LOG_ALL`) on or off.
+    pub fn set_logging(&mut self, on: bool) -> Result<(), vhost::Error> {
+        let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+        self.features = if on {
+            self.features | log_all
+        } else {
+            self.features & !log_all
+        };
+        self.fe.set_features(self.features)
+    }
+
     fn connect_with(sock: &Path, nq: usize, qsize: u16, track: bool) -> io::Result<TestFrontend> {
         let stream = UnixStream::connect(sock)?;
         let mut fe = Frontend::from_stream(stream, nq as u64);
@@ -745,6 +774,11 @@ fn err(e: vhost::Error) -> io::Error {
     io::Error::other(e.to_string())
 }
 
+/// The protocol features every test frontend negotiates.
+const BASE_PROTOCOL: VhostUserProtocolFeatures = VhostUserProtocolFeatures::CONFIG
+    .union(VhostUserProtocolFeatures::MQ)
+    .union(VhostUserProtocolFeatures::REPLY_ACK);
+
 /// Owner, features, protocol features (inflight tracking too with `track`), memory table.
 /// Returns the virtio features acked.
 fn handshake(fe: &mut Frontend, mem: &GuestMem, track: bool) -> Result<u64, vhost::Error> {
@@ -763,9 +797,7 @@ fn handshake(fe: &mut Frontend, mem: &GuestMem, track: bool) -> Result<u64, vhos
     let features = offered & wanted;
     fe.set_features(features)?;
     let pf = fe.get_protocol_features()?;
-    let mut want = VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK;
+    let mut want = BASE_PROTOCOL;
     if track {
         assert!(
             pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),

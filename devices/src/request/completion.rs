@@ -87,15 +87,17 @@ impl<B: Bitmap + 'static> Completion<B> {
             }
             left -= n;
         }
+        // SAFETY: `byte.host` is the start of a one-byte `VolatileSlice` that `status_byte`
+        // took from `self.mem`, which this completion owns, so the byte is still mapped and
+        // writable. Volatile, because the guest shares it.
+        unsafe { byte.host.write_volatile(status) };
+        // Marked after the write: a page marked before could be copied (and its bit
+        // cleared) by the frontend between the mark and the write.
         if logs_dirty_pages::<B>() {
             for slice in self.mem.get_slices(byte.addr, 1).flatten() {
                 slice.bitmap().mark_dirty(0, slice.len());
             }
         }
-        // SAFETY: `byte.host` is the start of a one-byte `VolatileSlice` that `status_byte`
-        // took from `self.mem`, which this completion owns, so the byte is still mapped and
-        // writable. Volatile, because the guest shares it.
-        unsafe { byte.host.write_volatile(status) };
         Used {
             head,
             len: u32::try_from(data + 1).unwrap_or(u32::MAX),

@@ -229,7 +229,9 @@ impl MmapLogReg {
     // Note: The specification does not define whether the offset must be page-aligned or not.
     // But, since we are receiving the offset from the frontend to be used to call mmap,
     // we assume it is properly aligned (currently, qemu always send a 0 offset).
-    pub(crate) fn from_file(fd: BorrowedFd, offset: u64, len: u64) -> io::Result<Self> {
+    /// corodev patch: public, so that a backend with a bitmap of its own (its
+    /// `MemRegionBitmap`) can map a log too, in its tests for one.
+    pub fn from_file(fd: BorrowedFd, offset: u64, len: u64) -> io::Result<Self> {
         let offset: isize = offset.io_try_into()?;
         let len: usize = len.io_try_into()?;
 
@@ -260,8 +262,15 @@ impl MmapLogReg {
         })
     }
 
-    fn len(&self) -> usize {
+    /// corodev patch: public, so that a backend's own `MemRegionBitmap` can check that a
+    /// region's pages lie inside the log before it indexes it.
+    pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Whether the log is empty (never: a log covers at least one page).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 

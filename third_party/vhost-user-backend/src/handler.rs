@@ -425,7 +425,7 @@ where
         let mut mappings: Vec<AddrMapping> = Vec::new();
 
         for (region, file) in ctx.iter().zip(files) {
-            check_region_file(&file, region.mmap_offset, region.memory_size)?;
+            check_region_file(&file, "memory region", region.mmap_offset, region.memory_size)?;
             let guest_region = GuestRegionMmap::new(
                 region.mmap_region(file)?,
                 GuestAddress(region.guest_phys_addr),
@@ -756,7 +756,7 @@ where
             return Err(VhostUserError::InvalidOperation("postcopy not enabled"));
         }
 
-        check_region_file(&file, region.mmap_offset, region.memory_size)?;
+        check_region_file(&file, "memory region", region.mmap_offset, region.memory_size)?;
         let guest_region = Arc::new(
             GuestRegionMmap::new(
                 region.mmap_region(file)?,
@@ -955,6 +955,9 @@ where
     // `SET_FEATURE` without the `LOG_ALL` flag.
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
         let mem = self.atomic_mem.memory();
+        // corodev patch: a log longer than its file would raise SIGBUS at the first mark
+        // past the file's end; refuse it here, as memory regions are.
+        check_region_file(&file, "dirty log", log.mmap_offset, log.mmap_size)?;
 
         let logmem = Arc::new(
             MmapLogReg::from_file(file.as_fd(), log.mmap_offset, log.mmap_size)
@@ -1022,11 +1025,17 @@ fn check_eventfd(file: &File, index: u8, what: &str) -> VhostUserResult<()> {
     Ok(())
 }
 
-/// corodev patch: a memory region must not extend past the end of the file behind it.
+/// corodev patch: a memory region (or the dirty log) must not extend past the end of the
+/// file behind it.
 /// Such a mapping succeeds, but the first access past the end of the file raises SIGBUS
 /// and kills the backend. Only regular files (which include memfds and hugetlbfs files)
 /// have a size to check.
-fn check_region_file(file: &File, mmap_offset: u64, memory_size: u64) -> VhostUserResult<()> {
+fn check_region_file(
+    file: &File,
+    what: &str,
+    mmap_offset: u64,
+    memory_size: u64,
+) -> VhostUserResult<()> {
     let meta = file.metadata().map_err(VhostUserError::ReqHandlerError)?;
     if !meta.file_type().is_file() {
         return Ok(());
@@ -1035,7 +1044,7 @@ fn check_region_file(file: &File, mmap_offset: u64, memory_size: u64) -> VhostUs
         Some(end) if end <= meta.len() => Ok(()),
         _ => {
             log::error!(
-                "memory region of {memory_size} bytes at file offset {mmap_offset} runs past the end of its {}-byte file",
+                "{what} of {memory_size} bytes at file offset {mmap_offset} runs past the end of its {}-byte file",
                 meta.len()
             );
             Err(VhostUserError::InvalidParam)
