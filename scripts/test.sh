@@ -22,4 +22,5 @@ RUSTC_BOOTSTRAP=1 RUSTFLAGS="-Zsanitizer=address" CARGO_TARGET_DIR=target/asan \
 CORODEV_BIN="$PWD/target/asan/x86_64-unknown-linux-gnu/debug/corodev" \
     ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
     cargo test --release -p integration --test hostile_guest --test hostile_frontend \
-    --test ring_faults --test lifecycle --test backend_errors --test inflight -- --test-threads=1
+    --test ring_faults --test lifecycle --test backend_errors --test inflight --test dirty_log \
+    -- --test-threads=1
