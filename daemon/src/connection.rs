@@ -9,20 +9,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use vhost_user_backend::{ShutdownHandle, VringT};
+use vhost_user_backend::{ShutdownHandle, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use corodev_devices::backend::BlockBackend;
 use corodev_devices::blk::VirtioBlk;
 use corodev_devices::config::DeviceConfig;
 
 use crate::completion_event::CompletionEvents;
-use crate::dirty_log::{self, GuestMap};
+use crate::dirty_log::DirtyLog;
 use crate::error::Error;
 use crate::guest_fault;
 use crate::inflight::{InflightError, QueueTracker, Region, RingView};
-use crate::ring::Vring;
 
 /// Connection ids, unique in the process (0 is never used: the fault registry's "free").
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -43,7 +42,7 @@ pub struct WorkerConfig {
 }
 
 /// A memory map registered for SIGBUS recovery, and the address ranges of its regions.
-type GuardedMap = (Weak<GuestMap>, Vec<(usize, usize)>);
+type GuardedMap = (Weak<GuestMemoryMmap>, Vec<(usize, usize)>);
 
 /// Per-connection device state.
 pub struct Connection {
@@ -61,8 +60,10 @@ pub struct Connection {
     guarded: Mutex<Vec<GuardedMap>>,
     /// The device model: config space, disk, guest-error log.
     pub blk: VirtioBlk,
+    /// Live migration's dirty log: where the guest memory the daemon writes is marked.
+    pub dirty: Arc<DirtyLog>,
     /// Guest memory as updated by the frontend's memory table messages.
-    pub mem: GuestMemoryAtomic<GuestMap>,
+    pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
     /// How the workers run.
     pub workers: WorkerConfig,
     /// The eventfds through which each worker's io_uring wakes it.
@@ -75,9 +76,6 @@ pub struct Connection {
     /// Set once the frontend is gone: each worker finishes what is in flight, frees its
     /// scheduler, ring, stacks and memory map, and counts itself out of `live_workers`.
     closing: AtomicBool,
-    /// `VHOST_F_LOG_ALL` is acked: the pages the daemon writes are marked in the
-    /// frontend's dirty log (see [`crate::dirty_log`]).
-    logging: AtomicBool,
     /// Set when the daemon is told to stop while the frontend is still connected: no
     /// queue is popped any more, so what is in flight can finish before the hang-up.
     draining: AtomicBool,
@@ -115,6 +113,7 @@ impl Connection {
     ) -> Result<Connection, Error> {
         let nq = config.num_queues();
         let thread_masks = spread_queues(usize::from(nq), workers.threads);
+        let dirty = Arc::new(DirtyLog::default());
         Ok(Connection {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             shutdown: OnceLock::new(),
@@ -122,14 +121,14 @@ impl Connection {
             memory_lost: AtomicBool::new(false),
             guarded: Mutex::new(Vec::new()),
             completions: CompletionEvents::new(thread_masks.len(), nq)?,
-            blk: VirtioBlk::new(config, disk),
-            mem: GuestMemoryAtomic::new(GuestMap::new()),
+            blk: VirtioBlk::new(config, disk).with_write_log(dirty.clone()),
+            dirty,
+            mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             workers,
             queues: (0..nq).map(|_| QueueState::default()).collect(),
             inflight: Mutex::new(None),
             closing: AtomicBool::new(false),
             draining: AtomicBool::new(false),
-            logging: AtomicBool::new(false),
             live_workers: (Mutex::new(0), Condvar::new()),
             thread_masks,
             exit_fds: Mutex::new(Vec::new()),
@@ -211,10 +210,15 @@ impl Connection {
     /// sets the avail position past every request popped before a restart and queues those
     /// left in flight for resubmission, then raises the ring's kick so its worker serves
     /// them at once. Without one, the queue simply records nothing.
-    pub fn start_queue(&self, queue: usize, vring: &Vring) -> Result<(), InflightError> {
+    pub fn start_queue(&self, queue: usize, vring: &VringRwLock) -> Result<(), InflightError> {
         let Some(state) = self.queue(queue) else {
             return Ok(());
         };
+        {
+            let ring = vring.get_ref();
+            let q = ring.get_queue();
+            state.set_used_ring(q.used_ring(), 6 + 8 * u64::from(q.size()));
+        }
         let Some(region) = self.inflight() else {
             state.start(None, Vec::new());
             return Ok(());
@@ -317,24 +321,6 @@ impl Connection {
         }
     }
 
-    /// Turns dirty-page logging on or off (`VHOST_F_LOG_ALL` acked or not).
-    pub fn set_logging(&self, on: bool) {
-        let was = self.logging.swap(on, Ordering::AcqRel);
-        dirty_log::set_logging(&self.mem.memory(), on);
-        if was != on {
-            log::info!(
-                "dirty page logging {} (migration {})",
-                if on { "on" } else { "off" },
-                if on { "started" } else { "ended" }
-            );
-        }
-    }
-
-    /// Whether dirty-page logging is on.
-    pub fn logging(&self) -> bool {
-        self.logging.load(Ordering::Acquire)
-    }
-
     /// Whether the queues are no longer popped (see [`drain`](Self::drain)).
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
@@ -426,6 +412,9 @@ pub struct QueueState {
     /// request. `resubmit_pending` saves the data path a lock while there are none.
     resubmit: Mutex<Vec<u16>>,
     resubmit_pending: AtomicBool,
+    /// The used ring's guest address and length while the ring runs: the whole ring is
+    /// marked dirty when it stops during a migration (see [`crate::dirty_log`]).
+    used_ring: Mutex<Option<(u64, u64)>>,
     /// Raised by every start and stop: a worker that saw the same value has the current
     /// tracker, and need not take the lock to look.
     generation: AtomicU64,
@@ -447,10 +436,22 @@ impl QueueState {
     }
 
     /// The ring stopped with nothing in flight: it will be set up afresh (and reconciled
-    /// with the inflight region again) before it starts again.
-    pub fn stop(&self) {
+    /// with the inflight region again) before it starts again. Returns where its used
+    /// ring was.
+    pub fn stop(&self) -> Option<(u64, u64)> {
         self.broken.store(false, Ordering::Release);
         self.start(None, Vec::new());
+        self.used_ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    fn set_used_ring(&self, addr: u64, len: u64) {
+        *self
+            .used_ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((addr, len));
     }
 
     /// Where this queue records requests in flight, if it changed since `seen` (a value

@@ -14,19 +14,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use vhost_user_backend::VhostUserBackend;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+
+use corodev_devices::request::WriteLog;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use crate::connection::Connection;
-use crate::dirty_log::{self, DirtyLog, GuestMap};
 use crate::inflight::{self, InflightError, Region};
-use crate::ring::Vring;
 use crate::worker::Worker;
 
 /// Per-connection device handle given to the vhost-user library.
@@ -34,8 +34,8 @@ use crate::worker::Worker;
 pub struct BlkDevice(pub Arc<Connection>);
 
 impl VhostUserBackend for BlkDevice {
-    type Bitmap = DirtyLog;
-    type Vring = Vring;
+    type Bitmap = ();
+    type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
         usize::from(self.0.blk.config().num_queues())
@@ -58,8 +58,17 @@ impl VhostUserBackend for BlkDevice {
     /// ended or was cancelled); the rest are the device's.
     fn acked_features(&self, features: u64) {
         self.0.blk.config().ack_features(features);
-        self.0
-            .set_logging(features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0);
+        let on = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if self.0.dirty.set_on(on) {
+            log::info!(
+                "dirty page logging {}",
+                if on {
+                    "on: migration started"
+                } else {
+                    "off: migration ended"
+                }
+            );
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -99,12 +108,10 @@ impl VhostUserBackend for BlkDevice {
         Ok(())
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMap>) -> io::Result<()> {
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         // The library updates the GuestMemoryAtomic we handed it; requests take an Arc of
         // the current map when they start, so in-flight ones keep the old map alive.
         self.0.guard_memory();
-        // A new table's regions log if logging is on.
-        dirty_log::set_logging(&self.0.mem.memory(), self.0.logging());
         Ok(())
     }
 
@@ -156,17 +163,32 @@ impl VhostUserBackend for BlkDevice {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        // The ring will be set up afresh before it is started again.
-        state.stop();
+        // The ring will be set up afresh before it is started again. During a migration
+        // this is the switch-over: the whole used ring is marked, its notification fields
+        // included, which the worker writes without marking.
+        if let Some((addr, len)) = state.stop() {
+            self.0.dirty.mark(addr, len);
+        }
         Ok(())
     }
 
     /// Reconciles the ring with the inflight region, if the frontend gave one, and queues
     /// the requests a previous daemon left in flight (see [`crate::inflight`]).
-    fn start_vring(&self, queue_index: u32, vring: &Vring) -> io::Result<()> {
+    fn start_vring(&self, queue_index: u32, vring: &VringRwLock) -> io::Result<()> {
         self.0
             .start_queue(queue_index as usize, vring)
             .map_err(|e| self.refuse_region(&format!("queue {queue_index}"), e))
+    }
+
+    /// SET_LOG_BASE: the daemon marks dirty pages itself (see [`crate::dirty_log`]).
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> io::Result<bool> {
+        use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
+        let mem_end = self.0.mem.memory().last_addr().0.saturating_add(1);
+        if let Err(e) = self.0.dirty.set_base(log, file, mem_end) {
+            self.0.blk.log().log(log::Level::Error, format_args!("{e}"));
+            return Err(e);
+        }
+        Ok(true)
     }
 
     fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
@@ -191,7 +213,7 @@ impl VhostUserBackend for BlkDevice {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[Vring],
+        vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {

@@ -1,231 +1,159 @@
 //! Dirty-page logging for live migration (vhost-user spec, "Migration"): while the
 //! frontend migrates the VM, every guest page the daemon writes is marked in a bitmap the
-//! frontend shares with it (SET_LOG_BASE), so that QEMU copies it again.
+//! frontend shares with it (SET_LOG_BASE, one bit per 4 KiB of guest physical memory), so
+//! that QEMU copies it again. `VHOST_F_LOG_ALL` in SET_FEATURES switches marking on (the
+//! migration starts) and off (it ended or was cancelled).
 //!
-//! [`DirtyLog`] is the bitmap type of the daemon's guest memory map: vm-memory calls
-//! `mark_dirty` for every write made through the map (the used ring elements and index,
-//! written by virtio-queue); the device marks what it writes through raw iovecs itself,
-//! after the write (data of reads, status bytes, GET_ID strings: see
-//! `corodev_devices::request::Completion`).
+//! One [`DirtyLog`] per connection, and the daemon marks explicitly, by guest address,
+//! where it writes guest memory:
+//! - the device, through [`WriteLog`]: the data of reads, GET_ID strings and status bytes,
+//!   after they are written (`corodev_devices::request::Completion`);
+//! - the worker: each used element and the used index, after `add_used`;
+//! - a ring stop (GET_VRING_BASE, the migration's switch-over): the whole used ring, which
+//!   also covers the notification fields (`avail_event`, flags) the worker writes while
+//!   it polls.
 //!
-//! Each memory region's bitmap starts empty; the vhost-user library gives it its range of
-//! the frontend's log at SET_LOG_BASE ([`LogRange`]), and the device switches marking on
-//! and off with `VHOST_F_LOG_ALL` ([`set_logging`]). While it is off, marking costs one
-//! relaxed load. Slices borrow their region's state: taking one (vm-memory does for every
-//! access) copies a reference, it never touches a reference count.
+//! Marking through the memory map's bitmap type instead (vm-memory calls it for every
+//! write) made every guest memory access of the data path slower, logging or not (the
+//! descriptor reads of virtio-queue became a third of a request's CPU time). Here, while
+//! logging is off, a request costs one relaxed load.
 
-use std::io;
+use std::fs::File;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use vhost_user_backend::bitmap::{BitmapReplace, MemRegionBitmap, MmapLogReg};
-use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
-use vm_memory::mmap::NewBitmap;
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vhost::vhost_user::message::VhostUserLog;
+use vhost_user_backend::bitmap::MmapLogReg;
 
-/// The daemon's guest memory map: every region carries its dirty log.
-pub type GuestMap = GuestMemoryMmap<DirtyLog>;
+use corodev_devices::request::WriteLog;
 
 /// The log's page size (`VHOST_LOG_PAGE`), whatever the host's.
-const LOG_PAGE: usize = 4096;
+const LOG_PAGE: u64 = 4096;
 
-/// One memory region's dirty log: off and empty until the frontend sets a log base and
-/// turns logging on.
-#[derive(Debug, Default, Clone)]
-pub struct DirtyLog(Arc<RegionLog>);
-
-#[derive(Debug, Default)]
-struct RegionLog {
+/// A connection's dirty log: off and empty until the frontend sets a log base and turns
+/// logging on.
+#[derive(Default)]
+pub struct DirtyLog {
     /// `VHOST_F_LOG_ALL` is acked: mark what is written.
     on: AtomicBool,
-    /// This region's pages in the frontend's log (SET_LOG_BASE).
-    range: RwLock<Option<LogRange>>,
+    /// The frontend's bitmap (SET_LOG_BASE).
+    log: RwLock<Option<Arc<MmapLogReg>>>,
 }
 
-/// A region's pages in the frontend's log: bit `first_page + n` is the region's page `n`.
-#[derive(Debug)]
-pub struct LogRange {
-    log: Arc<MmapLogReg>,
-    first_page: usize,
-    pages: usize,
-}
-
-impl MemRegionBitmap for LogRange {
-    /// The region's range of `log`, which must cover the region's last page (a log too
-    /// short for guest memory is refused, not written past).
-    fn new<R: GuestMemoryRegion>(region: &R, log: Arc<MmapLogReg>) -> io::Result<Self> {
-        let invalid = || io::Error::from(io::ErrorKind::InvalidData);
-        let start = usize::try_from(region.start_addr().raw_value()).map_err(|_| invalid())?;
-        let len = usize::try_from(region.len()).map_err(|_| invalid())?;
-        let last = start
-            .checked_add(len.checked_sub(1).ok_or_else(invalid)?)
-            .ok_or_else(invalid)?;
-        if last / LOG_PAGE / 8 >= log.len() {
-            log::error!(
-                "dirty log of {} bytes does not cover guest memory up to {last:#x}",
-                log.len()
-            );
-            return Err(invalid());
+impl DirtyLog {
+    /// SET_LOG_BASE: maps the frontend's log (its size already checked against `file`)
+    /// and marks in it from now on. A log too short for guest memory up to `mem_end`
+    /// (exclusive) is refused: the pages past it could not be marked, and the migrated
+    /// guest would find them stale.
+    pub fn set_base(&self, msg: &VhostUserLog, file: &File, mem_end: u64) -> std::io::Result<()> {
+        let pages = msg.mmap_size.saturating_mul(8);
+        if pages < mem_end.div_ceil(LOG_PAGE) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "dirty log of {} bytes does not cover guest memory up to {mem_end:#x}",
+                    msg.mmap_size
+                ),
+            ));
         }
-        Ok(LogRange {
-            log,
-            first_page: start / LOG_PAGE,
-            pages: len.div_ceil(LOG_PAGE),
-        })
+        let log = MmapLogReg::from_file(file.as_fd(), msg.mmap_offset, msg.mmap_size)?;
+        *self.log.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(log));
+        Ok(())
+    }
+
+    /// Switches marking on or off; true if that changed it.
+    pub fn set_on(&self, on: bool) -> bool {
+        self.on.swap(on, Ordering::AcqRel) != on
     }
 }
 
-impl LogRange {
-    /// Marks the region's bytes `offset..offset + len` dirty (pages past the region are
-    /// ignored). Atomic: the frontend reads and clears the log concurrently.
-    fn mark(&self, offset: usize, len: usize) {
-        if len == 0 {
+impl WriteLog for DirtyLog {
+    #[inline]
+    fn logging(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
+    /// Marks the pages of `gpa..gpa + len`; pages past the end of the log (a frontend
+    /// that gave one too short for its memory) are not marked. Atomic: the frontend reads
+    /// and clears the log concurrently.
+    fn mark(&self, gpa: u64, len: u64) {
+        if len == 0 || !self.logging() {
             return;
         }
-        let first = offset / LOG_PAGE;
-        let last = (offset.saturating_add(len - 1) / LOG_PAGE).min(self.pages.saturating_sub(1));
+        let log = self.log.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(log) = log.as_ref() else {
+            return;
+        };
+        let first = gpa / LOG_PAGE;
+        let last = gpa.saturating_add(len - 1) / LOG_PAGE;
         for page in first..=last {
-            let bit = self.first_page + page;
-            // In range: `new` checked the word of the region's last page.
-            self.log[bit / 8].fetch_or(1 << (bit % 8), Ordering::Relaxed);
+            let Some(byte) = usize::try_from(page / 8).ok().filter(|&b| b < log.len()) else {
+                break;
+            };
+            log[byte].fetch_or(1 << (page % 8), Ordering::Relaxed);
         }
-    }
-}
-
-impl RegionLog {
-    fn mark(&self, offset: usize, len: usize) {
-        if !self.on.load(Ordering::Relaxed) {
-            return;
-        }
-        let range = self.range.read().unwrap_or_else(PoisonError::into_inner);
-        if let Some(range) = range.as_ref() {
-            range.mark(offset, len);
-        }
-    }
-
-    fn dirty_at(&self, offset: usize) -> bool {
-        let range = self.range.read().unwrap_or_else(PoisonError::into_inner);
-        range.as_ref().is_some_and(|r| {
-            let page = offset / LOG_PAGE;
-            let bit = r.first_page + page;
-            page < r.pages && r.log[bit / 8].load(Ordering::Relaxed) & (1 << (bit % 8)) != 0
-        })
-    }
-}
-
-/// A slice of a region's dirty log: the region's state and where the slice starts in it.
-#[derive(Debug, Clone, Copy)]
-pub struct DirtyLogSlice<'a> {
-    log: &'a RegionLog,
-    base: usize,
-}
-
-impl<'a> WithBitmapSlice<'a> for DirtyLog {
-    type S = DirtyLogSlice<'a>;
-}
-
-impl Bitmap for DirtyLog {
-    fn mark_dirty(&self, offset: usize, len: usize) {
-        self.0.mark(offset, len);
-    }
-
-    fn dirty_at(&self, offset: usize) -> bool {
-        self.0.dirty_at(offset)
-    }
-
-    fn slice_at(&self, offset: usize) -> DirtyLogSlice<'_> {
-        DirtyLogSlice {
-            log: &self.0,
-            base: offset,
-        }
-    }
-}
-
-impl NewBitmap for DirtyLog {
-    fn with_len(_len: usize) -> Self {
-        DirtyLog::default()
-    }
-}
-
-impl BitmapReplace for DirtyLog {
-    type InnerBitmap = LogRange;
-
-    /// SET_LOG_BASE: from now on, this region's pages are marked in `range`.
-    fn replace(&self, range: LogRange) {
-        *self.0.range.write().unwrap_or_else(PoisonError::into_inner) = Some(range);
-    }
-}
-
-impl<'b> WithBitmapSlice<'b> for DirtyLogSlice<'_> {
-    type S = Self;
-}
-
-impl BitmapSlice for DirtyLogSlice<'_> {}
-
-impl Bitmap for DirtyLogSlice<'_> {
-    fn mark_dirty(&self, offset: usize, len: usize) {
-        self.log.mark(self.base.saturating_add(offset), len);
-    }
-
-    fn dirty_at(&self, offset: usize) -> bool {
-        self.log.dirty_at(self.base.saturating_add(offset))
-    }
-
-    fn slice_at(&self, offset: usize) -> Self {
-        DirtyLogSlice {
-            log: self.log,
-            base: self.base.saturating_add(offset),
-        }
-    }
-}
-
-/// Turns marking on or off in every region of `mem` (`VHOST_F_LOG_ALL` acked or not). A
-/// memory table set while logging is on starts with it off; the frontend acks the
-/// features again after a new table during migration.
-pub fn set_logging(mem: &GuestMap, on: bool) {
-    for region in mem.iter() {
-        region.bitmap().log.on.store(on, Ordering::Release);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
-    use vm_memory::{Bytes, GuestAddress};
 
-    /// A log of `len` bytes (8 pages each), as the frontend shares it.
-    fn log(len: u64) -> Arc<MmapLogReg> {
+    fn logged(len: u64) -> (DirtyLog, File) {
         let file = tempfile::tempfile().unwrap();
         file.set_len(len).unwrap();
-        Arc::new(MmapLogReg::from_file(file.as_fd(), 0, len).unwrap())
+        let log = DirtyLog::default();
+        log.set_base(&VhostUserLog::new(len, 0), &file, 0).unwrap();
+        (log, file)
+    }
+
+    fn byte(file: &File, at: u64) -> u8 {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8];
+        file.read_exact_at(&mut b, at).unwrap();
+        b[0]
     }
 
     #[test]
-    fn writes_through_the_map_are_marked_only_while_logging_is_on() {
-        let mem = GuestMap::from_ranges(&[(GuestAddress(0x10000), 0x10000)]).unwrap();
-        let logmem = log(64);
-        for region in mem.iter() {
-            let range = LogRange::new(region, logmem.clone()).unwrap();
-            (**region).bitmap().replace(range);
-        }
-        mem.write_obj(1u32, GuestAddress(0x10000)).unwrap();
-        assert_eq!(logmem[2].load(Ordering::Relaxed), 0, "logging is off");
-        set_logging(&mem, true);
-        // Page 0x11 (byte 2, bit 1) and a write across pages 0x13-0x14.
-        mem.write_obj(1u32, GuestAddress(0x11000)).unwrap();
-        mem.write_slice(&[1; 8], GuestAddress(0x13ffc)).unwrap();
-        assert_eq!(logmem[2].load(Ordering::Relaxed), 0b0001_1010);
-        set_logging(&mem, false);
-        mem.write_obj(1u32, GuestAddress(0x1f000)).unwrap();
-        assert_eq!(logmem[3].load(Ordering::Relaxed), 0, "off again");
+    fn pages_are_marked_only_while_logging_is_on() {
+        let (log, file) = logged(64);
+        log.mark(0x11000, 4);
+        assert_eq!(byte(&file, 2), 0, "logging is off");
+        assert!(log.set_on(true));
+        log.mark(0x11000, 4); // page 0x11: byte 2, bit 1
+        log.mark(0x13ffc, 8); // pages 0x13 and 0x14: bits 3 and 4
+        assert_eq!(byte(&file, 2), 0b0001_1010);
+        assert!(!log.set_on(true), "no change");
+        assert!(log.set_on(false));
+        log.mark(0x1f000, 1);
+        assert_eq!(byte(&file, 3), 0, "off again");
     }
 
     #[test]
     fn a_log_too_short_for_guest_memory_is_refused() {
-        let mem = GuestMap::from_ranges(&[(GuestAddress(1 << 30), 0x10000)]).unwrap();
-        let logmem = log(64);
-        let region = mem.iter().next().unwrap();
-        assert!(LogRange::new(region, logmem).is_err());
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(64).unwrap();
+        let log = DirtyLog::default();
+        let err = log
+            .set_base(&VhostUserLog::new(64, 0), &file, 64 * 8 * 4096 + 1)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("does not cover guest memory up to 0x200001"),
+            "{err}"
+        );
+        assert!(log
+            .set_base(&VhostUserLog::new(64, 0), &file, 64 * 8 * 4096)
+            .is_ok());
+    }
+
+    #[test]
+    fn pages_past_the_log_are_not_marked() {
+        let (log, file) = logged(1);
+        log.set_on(true);
+        log.mark(0x7000, 0x2000); // pages 7 (byte 0) and 8 (byte 1: past the log)
+        assert_eq!(byte(&file, 0), 0b1000_0000);
+        log.mark(u64::MAX - 10, 100); // no overflow, nothing in range
     }
 }

@@ -21,17 +21,13 @@ use std::sync::Arc;
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::connection::QueueState;
-use crate::dirty_log::GuestMap;
 use crate::inflight::QueueTracker;
 
 /// A chain as popped: it reads guest memory through the map it holds.
-pub type Chain = DescriptorChain<Arc<GuestMap>>;
-
-/// A vring over the daemon's guest memory (with its dirty log).
-pub type Vring = VringRwLock<vm_memory::GuestMemoryAtomic<GuestMap>>;
+pub type Chain = DescriptorChain<Arc<GuestMemoryMmap>>;
 
 /// Why a queue is broken.
 #[derive(Debug, thiserror::Error)]
@@ -120,8 +116,8 @@ pub struct Popped {
 /// without, leaves them off for the poll loop. Never pops more than a queue size from the
 /// avail ring, so a guest that keeps publishing cannot hold the lock forever.
 pub fn pop_all(
-    vring: &Vring,
-    mem: &Arc<GuestMap>,
+    vring: &VringRwLock,
+    mem: &Arc<GuestMemoryMmap>,
     rearm: bool,
     heads: &mut InFlightHeads,
     queue: &QueueState,
@@ -171,7 +167,7 @@ pub fn pop_all(
 /// Their region entries already say they are in flight. Returns how many were added.
 fn resubmit(
     queue: &virtio_queue::Queue,
-    mem: &Arc<GuestMap>,
+    mem: &Arc<GuestMemoryMmap>,
     state: &QueueState,
     heads: &mut InFlightHeads,
     popped: &mut Popped,
@@ -200,7 +196,7 @@ fn resubmit(
 /// added to `popped`.
 fn pop_pass(
     queue: &mut virtio_queue::Queue,
-    mem: &Arc<GuestMap>,
+    mem: &Arc<GuestMemoryMmap>,
     size: u16,
     heads: &mut InFlightHeads,
     tracker: Option<&QueueTracker>,
@@ -252,7 +248,7 @@ fn pop_pass(
 }
 
 /// Whether all three rings lie inside guest memory at the queue's current size.
-fn rings_in_memory(queue: &virtio_queue::Queue, mem: &GuestMap) -> Result<(), RingFault> {
+fn rings_in_memory(queue: &virtio_queue::Queue, mem: &GuestMemoryMmap) -> Result<(), RingFault> {
     let size = u64::from(queue.size());
     let rings = [
         ("descriptor table", queue.desc_table(), 16 * size),
@@ -270,14 +266,14 @@ fn rings_in_memory(queue: &virtio_queue::Queue, mem: &GuestMap) -> Result<(), Ri
 
 /// Whether requests are taken from this ring at all: enabled (SET_VRING_ENABLE) and
 /// ready (started, not stopped by GET_VRING_BASE).
-pub fn accepts_requests(vring: &Vring) -> bool {
+pub fn accepts_requests(vring: &VringRwLock) -> bool {
     let state = vring.get_ref();
     state.is_enabled() && state.get_queue().ready()
 }
 
 /// Whether the driver has published buffers we have not popped on an enabled, ready queue
 /// (a read of the avail index in guest memory; no lock beyond the vring read lock).
-pub fn has_avail(vring: &Vring, mem: &GuestMap) -> bool {
+pub fn has_avail(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
     let state = vring.get_ref();
     let queue = state.get_queue();
     if !state.is_enabled() || !queue.ready() {
@@ -292,7 +288,7 @@ pub fn has_avail(vring: &Vring, mem: &GuestMap) -> bool {
 /// Starts loading each chain's head descriptor into this core's cache. The driver wrote
 /// them on another core; without this each request's coroutine stalls on that transfer
 /// in turn, with it the transfers overlap. Only a hint: nothing is dereferenced here.
-fn prefetch_heads(queue: &virtio_queue::Queue, mem: &GuestMap, chains: &[Chain]) {
+fn prefetch_heads(queue: &virtio_queue::Queue, mem: &GuestMemoryMmap, chains: &[Chain]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};

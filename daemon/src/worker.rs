@@ -41,17 +41,16 @@ use std::time::{Duration, Instant};
 
 use coro::io::Ring;
 use coro::Scheduler;
-use vhost_user_backend::VringT;
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::GuestAddressSpace;
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
-use corodev_devices::request::Used;
+use corodev_devices::request::{Used, WriteLog};
 
 use crate::connection::Connection;
-use crate::dirty_log::GuestMap;
 use crate::inflight::QueueTracker;
 use crate::poll_window::PollWindow;
-use crate::ring::{self, has_avail, pop_all, Chain, InFlightHeads, RingFault, Vring};
+use crate::ring::{self, has_avail, pop_all, Chain, InFlightHeads, RingFault};
 
 /// Submission queue entries per worker ring: enough for a full 1024-deep queue per batch;
 /// a fuller queue is flushed to the kernel early rather than failing.
@@ -72,7 +71,7 @@ pub struct Worker {
     thread: usize,
     sched: Scheduler,
     /// This thread's vrings, by local index.
-    vrings: Vec<Vring>,
+    vrings: Vec<VringRwLock>,
     /// Global queue index of each local vring (`None`: not ours, never served).
     queues: Vec<Option<usize>>,
     /// Per local vring: heads whose requests are in flight.
@@ -98,7 +97,7 @@ struct Request {
     worker: Rc<Worker>,
     local: usize,
     chain: Chain,
-    mem: Arc<GuestMap>,
+    mem: Arc<GuestMemoryMmap>,
 }
 
 impl coro::Job for Request {
@@ -142,7 +141,7 @@ impl Worker {
     /// closing: no new worker state is made then.
     pub fn get(
         conn: &Arc<Connection>,
-        vrings: &[Vring],
+        vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<Option<Rc<Worker>>> {
         if let Some(w) = WORKER.with(|w| w.0.borrow().clone()) {
@@ -160,7 +159,7 @@ impl Worker {
 
     fn create(
         conn: &Arc<Connection>,
-        vrings: &[Vring],
+        vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<Rc<Worker>> {
         let efd = conn.completions.ring_fd(thread_id)?;
@@ -287,7 +286,7 @@ impl Worker {
         let Some(state) = conn.queue(queue) else {
             return 0;
         };
-        let mem: Arc<GuestMap> = conn.mem.memory().into_inner();
+        let mem: Arc<GuestMemoryMmap> = conn.mem.memory().into_inner();
         let popped = {
             let mut heads = self.heads.borrow_mut();
             let mut trackers = self.trackers.borrow_mut();
@@ -453,8 +452,17 @@ impl Worker {
         }
         match state.add_used(head, len) {
             Ok(()) => {
+                let queue = state.get_queue();
+                let next_used = queue.next_used();
                 if let Some(t) = tracker {
-                    t.completed(head, state.get_queue().next_used());
+                    t.completed(head, next_used);
+                }
+                let dirty = &self.conn.dirty;
+                if dirty.logging() {
+                    // The element just written, and the used index.
+                    let slot = u64::from(next_used.wrapping_sub(1) % queue.size().max(1));
+                    dirty.mark(queue.used_ring() + 4 + 8 * slot, 8);
+                    dirty.mark(queue.used_ring() + 2, 2);
                 }
             }
             Err(e) => {

@@ -18,7 +18,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::backend::BlockBackend;
 use crate::config::DeviceConfig;
 use crate::ratelimit::RateLimitedLog;
-use crate::request::{Op, Rejected, Request, Used, S_IOERR, S_OK};
+use crate::request::{Op, Rejected, Request, Used, WriteLog, S_IOERR, S_OK};
 
 /// A virtio-blk device: its config space, its storage, and the one rate-limited log
 /// through which every guest-triggerable message goes (a guest that makes every request
@@ -27,6 +27,8 @@ pub struct VirtioBlk {
     config: DeviceConfig,
     disk: Arc<dyn BlockBackend>,
     log: RateLimitedLog,
+    /// Where the guest memory the device writes is recorded while the VM migrates.
+    writes: Option<Arc<dyn WriteLog>>,
 }
 
 impl VirtioBlk {
@@ -36,7 +38,15 @@ impl VirtioBlk {
             config,
             disk,
             log: RateLimitedLog::default(),
+            writes: None,
         }
+    }
+
+    /// Records the guest memory every request writes (data, status byte) in `writes`
+    /// while it logs: live migration's dirty log.
+    pub fn with_write_log(mut self, writes: Arc<dyn WriteLog>) -> VirtioBlk {
+        self.writes = Some(writes);
+        self
     }
 
     /// The config space and negotiated state.
@@ -75,7 +85,7 @@ impl VirtioBlk {
     /// 1.2, 5.2.6.1).
     pub fn execute<B: Bitmap + 'static>(&self, request: Request<B>) -> Used {
         match self.run(&request) {
-            Ok(written) => request.complete(S_OK, written),
+            Ok(written) => request.complete(S_OK, written, self.writes.as_deref()),
             Err(e) => {
                 self.log.warn(format_args!(
                     "request {} ({} at sector {}): {e}",
@@ -83,7 +93,7 @@ impl VirtioBlk {
                     request.request_type(),
                     request.sector()
                 ));
-                request.complete(S_IOERR, 0)
+                request.complete(S_IOERR, 0, self.writes.as_deref())
             }
         }
     }
@@ -98,7 +108,7 @@ impl VirtioBlk {
         B: Bitmap + 'static,
     {
         match Request::parse(chain, mem, &self.config) {
-            Ok(request) => request.complete(S_IOERR, 0),
+            Ok(request) => request.complete(S_IOERR, 0, self.writes.as_deref()),
             Err(rejected) => self.reject(*rejected),
         }
     }
@@ -115,7 +125,7 @@ impl VirtioBlk {
                 " (no status byte; completed with nothing written)"
             }
         ));
-        rejected.complete()
+        rejected.complete(self.writes.as_deref())
     }
 
     /// Does the I/O; returns the bytes written to the guest's data buffers.

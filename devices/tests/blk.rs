@@ -15,12 +15,12 @@ use common::*;
 use corodev_devices::backend::{BlockBackend, GuestBuffers, NullBackend};
 use corodev_devices::blk::VirtioBlk;
 use corodev_devices::config::{DeviceConfig, DeviceParams};
-use corodev_devices::request::{Request, Used, S_IOERR, S_OK, S_UNSUPP};
+use corodev_devices::request::{Request, Used, WriteLog, S_IOERR, S_OK, S_UNSUPP};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::bitmap::{AtomicBitmap, Bitmap};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const HDR: u64 = 0x2000;
 const STATUS: u64 = 0x3000;
@@ -405,16 +405,40 @@ fn serve_without_a_status_byte_writes_nothing() {
     assert_eq!(status(&m), 0xff, "untouched");
 }
 
-fn dirty(m: &GuestMemoryMmap<AtomicBitmap>, addr: u64) -> bool {
-    let region = m.find_region(GuestAddress(addr)).expect("region");
-    region
-        .bitmap()
-        .dirty_at((addr - region.start_addr().0) as usize)
+/// A dirty log that records what it is told, while `on`.
+#[derive(Default)]
+struct Marks {
+    on: bool,
+    marked: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl WriteLog for Marks {
+    fn logging(&self) -> bool {
+        self.on
+    }
+    fn mark(&self, gpa: u64, len: u64) {
+        self.marked.lock().unwrap().push((gpa, len));
+    }
+}
+
+/// Runs `r` (writeback) on a device that records its writes in `log`; returns the marks.
+fn execute_logged(r: Request<()>, on: bool) -> Vec<(u64, u64)> {
+    let log = Arc::new(Marks {
+        on,
+        ..Marks::default()
+    });
+    let cfg = config("");
+    cfg.ack_features(1 << VIRTIO_BLK_F_FLUSH);
+    VirtioBlk::new(cfg, Arc::new(Recorder::default()))
+        .with_write_log(log.clone())
+        .execute(r);
+    let marked = log.marked.lock().unwrap().clone();
+    marked
 }
 
 #[test]
-fn read_marks_written_guest_pages_dirty() {
-    let m = mem::<AtomicBitmap>();
+fn read_records_the_guest_memory_it_wrote() {
+    let m = mem::<()>();
     let r = request(
         &m,
         &config(""),
@@ -422,17 +446,16 @@ fn read_marks_written_guest_pages_dirty() {
         0,
         &[desc(HDR, 16, 0), desc(DATA, 8192, W), desc(STATUS, 1, W)],
     );
-    assert!(!dirty(&m, DATA), "clean before the read completes");
-    execute(r, &Arc::new(Recorder::default()), true);
-    assert!(dirty(&m, DATA));
-    assert!(dirty(&m, DATA + 4096), "every page of the buffer");
-    assert!(dirty(&m, STATUS), "the status byte's page");
-    assert!(!dirty(&m, DATA + 8192), "nothing past the buffer");
+    assert_eq!(
+        execute_logged(r, true),
+        vec![(DATA, 8192), (STATUS, 1)],
+        "the data buffer, then the status byte"
+    );
 }
 
 #[test]
-fn write_does_not_dirty_its_data_pages() {
-    let m = mem::<AtomicBitmap>();
+fn write_records_only_its_status_byte() {
+    let m = mem::<()>();
     let r = request(
         &m,
         &config(""),
@@ -440,9 +463,24 @@ fn write_does_not_dirty_its_data_pages() {
         0,
         &[desc(HDR, 16, 0), desc(DATA, 4096, 0), desc(STATUS, 1, W)],
     );
-    execute(r, &Arc::new(Recorder::default()), true);
-    assert!(!dirty(&m, DATA), "the device only read it");
-    assert!(dirty(&m, STATUS));
+    assert_eq!(
+        execute_logged(r, true),
+        vec![(STATUS, 1)],
+        "the device only read the data"
+    );
+}
+
+#[test]
+fn nothing_is_recorded_while_logging_is_off() {
+    let m = mem::<()>();
+    let r = request(
+        &m,
+        &config(""),
+        T_IN,
+        0,
+        &[desc(HDR, 16, 0), desc(DATA, 4096, W), desc(STATUS, 1, W)],
+    );
+    assert_eq!(execute_logged(r, false), vec![]);
 }
 
 #[test]

@@ -450,7 +450,7 @@ fn assert_read_completes(cfg: &DeviceConfig, sector: u64, len: u32) {
         0xff,
         "parsing writes no status byte"
     );
-    let used = r.complete(S_OK, u64::from(len));
+    let used = r.complete(S_OK, u64::from(len), None);
     assert_eq!(
         used,
         Used {
@@ -603,7 +603,7 @@ fn head_index_beyond_the_queue() {
     assert_eq!(rejected.error(), &Error::EmptyChain { head: QSIZE + 3 });
     assert_eq!(rejected.status_addr(), None);
     assert_eq!(
-        rejected.complete(),
+        rejected.complete(None),
         Used {
             head: QSIZE + 3,
             len: 0
@@ -741,7 +741,7 @@ fn only_readable_descriptors() {
         }
     );
     assert_eq!(
-        rejected.complete(),
+        rejected.complete(None),
         Used { head: 0, len: 0 },
         "no status byte: used length 0"
     );
@@ -1163,7 +1163,7 @@ fn rejected_request_with_status_gets_it() {
         .err()
         .expect("rejected");
     assert_eq!(
-        rejected.complete(),
+        rejected.complete(None),
         Used { head: 0, len: 1 },
         "used length: the status byte"
     );

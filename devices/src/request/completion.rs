@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::spans::{Span, Spans};
 
@@ -19,10 +19,14 @@ pub struct Used {
     pub len: u32,
 }
 
-/// Whether guest memory of bitmap type `B` logs dirty pages. The daemon's map (`()`) does
-/// not, so it skips keeping and walking the written spans; decided at compile time.
-pub(super) fn logs_dirty_pages<B: Bitmap + 'static>() -> bool {
-    std::any::TypeId::of::<B>() != std::any::TypeId::of::<()>()
+/// Where the device records the guest memory it writes through raw iovecs and the status
+/// byte, for live migration's dirty log: the frontend copies the pages marked there again.
+/// (Writes through the memory map, like the used ring's, are the caller's to record.)
+pub trait WriteLog: Send + Sync {
+    /// Whether writes are recorded now; checked once per completed request.
+    fn logging(&self) -> bool;
+    /// Records that `len` bytes at guest address `gpa` were written.
+    fn mark(&self, gpa: u64, len: u64);
 }
 
 /// A request's status byte: its guest address, and the host address it was found at when
@@ -45,8 +49,7 @@ pub struct Completion<B: Bitmap + 'static = ()> {
     /// the used length can claim no more than these plus the status byte.
     pub(super) writable_data: u64,
     /// The device-writable data spans, in order, for dirty-page logging: the device writes
-    /// them through raw iovecs, which the memory map's bitmap does not see. Kept only when
-    /// the map logs dirty pages.
+    /// them through raw iovecs (see [`WriteLog`]).
     pub(super) written_spans: Spans,
 }
 
@@ -64,39 +67,30 @@ impl<B: Bitmap + 'static> Completion<B> {
     /// Writes `status` (the only place a status byte is written) and returns the used
     /// element: the head index and the bytes written to device-writable buffers, which is
     /// `written` data bytes (at most the writable data length) plus the status byte, or 0
-    /// when there was no status byte to write.
-    pub fn complete(self, status: u8, written: u64) -> Used {
+    /// when there was no status byte to write. While `writes` is logging, records the data
+    /// written and the status byte, after they are written (a page recorded before its
+    /// write could be copied, and its mark cleared, in between).
+    pub fn complete(self, status: u8, written: u64, writes: Option<&dyn WriteLog>) -> Used {
         let head = self.head;
         let Some(byte) = self.status else {
             return Used { head, len: 0 };
         };
         let data = written.min(self.writable_data);
-        let mut left = data;
-        for &Span { addr, len } in &self.written_spans {
-            let n = len.min(left);
-            if n == 0 {
-                break;
-            }
-            // `n <= len`, which became a host slice at parse time, so it fits a usize.
-            for slice in self
-                .mem
-                .get_slices(GuestAddress(addr), n as usize)
-                .flatten()
-            {
-                slice.bitmap().mark_dirty(0, slice.len());
-            }
-            left -= n;
-        }
         // SAFETY: `byte.host` is the start of a one-byte `VolatileSlice` that `status_byte`
         // took from `self.mem`, which this completion owns, so the byte is still mapped and
         // writable. Volatile, because the guest shares it.
         unsafe { byte.host.write_volatile(status) };
-        // Marked after the write: a page marked before could be copied (and its bit
-        // cleared) by the frontend between the mark and the write.
-        if logs_dirty_pages::<B>() {
-            for slice in self.mem.get_slices(byte.addr, 1).flatten() {
-                slice.bitmap().mark_dirty(0, slice.len());
+        if let Some(log) = writes.filter(|w| w.logging()) {
+            let mut left = data;
+            for &Span { addr, len } in &self.written_spans {
+                let n = len.min(left);
+                if n == 0 {
+                    break;
+                }
+                log.mark(addr, n);
+                left -= n;
             }
+            log.mark(byte.addr.0, 1);
         }
         Used {
             head,

@@ -36,7 +36,7 @@ mod completion;
 mod parse;
 mod spans;
 
-pub use completion::{Completion, Used};
+pub use completion::{Completion, Used, WriteLog};
 pub use spans::IoVecs;
 
 /// Status: success (virtio 1.2, 5.2.6).
@@ -356,11 +356,11 @@ impl<B: Bitmap + 'static> Rejected<B> {
         self.completion.status_addr()
     }
 
-    /// Writes the error's status (IOERR or UNSUPP) if there is a status byte and returns
-    /// the used element.
-    pub fn complete(self) -> Used {
+    /// Writes the error's status (IOERR or UNSUPP) if there is a status byte (recorded in
+    /// `writes` while it logs) and returns the used element.
+    pub fn complete(self, writes: Option<&dyn WriteLog>) -> Used {
         let status = self.error.status();
-        self.completion.complete(status, 0)
+        self.completion.complete(status, 0, writes)
     }
 }
 
@@ -411,9 +411,9 @@ impl<B: Bitmap + 'static> Request<B> {
     }
 
     /// Finishes the request with `status`, `written` bytes having been written to its data
-    /// buffers; returns the used element.
-    pub fn complete(self, status: u8, written: u64) -> Used {
-        self.completion.complete(status, written)
+    /// buffers (both recorded in `writes` while it logs); returns the used element.
+    pub fn complete(self, status: u8, written: u64, writes: Option<&dyn WriteLog>) -> Used {
+        self.completion.complete(status, written, writes)
     }
 }
 

@@ -10,7 +10,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::completion::{logs_dirty_pages, Completion, StatusByte};
+use super::completion::{Completion, StatusByte};
 use super::spans::{iovecs, read_spans, skip_bytes, take_bytes, total, IoVecs, Span, Spans};
 use super::{Error, Op, Rejected, Request, RequestType, Segment, HEADER_LEN, SEGMENT_LEN};
 use crate::config::{DeviceConfig, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
@@ -96,9 +96,7 @@ impl<B: Bitmap + 'static> Request<B> {
             Ok(v) => {
                 if matches!(v.op, Op::Read { .. } | Op::GetId(_)) {
                     completion.writable_data = total(shape.writable.iter().copied());
-                    if logs_dirty_pages::<B>() {
-                        completion.written_spans = shape.writable;
-                    }
+                    completion.written_spans = shape.writable;
                 }
                 Ok(Request {
                     sector: v.sector,

@@ -24,7 +24,7 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight, VhostUserLog,
     VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
@@ -155,6 +155,15 @@ pub trait VhostUserBackend: Send + Sync {
     /// message that would start the vring, and the vring stays stopped.
     fn start_vring(&self, _queue_index: u32, _vring: &Self::Vring) -> Result<()> {
         Ok(())
+    }
+
+    /// corodev patch: `VHOST_USER_SET_LOG_BASE`, for a backend that marks dirty pages
+    /// itself rather than through its memory map's bitmap (which costs every guest memory
+    /// access, logging or not). `Ok(true)`: the backend took the log, the library does
+    /// nothing more; `Ok(false)` (the default): the library gives each region's bitmap its
+    /// range of the log, as before. The log's size was checked against its file.
+    fn set_log_base(&self, _log: &VhostUserLog, _file: &File) -> Result<bool> {
+        Ok(false)
     }
 
     /// corodev patch: `VHOST_USER_GET_INFLIGHT_FD`: allocate the region in which the backend
@@ -457,6 +466,10 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn start_vring(&self, queue_index: u32, vring: &Self::Vring) -> Result<()> {
         self.deref().start_vring(queue_index, vring)
+    }
+
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<bool> {
+        self.deref().set_log_base(log, file)
     }
 
     fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {

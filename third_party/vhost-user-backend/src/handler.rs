@@ -958,6 +958,14 @@ where
         // corodev patch: a log longer than its file would raise SIGBUS at the first mark
         // past the file's end; refuse it here, as memory regions are.
         check_region_file(&file, "dirty log", log.mmap_offset, log.mmap_size)?;
+        // corodev patch: a backend may take the log itself (see `set_log_base`).
+        if self
+            .backend
+            .set_log_base(log, &file)
+            .map_err(VhostUserError::ReqHandlerError)?
+        {
+            return Ok(());
+        }
 
         let logmem = Arc::new(
             MmapLogReg::from_file(file.as_fd(), log.mmap_offset, log.mmap_size)
