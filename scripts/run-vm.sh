@@ -16,6 +16,14 @@
 #   --accel A         auto (default: KVM if a probe boot under KVM works, else TCG), kvm, tcg
 #   --reconnect       QEMU reconnects to the socket by itself (every second) when the server
 #                     goes away, e.g. killed and restarted (default: a lost server is final)
+#   --kernel-arg ARG  one more word on the guest kernel's command line, repeatable
+#                     (e.g. init_on_alloc=0)
+# Live migration (integration/src/migration.rs drives these through QMP):
+#   --qmp PATH        a QMP server on the unix socket PATH (-qmp unix:PATH,server=on,wait=off)
+#   --incoming URI    start as a migration destination (-incoming URI, e.g. defer or
+#                     tcp:127.0.0.1:PORT): the guest runs once a migration has arrived, and
+#                     its console continues here. A source QEMU that migrated away pauses
+#                     (QMP `quit` ends it; it then prints no result, so exits 1)
 # Server (only with --start-daemon; it is stopped when the guest is done):
 #   --disk IMG        image to export
 #   --server S        corodev (default) or qsd (QEMU's qemu-storage-daemon, for comparison)
@@ -30,8 +38,8 @@ cd "$(dirname "$0")/.."
 
 socket='' test=pattern arg='' queues=1 smp=1 mem=256 timeout=180 accel=auto reconnect=0
 start_daemon=0 disk='' server=corodev daemon_bin=${CORODEV_BIN:-target/release/corodev} readonly=0
-daemon_args=()
-usage() { sed -n '2,27p' "$0"; }
+daemon_args=() kernel_args=() qmp='' incoming=''
+usage() { sed -n '2,36p' "$0"; }
 die() {
     echo "run-vm: $*" >&2
     exit 2
@@ -48,6 +56,9 @@ while (($#)); do
         --timeout) need "$@"; timeout=$2; shift 2 ;;
         --accel) need "$@"; accel=$2; shift 2 ;;
         --reconnect) reconnect=1; shift ;;
+        --kernel-arg) need "$@"; kernel_args+=("$2"); shift 2 ;;
+        --qmp) need "$@"; qmp=$2; shift 2 ;;
+        --incoming) need "$@"; incoming=$2; shift 2 ;;
         --start-daemon) start_daemon=1; shift ;;
         --disk) need "$@"; disk=$2; shift 2 ;;
         --server) need "$@"; server=$2; shift 2 ;;
@@ -134,8 +145,15 @@ cpu=max
 
 append="console=ttyS0 panic=-1 quiet corodev.test=$test"
 [ -n "$arg" ] && append="$append corodev.arg=$arg"
+for k in "${kernel_args[@]}"; do
+    [[ "$k" =~ ^[A-Za-z0-9_.,=:/-]+$ ]] || die "--kernel-arg '$k': one word of [A-Za-z0-9_.,=:/-]"
+    append="$append $k"
+done
 chardev="socket,id=c0,path=$socket"
 [ "$reconnect" = 1 ] && chardev="$chardev,reconnect=1"
+extra=()
+[ -n "$qmp" ] && extra+=(-qmp "unix:$qmp,server=on,wait=off")
+[ -n "$incoming" ] && extra+=(-incoming "$incoming")
 
 start=$(date +%s%N)
 set +e
@@ -147,7 +165,8 @@ timeout --foreground --kill-after=5 "$timeout" qemu-system-x86_64 -accel "$accel
     -nographic -nodefaults -serial stdio -no-reboot \
     -kernel "$kernel" -initrd "$initrd" -append "$append" \
     -chardev "$chardev" \
-    -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues" </dev/null 2>&1 | tee "$work/console.log"
+    -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues" "${extra[@]}" </dev/null 2>&1 |
+    tee "$work/console.log"
 qemu_rc=${PIPESTATUS[0]}
 set -e
 elapsed=$(( ($(date +%s%N) - start) / 1000000 ))

@@ -90,6 +90,24 @@ impl Daemon {
         }
     }
 
+    /// Like [`start`](Self::start), for an image that another server serves at the same
+    /// time (the source and destination of a live migration share their storage):
+    /// qemu-storage-daemon is told not to lock the image (`locking=off`; it takes a write
+    /// lock by default, which would stop the second server). corodev takes no image lock
+    /// today, so its command line is the same as [`start`](Self::start)'s.
+    pub fn start_shared(image: &Image, args: &[&str]) -> Daemon {
+        Daemon::shared(Server::from_env(), image, args)
+    }
+
+    /// [`start_shared`](Self::start_shared) with the server given (for a benchmark that
+    /// runs both in turn).
+    pub fn shared(kind: Server, image: &Image, args: &[&str]) -> Daemon {
+        match kind {
+            Server::Corodev => Daemon::corodev(image, args),
+            Server::Qsd => Daemon::qsd_with(image, args, true),
+        }
+    }
+
     /// Starts corodev ([`corodev_bin`]) with `--socket <temp> --disk <image>` and `args`.
     pub fn corodev(image: &Image, args: &[&str]) -> Daemon {
         let (dir, socket) = socket_dir();
@@ -123,6 +141,11 @@ impl Daemon {
     /// corodev or have no qsd counterpart (`--serial`, `--threads`, `--queue-size`, ...)
     /// and are ignored, so a test that checks them must check [`Daemon::kind`] first.
     pub fn qsd(image: &Image, args: &[&str]) -> Daemon {
+        Daemon::qsd_with(image, args, false)
+    }
+
+    /// [`qsd`](Self::qsd), with the image unlocked if `shared`.
+    fn qsd_with(image: &Image, args: &[&str], shared: bool) -> Daemon {
         let value = |name: &str| {
             args.iter()
                 .position(|a| *a == name)
@@ -140,9 +163,10 @@ impl Daemon {
             format!("driver=null-co,node-name=f,read-zeroes=on,size={size}")
         } else {
             format!(
-                "driver=file,node-name=f,filename={},aio=io_uring,cache.direct={direct},read-only={}",
+                "driver=file,node-name=f,filename={},aio=io_uring,cache.direct={direct},read-only={}{}",
                 image.path.display(),
-                if ro { "on" } else { "off" }
+                if ro { "on" } else { "off" },
+                if shared { ",locking=off" } else { "" }
             )
         };
         let (dir, socket) = socket_dir();

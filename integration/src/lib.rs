@@ -26,7 +26,8 @@
 //! [`server`] (which server, where its binary is), [`image`] (the disk image), [`daemon`]
 //! (starting and watching a server), `procfs` (what /proc says about it), [`throttle`]
 //! (limiting a server's disk writes), [`vm`] (booting a guest), [`console`] (what the guest
-//! printed), [`frontend`] (the protocol-level client).
+//! printed), [`frontend`] (the protocol-level client), [`qmp`] (talking to QEMU),
+//! [`migration`] (moving a guest between QEMUs).
 
 #![deny(
     unsafe_op_in_unsafe_fn,
@@ -39,7 +40,9 @@ pub mod console;
 pub mod daemon;
 pub mod frontend;
 pub mod image;
+pub mod migration;
 mod procfs;
+pub mod qmp;
 pub mod server;
 pub mod throttle;
 pub mod vm;
@@ -48,7 +51,9 @@ pub mod workspace;
 pub use console::{parse_results, GuestLine, GuestRun, LineKind};
 pub use daemon::{Daemon, Resources};
 pub use image::{Image, TEST_IMAGE_SIZE};
+pub use migration::{Fleet, MigrationInfo, Progress, Side};
+pub use qmp::{Qmp, QmpError};
 pub use server::{corodev_bin, Server};
 pub use throttle::WriteThrottle;
-pub use vm::{guest_artifacts, Guest, GuestArtifacts, Vm};
+pub use vm::{guest_artifacts, Guest, GuestArtifacts, GuestSlot, Vm, VmControl};
 pub use workspace::workspace;

@@ -72,7 +72,7 @@ pub fn guest_artifacts() -> &'static GuestArtifacts {
 /// What to boot: the guest test to run (see `scripts/guest-init.sh`) and the VM shape.
 #[derive(Debug, Clone)]
 pub struct Guest<'a> {
-    /// `corodev.test=`: info, pattern, fio, mq, ext4, readonly, discard, restart.
+    /// `corodev.test=`: info, pattern, fio, mq, ext4, readonly, discard, restart, migrate.
     pub test: &'a str,
     /// `corodev.arg=` (fio/mq: number of jobs; restart: longest run, seconds).
     pub arg: Option<&'a str>,
@@ -87,6 +87,8 @@ pub struct Guest<'a> {
     /// Whether QEMU reconnects to the socket by itself when the server goes away
     /// (`run-vm.sh --reconnect`), for tests that restart the server under a running guest.
     pub reconnect: bool,
+    /// More words for the guest kernel's command line (`run-vm.sh --kernel-arg`).
+    pub kernel_args: &'a [&'a str],
 }
 
 impl<'a> Guest<'a> {
@@ -101,6 +103,7 @@ impl<'a> Guest<'a> {
             timeout: Duration::from_secs(180),
             mem_mib: 256,
             reconnect: false,
+            kernel_args: &[],
         }
     }
 
@@ -119,28 +122,73 @@ const RUN_VM_TIMEOUT: i32 = 3;
 const SETUP_GRACE: Duration = Duration::from_secs(120);
 
 /// A booted guest: `scripts/run-vm.sh` with its console in a file. Holds the one-guest
-/// lock; killed (with QEMU, its whole process group) on drop, so a panicking test leaves no
-/// VM behind.
+/// lock (or its [`GuestSlot`] does); killed (with QEMU, its whole process group) on drop, so
+/// a panicking test leaves no VM behind.
 pub struct Vm {
     child: Child,
     console: PathBuf,
     test: String,
     started: Instant,
     deadline: Instant,
+    qmp: Option<PathBuf>,
     _dir: tempfile::TempDir,
-    _one_at_a_time: MutexGuard<'static, ()>,
+    _one_at_a_time: Option<MutexGuard<'static, ()>>,
+}
+
+/// The one-guest lock held for a group of VMs that must run at the same time: the source
+/// and destination QEMUs of a live migration ([`crate::migration`]). VMs started with
+/// [`Vm::start_in`] while the slot is held do not wait for each other.
+pub struct GuestSlot {
+    _held: MutexGuard<'static, ()>,
+}
+
+impl GuestSlot {
+    /// Waits until no other guest of this process runs, and keeps it so.
+    pub fn take() -> GuestSlot {
+        GuestSlot {
+            _held: guest_lock(),
+        }
+    }
+}
+
+/// How a [`Vm`] is controlled besides its console (`run-vm.sh --qmp`, `--incoming`).
+#[derive(Debug, Clone, Default)]
+pub struct VmControl {
+    /// A QMP server on a unix socket in the VM's temp dir ([`Vm::qmp_socket`]).
+    pub qmp: bool,
+    /// Start as a migration destination: QEMU's `-incoming` value (`defer`, `tcp:...`).
+    pub incoming: Option<String>,
 }
 
 impl Vm {
     /// Boots `guest` against the vhost-user socket `socket`. Waits for any other guest of
     /// this process to finish first.
     pub fn start(socket: &Path, guest: &Guest<'_>) -> Vm {
+        Vm::launch(socket, guest, &VmControl::default(), Some(guest_lock()))
+    }
+
+    /// Boots `guest` against `socket` with `control`, alongside the other VMs of `slot`
+    /// (which must outlive it).
+    pub fn start_in(
+        _slot: &GuestSlot,
+        socket: &Path,
+        guest: &Guest<'_>,
+        control: &VmControl,
+    ) -> Vm {
+        Vm::launch(socket, guest, control, None)
+    }
+
+    fn launch(
+        socket: &Path,
+        guest: &Guest<'_>,
+        control: &VmControl,
+        lock: Option<MutexGuard<'static, ()>>,
+    ) -> Vm {
         let artifacts = guest_artifacts();
         assert!(
             artifacts.kernel.is_file() && artifacts.initrd.is_file(),
             "guest kernel or initramfs missing ({artifacts:?}); {INSTALL_HINT}"
         );
-        let lock = guest_lock();
         let dir = tempfile::Builder::new()
             .prefix("corodev-vm-")
             .tempdir()
@@ -167,6 +215,16 @@ impl Vm {
         if guest.reconnect {
             cmd.arg("--reconnect");
         }
+        for k in guest.kernel_args {
+            cmd.args(["--kernel-arg", k]);
+        }
+        let qmp = control.qmp.then(|| dir.path().join("qmp.sock"));
+        if let Some(qmp) = &qmp {
+            cmd.arg("--qmp").arg(qmp);
+        }
+        if let Some(incoming) = &control.incoming {
+            cmd.args(["--incoming", incoming]);
+        }
         // Its own process group, so Drop can kill QEMU and timeout(1) along with bash.
         cmd.process_group(0)
             .stdin(Stdio::null())
@@ -182,6 +240,7 @@ impl Vm {
             test: guest.test.to_owned(),
             started,
             deadline: started + guest.timeout + SETUP_GRACE,
+            qmp,
             _dir: dir,
             _one_at_a_time: lock,
         }
@@ -192,6 +251,12 @@ impl Vm {
         std::fs::read(&self.console)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
+    }
+
+    /// The QMP socket, if started with [`VmControl::qmp`] (QEMU creates it soon after
+    /// start; see [`crate::qmp::Qmp::connect`]).
+    pub fn qmp_socket(&self) -> Option<&Path> {
+        self.qmp.as_deref()
     }
 
     /// Whether run-vm.sh (and so the guest) is still running.
@@ -244,8 +309,24 @@ impl Vm {
         run
     }
 
-    /// Kills the VM's whole process group and reaps run-vm.sh.
-    fn kill(&mut self) {
+    /// Waits up to `timeout` for run-vm.sh to exit (e.g. after QMP `quit`); its status, or
+    /// `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the VM's whole process group (QEMU with it) and reaps run-vm.sh: a crash of
+    /// this QEMU, as far as anyone talking to it can tell.
+    pub fn kill(&mut self) {
         if let Ok(pgid) = i32::try_from(self.child.id()) {
             // SAFETY: kill(2) with a negative pid signals that process group; the group is
             // the one this Vm created (process_group(0) above), so nothing else is hit.
