@@ -294,16 +294,17 @@ mod tests {
     }
 
     #[test]
-    fn offers_the_model_features_plus_vhost_user_protocol_features() {
+    fn offers_the_model_features_plus_protocol_features_and_dirty_logging() {
         let dev = device(true);
         let model = dev.0.blk.config().virtio_features();
-        let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        assert_eq!(
-            model & protocol,
-            0,
-            "the model leaves the transport bit out"
-        );
-        assert_eq!(dev.features(), model | protocol);
+        let vhost = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits();
+        assert_eq!(model & vhost, 0, "the model leaves the transport bits out");
+        assert_eq!(dev.features(), model | vhost);
+        let pf = dev.protocol_features();
+        assert!(pf.contains(
+            VhostUserProtocolFeatures::LOG_SHMFD | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        ));
         assert_eq!(dev.num_queues(), 3);
         assert_eq!(dev.queues_per_thread(), vec![0b011, 0b100]);
     }
