@@ -90,6 +90,18 @@ impl InFlightHeads {
         !was
     }
 
+    /// Marks `head` in flight if the ring rules allow it: below the queue size, and not
+    /// in flight already.
+    fn admit(&mut self, head: u16, size: u16) -> Result<(), RingFault> {
+        if head >= size {
+            return Err(RingFault::HeadOutOfRange { head, size });
+        }
+        if !self.insert(head) {
+            return Err(RingFault::HeadInFlight { head });
+        }
+        Ok(())
+    }
+
     /// Marks `head` answered.
     pub fn remove(&mut self, head: u16) {
         if let Some(w) = self.bits.get_mut(usize::from(head / 64)) {
@@ -175,12 +187,8 @@ fn resubmit(
     let size = queue.size();
     let mut added = 0;
     for head in state.take_resubmit() {
-        if head >= size {
-            popped.fault = Some(RingFault::HeadOutOfRange { head, size });
-            break;
-        }
-        if !heads.insert(head) {
-            popped.fault = Some(RingFault::HeadInFlight { head });
+        if let Err(fault) = heads.admit(head, size) {
+            popped.fault = Some(fault);
             break;
         }
         let table = GuestAddress(queue.desc_table());
@@ -228,12 +236,8 @@ fn pop_pass(
     };
     for chain in iter {
         let head = chain.head_index();
-        if head >= size {
-            popped.fault = Some(RingFault::HeadOutOfRange { head, size });
-            break;
-        }
-        if !heads.insert(head) {
-            popped.fault = Some(RingFault::HeadInFlight { head });
+        if let Err(fault) = heads.admit(head, size) {
+            popped.fault = Some(fault);
             break;
         }
         if let Some(tracker) = tracker {
