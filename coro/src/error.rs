@@ -36,13 +36,22 @@ pub enum Error {
         /// The first free slot of the task table.
         slot: usize,
     },
-    /// A backend name that is neither `fast` nor `ucontext` (from [`Backend`]'s `FromStr`).
+    /// A backend name that is not one of [`Backend::ALL`]'s (from [`Backend`]'s `FromStr`).
     ///
     /// [`Backend`]: crate::Backend
-    #[error("unknown coroutine backend '{name}': use 'fast' or 'ucontext'")]
+    /// [`Backend::ALL`]: crate::Backend::ALL
+    #[error("unknown coroutine backend '{name}': use fast, sigaltstack, ucontext or thread")]
     UnknownBackend {
         /// The name as given.
         name: String,
+    },
+    /// The backend cannot run in this build (`ucontext` where libc has no ucontext).
+    #[error("coroutine backend {backend} is not available in this build: {why}")]
+    BackendUnavailable {
+        /// The backend's name.
+        backend: &'static str,
+        /// Why, and what to use instead.
+        why: &'static str,
     },
 }
 
@@ -69,9 +78,9 @@ impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         let kind = match &e {
             Error::Os { source, .. } => source.kind(),
-            Error::StackTooLarge { .. } | Error::UnknownBackend { .. } => {
-                io::ErrorKind::InvalidInput
-            }
+            Error::StackTooLarge { .. }
+            | Error::UnknownBackend { .. }
+            | Error::BackendUnavailable { .. } => io::ErrorKind::InvalidInput,
             Error::TooManyTasks { .. } => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)

@@ -9,7 +9,14 @@
 //! stack.
 //!
 //! Switch backends ([`Backend`]) differ only in [`switch_in`]/[`switch_out`] and in how a new
-//! fiber first reaches its park point ([`Fiber::new`]).
+//! fiber first reaches its park point ([`Fiber::new`]):
+//!
+//! | backend | first park | every switch |
+//! |---|---|---|
+//! | `Fast` | `makecontext` + one `setcontext` | register switch ([`arch`]) |
+//! | `Sigaltstack` | a signal handler on the new stack ([`signal_stack`]) | register switch |
+//! | `Ucontext` | `makecontext` | `swapcontext` |
+//! | `Thread` | `pthread_create` on the fiber's stack | baton hand-off ([`thread_switch`]) |
 //!
 //! Everything here is raw-pointer code shared by two stacks; the safe surface is
 //! [`crate::coroutine`].
@@ -20,37 +27,87 @@ use std::ptr::{self, NonNull};
 
 use crate::arch;
 use crate::overflow;
+use crate::sched;
+use crate::signal_stack;
 use crate::stack::Stack;
+use crate::thread_switch::{Baton, CoThread};
 use crate::Error;
 
 /// How the CPU moves between a coroutine and its resumer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Backend {
     /// `makecontext` once per new stack, then a register-only switch with no syscall.
-    /// x86_64 only; elsewhere it behaves as `Ucontext`.
+    /// Needs an architecture with a register switch (x86_64) and a libc with `makecontext`
+    /// (glibc); elsewhere it behaves as [`Backend::effective`] says.
     Fast,
-    /// `swapcontext` for every switch: portable to any libc with ucontext, but each switch
-    /// costs an `rt_sigprocmask` syscall.
+    /// The same register switch as `Fast`, but a new stack is entered the way QEMU's
+    /// coroutine-sigaltstack does it, from a signal handler running on it, so no
+    /// `makecontext` is needed: the backend for musl. Takes `SIGUSR2` for itself.
+    Sigaltstack,
+    /// `swapcontext` for every switch: portable to any libc with ucontext (not musl), but
+    /// each switch costs an `rt_sigprocmask` syscall.
     Ucontext,
+    /// Every coroutine is an OS thread and a switch hands a baton between two threads:
+    /// slow on purpose, for debuggers, Valgrind's thread tools and sanitizers, which
+    /// understand threads but not stack switching.
+    Thread,
 }
+
+/// Whether this build's libc has `makecontext`/`swapcontext` (glibc does, musl does not).
+const HAS_UCONTEXT: bool = cfg!(target_env = "gnu");
 
 impl Default for Backend {
     fn default() -> Self {
-        if arch::HAS_FAST {
-            Backend::Fast
-        } else {
-            Backend::Ucontext
-        }
+        Backend::Fast.effective()
     }
 }
 
 impl Backend {
-    /// The backend actually used when this one is asked for on this architecture.
+    /// Every backend, in the order they are documented.
+    pub const ALL: [Backend; 4] = [
+        Backend::Fast,
+        Backend::Sigaltstack,
+        Backend::Ucontext,
+        Backend::Thread,
+    ];
+
+    /// The backend actually used when this one is asked for in this build. Without a
+    /// register switch for the architecture, `Fast` and `Sigaltstack` become `Ucontext`
+    /// (or `Thread` without ucontext); without `makecontext`, `Fast` becomes `Sigaltstack`.
+    /// `Ucontext` without ucontext stays itself and fails to spawn
+    /// ([`Error::BackendUnavailable`]): asked for by name, it is not silently replaced.
     pub fn effective(self) -> Backend {
-        if arch::HAS_FAST {
-            self
-        } else {
+        let no_register_switch = if HAS_UCONTEXT {
             Backend::Ucontext
+        } else {
+            Backend::Thread
+        };
+        match self {
+            Backend::Fast | Backend::Sigaltstack if !arch::HAS_FAST => no_register_switch,
+            Backend::Fast if !HAS_UCONTEXT => Backend::Sigaltstack,
+            other => other,
+        }
+    }
+
+    /// The name `FromStr` accepts and the daemon's `--coroutine-backend` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Fast => "fast",
+            Backend::Sigaltstack => "sigaltstack",
+            Backend::Ucontext => "ucontext",
+            Backend::Thread => "thread",
+        }
+    }
+
+    /// Whether this build can run the backend (after [`effective`](Self::effective)), and
+    /// if not, why.
+    pub fn check(self) -> Result<Backend, Error> {
+        match self.effective() {
+            Backend::Ucontext if !HAS_UCONTEXT => Err(Error::BackendUnavailable {
+                backend: self.name(),
+                why: "this libc has no makecontext/swapcontext (musl); use sigaltstack or thread",
+            }),
+            b => Ok(b),
         }
     }
 }
@@ -59,13 +116,10 @@ impl std::str::FromStr for Backend {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "fast" => Ok(Backend::Fast),
-            "ucontext" => Ok(Backend::Ucontext),
-            other => Err(Error::UnknownBackend {
-                name: other.to_owned(),
-            }),
-        }
+        Backend::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| Error::UnknownBackend { name: s.to_owned() })
     }
 }
 
@@ -111,6 +165,7 @@ impl Payload {
 
 /// Contexts for the `Ucontext` backend, and for the `Fast` backend's one-time bootstrap.
 /// Boxed because glibc's `ucontext_t` points into itself and must not move.
+#[cfg(target_env = "gnu")]
 struct UcPair {
     fiber: libc::ucontext_t,
     caller: libc::ucontext_t,
@@ -119,13 +174,23 @@ struct UcPair {
 /// The shared control block of one fiber. Both stacks reach it through a raw pointer; a
 /// field is only touched by the side that is currently running.
 pub(crate) struct Fiber {
-    /// `Fast`: the parked fiber's stack pointer, written by the switch that parks it.
+    /// Register switches (`Fast`, `Sigaltstack`): the parked fiber's stack pointer, written
+    /// by the switch that parks it.
     fiber_sp: *mut u8,
-    /// `Fast`: the resumer's stack pointer while the fiber runs, for `switch_out`.
+    /// Register switches: the resumer's stack pointer while the fiber runs, for `switch_out`.
     caller_sp: *mut u8,
     /// `Ucontext`: both contexts for every switch. `Fast`: only until the bootstrap has
     /// parked the trampoline, then dropped.
+    #[cfg(target_env = "gnu")]
     uc: Option<Box<UcPair>>,
+    /// `Thread`: the baton, set before the coroutine thread starts (which reads it at once).
+    baton: Option<Box<Baton>>,
+    /// `Thread`: the coroutine thread, set by the creator once it has parked; only the
+    /// resumer side touches it (to join it).
+    thread: Option<CoThread>,
+    /// `Thread`: the scheduler of the resumer, installed on the coroutine's thread at each
+    /// switch in (thread-locals are per OS thread; see [`crate::thread_switch`]).
+    carried: sched::Carried,
     /// Already [`Backend::effective`], so the switch never needs the architecture check.
     backend: Backend,
     /// The job to run next, set by [`Fiber::start`]; runs the closure in the payload.
@@ -157,7 +222,9 @@ thread_local! {
     /// `Builder::spawn` took the fiber. `switch_out` returns to that same resumer. The
     /// `Scheduler` that owns tasks holds them behind an `Rc` and is `!Send` too. And a
     /// finished fiber goes back to `POOLS`, which is thread-local, so even its parked
-    /// trampoline is only ever picked up again by the same thread. Hence `switch_in` can
+    /// trampoline is only ever picked up again by the same thread. (The `Thread` backend runs
+    /// a coroutine on its own OS thread, but always that one: each side of a switch only
+    /// ever reads its own thread's `CURRENT`.) Hence `switch_in` can
     /// stay `#[inline(always)]` with the `CURRENT` accesses around the switch inlined into
     /// it; making `Coroutine` `Send` or sharing the pool between threads would require
     /// QEMU's fix (re-reading every thread-local through a non-inlined call after a switch).
@@ -200,25 +267,46 @@ pub fn pool_idle_count() -> usize {
 
 /// The `makecontext` entry point: splits the fiber pointer back out of two `int`s (all
 /// `makecontext` can pass on 64-bit, as in cloudwu's library) and runs the trampoline.
+#[cfg(target_env = "gnu")]
 extern "C" fn fiber_entry(lo: libc::c_uint, hi: libc::c_uint) {
     let addr = ((hi as usize) << 32) | lo as usize;
-    fiber_main(addr as *mut Fiber)
+    fiber_main(addr as *mut Fiber);
+    // Only a `Thread` fiber's trampoline returns; returning from here would end the thread.
+    std::process::abort()
 }
 
-/// The trampoline: park, run a job, mark it finished, repeat. Never returns, because the
-/// `makecontext` frame has no `uc_link` to return to. Jobs catch their own panics; were one
-/// to escape, the `extern "C"` boundary above aborts rather than unwinding off the stack.
-fn fiber_main(f: *mut Fiber) -> ! {
-    loop {
-        // SAFETY: `f` stays valid for as long as this trampoline can run: a fiber is only
-        // destroyed while parked here with no job.
-        unsafe {
-            switch_out(f);
+/// The trampoline: park, run a job, mark it finished, repeat. Returns only for the `Thread`
+/// backend, when its fiber is destroyed; every other caller aborts if it does, because their
+/// stack has nothing to return to. Jobs catch their own panics; were one to escape, the
+/// `extern "C"` boundary of the callers aborts rather than unwinding off the stack.
+fn fiber_main(f: *mut Fiber) {
+    // SAFETY: `f` stays valid for as long as this trampoline can run: a fiber is only
+    // destroyed while parked here with no job (a `Thread` fiber after this returns).
+    unsafe {
+        while park(f) {
             if let Some(job) = (*f).job.take() {
                 (*f).drop_job = None;
                 job(f);
             }
             (*f).finished = true;
+        }
+    }
+}
+
+/// The trampoline's park: [`switch_out`], then whether to go on (false only for a `Thread`
+/// fiber being destroyed).
+///
+/// # Safety
+/// As for [`switch_out`].
+unsafe fn park(f: *mut Fiber) -> bool {
+    // SAFETY: per the contract.
+    unsafe {
+        match (*f).baton.as_deref() {
+            Some(baton) => suspend_thread(f, baton),
+            None => {
+                switch_out(f);
+                true
+            }
         }
     }
 }
@@ -232,6 +320,7 @@ fn fiber_main(f: *mut Fiber) -> ! {
 /// `caller_sp` holds the creator's context saved by the `bootstrap` that calls this, so that
 /// the trampoline's first [`switch_out`] has somewhere to return to. Nothing else may use
 /// the fiber until that switch.
+#[cfg(target_env = "gnu")]
 unsafe extern "C" fn enter_fiber(f: *mut u8) -> ! {
     let f = f.cast::<Fiber>();
     // SAFETY: `uc` was prepared by `makecontext` in `Fiber::new` and lives in a Box.
@@ -242,6 +331,25 @@ unsafe extern "C" fn enter_fiber(f: *mut u8) -> ! {
     }
     // setcontext only returns on failure, which leaves no sane state to continue from.
     std::process::abort()
+}
+
+/// For the `Sigaltstack` backend: the trampoline, entered by [`arch::bootstrap`] inside the
+/// signal handler, on the fiber's stack.
+///
+/// # Safety
+/// As for [`enter_fiber`], except that no `uc` is needed: this already runs on the new stack.
+unsafe extern "C" fn enter_on_signal_stack(f: *mut u8) -> ! {
+    fiber_main(f.cast());
+    std::process::abort()
+}
+
+/// For the `Thread` backend: the coroutine thread's body.
+extern "C" fn thread_main(f: *mut libc::c_void) -> *mut libc::c_void {
+    let f = f.cast::<Fiber>();
+    let _alt_stack = overflow::ThreadAltStack::install();
+    CURRENT.with(|c| c.set(f));
+    fiber_main(f);
+    ptr::null_mut()
 }
 
 /// Runs the job (closure `F` in the payload) and stores its outcome, panics included, so
@@ -340,12 +448,17 @@ impl Fiber {
 
     /// Maps a stack and runs a new trampoline on it up to its first park.
     fn new(backend: Backend, stack_size: usize) -> Result<NonNull<Fiber>, Error> {
+        let backend = backend.check()?;
         overflow::ensure_handler();
         let stack = Stack::new(stack_size)?;
         let f = Box::into_raw(Box::new(Fiber {
             fiber_sp: ptr::null_mut(),
             caller_sp: ptr::null_mut(),
+            #[cfg(target_env = "gnu")]
             uc: None,
+            baton: None,
+            thread: None,
+            carried: sched::Carried::default(),
             backend,
             job: None,
             drop_job: None,
@@ -354,57 +467,50 @@ impl Fiber {
             stack,
             payload: Payload([MaybeUninit::uninit(); PAYLOAD_BYTES]),
         }));
-        // SAFETY: ucontext_t is plain data for which all-zero is a valid (empty) value;
-        // getcontext fills it before use.
-        let uc = Box::new(unsafe { mem::zeroed::<UcPair>() });
-        // SAFETY: `f` came from Box::into_raw and is exclusively ours until parked. `uc`
-        // borrows the boxed pair now owned by the fiber: glibc's ucontext_t points into
-        // itself, and a Box's contents stay put when the Box moves.
-        unsafe {
-            let uc: &mut UcPair = (*f).uc.insert(uc);
-            if libc::getcontext(&mut uc.fiber) != 0 {
-                let err = Error::last_os("getcontext");
-                drop(Box::from_raw(f));
-                return Err(err);
-            }
-            uc.fiber.uc_stack.ss_sp = (*f).stack.bottom().cast();
-            uc.fiber.uc_stack.ss_size = (*f).stack.usable();
-            uc.fiber.uc_link = ptr::null_mut();
-            let addr = f as usize;
-            // SAFETY: makecontext passes its variadic `int`s to the entry point, whose real
-            // signature is (c_uint, c_uint); the transmute only erases the parameter list,
-            // as the C API requires.
-            let entry = mem::transmute::<extern "C" fn(libc::c_uint, libc::c_uint), extern "C" fn()>(
-                fiber_entry,
-            );
-            libc::makecontext(
-                &mut uc.fiber,
-                entry,
-                2,
-                addr as libc::c_uint,
-                (addr >> 32) as libc::c_uint,
-            );
+        // SAFETY: `f` came from Box::into_raw and is exclusively ours until parked; each
+        // bootstrap leaves it parked in its trampoline or fails having started nothing.
+        let started = unsafe {
             match backend {
-                Backend::Fast => {
-                    arch_bootstrap(f);
-                    // The trampoline now parks with the fast switch; the ucontexts are done.
-                    (*f).uc = None;
+                Backend::Sigaltstack => signal_stack::run_on_stack(
+                    (*f).stack.bottom(),
+                    (*f).stack.usable(),
+                    bootstrap_in_handler,
+                    f.cast(),
+                ),
+                Backend::Thread => {
+                    let baton = (*f).baton.insert(Baton::new());
+                    CoThread::spawn(&(*f).stack, baton, thread_main, f.cast())
+                        .map(|t| (*f).thread = Some(t))
                 }
-                Backend::Ucontext => {
-                    libc::swapcontext(&mut uc.caller, &uc.fiber);
-                }
+                Backend::Fast | Backend::Ucontext => start_with_makecontext(f),
             }
-            Ok(NonNull::new_unchecked(f))
+        };
+        match started {
+            // SAFETY: from Box::into_raw, never null.
+            Ok(()) => Ok(unsafe { NonNull::new_unchecked(f) }),
+            Err(e) => {
+                // SAFETY: nothing runs on the stack (no trampoline was started).
+                drop(unsafe { Box::from_raw(f) });
+                Err(e)
+            }
         }
     }
 
-    /// Unmaps a parked fiber.
+    /// Unmaps a parked fiber (for `Thread`, after its thread has left).
     ///
     /// # Safety
     /// `f` must be parked with no job and no live payload, and never used again.
     unsafe fn destroy(f: NonNull<Fiber>) {
-        // SAFETY: per the contract, nothing on the stack is live; dropping unmaps it.
-        drop(unsafe { Box::from_raw(f.as_ptr()) });
+        // SAFETY: per the contract, nothing on the stack is live; a coroutine thread is
+        // parked in its trampoline and leaves it when told to, and is joined before its
+        // stack is unmapped by the drop.
+        unsafe {
+            let mut fib = Box::from_raw(f.as_ptr());
+            if let (Some(thread), Some(baton)) = (fib.thread.take(), fib.baton.as_deref()) {
+                thread.exit(baton);
+            }
+            drop(fib);
+        }
     }
 
     /// Hands a parked fiber its next job: the closure `job`, whose result type is `T`.
@@ -449,6 +555,62 @@ impl Fiber {
     }
 }
 
+/// `Fast` and `Ucontext`: prepares the trampoline with `makecontext` and runs it to its
+/// first park, with the register switch (`Fast`, after which the ucontexts are dropped) or
+/// with `swapcontext`.
+///
+/// # Safety
+/// `f` must point to a live fiber fresh from [`Fiber::new`], exclusively ours, whose backend
+/// is `Fast` or `Ucontext` (already [`Backend::check`]ed, so this build has ucontext).
+#[cfg(target_env = "gnu")]
+unsafe fn start_with_makecontext(f: *mut Fiber) -> Result<(), Error> {
+    // SAFETY: ucontext_t is plain data for which all-zero is a valid (empty) value;
+    // getcontext fills it before use.
+    let uc = Box::new(unsafe { mem::zeroed::<UcPair>() });
+    // SAFETY: per the contract. `uc` borrows the boxed pair now owned by the fiber: glibc's
+    // ucontext_t points into itself, and a Box's contents stay put when the Box moves.
+    unsafe {
+        let uc: &mut UcPair = (*f).uc.insert(uc);
+        if libc::getcontext(&mut uc.fiber) != 0 {
+            return Err(Error::last_os("getcontext"));
+        }
+        uc.fiber.uc_stack.ss_sp = (*f).stack.bottom().cast();
+        uc.fiber.uc_stack.ss_size = (*f).stack.usable();
+        uc.fiber.uc_link = ptr::null_mut();
+        let addr = f as usize;
+        // SAFETY: makecontext passes its variadic `int`s to the entry point, whose real
+        // signature is (c_uint, c_uint); the transmute only erases the parameter list, as
+        // the C API requires.
+        let entry = mem::transmute::<extern "C" fn(libc::c_uint, libc::c_uint), extern "C" fn()>(
+            fiber_entry,
+        );
+        libc::makecontext(
+            &mut uc.fiber,
+            entry,
+            2,
+            addr as libc::c_uint,
+            (addr >> 32) as libc::c_uint,
+        );
+        if (*f).backend == Backend::Fast {
+            arch_bootstrap(f);
+            // The trampoline now parks with the fast switch; the ucontexts are done.
+            (*f).uc = None;
+        } else {
+            libc::swapcontext(&mut uc.caller, &uc.fiber);
+        }
+    }
+    Ok(())
+}
+
+/// Without ucontext, [`Backend::check`] never lets `Fast` or `Ucontext` through.
+///
+/// # Safety
+/// None needed; it only panics. It is `unsafe` to match the glibc version.
+#[cfg(not(target_env = "gnu"))]
+unsafe fn start_with_makecontext(_f: *mut Fiber) -> Result<(), Error> {
+    unreachable!("Backend::check refuses makecontext backends without ucontext")
+}
+
 /// Runs a new `Fast` fiber's trampoline up to its first park, through [`enter_fiber`]. On
 /// return `fiber_sp` holds the parked trampoline and `uc` is no longer needed.
 ///
@@ -456,7 +618,7 @@ impl Fiber {
 /// `f` must point to a live fiber fresh from [`Fiber::new`]: `uc.fiber` prepared by
 /// `makecontext` for the trampoline on the fiber's stack, never entered, and the `Fast`
 /// backend recorded, so the trampoline parks with the register switch that returns here.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", target_env = "gnu"))]
 unsafe fn arch_bootstrap(f: *mut Fiber) {
     // SAFETY: `enter_fiber` never returns; the trampoline's first `switch_out` resumes us.
     unsafe { arch::bootstrap(&raw mut (*f).caller_sp, enter_fiber, f.cast()) }
@@ -467,9 +629,52 @@ unsafe fn arch_bootstrap(f: *mut Fiber) {
 /// # Safety
 /// None needed; it only panics. It is `unsafe` to match the x86_64 version, whose contract
 /// callers must follow. [`Backend::effective`] never yields `Fast` on this architecture.
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(all(not(target_arch = "x86_64"), target_env = "gnu"))]
 unsafe fn arch_bootstrap(_f: *mut Fiber) {
     unreachable!("Backend::effective never yields Fast without an arch switch")
+}
+
+/// `Sigaltstack`: runs inside the bootstrap signal handler, on the new fiber's stack, and
+/// parks the trampoline there with the register switch, exactly as the `Fast` bootstrap
+/// does from the `makecontext` frame. Returns (ending the handler) at the trampoline's
+/// first park.
+///
+/// # Safety
+/// `f` must point to a live fiber fresh from [`Fiber::new`] with the `Sigaltstack` backend,
+/// and this must run on that fiber's stack ([`signal_stack::run_on_stack`]).
+#[cfg(target_arch = "x86_64")]
+unsafe fn bootstrap_in_handler(f: *mut u8) {
+    // SAFETY: `enter_on_signal_stack` never returns; the first `switch_out` resumes us.
+    unsafe {
+        arch::bootstrap(
+            &raw mut (*f.cast::<Fiber>()).caller_sp,
+            enter_on_signal_stack,
+            f,
+        )
+    }
+}
+
+/// Stands in where there is no register switch; never reached.
+///
+/// # Safety
+/// None needed; it only panics. [`Backend::effective`] never yields `Sigaltstack` here.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn bootstrap_in_handler(_f: *mut u8) {
+    unreachable!("Backend::effective never yields Sigaltstack without an arch switch")
+}
+
+/// `Thread`, coroutine side: hands the baton back and sleeps; once resumed, installs the
+/// resumer's scheduler on this thread. Returns false when woken to exit instead.
+///
+/// # Safety
+/// Must run on `f`'s coroutine thread; `baton` is `f`'s.
+unsafe fn suspend_thread(f: *mut Fiber, baton: &Baton) -> bool {
+    let go_on = baton.suspend();
+    if go_on {
+        // SAFETY: the resumer wrote `carried` before handing us the baton, and waits.
+        sched::install(unsafe { (*f).carried });
+    }
+    go_on
 }
 
 /// Resumer -> fiber. Makes `f` the thread's current fiber for the duration and restores the
@@ -486,12 +691,23 @@ pub(crate) unsafe fn switch_in(f: *mut Fiber) {
     unsafe {
         match (*f).backend {
             #[cfg(target_arch = "x86_64")]
-            Backend::Fast => arch::switch(&raw mut (*f).caller_sp, (*f).fiber_sp),
+            Backend::Fast | Backend::Sigaltstack => {
+                arch::switch(&raw mut (*f).caller_sp, (*f).fiber_sp)
+            }
+            Backend::Thread => {
+                (*f).carried = sched::carry();
+                if let Some(baton) = (*f).baton.as_deref() {
+                    baton.resume();
+                }
+            }
+            #[cfg(target_env = "gnu")]
             _ => {
                 if let Some(uc) = (*f).uc.as_deref_mut() {
                     libc::swapcontext(&mut uc.caller, &uc.fiber);
                 }
             }
+            #[cfg(not(target_env = "gnu"))]
+            _ => unreachable!("Backend::check refuses ucontext without ucontext"),
         }
     }
     CURRENT.with(|c| c.set(prev));
@@ -507,12 +723,24 @@ pub(crate) unsafe fn switch_out(f: *mut Fiber) {
     unsafe {
         match (*f).backend {
             #[cfg(target_arch = "x86_64")]
-            Backend::Fast => arch::switch(&raw mut (*f).fiber_sp, (*f).caller_sp),
+            Backend::Fast | Backend::Sigaltstack => {
+                arch::switch(&raw mut (*f).fiber_sp, (*f).caller_sp)
+            }
+            Backend::Thread => {
+                if let Some(baton) = (*f).baton.as_deref() {
+                    // A suspended coroutine is only ever resumed, never told to exit: a
+                    // fiber is destroyed while parked in its trampoline ([`park`]).
+                    suspend_thread(f, baton);
+                }
+            }
+            #[cfg(target_env = "gnu")]
             _ => {
                 if let Some(uc) = (*f).uc.as_deref_mut() {
                     libc::swapcontext(&mut uc.fiber, &uc.caller);
                 }
             }
+            #[cfg(not(target_env = "gnu"))]
+            _ => unreachable!("Backend::check refuses ucontext without ucontext"),
         }
     }
 }

@@ -6,8 +6,11 @@
 //!
 //! - `stack`: `mmap`'d stacks with a guard page; an overflow is reported (`overflow`), not
 //!   silent corruption.
-//! - switch backends ([`Backend`]): `Fast` (register-only `asm`, no syscall) and `Ucontext`
-//!   (`swapcontext`); both share one trampoline and pool (`fiber`).
+//! - switch backends ([`Backend`]): `Fast` (register-only `asm`, no syscall, first entry via
+//!   `makecontext`), `Sigaltstack` (the same switch, first entry via a signal handler: no
+//!   `makecontext`, so it runs on musl), `Ucontext` (`swapcontext`) and `Thread` (an OS
+//!   thread per coroutine, for debuggers and thread-aware tools); all share one trampoline
+//!   and pool (`fiber`).
 //! - [`Coroutine`]: create, [`resume`](Coroutine::resume), [`yield_now`], return a value;
 //!   panics propagate to the resumer; dropping a suspended coroutine unwinds it.
 //! - [`Scheduler`]: a single-threaded executor with [`park`]/[`wake`], plus [`sync`]
@@ -38,8 +41,10 @@ mod fiber;
 pub mod io;
 mod overflow;
 mod sched;
+mod signal_stack;
 mod stack;
 pub mod sync;
+mod thread_switch;
 mod valgrind;
 
 pub use coroutine::{yield_now, Builder, Coroutine, Resumed, State};

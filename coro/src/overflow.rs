@@ -54,8 +54,18 @@ fn ensure_alt_stack() {
         if libc::sigaltstack(ptr::null(), &mut old) == 0 && old.ss_flags & libc::SS_DISABLE == 0 {
             return; // Rust's runtime (or the embedder) already gave this thread one.
         }
-        // Leaked on purpose: a thread's alternate stack must outlive every signal it can
-        // take, including during thread-local destructors; 64 KiB per coroutine thread.
+    }
+    // Leaked on purpose: a thread's alternate stack must outlive every signal it can take,
+    // including during thread-local destructors; 64 KiB per coroutine thread. If it cannot
+    // be mapped, an overflow dies with a plain SIGSEGV instead of our message.
+    let _ = map_alt_stack();
+}
+
+/// Maps an alternate signal stack and installs it for this thread.
+fn map_alt_stack() -> Option<*mut libc::c_void> {
+    // SAFETY: a fresh anonymous mapping aliases nothing; it becomes the alternate stack only
+    // once mapped.
+    unsafe {
         let mem = libc::mmap(
             ptr::null_mut(),
             ALT_STACK_SIZE,
@@ -65,7 +75,7 @@ fn ensure_alt_stack() {
             0,
         );
         if mem == libc::MAP_FAILED {
-            return; // Overflow then dies with a plain SIGSEGV instead of our message.
+            return None;
         }
         let st = libc::stack_t {
             ss_sp: mem,
@@ -73,6 +83,39 @@ fn ensure_alt_stack() {
             ss_size: ALT_STACK_SIZE,
         };
         libc::sigaltstack(&st, ptr::null_mut());
+        Some(mem)
+    }
+}
+
+/// The alternate signal stack of a thread that ends long before the process does: a
+/// coroutine thread of the `thread` backend. Installed with the handler for as long as it
+/// lives, then disabled and unmapped, so that creating and finishing many such threads does
+/// not leak 64 KiB of address space each.
+pub(crate) struct ThreadAltStack(Option<*mut libc::c_void>);
+
+impl ThreadAltStack {
+    /// Installs the process-wide handler (once) and a fresh alternate stack on this thread.
+    pub(crate) fn install() -> ThreadAltStack {
+        INSTALL.call_once(install);
+        ALT_STACK.with(|c| c.set(true));
+        ThreadAltStack(map_alt_stack())
+    }
+}
+
+impl Drop for ThreadAltStack {
+    fn drop(&mut self) {
+        let Some(mem) = self.0 else { return };
+        let off = libc::stack_t {
+            ss_sp: ptr::null_mut(),
+            ss_flags: libc::SS_DISABLE,
+            ss_size: 0,
+        };
+        // SAFETY: the thread is about to exit and runs on its own stack, not this one;
+        // after disabling it no signal can use the mapping, which is then ours to unmap.
+        unsafe {
+            libc::sigaltstack(&off, ptr::null_mut());
+            libc::munmap(mem, ALT_STACK_SIZE);
+        }
     }
 }
 

@@ -56,6 +56,30 @@ thread_local! {
     static ACTIVE: Cell<*const Inner> = const { Cell::new(ptr::null()) };
 }
 
+/// The scheduler a coroutine must see as running, carried across a switch by the `Thread`
+/// backend (whose coroutine runs on another OS thread, with its own thread-locals): taken
+/// with [`carry`] on the resumer's thread, put in place with [`install`] on the coroutine's.
+#[derive(Clone, Copy)]
+pub(crate) struct Carried(*const Inner);
+
+impl Default for Carried {
+    fn default() -> Self {
+        Carried(ptr::null())
+    }
+}
+
+/// This thread's running scheduler, for [`install`] on a coroutine thread.
+pub(crate) fn carry() -> Carried {
+    Carried(ACTIVE.with(Cell::get))
+}
+
+/// Makes `c` this thread's running scheduler. Sound for the same reason as [`with_active`]'s
+/// dereference: the resumer that [`carry`]ed it sits in `Scheduler::run`, holding the
+/// scheduler alive, until the coroutine hands the baton back.
+pub(crate) fn install(c: Carried) {
+    ACTIVE.with(|a| a.set(c.0));
+}
+
 /// Calls `f` with the scheduler running the current task.
 ///
 /// # Panics

@@ -1,4 +1,4 @@
-//! Coroutine semantics, run against both switch backends.
+//! Coroutine semantics, run against every switch backend.
 
 use std::cell::RefCell;
 use std::panic::{self, AssertUnwindSafe};
@@ -7,8 +7,9 @@ use std::rc::Rc;
 
 use coro::{yield_now, Backend, Builder, Coroutine, Error, Resumed, State};
 
-/// Defines `mod name { fn fast(); fn ucontext(); }` running `body(builder)` on each backend.
-macro_rules! both_backends {
+/// Defines `mod name { fn fast(); fn sigaltstack(); fn ucontext(); fn thread(); }` running
+/// `body(builder)` on each backend (ucontext only where libc has it).
+macro_rules! each_backend {
     ($name:ident, $body:expr) => {
         mod $name {
             use super::*;
@@ -17,14 +18,23 @@ macro_rules! both_backends {
                 ($body)(Builder::new().backend(Backend::Fast))
             }
             #[test]
+            fn sigaltstack() {
+                ($body)(Builder::new().backend(Backend::Sigaltstack))
+            }
+            #[cfg(target_env = "gnu")]
+            #[test]
             fn ucontext() {
                 ($body)(Builder::new().backend(Backend::Ucontext))
+            }
+            #[test]
+            fn thread() {
+                ($body)(Builder::new().backend(Backend::Thread))
             }
         }
     };
 }
 
-both_backends!(ping_pong, |b: Builder| {
+each_backend!(ping_pong, |b: Builder| {
     // cloudwu's example: two coroutines printing 0..5 and 100..105, interleaved by main.
     let out = Rc::new(RefCell::new(Vec::new()));
     let make = |start: i32| {
@@ -46,7 +56,7 @@ both_backends!(ping_pong, |b: Builder| {
     assert_eq!(*out.borrow(), vec![0, 100, 1, 101, 2, 102, 3, 103, 4, 104]);
 });
 
-both_backends!(states_and_return_value, |b: Builder| {
+each_backend!(states_and_return_value, |b: Builder| {
     let mut co = b
         .spawn(|| {
             yield_now();
@@ -60,13 +70,13 @@ both_backends!(states_and_return_value, |b: Builder| {
     assert_eq!(co.state(), State::Done);
 });
 
-both_backends!(large_values_are_boxed_transparently, |b: Builder| {
+each_backend!(large_values_are_boxed_transparently, |b: Builder| {
     let big = [7u64; 100]; // 800 bytes: larger than the inline payload
     let mut co = b.spawn(move || big).expect("spawn");
     assert_eq!(co.resume(), Resumed::Returned([7u64; 100]));
 });
 
-both_backends!(nested_coroutines, |b: Builder| {
+each_backend!(nested_coroutines, |b: Builder| {
     let mut outer = b
         .spawn(move || {
             let mut inner = b
@@ -96,14 +106,14 @@ fn recurse(depth: u32) -> u64 {
     }
 }
 
-both_backends!(deep_recursion_within_stack, |b: Builder| {
+each_backend!(deep_recursion_within_stack, |b: Builder| {
     // ~300 bytes per frame x 400 frames = ~120 KiB of a 256 KiB stack.
     let mut co = b.spawn(|| recurse(400)).expect("spawn");
     let expected: u64 = (1..=400u64).map(|d| d as u8 as u64).sum();
     assert_eq!(co.resume(), Resumed::Returned(expected));
 });
 
-both_backends!(panic_propagates_to_resumer, |b: Builder| {
+each_backend!(panic_propagates_to_resumer, |b: Builder| {
     let mut co = b
         .spawn(|| {
             yield_now();
@@ -123,7 +133,7 @@ impl Drop for SetOnDrop {
     }
 }
 
-both_backends!(drop_suspended_unwinds_and_returns_stack, |b: Builder| {
+each_backend!(drop_suspended_unwinds_and_returns_stack, |b: Builder| {
     // Warm the pool so the count below is about this coroutine's stack.
     drop(b.spawn(|| ()).expect("spawn"));
     let before = coro::pool_idle_count();
@@ -152,7 +162,7 @@ both_backends!(drop_suspended_unwinds_and_returns_stack, |b: Builder| {
     );
 });
 
-both_backends!(drop_unstarted_drops_closure, |b: Builder| {
+each_backend!(drop_unstarted_drops_closure, |b: Builder| {
     let dropped = Rc::new(RefCell::new(false));
     let guard = SetOnDrop(dropped.clone());
     let co = b.spawn(move || drop(guard)).expect("spawn");
@@ -176,7 +186,7 @@ fn rss_pages() -> usize {
 /// run it with `--ignored --exact` and the backend in `CORO_RSS_CHILD`, and it fails when
 /// run any other way.
 #[test]
-#[ignore = "child process: run by create_finish_100k_no_rss_growth_{fast,ucontext}"]
+#[ignore = "child process: run by create_finish_100k_no_rss_growth_*"]
 fn rss_child() {
     let backend = child_backend("CORO_RSS_CHILD");
     let b = Builder::new().backend(backend);
@@ -217,12 +227,23 @@ fn create_finish_100k_no_rss_growth_fast() {
     rss_in_child("fast");
 }
 
+#[cfg(target_env = "gnu")]
 #[test]
 fn create_finish_100k_no_rss_growth_ucontext() {
     rss_in_child("ucontext");
 }
 
-both_backends!(unpooled_stacks_are_unmapped, |b: Builder| {
+#[test]
+fn create_finish_100k_no_rss_growth_sigaltstack() {
+    rss_in_child("sigaltstack");
+}
+
+#[test]
+fn create_finish_100k_no_rss_growth_thread() {
+    rss_in_child("thread");
+}
+
+each_backend!(unpooled_stacks_are_unmapped, |b: Builder| {
     let b = b.pooled(false);
     let before = coro::pool_idle_count();
     for _ in 0..100 {
@@ -232,7 +253,7 @@ both_backends!(unpooled_stacks_are_unmapped, |b: Builder| {
     assert_eq!(coro::pool_idle_count(), before);
 });
 
-both_backends!(oversized_stack_is_refused, |b: Builder| {
+each_backend!(oversized_stack_is_refused, |b: Builder| {
     let err = b
         .stack_size(usize::MAX)
         .spawn(|| ())
@@ -251,11 +272,12 @@ both_backends!(oversized_stack_is_refused, |b: Builder| {
 
 #[test]
 fn unknown_backend_name_is_an_error() {
-    assert_eq!("fast".parse::<Backend>().expect("fast"), Backend::Fast);
-    assert_eq!(
-        "ucontext".parse::<Backend>().expect("ucontext"),
-        Backend::Ucontext
-    );
+    for b in Backend::ALL {
+        assert_eq!(
+            b.name().parse::<Backend>().expect("a backend's own name"),
+            b
+        );
+    }
     let err = "turbo".parse::<Backend>().expect_err("no such backend");
     assert!(
         matches!(&err, Error::UnknownBackend { name } if name == "turbo"),
@@ -281,7 +303,7 @@ fn resume_after_done_panics() {
 /// kills the process. Ignored (see `rss_child`); the parents run it with the backend in
 /// `CORO_OVERFLOW_CHILD`.
 #[test]
-#[ignore = "child process: run by stack_overflow_is_reported_{fast,ucontext}"]
+#[ignore = "child process: run by stack_overflow_is_reported_*"]
 fn overflow_child() {
     let backend = child_backend("CORO_OVERFLOW_CHILD");
     #[allow(unconditional_recursion)] // the point: run off the stack
@@ -343,7 +365,18 @@ fn stack_overflow_is_reported_fast() {
     overflow_in_child("fast");
 }
 
+#[cfg(target_env = "gnu")]
 #[test]
 fn stack_overflow_is_reported_ucontext() {
     overflow_in_child("ucontext");
+}
+
+#[test]
+fn stack_overflow_is_reported_sigaltstack() {
+    overflow_in_child("sigaltstack");
+}
+
+#[test]
+fn stack_overflow_is_reported_thread() {
+    overflow_in_child("thread");
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use coro::sync::{Condvar, Mutex};
 use coro::{Backend, Builder, Error, Scheduler};
 
-macro_rules! both_backends {
+macro_rules! each_backend {
     ($name:ident, $body:expr) => {
         mod $name {
             use super::*;
@@ -18,14 +18,23 @@ macro_rules! both_backends {
                 ($body)(Scheduler::new(Builder::new().backend(Backend::Fast)))
             }
             #[test]
+            fn sigaltstack() {
+                ($body)(Scheduler::new(Builder::new().backend(Backend::Sigaltstack)))
+            }
+            #[cfg(target_env = "gnu")]
+            #[test]
             fn ucontext() {
                 ($body)(Scheduler::new(Builder::new().backend(Backend::Ucontext)))
+            }
+            #[test]
+            fn thread() {
+                ($body)(Scheduler::new(Builder::new().backend(Backend::Thread)))
             }
         }
     };
 }
 
-both_backends!(park_and_outside_wake, |s: Scheduler| {
+each_backend!(park_and_outside_wake, |s: Scheduler| {
     let log = Rc::new(RefCell::new(Vec::new()));
     let l = log.clone();
     let id = Rc::new(Cell::new(None));
@@ -51,7 +60,7 @@ both_backends!(park_and_outside_wake, |s: Scheduler| {
     assert_eq!(s.run().expect("run"), 0);
 });
 
-both_backends!(yield_task_round_robins, |s: Scheduler| {
+each_backend!(yield_task_round_robins, |s: Scheduler| {
     let log = Rc::new(RefCell::new(Vec::new()));
     for t in 0..3 {
         let l = log.clone();
@@ -67,7 +76,7 @@ both_backends!(yield_task_round_robins, |s: Scheduler| {
     assert_eq!(*log.borrow(), vec![0, 10, 20, 1, 11, 21, 2, 12, 22]);
 });
 
-both_backends!(mutex_is_fair_fifo, |s: Scheduler| {
+each_backend!(mutex_is_fair_fifo, |s: Scheduler| {
     // Each task takes the lock three times, yielding while holding it. With FIFO hand-off
     // the acquisitions alternate strictly; an unfair lock lets one task re-take it at once.
     let m = Rc::new(Mutex::new(Vec::new()));
@@ -89,7 +98,7 @@ both_backends!(mutex_is_fair_fifo, |s: Scheduler| {
     assert_eq!(order, vec![0, 1, 2, 0, 1, 2, 0, 1, 2]);
 });
 
-both_backends!(condvar_producer_consumer, |s: Scheduler| {
+each_backend!(condvar_producer_consumer, |s: Scheduler| {
     let queue = Rc::new((Mutex::new(Vec::<u32>::new()), Condvar::new()));
     let got = Rc::new(RefCell::new(Vec::new()));
     for _ in 0..2 {
@@ -124,7 +133,7 @@ both_backends!(condvar_producer_consumer, |s: Scheduler| {
     assert_eq!(got, vec![1, 2, 3, 4, 5, 6]);
 });
 
-both_backends!(sleep_orders_by_deadline, |s: Scheduler| {
+each_backend!(sleep_orders_by_deadline, |s: Scheduler| {
     let log = Rc::new(RefCell::new(Vec::new()));
     for (i, ms) in [(0u32, 30u64), (1, 10), (2, 20)] {
         let l = log.clone();
@@ -140,7 +149,7 @@ both_backends!(sleep_orders_by_deadline, |s: Scheduler| {
     assert_eq!(*log.borrow(), vec![1, 2, 0]);
 });
 
-both_backends!(io_uring_reads_resume_in_completion_order, |s: Scheduler| {
+each_backend!(io_uring_reads_resume_in_completion_order, |s: Scheduler| {
     // 64 tasks read distinct 4 KiB blocks of a real file. Each first sleeps for a time that
     // decreases with its index, so completions (and thus resumptions) arrive in reverse
     // spawn order; every task must get its own block's bytes.
@@ -181,7 +190,7 @@ both_backends!(io_uring_reads_resume_in_completion_order, |s: Scheduler| {
     drop(file);
 });
 
-both_backends!(io_uring_write_fsync_fallocate_roundtrip, |s: Scheduler| {
+each_backend!(io_uring_write_fsync_fallocate_roundtrip, |s: Scheduler| {
     let file = tempfile::tempfile().expect("temp file");
     let fd = file.as_raw_fd();
     let ok = Rc::new(Cell::new(false));
@@ -224,7 +233,7 @@ both_backends!(io_uring_write_fsync_fallocate_roundtrip, |s: Scheduler| {
     drop(file);
 });
 
-both_backends!(dropping_scheduler_unwinds_parked_tasks, |s: Scheduler| {
+each_backend!(dropping_scheduler_unwinds_parked_tasks, |s: Scheduler| {
     struct Flag(Rc<Cell<bool>>);
     impl Drop for Flag {
         fn drop(&mut self) {
@@ -245,7 +254,7 @@ both_backends!(dropping_scheduler_unwinds_parked_tasks, |s: Scheduler| {
     assert!(dropped.get());
 });
 
-both_backends!(task_panic_reaches_run, |s: Scheduler| {
+each_backend!(task_panic_reaches_run, |s: Scheduler| {
     s.spawn(|| panic!("task failed")).expect("spawn");
     let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.run()))
         .expect_err("panic must propagate");

@@ -78,14 +78,15 @@ pub(crate) unsafe fn switch(save_sp: *mut *mut u8, load_sp: *mut u8) {
     }
 }
 
-/// Saves the current context into `*save_sp` exactly as [`switch`] does, then calls
-/// `enter(arg)` on the current stack below the saved frame. `enter` must never return; it
-/// leaves for another stack (through `setcontext`), and the first [`switch`] back to the
-/// saved pointer makes this function return.
+/// Saves the current context into `*save_sp` exactly as [`switch`] does, then runs
+/// `enter(arg)` on the current stack below the saved frame, with a zero return address (the
+/// end of any stack walk). `enter` must never return; the first [`switch`] back to the saved
+/// pointer makes this function return.
 ///
-/// This is how the `fast` backend uses `makecontext` only once per new stack: `enter` jumps
-/// into the `makecontext`-prepared trampoline, which parks itself with [`switch`] straight
-/// back to us.
+/// Two backends start fibers with it. `fast` uses `makecontext` only once per new stack:
+/// `enter` jumps into the `makecontext`-prepared trampoline (`setcontext`), which parks
+/// itself with [`switch`] straight back to us. `sigaltstack` calls it from a signal handler
+/// already running on the new stack: `enter` is the trampoline itself, which parks.
 ///
 /// # Safety
 /// As for [`switch`]; additionally `enter` must not return and must not unwind.
@@ -110,10 +111,15 @@ pub(crate) unsafe fn bootstrap(
             // Entry was aligned and three pushes left rsp 8 off; rounding down moves it into
             // free stack below the saved frame, never into it.
             "and rsp, -16",
-            // `enter` leaves for the new stack and never returns ...
-            "call {enter}",
-            "ud2",
-            // ... the first switch back to the saved frame lands here instead, and what
+            // `enter` never returns, so instead of `call` (which would push our address)
+            // it gets a zero return address: that is where a stack walk (a panic's
+            // backtrace, a debugger) stops. Above `enter` there is only dead memory: this
+            // abandoned frame, and for the sigaltstack backend a signal handler's frame and
+            // the kernel's signal frame, whose saved registers describe a stack long gone;
+            // a backtrace that followed them crashed.
+            "push 0",
+            "jmp {enter}",
+            // The first switch back to the saved frame lands here, and what
             // `enter` left below the frame is abandoned.
             "2:",
             "pop rbx",
