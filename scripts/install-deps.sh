@@ -43,3 +43,11 @@ if ! compgen -G '/boot/vmlinuz-*-cloud-amd64' >/dev/null; then
     echo "install-deps: no /boot/vmlinuz-*-cloud-amd64 after installing linux-image-cloud-amd64" >&2
     exit 1
 fi
+
+# Rust targets the tests build for: the static musl build of corodev.
+for target in x86_64-unknown-linux-musl; do
+    if ! rustup target list --installed | grep -qx "$target"; then
+        echo "install-deps: adding Rust target $target" >&2
+        rustup target add "$target"
+    fi
+done

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every check CI runs: dependencies, formatting, lints, and the whole test suite
-# (unit tests, coroutine tests on both backends, and real QEMU guests against corodev).
+# (unit tests, coroutine tests on every backend, and real QEMU guests against corodev).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +11,11 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings
 # The integration tests start the release binary; build it first so they test this tree.
 cargo build --release --bin corodev
+# The statically linked musl build, whose coroutines run on the sigaltstack backend (musl
+# has no makecontext): the coro suites on it, and the binary that
+# integration/tests/coro_backends.rs serves a real guest with.
+cargo build --release --target x86_64-unknown-linux-musl --bin corodev
+cargo test --release -p coro --target x86_64-unknown-linux-musl
 cargo test --workspace --release -- --test-threads=1
 
 # The hostile and lifecycle suites again, against a daemon built with AddressSanitizer

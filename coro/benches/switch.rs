@@ -6,7 +6,6 @@
 //! shared 2-core machine.
 
 use std::hint::black_box;
-use std::mem;
 use std::time::Instant;
 
 use coro::{yield_now, Backend, Builder, Resumed};
@@ -53,8 +52,10 @@ fn create_finish(backend: Backend, pooled: bool, iters: u64) -> f64 {
 }
 
 /// The baseline: two raw ucontexts ping-ponging with libc `swapcontext`.
+#[cfg(target_env = "gnu")]
 mod raw {
     use super::*;
+    use std::mem;
 
     static mut MAIN: mem::MaybeUninit<libc::ucontext_t> = mem::MaybeUninit::uninit();
     static mut CO: mem::MaybeUninit<libc::ucontext_t> = mem::MaybeUninit::uninit();
@@ -91,35 +92,57 @@ mod raw {
 
 fn main() {
     let only = std::env::args().skip(1).find(|a| !a.starts_with("--"));
-    let cases: &[(&str, &dyn Fn() -> f64)] = &[
-        ("raw-swapcontext-roundtrip", &|| raw::roundtrip(200_000)),
-        ("ucontext-roundtrip", &|| {
-            roundtrip(Backend::Ucontext, 200_000)
-        }),
+    let mut cases: Vec<(&str, &dyn Fn() -> f64)> = vec![
         ("fast-roundtrip", &|| roundtrip(Backend::Fast, 20_000_000)),
+        ("sigaltstack-roundtrip", &|| {
+            roundtrip(Backend::Sigaltstack, 20_000_000)
+        }),
+        ("thread-roundtrip", &|| roundtrip(Backend::Thread, 20_000)),
         ("fast-create-finish-pooled", &|| {
             create_finish(Backend::Fast, true, 5_000_000)
         }),
-        ("ucontext-create-finish-pooled", &|| {
-            create_finish(Backend::Ucontext, true, 200_000)
+        ("sigaltstack-create-finish-pooled", &|| {
+            create_finish(Backend::Sigaltstack, true, 5_000_000)
+        }),
+        ("thread-create-finish-pooled", &|| {
+            create_finish(Backend::Thread, true, 20_000)
         }),
         ("fast-create-finish-fresh-stack", &|| {
             create_finish(Backend::Fast, false, 20_000)
         }),
+        ("sigaltstack-create-finish-fresh-stack", &|| {
+            create_finish(Backend::Sigaltstack, false, 20_000)
+        }),
+        ("thread-create-finish-fresh-stack", &|| {
+            create_finish(Backend::Thread, false, 2_000)
+        }),
     ];
+    #[cfg(target_env = "gnu")]
+    cases.extend([
+        (
+            "raw-swapcontext-roundtrip",
+            &(|| raw::roundtrip(200_000)) as &dyn Fn() -> f64,
+        ),
+        ("ucontext-roundtrip", &|| {
+            roundtrip(Backend::Ucontext, 200_000)
+        }),
+        ("ucontext-create-finish-pooled", &|| {
+            create_finish(Backend::Ucontext, true, 200_000)
+        }),
+    ]);
     let mut results = Vec::new();
-    for (name, f) in cases {
+    for (name, f) in &cases {
         if only.as_deref().is_some_and(|o| o != *name) {
             continue;
         }
         let ns = f();
-        println!("{name:<34} {ns:>10.2} ns");
+        println!("{name:<40} {ns:>12.2} ns");
         results.push((*name, ns));
     }
     let get = |n: &str| results.iter().find(|r| r.0 == n).map(|r| r.1);
     if let (Some(raw), Some(fast)) = (get("raw-swapcontext-roundtrip"), get("fast-roundtrip")) {
         println!(
-            "{:<34} {:>10.1} x",
+            "{:<40} {:>12.1} x",
             "fast speedup over swapcontext",
             raw / fast
         );

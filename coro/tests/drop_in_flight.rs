@@ -62,16 +62,21 @@ impl Signaller {
     /// Starts signalling the calling thread.
     fn start() -> Signaller {
         install_sigusr1_handler();
+        /// A thread id to signal from another thread (a pointer in musl, so not `Send`).
+        struct Target(libc::pthread_t);
+        // SAFETY: only used as an id for pthread_kill, never dereferenced.
+        unsafe impl Send for Target {}
         // SAFETY: pthread_self has no preconditions.
-        let target = unsafe { libc::pthread_self() };
+        let target = Target(unsafe { libc::pthread_self() });
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicUsize::new(0));
         let (st, se) = (stop.clone(), sent.clone());
         let thread = thread::spawn(move || {
+            let target = target; // the whole `Target`, not just its (non-`Send`) field
             while !st.load(Ordering::Relaxed) {
                 // SAFETY: `target` is alive: `Signaller::drop`, run on that thread, stops and
                 // joins this loop before the target can exit.
-                let rc = unsafe { libc::pthread_kill(target, libc::SIGUSR1) };
+                let rc = unsafe { libc::pthread_kill(target.0, libc::SIGUSR1) };
                 assert_eq!(rc, 0, "pthread_kill");
                 se.fetch_add(1, Ordering::Relaxed);
                 thread::sleep(Duration::from_millis(1));

@@ -36,10 +36,28 @@ pub enum BackendKind {
 /// Coroutine context-switch implementation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum CoroutineBackend {
-    /// Register-only switch, no syscall (x86_64; elsewhere falls back to ucontext).
+    /// Register-only switch, no syscall; makecontext to start a stack (x86_64 glibc; a
+    /// musl build uses sigaltstack, other architectures ucontext).
     Fast,
+    /// The same register switch, stacks started from a signal handler (SIGUSR2) instead of
+    /// makecontext: what a static musl build runs.
+    Sigaltstack,
     /// glibc swapcontext on every switch (portable; for debugging and comparison).
     Ucontext,
+    /// Every coroutine an OS thread, switches hand a baton (slow; for gdb, Valgrind's
+    /// thread tools and sanitizers, which understand threads but not stack switching).
+    Thread,
+}
+
+impl From<CoroutineBackend> for coro::Backend {
+    fn from(b: CoroutineBackend) -> coro::Backend {
+        match b {
+            CoroutineBackend::Fast => coro::Backend::Fast,
+            CoroutineBackend::Sigaltstack => coro::Backend::Sigaltstack,
+            CoroutineBackend::Ucontext => coro::Backend::Ucontext,
+            CoroutineBackend::Thread => coro::Backend::Thread,
+        }
+    }
 }
 
 /// corodev: a vhost-user-blk daemon whose every guest request is a stackful coroutine.

@@ -65,6 +65,9 @@ pub enum Error {
         /// Threads the library started.
         got: usize,
     },
+    /// The chosen `--coroutine-backend` cannot run in this build (ucontext in a musl build).
+    #[error("--coroutine-backend: {0}")]
+    CoroutineBackend(coro::Error),
     /// An OS resource (eventfd, thread, signal handler) could not be created.
     #[error("{what}: {source}")]
     Os {

@@ -118,15 +118,15 @@ pub fn unregister(owner: u64, range: Option<(usize, usize)>) {
 /// else the base page size.
 pub fn page_size_of(file: &std::fs::File) -> usize {
     use std::os::fd::AsRawFd;
-    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
     // SAFETY: a zeroed statfs is a valid buffer for fstatfs to fill; the fd is borrowed.
     let mut st: libc::statfs = unsafe { mem::zeroed() };
     // SAFETY: fstatfs writes only into `st`.
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
-    // `f_type` is an i64 on x86_64 and a narrower integer elsewhere.
-    #[allow(clippy::useless_conversion)]
-    let f_type = i64::from(st.f_type);
-    if rc == 0 && f_type == HUGETLBFS_MAGIC {
+    // `f_type` is an i64 in glibc on x86_64, a u64 in musl, narrower elsewhere.
+    #[allow(clippy::useless_conversion, clippy::unnecessary_fallible_conversions)]
+    let f_type = u64::try_from(st.f_type).ok();
+    if rc == 0 && f_type == Some(HUGETLBFS_MAGIC) {
         usize::try_from(st.f_bsize).unwrap_or(page_size())
     } else {
         page_size()

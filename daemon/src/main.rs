@@ -15,7 +15,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use corodev_devices::backend::{BlockBackend, FileBackend, NullBackend};
 use corodev_devices::config::{DeviceConfig, DeviceParams};
 
-use corodev::cli::{BackendKind, Cli, CliError, CoroutineBackend};
+use corodev::cli::{BackendKind, Cli, CliError};
 use corodev::connection::WorkerConfig;
 use corodev::error::Error;
 use corodev::server::{self, ServerConfig, Stop};
@@ -71,10 +71,9 @@ fn run(cli: Cli) -> Result<(), Error> {
         device,
         workers: WorkerConfig {
             threads: usize::from(cli.worker_threads()),
-            coroutine_backend: match cli.coroutine_backend {
-                CoroutineBackend::Fast => coro::Backend::Fast,
-                CoroutineBackend::Ucontext => coro::Backend::Ucontext,
-            },
+            coroutine_backend: coro::Backend::from(cli.coroutine_backend)
+                .check()
+                .map_err(Error::CoroutineBackend)?,
             stack_size: usize::try_from(cli.stack_size).unwrap_or(coro::DEFAULT_STACK_SIZE),
             poll: std::time::Duration::from_micros(cli.poll_us),
             stop_timeout: std::time::Duration::from_secs(cli.stop_timeout),

@@ -90,12 +90,12 @@ impl Stop {
 pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
     let mut listener = crate::socket::bind(&cfg.socket)?;
     log::info!(
-        "listening on {} ({} bytes, {} queue(s) on {} thread(s), {:?} coroutines)",
+        "listening on {} ({} bytes, {} queue(s) on {} thread(s), {} coroutines)",
         cfg.socket.display(),
         cfg.disk.size(),
         cfg.device.num_queues(),
         cfg.workers.threads,
-        cfg.workers.coroutine_backend,
+        cfg.workers.coroutine_backend.name(),
     );
     let mut connection = 0u64;
     while !stop.requested() {

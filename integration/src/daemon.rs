@@ -110,8 +110,13 @@ impl Daemon {
 
     /// Starts corodev ([`corodev_bin`]) with `--socket <temp> --disk <image>` and `args`.
     pub fn corodev(image: &Image, args: &[&str]) -> Daemon {
+        Daemon::corodev_at(&corodev_bin(), image, args)
+    }
+
+    /// [`corodev`](Self::corodev) with another build of it (e.g. the static musl one).
+    pub fn corodev_at(program: &Path, image: &Image, args: &[&str]) -> Daemon {
         let (dir, socket) = socket_dir();
-        let mut cmd = Command::new(corodev_bin());
+        let mut cmd = Command::new(program);
         cmd.arg("--socket")
             .arg(&socket)
             .arg("--disk")

@@ -30,11 +30,11 @@ use smallvec::SmallVec;
 
 use super::{BlockBackend, GuestBuffers, Topology};
 
-const BLKSSZGET: libc::c_ulong = 0x1268;
-const BLKIOMIN: libc::c_ulong = 0x1278;
-const BLKIOOPT: libc::c_ulong = 0x1279;
-const BLKPBSZGET: libc::c_ulong = 0x127b;
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+use libc::{BLKIOMIN, BLKIOOPT, BLKPBSZGET, BLKSSZGET};
+
+/// `_IOR(0x12, 114, size_t)`, which the libc crate lacks. `Ioctl` is the request type of
+/// this libc's `ioctl` (`c_ulong` in glibc, `c_int` in musl); the `as` keeps the bits.
+const BLKGETSIZE64: libc::Ioctl = 0x8008_1272_u32 as libc::Ioctl;
 
 /// Most iovecs one `readv`/`writev` accepts (`UIO_MAXIOV`); more fail with EINVAL. A
 /// request can exceed it: up to queue-size descriptors, more when they cross memory regions.
@@ -453,7 +453,7 @@ impl IovCursor {
     }
 }
 
-fn ioctl_u64(file: &File, request: libc::c_ulong) -> io::Result<u64> {
+fn ioctl_u64(file: &File, request: libc::Ioctl) -> io::Result<u64> {
     let mut v = 0u64;
     // SAFETY: the ioctls used with this helper (BLKGETSIZE64) write one u64 through the
     // pointer, which points at a live u64.
@@ -463,7 +463,7 @@ fn ioctl_u64(file: &File, request: libc::c_ulong) -> io::Result<u64> {
     Ok(v)
 }
 
-fn ioctl_u32(file: &File, request: libc::c_ulong) -> io::Result<u32> {
+fn ioctl_u32(file: &File, request: libc::Ioctl) -> io::Result<u32> {
     let mut v: libc::c_uint = 0;
     // SAFETY: the ioctls used with this helper (BLKSSZGET, BLKPBSZGET, BLKIOMIN, BLKIOOPT)
     // write one unsigned int through the pointer, which points at a live c_uint.
