@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what corodev's guest image and end-to-end tests need on Debian 12, as root:
 # QEMU (system emulator and qemu-storage-daemon), the Debian cloud kernel the guest boots,
-# busybox-static, fio and e2fsprogs (packed into the guest), and cpio/gzip to pack it.
+# busybox-static, fio and e2fsprogs (packed into the guest), cpio/gzip to pack it, and
+# valgrind (the coroutine suites run under memcheck).
 # Idempotent: when every package is installed it only checks (well under a second) and
 # never touches the network.
 set -euo pipefail
 
 PKGS=(qemu-system-x86 qemu-system-common qemu-utils linux-image-cloud-amd64 busybox-static
-    fio e2fsprogs cpio gzip)
+    fio e2fsprogs cpio gzip valgrind)
 
 missing_pkgs() {
     missing=()
@@ -33,7 +34,7 @@ for pass in 1 2; do
 done
 
 # The tools themselves, where the scripts and tests look for them.
-for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img busybox fio mke2fs e2fsck cpio gzip; do
+for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img busybox fio mke2fs e2fsck cpio gzip valgrind; do
     command -v "$tool" >/dev/null || {
         echo "install-deps: $tool is not on PATH ($PATH) after installing" >&2
         exit 1

@@ -16,6 +16,11 @@ cargo build --release --bin corodev
 # integration/tests/coro_backends.rs serves a real guest with.
 cargo build --release --target x86_64-unknown-linux-musl --bin corodev
 cargo test --release -p coro --target x86_64-unknown-linux-musl
+# Valgrind must understand every backend's stacks (registered stacks, the sigaltstack
+# bootstrap's parked frames, the thread backend's threads): the coroutine and scheduler
+# suites, all four backends, under memcheck; any error fails them.
+CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="valgrind -q --error-exitcode=9" \
+    cargo test --release -p coro --test coroutine --test scheduler
 cargo test --workspace --release -- --test-threads=1
 
 # The hostile and lifecycle suites again, against a daemon built with AddressSanitizer

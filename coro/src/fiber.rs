@@ -31,6 +31,7 @@ use crate::sched;
 use crate::signal_stack;
 use crate::stack::Stack;
 use crate::thread_switch::{Baton, CoThread};
+use crate::valgrind;
 use crate::Error;
 
 /// How the CPU moves between a coroutine and its resumer.
@@ -476,7 +477,12 @@ impl Fiber {
                     (*f).stack.usable(),
                     bootstrap_in_handler,
                     f.cast(),
-                ),
+                )
+                .map(|()| {
+                    let parked = (*f).fiber_sp;
+                    let above = (*f).stack.top() as usize - parked as usize;
+                    valgrind::make_defined(parked, above);
+                }),
                 Backend::Thread => {
                     let baton = (*f).baton.insert(Baton::new());
                     CoThread::spawn(&(*f).stack, baton, thread_main, f.cast())

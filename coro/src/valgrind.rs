@@ -9,6 +9,9 @@
 
 const STACK_REGISTER: usize = 0x1501;
 const STACK_DEREGISTER: usize = 0x1502;
+/// Memcheck's `VALGRIND_MAKE_MEM_DEFINED` (tool base `'M' << 24 | 'C' << 16`, third request);
+/// other tools ignore it.
+const MAKE_MEM_DEFINED: usize = 0x4d43_0002;
 
 #[cfg(target_arch = "x86_64")]
 fn client_request(default: usize, args: [usize; 6]) -> usize {
@@ -44,4 +47,15 @@ pub(crate) fn stack_register(lo: *mut u8, hi: *mut u8) -> usize {
 /// Forgets a stack registered with [`stack_register`].
 pub(crate) fn stack_deregister(id: usize) {
     client_request(0, [STACK_DEREGISTER, id, 0, 0, 0, 0]);
+}
+
+/// Tells memcheck that `[lo, lo + len)` holds defined, accessible data again.
+///
+/// For the `sigaltstack` bootstrap: the trampoline parks *below* the signal handler's frame
+/// on the same stack, and when the handler's stack pointer moves back up past it (the
+/// switch out of the trampoline, the handler's return), memcheck takes the parked frames
+/// for popped stack and marks them inaccessible, though they hold the context the next
+/// switch in reads.
+pub(crate) fn make_defined(lo: *mut u8, len: usize) {
+    client_request(0, [MAKE_MEM_DEFINED, lo as usize, len, 0, 0, 0]);
 }
