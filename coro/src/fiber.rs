@@ -750,3 +750,42 @@ pub(crate) unsafe fn switch_out(f: *mut Fiber) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What each backend becomes in this build, per the table in [`Backend::effective`].
+    #[test]
+    fn effective_backend_for_this_build() {
+        let fast = Backend::Fast.effective();
+        match (arch::HAS_FAST, HAS_UCONTEXT) {
+            (true, true) => assert_eq!(fast, Backend::Fast),
+            (true, false) => assert_eq!(fast, Backend::Sigaltstack),
+            (false, true) => assert_eq!(fast, Backend::Ucontext),
+            (false, false) => assert_eq!(fast, Backend::Thread),
+        }
+        assert_eq!(Backend::default(), fast);
+        assert_eq!(Backend::Thread.effective(), Backend::Thread);
+        let ucontext = Backend::Ucontext.check();
+        if HAS_UCONTEXT {
+            assert_eq!(ucontext.expect("glibc has ucontext"), Backend::Ucontext);
+        } else {
+            assert!(
+                matches!(
+                    ucontext,
+                    Err(Error::BackendUnavailable {
+                        backend: "ucontext",
+                        ..
+                    })
+                ),
+                "{ucontext:?}"
+            );
+        }
+        for b in Backend::ALL {
+            if b != Backend::Ucontext {
+                assert!(b.check().is_ok(), "{b:?} must run in every build");
+            }
+        }
+    }
+}
