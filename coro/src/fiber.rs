@@ -456,7 +456,7 @@ impl Fiber {
 /// `f` must point to a live fiber fresh from [`Fiber::new`]: `uc.fiber` prepared by
 /// `makecontext` for the trampoline on the fiber's stack, never entered, and the `Fast`
 /// backend recorded, so the trampoline parks with the register switch that returns here.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 unsafe fn arch_bootstrap(f: *mut Fiber) {
     // SAFETY: `enter_fiber` never returns; the trampoline's first `switch_out` resumes us.
     unsafe { arch::bootstrap(&raw mut (*f).caller_sp, enter_fiber, f.cast()) }
@@ -465,9 +465,10 @@ unsafe fn arch_bootstrap(f: *mut Fiber) {
 /// Stands in where there is no register switch; never reached.
 ///
 /// # Safety
-/// None needed; it only panics. It is `unsafe` to match the x86_64 version, whose contract
-/// callers must follow. [`Backend::effective`] never yields `Fast` on this architecture.
-#[cfg(not(target_arch = "x86_64"))]
+/// None needed; it only panics. It is `unsafe` to match the x86_64 and aarch64 version,
+/// whose contract callers must follow. [`Backend::effective`] never yields `Fast` on this
+/// architecture.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 unsafe fn arch_bootstrap(_f: *mut Fiber) {
     unreachable!("Backend::effective never yields Fast without an arch switch")
 }
@@ -485,7 +486,7 @@ pub(crate) unsafe fn switch_in(f: *mut Fiber) {
     // SAFETY: per the contract; the saved contexts belong to `f`.
     unsafe {
         match (*f).backend {
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
             Backend::Fast => arch::switch(&raw mut (*f).caller_sp, (*f).fiber_sp),
             _ => {
                 if let Some(uc) = (*f).uc.as_deref_mut() {
@@ -506,7 +507,7 @@ pub(crate) unsafe fn switch_out(f: *mut Fiber) {
     // SAFETY: per the contract; the resumer's context was saved when it entered us.
     unsafe {
         match (*f).backend {
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
             Backend::Fast => arch::switch(&raw mut (*f).fiber_sp, (*f).caller_sp),
             _ => {
                 if let Some(uc) = (*f).uc.as_deref_mut() {
