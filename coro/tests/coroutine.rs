@@ -307,10 +307,37 @@ fn child_backend(var: &str) -> Backend {
     name.parse().expect("backend")
 }
 
+/// The runner cargo started this test binary through (`CARGO_TARGET_<TRIPLE>_RUNNER`, e.g.
+/// `qemu-aarch64-static -L /usr/aarch64-linux-gnu` for the aarch64 tests), split on
+/// whitespace as cargo splits it; empty when the binary runs natively.
+///
+/// A child must be started the same way. Under qemu-user, `current_exe` is the emulated
+/// test binary, and the host kernel can only exec it through a binfmt_misc entry for qemu,
+/// which containers and fresh CI machines often lack; the child then dies with status 127
+/// before printing anything. Only the variable form is seen here (the process inherits it
+/// from whoever ran cargo), not a runner set in `.cargo/config.toml`.
+fn runner() -> Vec<String> {
+    let prefix = format!("CARGO_TARGET_{}_", std::env::consts::ARCH.to_uppercase());
+    std::env::vars()
+        .find(|(k, _)| k.starts_with(&prefix) && k.ends_with("_RUNNER"))
+        .map(|(_, v)| v.split_whitespace().map(String::from).collect())
+        .unwrap_or_default()
+}
+
 /// Runs the ignored test `name` of this binary alone in a child process with `var=value`
-/// set; the caller judges its exit status and output.
+/// set (through the same [`runner`] as this process); the caller judges its exit status and
+/// output.
 fn run_child(name: &str, var: &str, value: &str) -> std::process::Output {
-    Command::new(std::env::current_exe().expect("test binary"))
+    let exe = std::env::current_exe().expect("test binary");
+    let mut cmd = match runner().split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(&exe);
+            cmd
+        }
+        None => Command::new(&exe),
+    };
+    let out = cmd
         .args([
             "--ignored",
             "--exact",
@@ -320,7 +347,13 @@ fn run_child(name: &str, var: &str, value: &str) -> std::process::Output {
         ])
         .env(var, value)
         .output()
-        .expect("run child")
+        .expect("run child");
+    assert!(
+        !(out.status.code() == Some(127) && out.stdout.is_empty()),
+        "could not exec the child {cmd:?}: an emulated test binary needs its runner, so set \
+         CARGO_TARGET_<TRIPLE>_RUNNER in the environment (not only in .cargo/config.toml)"
+    );
+    out
 }
 
 fn overflow_in_child(backend: &str) {
