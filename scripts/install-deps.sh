@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs what corodev's guest image and end-to-end tests need on Debian 12, as root:
 # QEMU (system emulator and qemu-storage-daemon), the Debian cloud kernel the guest boots,
-# busybox-static, fio and e2fsprogs (packed into the guest), and cpio/gzip to pack it.
-# Idempotent: when every package is installed it only checks (well under a second) and
+# busybox-static, fio and e2fsprogs (packed into the guest), and cpio/gzip to pack it; for
+# the coro crate's aarch64 tests (scripts/test-coro-aarch64.sh), the aarch64 cross gcc and
+# libc, qemu-user-static to run them, and rustup's aarch64-unknown-linux-gnu target.
+# Idempotent: when everything is installed it only checks (well under a second) and
 # never touches the network.
 set -euo pipefail
 
 PKGS=(qemu-system-x86 qemu-system-common qemu-utils linux-image-cloud-amd64 busybox-static
-    fio e2fsprogs cpio gzip)
+    fio e2fsprogs cpio gzip gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static)
 
 missing_pkgs() {
     missing=()
@@ -33,7 +35,8 @@ for pass in 1 2; do
 done
 
 # The tools themselves, where the scripts and tests look for them.
-for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img busybox fio mke2fs e2fsck cpio gzip; do
+for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img busybox fio mke2fs e2fsck cpio gzip \
+    aarch64-linux-gnu-gcc qemu-aarch64-static; do
     command -v "$tool" >/dev/null || {
         echo "install-deps: $tool is not on PATH ($PATH) after installing" >&2
         exit 1
@@ -42,4 +45,17 @@ done
 if ! compgen -G '/boot/vmlinuz-*-cloud-amd64' >/dev/null; then
     echo "install-deps: no /boot/vmlinuz-*-cloud-amd64 after installing linux-image-cloud-amd64" >&2
     exit 1
+fi
+if [ ! -e /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 ]; then
+    echo "install-deps: no aarch64 dynamic loader (qemu-aarch64-static -L /usr/aarch64-linux-gnu) after installing libc6-dev-arm64-cross" >&2
+    exit 1
+fi
+
+# The Rust standard library for aarch64, for cargo's --target aarch64-unknown-linux-gnu.
+# `--installed` only reads the local toolchain, so an installed target costs no network.
+# (Captured first: `grep -q` closing the pipe early would fail rustup under pipefail.)
+targets=$(rustup target list --installed)
+if ! grep -qx aarch64-unknown-linux-gnu <<<"$targets"; then
+    echo "install-deps: adding the rustup target aarch64-unknown-linux-gnu" >&2
+    rustup target add aarch64-unknown-linux-gnu
 fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check CI runs: dependencies, formatting, lints, and the whole test suite
-# (unit tests, coroutine tests on both backends, and real QEMU guests against corodev).
+# (unit tests, coroutine tests on both backends, the coro crate on aarch64 under qemu-user,
+# and real QEMU guests against corodev).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,10 @@ cargo clippy --workspace --all-targets --release -- -D warnings
 # The integration tests start the release binary; build it first so they test this tree.
 cargo build --release --bin corodev
 cargo test --workspace --release -- --test-threads=1
+
+# The coro crate (its aarch64 fast switch) on aarch64 under qemu-user; it prints which
+# io_uring tests it cannot run there, the bench table and its own wall time.
+bash scripts/test-coro-aarch64.sh
 
 # The hostile and lifecycle suites again, against a daemon built with AddressSanitizer
 # (stable rustc's sanitizer runtime, unlocked with RUSTC_BOOTSTRAP): any access outside
