@@ -1,6 +1,7 @@
 //! Coroutine semantics, run against both switch backends.
 
 use std::cell::RefCell;
+use std::hint::black_box;
 use std::panic::{self, AssertUnwindSafe};
 use std::process::Command;
 use std::rc::Rc;
@@ -101,6 +102,66 @@ both_backends!(deep_recursion_within_stack, |b: Builder| {
     let mut co = b.spawn(|| recurse(400)).expect("spawn");
     let expected: u64 = (1..=400u64).map(|d| d as u8 as u64).sum();
     assert_eq!(co.resume(), Resumed::Returned(expected));
+});
+
+/// Ten integers and eight floats, opaque to the optimiser.
+fn live_values(seed: u64) -> ([u64; 10], [f64; 8]) {
+    (
+        std::array::from_fn(|k| black_box(seed.wrapping_mul(k as u64 + 0x9e37_79b9))),
+        std::array::from_fn(|k| black_box((seed + k as u64) as f64 * 1.25)),
+    )
+}
+
+/// Inlined and by value, so the arrays become scalars that can live in registers.
+#[inline(always)]
+fn fold(ints: [u64; 10], floats: [f64; 8], round: u64) -> (u64, f64) {
+    let i = ints
+        .iter()
+        .fold(0u64, |a, &v| a.rotate_left(7) ^ v.wrapping_add(round));
+    let f = floats.iter().fold(0f64, |a, &v| a * 0.5 + v * round as f64);
+    (i, f)
+}
+
+both_backends!(callee_saved_registers_survive_switches, |b: Builder| {
+    // Both sides keep more values live across every switch than there are caller-saved
+    // registers, so the compiler parks them in callee-saved ones (x19-x28 and d8-d15 on
+    // aarch64, rbx and r12-r15 on x86_64) or spills them because the switch declares them
+    // clobbered; either way each side must get its own values back, not the other's.
+    let mut co = b
+        .spawn(|| {
+            let (ints, floats) = live_values(3);
+            let mut acc = (0u64, 0f64);
+            for round in 0..4 {
+                yield_now();
+                let (i, f) = fold(ints, floats, round);
+                acc = (acc.0 ^ i, acc.1 + f);
+            }
+            acc
+        })
+        .expect("spawn");
+    let (ints, floats) = live_values(11);
+    let mut mine = (0u64, 0f64);
+    let mut round = 0;
+    let theirs = loop {
+        match co.resume() {
+            Resumed::Yielded => {
+                let (i, f) = fold(ints, floats, round);
+                mine = (mine.0 ^ i, mine.1 + f);
+                round += 1;
+            }
+            Resumed::Returned(v) => break v,
+        }
+    };
+    let expect = |seed| {
+        let (ints, floats) = live_values(seed);
+        (0..4).fold((0u64, 0f64), |acc, r| {
+            let (i, f) = fold(ints, floats, r);
+            (acc.0 ^ i, acc.1 + f)
+        })
+    };
+    assert_eq!(round, 4);
+    assert_eq!(theirs, expect(3), "the coroutine's values");
+    assert_eq!(mine, expect(11), "the resumer's values");
 });
 
 both_backends!(panic_propagates_to_resumer, |b: Builder| {
