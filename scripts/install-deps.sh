@@ -2,13 +2,16 @@
 # Installs what corodev's guest image and end-to-end tests need on Debian 12, as root:
 # QEMU (system emulator and qemu-storage-daemon), the Debian cloud kernel the guest boots,
 # busybox-static, fio and e2fsprogs (packed into the guest), cpio/gzip to pack it, and
-# valgrind (the coroutine suites run under memcheck).
-# Idempotent: when every package is installed it only checks (well under a second) and
+# valgrind (the coroutine suites run under memcheck); for the coro crate's aarch64 tests
+# (scripts/test-coro-aarch64.sh), the aarch64 cross gcc and libc, qemu-user-static to run
+# them, and rustup's aarch64-unknown-linux-gnu target; rustup's x86_64-unknown-linux-musl
+# target for the static build.
+# Idempotent: when everything is installed it only checks (well under a second) and
 # never touches the network.
 set -euo pipefail
 
 PKGS=(qemu-system-x86 qemu-system-common qemu-utils linux-image-cloud-amd64 busybox-static
-    fio e2fsprogs cpio gzip valgrind)
+    fio e2fsprogs cpio gzip valgrind gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static)
 
 missing_pkgs() {
     missing=()
@@ -34,7 +37,8 @@ for pass in 1 2; do
 done
 
 # The tools themselves, where the scripts and tests look for them.
-for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img busybox fio mke2fs e2fsck cpio gzip valgrind; do
+for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img busybox fio mke2fs e2fsck cpio gzip \
+    valgrind aarch64-linux-gnu-gcc qemu-aarch64-static; do
     command -v "$tool" >/dev/null || {
         echo "install-deps: $tool is not on PATH ($PATH) after installing" >&2
         exit 1
@@ -44,11 +48,19 @@ if ! compgen -G '/boot/vmlinuz-*-cloud-amd64' >/dev/null; then
     echo "install-deps: no /boot/vmlinuz-*-cloud-amd64 after installing linux-image-cloud-amd64" >&2
     exit 1
 fi
+if [ ! -e /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 ]; then
+    echo "install-deps: no aarch64 dynamic loader (qemu-aarch64-static -L /usr/aarch64-linux-gnu) after installing libc6-dev-arm64-cross" >&2
+    exit 1
+fi
 
-# Rust targets the tests build for: the static musl build of corodev.
-for target in x86_64-unknown-linux-musl; do
-    if ! rustup target list --installed | grep -qx "$target"; then
-        echo "install-deps: adding Rust target $target" >&2
+# The Rust standard library for the other targets the tests build: aarch64 (the coro crate
+# under qemu-user) and x86_64 musl (the static build of corodev). `--installed` only reads
+# the local toolchain, so installed targets cost no network. (Captured first: `grep -q`
+# closing the pipe early would fail rustup under pipefail.)
+targets=$(rustup target list --installed)
+for target in aarch64-unknown-linux-gnu x86_64-unknown-linux-musl; do
+    if ! grep -qx "$target" <<<"$targets"; then
+        echo "install-deps: adding the rustup target $target" >&2
         rustup target add "$target"
     fi
 done

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check CI runs: dependencies, formatting, lints, and the whole test suite
-# (unit tests, coroutine tests on every backend, and real QEMU guests against corodev).
+# (unit tests, coroutine tests on every backend, also under Valgrind, in the static musl
+# build and on aarch64 under qemu-user, and real QEMU guests against corodev).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +23,10 @@ cargo test --release -p coro --target x86_64-unknown-linux-musl
 CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="valgrind -q --error-exitcode=9" \
     cargo test --release -p coro --test coroutine --test scheduler
 cargo test --workspace --release -- --test-threads=1
+
+# The coro crate (its aarch64 fast switch) on aarch64 under qemu-user; it prints which
+# io_uring tests it cannot run there, the bench table and its own wall time.
+bash scripts/test-coro-aarch64.sh
 
 # The hostile and lifecycle suites again, against a daemon built with AddressSanitizer
 # (stable rustc's sanitizer runtime, unlocked with RUSTC_BOOTSTRAP): any access outside

@@ -114,7 +114,7 @@ fn main() {
             create_finish(Backend::Sigaltstack, false, 20_000)
         }),
         ("thread-create-finish-fresh-stack", &|| {
-            create_finish(Backend::Thread, false, 2_000)
+            create_finish(Backend::Thread, false, 200)
         }),
     ];
     #[cfg(target_env = "gnu")]

@@ -30,7 +30,7 @@ use crate::overflow;
 use crate::sched;
 use crate::signal_stack;
 use crate::stack::Stack;
-use crate::thread_switch::{Baton, CoThread};
+use crate::thread_switch::{self, Baton, CoThread};
 use crate::valgrind;
 use crate::Error;
 
@@ -451,7 +451,10 @@ impl Fiber {
     fn new(backend: Backend, stack_size: usize) -> Result<NonNull<Fiber>, Error> {
         let backend = backend.check()?;
         overflow::ensure_handler();
-        let stack = Stack::new(stack_size)?;
+        let stack = match backend {
+            Backend::Thread => Stack::new(stack_size.max(thread_switch::min_stack()))?,
+            _ => Stack::new(stack_size)?,
+        };
         let f = Box::into_raw(Box::new(Fiber {
             fiber_sp: ptr::null_mut(),
             caller_sp: ptr::null_mut(),
@@ -624,7 +627,10 @@ unsafe fn start_with_makecontext(_f: *mut Fiber) -> Result<(), Error> {
 /// `f` must point to a live fiber fresh from [`Fiber::new`]: `uc.fiber` prepared by
 /// `makecontext` for the trampoline on the fiber's stack, never entered, and the `Fast`
 /// backend recorded, so the trampoline parks with the register switch that returns here.
-#[cfg(all(target_arch = "x86_64", target_env = "gnu"))]
+#[cfg(all(
+    any(target_arch = "x86_64", target_arch = "aarch64"),
+    target_env = "gnu"
+))]
 unsafe fn arch_bootstrap(f: *mut Fiber) {
     // SAFETY: `enter_fiber` never returns; the trampoline's first `switch_out` resumes us.
     unsafe { arch::bootstrap(&raw mut (*f).caller_sp, enter_fiber, f.cast()) }
@@ -633,9 +639,13 @@ unsafe fn arch_bootstrap(f: *mut Fiber) {
 /// Stands in where there is no register switch; never reached.
 ///
 /// # Safety
-/// None needed; it only panics. It is `unsafe` to match the x86_64 version, whose contract
-/// callers must follow. [`Backend::effective`] never yields `Fast` on this architecture.
-#[cfg(all(not(target_arch = "x86_64"), target_env = "gnu"))]
+/// None needed; it only panics. It is `unsafe` to match the x86_64 and aarch64 version,
+/// whose contract callers must follow. [`Backend::effective`] never yields `Fast` on this
+/// architecture.
+#[cfg(all(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    target_env = "gnu"
+))]
 unsafe fn arch_bootstrap(_f: *mut Fiber) {
     unreachable!("Backend::effective never yields Fast without an arch switch")
 }
@@ -648,7 +658,7 @@ unsafe fn arch_bootstrap(_f: *mut Fiber) {
 /// # Safety
 /// `f` must point to a live fiber fresh from [`Fiber::new`] with the `Sigaltstack` backend,
 /// and this must run on that fiber's stack ([`signal_stack::run_on_stack`]).
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 unsafe fn bootstrap_in_handler(f: *mut u8) {
     // SAFETY: `enter_on_signal_stack` never returns; the first `switch_out` resumes us.
     unsafe {
@@ -664,7 +674,7 @@ unsafe fn bootstrap_in_handler(f: *mut u8) {
 ///
 /// # Safety
 /// None needed; it only panics. [`Backend::effective`] never yields `Sigaltstack` here.
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 unsafe fn bootstrap_in_handler(_f: *mut u8) {
     unreachable!("Backend::effective never yields Sigaltstack without an arch switch")
 }
@@ -696,7 +706,7 @@ pub(crate) unsafe fn switch_in(f: *mut Fiber) {
     // SAFETY: per the contract; the saved contexts belong to `f`.
     unsafe {
         match (*f).backend {
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
             Backend::Fast | Backend::Sigaltstack => {
                 arch::switch(&raw mut (*f).caller_sp, (*f).fiber_sp)
             }
@@ -728,7 +738,7 @@ pub(crate) unsafe fn switch_out(f: *mut Fiber) {
     // SAFETY: per the contract; the resumer's context was saved when it entered us.
     unsafe {
         match (*f).backend {
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
             Backend::Fast | Backend::Sigaltstack => {
                 arch::switch(&raw mut (*f).fiber_sp, (*f).caller_sp)
             }

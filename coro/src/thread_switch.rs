@@ -152,6 +152,15 @@ impl CoThread {
     }
 }
 
+/// The smallest stack `pthread_create` accepts here (`PTHREAD_STACK_MIN`: 16 KiB on x86_64,
+/// 128 KiB on aarch64, whose pages can be 64 KiB); a thread backend fiber's stack is at
+/// least this, whatever size was asked for.
+pub(crate) fn min_stack() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let min = unsafe { libc::sysconf(libc::_SC_THREAD_STACK_MIN) };
+    usize::try_from(min).unwrap_or(0)
+}
+
 fn pthread_error(call: &'static str, rc: libc::c_int) -> Error {
     Error::Os {
         call,

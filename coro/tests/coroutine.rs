@@ -1,6 +1,7 @@
 //! Coroutine semantics, run against every switch backend.
 
 use std::cell::RefCell;
+use std::hint::black_box;
 use std::panic::{self, AssertUnwindSafe};
 use std::process::Command;
 use std::rc::Rc;
@@ -111,6 +112,66 @@ each_backend!(deep_recursion_within_stack, |b: Builder| {
     let mut co = b.spawn(|| recurse(400)).expect("spawn");
     let expected: u64 = (1..=400u64).map(|d| d as u8 as u64).sum();
     assert_eq!(co.resume(), Resumed::Returned(expected));
+});
+
+/// Ten integers and eight floats, opaque to the optimiser.
+fn live_values(seed: u64) -> ([u64; 10], [f64; 8]) {
+    (
+        std::array::from_fn(|k| black_box(seed.wrapping_mul(k as u64 + 0x9e37_79b9))),
+        std::array::from_fn(|k| black_box((seed + k as u64) as f64 * 1.25)),
+    )
+}
+
+/// Inlined and by value, so the arrays become scalars that can live in registers.
+#[inline(always)]
+fn fold(ints: [u64; 10], floats: [f64; 8], round: u64) -> (u64, f64) {
+    let i = ints
+        .iter()
+        .fold(0u64, |a, &v| a.rotate_left(7) ^ v.wrapping_add(round));
+    let f = floats.iter().fold(0f64, |a, &v| a * 0.5 + v * round as f64);
+    (i, f)
+}
+
+each_backend!(callee_saved_registers_survive_switches, |b: Builder| {
+    // Both sides keep more values live across every switch than there are caller-saved
+    // registers, so the compiler parks them in callee-saved ones (x19-x28 and d8-d15 on
+    // aarch64, rbx and r12-r15 on x86_64) or spills them because the switch declares them
+    // clobbered; either way each side must get its own values back, not the other's.
+    let mut co = b
+        .spawn(|| {
+            let (ints, floats) = live_values(3);
+            let mut acc = (0u64, 0f64);
+            for round in 0..4 {
+                yield_now();
+                let (i, f) = fold(ints, floats, round);
+                acc = (acc.0 ^ i, acc.1 + f);
+            }
+            acc
+        })
+        .expect("spawn");
+    let (ints, floats) = live_values(11);
+    let mut mine = (0u64, 0f64);
+    let mut round = 0;
+    let theirs = loop {
+        match co.resume() {
+            Resumed::Yielded => {
+                let (i, f) = fold(ints, floats, round);
+                mine = (mine.0 ^ i, mine.1 + f);
+                round += 1;
+            }
+            Resumed::Returned(v) => break v,
+        }
+    };
+    let expect = |seed| {
+        let (ints, floats) = live_values(seed);
+        (0..4).fold((0u64, 0f64), |acc, r| {
+            let (i, f) = fold(ints, floats, r);
+            (acc.0 ^ i, acc.1 + f)
+        })
+    };
+    assert_eq!(round, 4);
+    assert_eq!(theirs, expect(3), "the coroutine's values");
+    assert_eq!(mine, expect(11), "the resumer's values");
 });
 
 each_backend!(panic_propagates_to_resumer, |b: Builder| {
@@ -329,10 +390,37 @@ fn child_backend(var: &str) -> Backend {
     name.parse().expect("backend")
 }
 
+/// The runner cargo started this test binary through (`CARGO_TARGET_<TRIPLE>_RUNNER`, e.g.
+/// `qemu-aarch64-static -L /usr/aarch64-linux-gnu` for the aarch64 tests), split on
+/// whitespace as cargo splits it; empty when the binary runs natively.
+///
+/// A child must be started the same way. Under qemu-user, `current_exe` is the emulated
+/// test binary, and the host kernel can only exec it through a binfmt_misc entry for qemu,
+/// which containers and fresh CI machines often lack; the child then dies with status 127
+/// before printing anything. Only the variable form is seen here (the process inherits it
+/// from whoever ran cargo), not a runner set in `.cargo/config.toml`.
+fn runner() -> Vec<String> {
+    let prefix = format!("CARGO_TARGET_{}_", std::env::consts::ARCH.to_uppercase());
+    std::env::vars()
+        .find(|(k, _)| k.starts_with(&prefix) && k.ends_with("_RUNNER"))
+        .map(|(_, v)| v.split_whitespace().map(String::from).collect())
+        .unwrap_or_default()
+}
+
 /// Runs the ignored test `name` of this binary alone in a child process with `var=value`
-/// set; the caller judges its exit status and output.
+/// set (through the same [`runner`] as this process); the caller judges its exit status and
+/// output.
 fn run_child(name: &str, var: &str, value: &str) -> std::process::Output {
-    Command::new(std::env::current_exe().expect("test binary"))
+    let exe = std::env::current_exe().expect("test binary");
+    let mut cmd = match runner().split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(&exe);
+            cmd
+        }
+        None => Command::new(&exe),
+    };
+    let out = cmd
         .args([
             "--ignored",
             "--exact",
@@ -342,7 +430,13 @@ fn run_child(name: &str, var: &str, value: &str) -> std::process::Output {
         ])
         .env(var, value)
         .output()
-        .expect("run child")
+        .expect("run child");
+    assert!(
+        !(out.status.code() == Some(127) && out.stdout.is_empty()),
+        "could not exec the child {cmd:?}: an emulated test binary needs its runner, so set \
+         CARGO_TARGET_<TRIPLE>_RUNNER in the environment (not only in .cargo/config.toml)"
+    );
+    out
 }
 
 fn overflow_in_child(backend: &str) {
