@@ -112,14 +112,15 @@ pub(crate) unsafe fn switch(save_sp: *mut *mut u8, load_sp: *mut u8) {
     }
 }
 
-/// Saves the current context into `*save_sp` exactly as [`switch`] does, then calls
-/// `enter(arg)` on the current stack below the saved frame. `enter` must never return; it
-/// leaves for another stack (through `setcontext`), and the first [`switch`] back to the
-/// saved pointer makes this function return.
+/// Saves the current context into `*save_sp` exactly as [`switch`] does, then runs
+/// `enter(arg)` on the current stack below the saved frame, with a zero link register and
+/// frame pointer (the end of any stack walk). `enter` must never return; the first
+/// [`switch`] back to the saved pointer makes this function return.
 ///
-/// This is how the `fast` backend uses `makecontext` only once per new stack: `enter` jumps
-/// into the `makecontext`-prepared trampoline, which parks itself with [`switch`] straight
-/// back to us.
+/// Two backends start fibers with it. `fast` uses `makecontext` only once per new stack:
+/// `enter` jumps into the `makecontext`-prepared trampoline (`setcontext`), which parks
+/// itself with [`switch`] straight back to us. `sigaltstack` calls it from a signal handler
+/// already running on the new stack: `enter` is the trampoline itself, which parks.
 ///
 /// # Safety
 /// As for [`switch`]; additionally `enter` must not return and must not unwind.
@@ -140,17 +141,24 @@ pub(crate) unsafe fn bootstrap(
             "mov x9, sp",
             "str x9, [{save}]",
             // AAPCS64 wants sp 16-byte aligned at a call; both stores moved it by 16, so
-            // unlike x86_64 there is nothing to round. `enter` (arg in x0) leaves for the
-            // new stack and never returns ...
-            "blr {enter}",
-            "udf #0",
-            // ... the first switch back to the saved frame lands here instead, and what
-            // `enter` left below the frame is abandoned.
+            // unlike x86_64 there is nothing to round. `enter` (arg in x0) never returns,
+            // so it gets a zero link register and frame pointer instead of `blr`'s: that is
+            // where a stack walk (a panic's backtrace, a debugger) stops. Above `enter`
+            // there is only dead memory: this abandoned frame, and for the sigaltstack
+            // backend a signal handler's frame and the kernel's signal frame, whose saved
+            // registers describe a stack long gone. (x29 was saved above and is restored at
+            // `2:`; this path never comes back.) The branch goes through x16, which a `bti c`
+            // landing pad accepts from `br`.
+            "mov x30, xzr",
+            "mov x29, xzr",
+            "br x16",
+            // The first switch back to the saved frame lands here, and what `enter` left
+            // below the frame is abandoned.
             "2:",
             "hint #36",
             "ldp x29, x19, [sp], #16",
             save = in(reg) save_sp,
-            enter = in(reg) enter,
+            in("x16") enter,
             in("x0") arg,
             out("x9") _,
             out("x20") _,
