@@ -36,7 +36,7 @@ pub enum BackendKind {
 /// Coroutine context-switch implementation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum CoroutineBackend {
-    /// Register-only switch, no syscall; makecontext to start a stack (x86_64 glibc; a
+    /// Register-only switch, no syscall; makecontext to start a stack (x86_64 and aarch64 with glibc; a
     /// musl build uses sigaltstack, other architectures ucontext).
     Fast,
     /// The same register switch, stacks started from a signal handler (SIGUSR2) instead of
