@@ -38,8 +38,8 @@ use crate::Error;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Backend {
     /// `makecontext` once per new stack, then a register-only switch with no syscall.
-    /// Needs an architecture with a register switch (x86_64, aarch64) and a libc with `makecontext`
-    /// (glibc); elsewhere it behaves as [`Backend::effective`] says.
+    /// Needs an architecture with a register switch (x86_64, aarch64) and a libc with
+    /// `makecontext` (glibc); elsewhere it behaves as [`Backend::effective`] says.
     Fast,
     /// The same register switch as `Fast`, but a new stack is entered the way QEMU's
     /// coroutine-sigaltstack does it, from a signal handler running on it, so no
