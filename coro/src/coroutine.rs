@@ -23,6 +23,7 @@ use std::thread;
 
 use crate::fiber::{self, Backend, Fiber, Payload};
 use crate::sched::Job;
+use crate::shared_stack::StackMode;
 use crate::stack::DEFAULT_STACK_SIZE;
 use crate::Error;
 
@@ -52,10 +53,12 @@ pub enum Resumed<T> {
 /// The unwind payload that cancels a suspended coroutine being dropped.
 struct Cancelled;
 
-/// How to make a coroutine: backend, stack size, and whether to use the per-thread pool.
+/// How to make a coroutine: backend, stack mode and size, and whether to use the per-thread
+/// pool.
 #[derive(Clone, Copy, Debug)]
 pub struct Builder {
     backend: Backend,
+    stack_mode: StackMode,
     stack_size: usize,
     pooled: bool,
 }
@@ -64,6 +67,7 @@ impl Default for Builder {
     fn default() -> Self {
         Builder {
             backend: Backend::default(),
+            stack_mode: StackMode::Pooled,
             stack_size: DEFAULT_STACK_SIZE,
             pooled: true,
         }
@@ -83,6 +87,17 @@ impl Builder {
         self
     }
 
+    /// Chooses where coroutine stacks live (default [`StackMode::Pooled`]).
+    /// [`StackMode::Shared`] runs every coroutine of the thread (of this stack size) on one
+    /// stack and copies a parked coroutine's used bytes out to the heap: far less memory per
+    /// parked coroutine, a copy on each switch between different coroutines. It needs a
+    /// backend that [switches by register](Backend::switches_by_register), and a coroutine
+    /// on the shared stack cannot resume or create another one on the same stack.
+    pub fn stack_mode(mut self, mode: StackMode) -> Builder {
+        self.stack_mode = mode;
+        self
+    }
+
     /// Chooses the usable stack size (rounded up to pages, at least
     /// [`MIN_STACK_SIZE`](crate::MIN_STACK_SIZE)).
     pub fn stack_size(mut self, bytes: usize) -> Builder {
@@ -99,15 +114,17 @@ impl Builder {
 
     /// Creates a coroutine that will run `f` when first resumed.
     ///
-    /// Fails only when the pool has no parked fiber of this kind and a new stack cannot be
+    /// Fails when the pool has no parked fiber of this kind and a new stack cannot be
     /// mapped ([`Error::Os`]) or is too large for the address space
-    /// ([`Error::StackTooLarge`]).
+    /// ([`Error::StackTooLarge`]); in [`StackMode::Shared`], also when the backend cannot
+    /// share a stack ([`Error::StackModeUnsupported`]) or when called from a coroutine
+    /// running on that same shared stack ([`Error::SharedStackInUse`]).
     pub fn spawn<F, T>(self, f: F) -> Result<Coroutine<T>, Error>
     where
         F: FnOnce() -> T + 'static,
         T: 'static,
     {
-        let fib = Fiber::acquire(self.backend, self.stack_size, self.pooled)?;
+        let fib = Fiber::acquire(self.backend, self.stack_mode, self.stack_size, self.pooled)?;
         // SAFETY: an acquired fiber is parked with no job and an empty payload.
         unsafe { Fiber::start::<F, T>(fib.as_ptr(), f) };
         Ok(Coroutine {
@@ -121,7 +138,8 @@ impl Builder {
     /// Like [`spawn`](Self::spawn) for a scheduler task, handing `job` back unrun (not
     /// wrapped in a closure) when no coroutine can be made for it.
     pub(crate) fn spawn_job<J: Job>(self, job: J) -> Result<Coroutine<()>, (Error, J)> {
-        let fib = match Fiber::acquire(self.backend, self.stack_size, self.pooled) {
+        let fib = match Fiber::acquire(self.backend, self.stack_mode, self.stack_size, self.pooled)
+        {
             Ok(fib) => fib,
             Err(e) => return Err((e, job)),
         };

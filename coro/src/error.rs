@@ -53,6 +53,39 @@ pub enum Error {
         /// Why, and what to use instead.
         why: &'static str,
     },
+    /// A stack mode name that is neither `pooled` nor `shared` (from [`StackMode`]'s
+    /// `FromStr`).
+    ///
+    /// [`StackMode`]: crate::StackMode
+    #[error("unknown coroutine stack mode '{name}': use 'pooled' or 'shared'")]
+    UnknownStackMode {
+        /// The name as given.
+        name: String,
+    },
+    /// `mode` cannot be used with `backend`: a shared stack needs a backend that
+    /// [switches by register](crate::Backend::switches_by_register), whose parked context is
+    /// exactly the bytes below one saved stack pointer.
+    #[error(
+        "stack mode {mode:?} needs a register-switch coroutine backend (fast or sigaltstack \
+         on x86_64), not {backend:?}: use one of those or the pooled stack mode"
+    )]
+    StackModeUnsupported {
+        /// The backend asked for, as [`effective`](crate::Backend::effective) here.
+        backend: crate::Backend,
+        /// The stack mode asked for.
+        mode: crate::StackMode,
+    },
+    /// A coroutine was to be created from a coroutine running on the shared stack it would
+    /// use: its start (or its first resume from there) would overwrite the running frames.
+    #[error(
+        "cannot create a coroutine on the shared stack of {stack_size} bytes from a \
+         coroutine running on it: create it outside coroutines, or use another stack size or \
+         the pooled stack mode"
+    )]
+    SharedStackInUse {
+        /// The stack size (the shared stack's key) asked for.
+        stack_size: usize,
+    },
 }
 
 impl Error {
@@ -80,8 +113,10 @@ impl From<Error> for io::Error {
             Error::Os { source, .. } => source.kind(),
             Error::StackTooLarge { .. }
             | Error::UnknownBackend { .. }
-            | Error::BackendUnavailable { .. } => io::ErrorKind::InvalidInput,
-            Error::TooManyTasks { .. } => io::ErrorKind::Other,
+            | Error::BackendUnavailable { .. }
+            | Error::UnknownStackMode { .. }
+            | Error::StackModeUnsupported { .. } => io::ErrorKind::InvalidInput,
+            Error::TooManyTasks { .. } | Error::SharedStackInUse { .. } => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)
     }

@@ -28,8 +28,8 @@ use std::ptr::{self, NonNull};
 use crate::arch;
 use crate::overflow;
 use crate::sched;
+use crate::shared_stack::{self, FiberStack, StackMode};
 use crate::signal_stack;
-use crate::stack::Stack;
 use crate::thread_switch::{self, Baton, CoThread};
 use crate::valgrind;
 use crate::Error;
@@ -111,6 +111,16 @@ impl Backend {
             b => Ok(b),
         }
     }
+
+    /// Whether this backend (as [`effective`](Self::effective) on this architecture)
+    /// switches by saving registers below one stack pointer, so that a parked context is
+    /// exactly the bytes from that pointer to the top of its stack. Only such backends can
+    /// run on a shared stack ([`StackMode::Shared`]): `Fast` and `Sigaltstack`. `Ucontext`
+    /// keeps its registers in a `ucontext_t` whose saved stack pointer we would have to
+    /// parse; `Thread` runs each coroutine on an OS thread of its own, which cannot share.
+    pub fn switches_by_register(self) -> bool {
+        matches!(self.effective(), Backend::Fast | Backend::Sigaltstack)
+    }
 }
 
 impl std::str::FromStr for Backend {
@@ -176,8 +186,8 @@ struct UcPair {
 /// field is only touched by the side that is currently running.
 pub(crate) struct Fiber {
     /// Register switches (`Fast`, `Sigaltstack`): the parked fiber's stack pointer, written
-    /// by the switch that parks it.
-    fiber_sp: *mut u8,
+    /// by the switch that parks it. Read by [`shared_stack`] to save a parked fiber's bytes.
+    pub(crate) fiber_sp: *mut u8,
     /// Register switches: the resumer's stack pointer while the fiber runs, for `switch_out`.
     caller_sp: *mut u8,
     /// `Ucontext`: both contexts for every switch. `Fast`: only until the bootstrap has
@@ -202,7 +212,7 @@ pub(crate) struct Fiber {
     finished: bool,
     /// Set by the resumer to make the next `yield` unwind (dropping a suspended coroutine).
     pub(crate) cancel: bool,
-    pub(crate) stack: Stack,
+    pub(crate) stack: FiberStack,
     pub(crate) payload: Payload,
 }
 
@@ -236,9 +246,10 @@ thread_local! {
     static POOLS: RefCell<Vec<Pool>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Idle parked fibers of one (backend, stack size) kind.
+/// Idle parked fibers of one (backend, stack mode, stack size) kind.
 struct Pool {
     backend: Backend,
+    mode: StackMode,
     stack_size: usize,
     idle: Vec<NonNull<Fiber>>,
 }
@@ -387,22 +398,24 @@ impl Fiber {
     /// Takes a parked fiber of this kind from the pool, or makes a new one.
     pub(crate) fn acquire(
         backend: Backend,
+        mode: StackMode,
         stack_size: usize,
         pooled: bool,
     ) -> Result<NonNull<Fiber>, Error> {
         let backend = backend.effective();
+        shared_stack::check_spawn(backend, mode, stack_size)?;
         if pooled {
             let hit = POOLS.with(|p| {
                 p.borrow_mut()
                     .iter_mut()
-                    .find(|p| p.backend == backend && p.stack_size == stack_size)
+                    .find(|p| p.backend == backend && p.mode == mode && p.stack_size == stack_size)
                     .and_then(|p| p.idle.pop())
             });
             if let Some(f) = hit {
                 return Ok(f);
             }
         }
-        Fiber::new(backend, stack_size)
+        Fiber::new(backend, mode, stack_size)
     }
 
     /// Returns a finished fiber to the pool, or unmaps it when the pool is full.
@@ -413,19 +426,19 @@ impl Fiber {
     /// keyed by it). The caller gives `f` up: it may be reused or unmapped at once.
     pub(crate) unsafe fn release(f: NonNull<Fiber>, pooled: bool, stack_size: usize) {
         // SAFETY: the caller guarantees `f` is a valid parked fiber.
-        let backend = unsafe { (*f.as_ptr()).backend };
+        let (backend, mode) = unsafe { ((*f.as_ptr()).backend, (*f.as_ptr()).stack.mode()) };
         let kept = pooled
             && POOLS
                 .try_with(|p| {
                     let mut pools = p.borrow_mut();
-                    let pos = match pools
-                        .iter()
-                        .position(|p| p.backend == backend && p.stack_size == stack_size)
-                    {
+                    let pos = match pools.iter().position(|p| {
+                        p.backend == backend && p.mode == mode && p.stack_size == stack_size
+                    }) {
                         Some(pos) => pos,
                         None => {
                             pools.push(Pool {
                                 backend,
+                                mode,
                                 stack_size,
                                 idle: Vec::new(),
                             });
@@ -447,14 +460,17 @@ impl Fiber {
         }
     }
 
-    /// Maps a stack and runs a new trampoline on it up to its first park.
-    fn new(backend: Backend, stack_size: usize) -> Result<NonNull<Fiber>, Error> {
+    /// Maps a stack (or joins the thread's shared one) and runs a new trampoline on it up
+    /// to its first park.
+    fn new(backend: Backend, mode: StackMode, stack_size: usize) -> Result<NonNull<Fiber>, Error> {
         let backend = backend.check()?;
         overflow::ensure_handler();
-        let stack = match backend {
-            Backend::Thread => Stack::new(stack_size.max(thread_switch::min_stack()))?,
-            _ => Stack::new(stack_size)?,
+        // A coroutine thread needs at least the platform's pthread minimum.
+        let stack_size = match backend {
+            Backend::Thread => stack_size.max(thread_switch::min_stack()),
+            _ => stack_size,
         };
+        let stack = FiberStack::new(mode, stack_size)?;
         let f = Box::into_raw(Box::new(Fiber {
             fiber_sp: ptr::null_mut(),
             caller_sp: ptr::null_mut(),
@@ -474,6 +490,8 @@ impl Fiber {
         // SAFETY: `f` came from Box::into_raw and is exclusively ours until parked; each
         // bootstrap leaves it parked in its trampoline or fails having started nothing.
         let started = unsafe {
+            // A shared stack holds another fiber's bytes: save them before ours go there.
+            shared_stack::claim_for_bootstrap(f);
             match backend {
                 Backend::Sigaltstack => signal_stack::run_on_stack(
                     (*f).stack.bottom(),
@@ -488,7 +506,7 @@ impl Fiber {
                 }),
                 Backend::Thread => {
                     let baton = (*f).baton.insert(Baton::new());
-                    CoThread::spawn(&(*f).stack, baton, thread_main, f.cast())
+                    CoThread::spawn((*f).stack.mapping(), baton, thread_main, f.cast())
                         .map(|t| (*f).thread = Some(t))
                 }
                 Backend::Fast | Backend::Ucontext => start_with_makecontext(f),
@@ -498,8 +516,12 @@ impl Fiber {
             // SAFETY: from Box::into_raw, never null.
             Ok(()) => Ok(unsafe { NonNull::new_unchecked(f) }),
             Err(e) => {
-                // SAFETY: nothing runs on the stack (no trampoline was started).
-                drop(unsafe { Box::from_raw(f) });
+                // SAFETY: nothing runs on the stack (no trampoline was started), so a shared
+                // stack holds nothing of it either.
+                unsafe {
+                    shared_stack::vacate(f);
+                    drop(Box::from_raw(f));
+                }
                 Err(e)
             }
         }
@@ -512,8 +534,9 @@ impl Fiber {
     unsafe fn destroy(f: NonNull<Fiber>) {
         // SAFETY: per the contract, nothing on the stack is live; a coroutine thread is
         // parked in its trampoline and leaves it when told to, and is joined before its
-        // stack is unmapped by the drop.
+        // stack is unmapped by the drop. A shared-stack fiber stops being the occupant.
         unsafe {
+            shared_stack::vacate(f.as_ptr());
             let mut fib = Box::from_raw(f.as_ptr());
             if let (Some(thread), Some(baton)) = (fib.thread.take(), fib.baton.as_deref()) {
                 thread.exit(baton);
@@ -702,6 +725,9 @@ unsafe fn suspend_thread(f: *mut Fiber, baton: &Baton) -> bool {
 /// and `CURRENT` is per thread.
 #[inline(always)]
 pub(crate) unsafe fn switch_in(f: *mut Fiber) {
+    // SAFETY: per the contract. A shared-stack fiber's bytes are copied in first (this may
+    // panic, before anything changed, if the resumer runs on the same shared stack).
+    let shared = unsafe { shared_stack::enter(f) };
     let prev = CURRENT.with(|c| c.replace(f));
     // SAFETY: per the contract; the saved contexts belong to `f`.
     unsafe {
@@ -727,6 +753,10 @@ pub(crate) unsafe fn switch_in(f: *mut Fiber) {
         }
     }
     CURRENT.with(|c| c.set(prev));
+    if shared {
+        // SAFETY: `enter` returned true for this fiber, which is parked again.
+        unsafe { shared_stack::leave(f) };
+    }
 }
 
 /// Fiber -> its resumer.

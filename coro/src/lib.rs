@@ -11,6 +11,8 @@
 //!   `makecontext`, so it runs on musl), `Ucontext` (`swapcontext`) and `Thread` (an OS
 //!   thread per coroutine, for debuggers and thread-aware tools); all share one trampoline
 //!   and pool (`fiber`).
+//! - stack modes ([`StackMode`]): each coroutine on its own pooled stack, or all of a
+//!   thread's on one shared stack with the parked ones' bytes copied out (`shared_stack`).
 //! - [`Coroutine`]: create, [`resume`](Coroutine::resume), [`yield_now`], return a value;
 //!   panics propagate to the resumer; dropping a suspended coroutine unwinds it.
 //! - [`Scheduler`]: a single-threaded executor with [`park`]/[`wake`], plus [`sync`]
@@ -41,6 +43,7 @@ mod fiber;
 pub mod io;
 mod overflow;
 mod sched;
+mod shared_stack;
 mod signal_stack;
 mod stack;
 pub mod sync;
@@ -52,4 +55,5 @@ pub use error::{Error, SpawnError};
 pub use fiber::{pool_idle_count, Backend, POOL_MAX};
 pub use io::sleep;
 pub use sched::{current_task, park, wake, yield_task, Job, Scheduler, TaskId};
+pub use shared_stack::StackMode;
 pub use stack::{DEFAULT_STACK_SIZE, MIN_STACK_SIZE};

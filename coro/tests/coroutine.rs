@@ -1,4 +1,4 @@
-//! Coroutine semantics, run against every switch backend.
+//! Coroutine semantics, run against every switch backend and the shared stack mode.
 
 use std::cell::RefCell;
 use std::hint::black_box;
@@ -6,12 +6,15 @@ use std::panic::{self, AssertUnwindSafe};
 use std::process::Command;
 use std::rc::Rc;
 
-use coro::{yield_now, Backend, Builder, Coroutine, Error, Resumed, State};
+use coro::{yield_now, Backend, Builder, Coroutine, Error, Resumed, StackMode, State};
 
 /// Defines `mod name { fn fast(); fn sigaltstack(); fn ucontext(); fn thread(); }` running
-/// `body(builder)` on each backend (ucontext only where libc has it).
+/// `body(builder)` on each backend (ucontext only where libc has it) with pooled stacks,
+/// plus `fn shared(); fn shared_sigaltstack();` on the shared stack with the two register
+/// switches, unless the test starts with `pooled_only` (it creates coroutines inside
+/// coroutines, which shared mode refuses).
 macro_rules! each_backend {
-    ($name:ident, $body:expr) => {
+    (pooled_only $name:ident, $body:expr) => {
         mod $name {
             use super::*;
             #[test]
@@ -33,6 +36,43 @@ macro_rules! each_backend {
             }
         }
     };
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn fast() {
+                ($body)(Builder::new().backend(Backend::Fast))
+            }
+            #[test]
+            fn sigaltstack() {
+                ($body)(Builder::new().backend(Backend::Sigaltstack))
+            }
+            #[cfg(target_env = "gnu")]
+            #[test]
+            fn ucontext() {
+                ($body)(Builder::new().backend(Backend::Ucontext))
+            }
+            #[test]
+            fn thread() {
+                ($body)(Builder::new().backend(Backend::Thread))
+            }
+            #[test]
+            fn shared() {
+                ($body)(shared_builder())
+            }
+            #[test]
+            fn shared_sigaltstack() {
+                ($body)(shared_builder().backend(Backend::Sigaltstack))
+            }
+        }
+    };
+}
+
+/// `Fast` on the shared stack.
+fn shared_builder() -> Builder {
+    Builder::new()
+        .backend(Backend::Fast)
+        .stack_mode(StackMode::Shared)
 }
 
 each_backend!(ping_pong, |b: Builder| {
@@ -77,7 +117,7 @@ each_backend!(large_values_are_boxed_transparently, |b: Builder| {
     assert_eq!(co.resume(), Resumed::Returned([7u64; 100]));
 });
 
-each_backend!(nested_coroutines, |b: Builder| {
+each_backend!(pooled_only nested_coroutines, |b: Builder| {
     let mut outer = b
         .spawn(move || {
             let mut inner = b
@@ -249,8 +289,7 @@ fn rss_pages() -> usize {
 #[test]
 #[ignore = "child process: run by create_finish_100k_no_rss_growth_*"]
 fn rss_child() {
-    let backend = child_backend("CORO_RSS_CHILD");
-    let b = Builder::new().backend(backend);
+    let b = child_builder("CORO_RSS_CHILD");
     let cycle = |n: u32| {
         for i in 0..n {
             let mut co = b.spawn(move || i.wrapping_mul(3)).expect("spawn");
@@ -302,6 +341,11 @@ fn create_finish_100k_no_rss_growth_sigaltstack() {
 #[test]
 fn create_finish_100k_no_rss_growth_thread() {
     rss_in_child("thread");
+}
+
+#[test]
+fn create_finish_100k_no_rss_growth_shared() {
+    rss_in_child("shared");
 }
 
 each_backend!(unpooled_stacks_are_unmapped, |b: Builder| {
@@ -366,14 +410,13 @@ fn resume_after_done_panics() {
 #[test]
 #[ignore = "child process: run by stack_overflow_is_reported_*"]
 fn overflow_child() {
-    let backend = child_backend("CORO_OVERFLOW_CHILD");
+    let b = child_builder("CORO_OVERFLOW_CHILD");
     #[allow(unconditional_recursion)] // the point: run off the stack
     fn runaway(n: u64) -> u64 {
         let buf = std::hint::black_box([n; 64]);
         runaway(n + 1) + buf[3]
     }
-    let mut co = Builder::new()
-        .backend(backend)
+    let mut co = b
         .stack_size(coro::MIN_STACK_SIZE)
         .spawn(|| runaway(0))
         .expect("spawn");
@@ -381,13 +424,18 @@ fn overflow_child() {
     panic!("resumed a coroutine that recursed without bound, and it returned");
 }
 
-/// The backend a child test runs, from `var`; panics when the variable is absent, since a
-/// child entry point run outside its parent has nothing to test.
-fn child_backend(var: &str) -> Backend {
+/// The coroutines a child test makes, from `var`: a backend name, or `shared` /
+/// `shared-sigaltstack` for that register switch on the shared stack. Panics when the
+/// variable is absent, since a child entry point run outside its parent has nothing to test.
+fn child_builder(var: &str) -> Builder {
     let name = std::env::var(var).unwrap_or_else(|_| {
         panic!("{var} is not set: this is a child process entry point, run by its parent test")
     });
-    name.parse().expect("backend")
+    match name.as_str() {
+        "shared" => shared_builder(),
+        "shared-sigaltstack" => shared_builder().backend(Backend::Sigaltstack),
+        backend => Builder::new().backend(backend.parse().expect("backend")),
+    }
 }
 
 /// The runner cargo started this test binary through (`CARGO_TARGET_<TRIPLE>_RUNNER`, e.g.
@@ -473,4 +521,215 @@ fn stack_overflow_is_reported_sigaltstack() {
 #[test]
 fn stack_overflow_is_reported_thread() {
     overflow_in_child("thread");
+}
+
+/// The shared stack has a guard page too, reported as the current coroutine's.
+#[test]
+fn stack_overflow_is_reported_shared() {
+    overflow_in_child("shared");
+}
+
+#[test]
+fn stack_overflow_is_reported_shared_sigaltstack() {
+    overflow_in_child("shared-sigaltstack");
+}
+
+// ---- Shared stack mode ----
+
+/// A coroutine's stack as a request handler's would be: 1.5 KiB of locals, a pointer into
+/// them, all checked after every resume.
+fn busy_body(id: u64, rounds: u64) -> u64 {
+    let mut frame = [0u64; 192];
+    for (i, w) in frame.iter_mut().enumerate() {
+        *w = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64;
+    }
+    let me: *const [u64; 192] = &frame;
+    let mut sum = 0;
+    for r in 0..rounds {
+        frame[(r % 192) as usize] ^= r;
+        yield_now();
+        let frame = std::hint::black_box(&mut frame);
+        frame[(r % 192) as usize] ^= r;
+        assert_eq!(
+            frame as *const _, me,
+            "the frame must be back at its address"
+        );
+        for (i, w) in frame.iter().enumerate() {
+            assert_eq!(
+                *w,
+                id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64,
+                "coroutine {id}, word {i}, after round {r}"
+            );
+        }
+        sum += r;
+    }
+    sum
+}
+
+#[test]
+fn shared_interleaved_coroutines_keep_their_stacks() {
+    const N: u64 = 64;
+    const ROUNDS: u64 = 20;
+    let b = shared_builder();
+    let mut cos: Vec<_> = (0..N)
+        .map(|id| b.spawn(move || busy_body(id, ROUNDS)).expect("spawn"))
+        .collect();
+    // Every resume switches to another coroutine: each one evicts the previous occupant.
+    // Odd rounds go backwards and resume each coroutine twice in a row (no copy the
+    // second time).
+    for round in 0..ROUNDS {
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..N as usize).collect()
+        } else {
+            (0..N as usize).rev().collect()
+        };
+        for i in order {
+            assert_eq!(cos[i].resume(), Resumed::Yielded);
+        }
+    }
+    let expected: u64 = (0..ROUNDS).sum();
+    for co in &mut cos {
+        assert_eq!(co.resume(), Resumed::Returned(expected));
+    }
+}
+
+#[test]
+fn shared_coroutine_resuming_one_on_the_same_stack_panics() {
+    let b = shared_builder();
+    let mut inner = b.spawn(yield_now).expect("spawn inner");
+    let mut outer = b
+        .spawn(move || {
+            inner.resume();
+        })
+        .expect("spawn outer");
+    let err = panic::catch_unwind(AssertUnwindSafe(|| outer.resume())).expect_err("must panic");
+    let msg = err
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| err.downcast_ref::<String>().cloned())
+        .expect("a message");
+    assert!(
+        msg.contains("resumed another coroutine on the same shared stack"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn shared_coroutine_may_resume_a_pooled_one_and_vice_versa() {
+    let mut outer = shared_builder()
+        .spawn(|| {
+            let mut pooled = Builder::new()
+                .spawn(|| {
+                    yield_now();
+                    1
+                })
+                .expect("spawn pooled");
+            assert_eq!(pooled.resume(), Resumed::Yielded);
+            yield_now();
+            matches!(pooled.resume(), Resumed::Returned(1))
+        })
+        .expect("spawn shared");
+    assert_eq!(outer.resume(), Resumed::Yielded);
+    assert_eq!(outer.resume(), Resumed::Returned(true));
+    // A pooled coroutine resuming a shared one: the shared stack is not in use.
+    let mut shared = shared_builder()
+        .spawn(|| {
+            yield_now();
+            2
+        })
+        .expect("spawn shared");
+    let mut pooled = Builder::new()
+        .spawn(move || {
+            assert_eq!(shared.resume(), Resumed::Yielded);
+            shared.resume()
+        })
+        .expect("spawn pooled");
+    assert_eq!(pooled.resume(), Resumed::Returned(Resumed::Returned(2)));
+}
+
+#[test]
+fn shared_coroutine_cannot_create_one_on_its_stack() {
+    let b = shared_builder();
+    let mut outer = b
+        .spawn(move || match b.spawn(|| ()) {
+            Err(Error::SharedStackInUse { stack_size }) => stack_size,
+            Err(e) => panic!("unexpected error {e:?}"),
+            Ok(_) => panic!("creating a coroutine on the running shared stack must fail"),
+        })
+        .expect("spawn outer");
+    assert_eq!(outer.resume(), Resumed::Returned(coro::DEFAULT_STACK_SIZE));
+}
+
+#[test]
+fn shared_mode_needs_a_register_switch() {
+    let err = Builder::new()
+        .backend(Backend::Ucontext)
+        .stack_mode(StackMode::Shared)
+        .spawn(|| ())
+        .err()
+        .expect("ucontext cannot share a stack");
+    assert!(
+        matches!(
+            err,
+            Error::StackModeUnsupported {
+                backend: Backend::Ucontext,
+                mode: StackMode::Shared
+            }
+        ),
+        "{err:?}"
+    );
+    let err = shared_builder()
+        .backend(Backend::Thread)
+        .spawn(|| ())
+        .err()
+        .expect("a coroutine thread cannot share a stack");
+    assert!(
+        matches!(
+            err,
+            Error::StackModeUnsupported {
+                backend: Backend::Thread,
+                mode: StackMode::Shared
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(Backend::Fast.switches_by_register());
+    assert!(Backend::Sigaltstack.switches_by_register());
+    assert!(!Backend::Ucontext.switches_by_register());
+    assert!(!Backend::Thread.switches_by_register());
+}
+
+#[test]
+fn stack_mode_names() {
+    assert_eq!(
+        "pooled".parse::<StackMode>().expect("pooled"),
+        StackMode::Pooled
+    );
+    assert_eq!(
+        "shared".parse::<StackMode>().expect("shared"),
+        StackMode::Shared
+    );
+    assert_eq!(StackMode::default(), StackMode::Pooled);
+    let err = "stacked".parse::<StackMode>().expect_err("no such mode");
+    assert!(
+        matches!(&err, Error::UnknownStackMode { name } if name == "stacked"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn shared_stacks_are_per_stack_size() {
+    // A coroutine on the 64 KiB shared stack can create and resume ones on the default
+    // shared stack: a different stack, not in use.
+    let mut outer = shared_builder()
+        .stack_size(64 * 1024)
+        .spawn(|| {
+            let mut inner = shared_builder()
+                .spawn(|| busy_body(7, 3))
+                .expect("spawn on the other shared stack");
+            while inner.resume() == Resumed::Yielded {}
+            busy_body(8, 2)
+        })
+        .expect("spawn outer");
+    while outer.resume() == Resumed::Yielded {}
 }

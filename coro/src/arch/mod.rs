@@ -22,6 +22,7 @@ mod tests {
     use std::ptr::NonNull;
 
     use crate::fiber::{self, Backend, Fiber, Payload};
+    use crate::shared_stack::StackMode;
     use crate::stack::DEFAULT_STACK_SIZE;
 
     /// `makecontext` can only pass `int`s, so `Fiber::new` hands the fiber pointer to
@@ -32,7 +33,8 @@ mod tests {
     /// test would prove nothing, hence the address assertion; this is a unit test because
     /// only the crate can see where a fiber lives.
     fn fiber_above_4gib_runs_its_job(backend: Backend) {
-        let f: NonNull<Fiber> = Fiber::acquire(backend, DEFAULT_STACK_SIZE, false).expect("fiber");
+        let f: NonNull<Fiber> =
+            Fiber::acquire(backend, StackMode::Pooled, DEFAULT_STACK_SIZE, false).expect("fiber");
         let p = f.as_ptr();
         assert!(
             p as usize > u32::MAX as usize,

@@ -1,0 +1,359 @@
+//! Shared-stack mode: every coroutine of a thread runs on one stack (cloudwu's design).
+//!
+//! In [`StackMode::Pooled`] each fiber owns an `mmap`'d stack, so a parked coroutine costs
+//! at least the pages it touched plus two kernel mappings (the stack and its guard page;
+//! `vm.max_map_count` caps a process at about 32K such stacks). In [`StackMode::Shared`] a
+//! thread has one guarded stack per stack size, and a fiber owns only a heap *save buffer*
+//! holding the bytes it used: from its parked stack pointer up to the top of the shared
+//! stack, usually one or two KiB for a request handler.
+//!
+//! The stack is switched lazily. [`SharedStack`] remembers which fiber's bytes are on it
+//! (the *occupant*). Switching into a fiber that is not the occupant first copies the
+//! occupant's used bytes out into its buffer (*eviction*), then copies the new fiber's
+//! bytes back to the same addresses, so every pointer a coroutine holds into its own stack
+//! is valid again when it runs. A coroutine resumed repeatedly with nothing in between
+//! costs no copy. A new fiber's bootstrap (its trampoline running up to the first park)
+//! happens on the shared stack too, so it evicts the occupant first.
+//!
+//! What this mode forbids, and how it is enforced:
+//! - A coroutine on a shared stack resuming another on the same stack would overwrite its
+//!   own live frames: [`enter`] panics instead. Creating one from there would run its
+//!   bootstrap over the running frames: `spawn` fails with
+//!   [`Error::SharedStackInUse`](crate::Error::SharedStackInUse).
+//! - Anything outside a coroutine that points into its stack while it is parked sees
+//!   another coroutine's bytes. The I/O API keeps kernel-visible memory off coroutine
+//!   stacks by type ([`crate::io::IoBuf`]), copies iovec arrays and timespecs into the
+//!   ring's op slots, and refuses buffers inside the current shared stack at run time.
+//! - Only register switches (`Fast`, `Sigaltstack`) can share a stack: the switch must
+//!   leave the whole parked context below one saved stack pointer
+//!   ([`Backend::switches_by_register`]). A `Sigaltstack` fiber's parked bytes include the
+//!   dead frame of the signal handler that bootstrapped it (a few KiB, with the FPU state),
+//!   so its idle save buffer is larger than a `Fast` one's.
+//!
+//! Copies are bounded by checked sizes: a saved stack pointer outside the shared stack,
+//! or a save buffer larger than the stack, aborts with a message instead of copying.
+//! The boundary: this module moves bytes and tracks occupancy; switching registers stays
+//! in [`crate::fiber`], which calls in at three points (create, switch in, destroy).
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use crate::fiber::{Backend, Fiber};
+use crate::stack::Stack;
+use crate::Error;
+
+/// Where a coroutine's stack lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum StackMode {
+    /// Each coroutine owns a guarded `mmap`'d stack, kept with its parked fiber in the
+    /// per-thread pool. Switches copy nothing; parked coroutines cost their touched pages.
+    #[default]
+    Pooled,
+    /// All coroutines of a thread (per stack size) run on one guarded stack; a parked
+    /// coroutine keeps only the bytes it used, copied out to the heap when another one
+    /// needs the stack. Needs a register-switch backend (`Fast` or `Sigaltstack`).
+    Shared,
+}
+
+impl std::str::FromStr for StackMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pooled" => Ok(StackMode::Pooled),
+            "shared" => Ok(StackMode::Shared),
+            other => Err(Error::UnknownStackMode {
+                name: other.to_owned(),
+            }),
+        }
+    }
+}
+
+/// One thread's shared stack for one stack size.
+pub(crate) struct SharedStack {
+    stack: Stack,
+    /// The stack size asked for (the key among this thread's shared stacks).
+    requested: usize,
+    /// The fiber whose bytes are on the stack now, or null.
+    occupant: Cell<*mut Fiber>,
+    /// A fiber on this stack is between `enter` and `leave`: its frames are live on the
+    /// stack, so nothing may be copied in.
+    running: Cell<bool>,
+}
+
+thread_local! {
+    /// This thread's shared stacks, one per requested size. Fibers hold an `Rc` too, so a
+    /// stack outlives the registry during thread-local destruction if a pool still has
+    /// fibers on it.
+    static SHARED: RefCell<Vec<Rc<SharedStack>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A shared-mode fiber's stack: the thread's shared stack and the fiber's save buffer.
+pub(crate) struct SharedSlot {
+    stack: Rc<SharedStack>,
+    /// The fiber's used bytes while it is not the occupant, `[fiber_sp, top)` of the
+    /// shared stack; stale while it is the occupant.
+    saved: Vec<u8>,
+}
+
+/// A fiber's stack: its own mapping, or a slot on the thread's shared stack.
+pub(crate) enum FiberStack {
+    Owned(Stack),
+    Shared(SharedSlot),
+}
+
+impl FiberStack {
+    /// A stack for a new fiber: a fresh mapping, or this thread's shared stack of this size.
+    pub(crate) fn new(mode: StackMode, size: usize) -> Result<FiberStack, Error> {
+        Ok(match mode {
+            StackMode::Pooled => FiberStack::Owned(Stack::new(size)?),
+            StackMode::Shared => FiberStack::Shared(SharedSlot {
+                stack: thread_stack(size)?,
+                saved: Vec::new(),
+            }),
+        })
+    }
+
+    /// The mapping the fiber runs on (for `Thread`, which never shares, its own).
+    pub(crate) fn mapping(&self) -> &Stack {
+        match self {
+            FiberStack::Owned(s) => s,
+            FiberStack::Shared(s) => &s.stack.stack,
+        }
+    }
+
+    pub(crate) fn mode(&self) -> StackMode {
+        match self {
+            FiberStack::Owned(_) => StackMode::Pooled,
+            FiberStack::Shared(_) => StackMode::Shared,
+        }
+    }
+
+    /// Lowest usable address of the stack the fiber runs on.
+    pub(crate) fn bottom(&self) -> *mut u8 {
+        self.mapping().bottom()
+    }
+
+    /// Highest address (exclusive) of the stack the fiber runs on.
+    pub(crate) fn top(&self) -> *mut u8 {
+        self.mapping().top()
+    }
+
+    /// Usable bytes of the stack the fiber runs on.
+    pub(crate) fn usable(&self) -> usize {
+        self.mapping().usable()
+    }
+
+    /// Whether `addr` is in the guard page of the stack the fiber runs on (async-signal-safe:
+    /// the overflow handler calls it).
+    pub(crate) fn guard_contains(&self, addr: usize) -> bool {
+        self.mapping().guard_contains(addr)
+    }
+}
+
+/// This thread's shared stack of `size`, mapped on first use.
+fn thread_stack(size: usize) -> Result<Rc<SharedStack>, Error> {
+    SHARED.with(|reg| {
+        let mut reg = reg.borrow_mut();
+        if let Some(s) = reg.iter().find(|s| s.requested == size) {
+            return Ok(s.clone());
+        }
+        let s = Rc::new(SharedStack {
+            stack: Stack::new(size)?,
+            requested: size,
+            occupant: Cell::new(std::ptr::null_mut()),
+            running: Cell::new(false),
+        });
+        reg.push(s.clone());
+        Ok(s)
+    })
+}
+
+/// Whether a coroutine of this kind can be created here and now: shared mode needs a
+/// register switch, and no coroutine of this thread's shared stack of `size` may be
+/// running (the caller would be that coroutine, and a new fiber's bootstrap, or any
+/// later resume from it, would overwrite its frames).
+pub(crate) fn check_spawn(backend: Backend, mode: StackMode, size: usize) -> Result<(), Error> {
+    if mode == StackMode::Pooled {
+        return Ok(());
+    }
+    if !backend.switches_by_register() {
+        return Err(Error::StackModeUnsupported { backend, mode });
+    }
+    let busy = SHARED.with(|reg| {
+        reg.borrow()
+            .iter()
+            .any(|s| s.requested == size && s.running.get())
+    });
+    if busy {
+        return Err(Error::SharedStackInUse { stack_size: size });
+    }
+    Ok(())
+}
+
+/// Before a new fiber's bootstrap runs on its stack: for a shared stack, evicts the
+/// occupant and records `f` as the occupant (its bootstrap is about to leave its parked
+/// trampoline there).
+///
+/// # Safety
+/// `f` must be a live fiber fresh from `Fiber::new`, not yet bootstrapped, and no fiber on
+/// its shared stack may be running (checked by [`check_spawn`]).
+pub(crate) unsafe fn claim_for_bootstrap(f: *mut Fiber) {
+    // SAFETY: `f` is live per the contract.
+    let FiberStack::Shared(slot) = (unsafe { &(*f).stack }) else {
+        return;
+    };
+    let s = slot.stack.clone();
+    assert!(
+        !s.running.get(),
+        "coro: bootstrap on a shared stack that is in use (check_spawn was bypassed)"
+    );
+    // SAFETY: nothing runs on the stack (checked above), so the occupant is parked.
+    unsafe { s.evict() };
+    s.occupant.set(f);
+}
+
+/// Before switching into `f`: for a shared-mode fiber, makes its bytes resident and marks
+/// its stack running. Returns whether `f` is shared (then [`leave`] must follow the switch).
+///
+/// # Panics
+/// When a coroutine running on the same shared stack resumes `f`: restoring `f` would
+/// overwrite the resumer's own frames.
+///
+/// # Safety
+/// `f` must be a live parked fiber that is about to be switched into on this thread.
+#[inline(always)]
+pub(crate) unsafe fn enter(f: *mut Fiber) -> bool {
+    // SAFETY: `f` is live per the contract.
+    let FiberStack::Shared(slot) = (unsafe { &(*f).stack }) else {
+        return false;
+    };
+    let s = &*slot.stack;
+    if s.running.get() {
+        refuse_nested_resume();
+    }
+    if s.occupant.get() != f {
+        // SAFETY: nothing runs on the stack (checked above); `f` is parked.
+        unsafe { s.make_resident(f) };
+    }
+    s.running.set(true);
+    true
+}
+
+/// After `f` switched back out: its stack is no longer running.
+///
+/// # Safety
+/// `f` must be a live shared-mode fiber for which [`enter`] returned true.
+#[inline(always)]
+pub(crate) unsafe fn leave(f: *mut Fiber) {
+    // SAFETY: `f` is live per the contract.
+    if let FiberStack::Shared(slot) = unsafe { &(*f).stack } {
+        slot.stack.running.set(false);
+    }
+}
+
+/// Before `f` is freed: a destroyed occupant leaves nothing to evict.
+///
+/// # Safety
+/// `f` must be a live parked fiber that is about to be freed.
+pub(crate) unsafe fn vacate(f: *mut Fiber) {
+    // SAFETY: `f` is live per the contract.
+    if let FiberStack::Shared(slot) = unsafe { &(*f).stack } {
+        if slot.stack.occupant.get() == f {
+            slot.stack.occupant.set(std::ptr::null_mut());
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn refuse_nested_resume() -> ! {
+    panic!(
+        "coro: a coroutine on the shared stack resumed another coroutine on the same shared \
+         stack, which would overwrite its own frames; resume it from outside any coroutine \
+         (e.g. wake it through the scheduler) or use StackMode::Pooled"
+    )
+}
+
+/// Stops the process over a copy that would go out of bounds: the fiber's state is
+/// corrupt, and copying anyway would overwrite unrelated memory.
+#[cold]
+#[inline(never)]
+fn fatal(what: std::fmt::Arguments<'_>) -> ! {
+    eprintln!("corodev: shared coroutine stack: {what}. Aborting.");
+    std::process::abort()
+}
+
+impl SharedStack {
+    /// Copies the occupant's used bytes into its save buffer and clears the occupancy.
+    ///
+    /// # Safety
+    /// No fiber may be running on this stack; the occupant, if any, must be live and
+    /// parked (its saved stack pointer current).
+    unsafe fn evict(&self) {
+        let occ = self.occupant.replace(std::ptr::null_mut());
+        if occ.is_null() {
+            return;
+        }
+        let bottom = self.stack.bottom() as usize;
+        let top = self.stack.top() as usize;
+        // SAFETY: the occupant is live and parked per the contract.
+        let sp = unsafe { (*occ).fiber_sp } as usize;
+        if !(bottom..=top).contains(&sp) {
+            fatal(format_args!(
+                "saved stack pointer {sp:#x} of the fiber being evicted lies outside the \
+                 shared stack [{bottom:#x}, {top:#x})"
+            ));
+        }
+        let used = top - sp;
+        // SAFETY: as above; no one else touches a parked fiber's stack slot.
+        let FiberStack::Shared(slot) = (unsafe { &mut (*occ).stack }) else {
+            fatal(format_args!(
+                "the occupant of a shared stack has a stack of its own"
+            ));
+        };
+        // Sized to the used bytes: reuse the buffer unless it is short or over a quarter
+        // too large (a handler that once ran deep must not keep that much once pooled).
+        let cap = slot.saved.capacity();
+        if cap < used || cap - used > used / 4 {
+            slot.saved = Vec::with_capacity(used);
+        }
+        // SAFETY: `[sp, top)` is inside the mapped, usable stack (checked above) and holds
+        // the parked occupant's frames; the buffer has room for `used` bytes and does not
+        // overlap the stack (it is a heap allocation).
+        unsafe {
+            std::ptr::copy_nonoverlapping(sp as *const u8, slot.saved.as_mut_ptr(), used);
+            slot.saved.set_len(used);
+        }
+    }
+
+    /// Evicts the occupant and copies `f`'s saved bytes back to where they were.
+    ///
+    /// # Safety
+    /// As for [`evict`](Self::evict); `f` must be a live parked fiber on this stack.
+    #[inline(never)]
+    unsafe fn make_resident(&self, f: *mut Fiber) {
+        // SAFETY: per the contract.
+        unsafe { self.evict() };
+        let top = self.stack.top() as usize;
+        // SAFETY: `f` is live and parked; only its own slot is read.
+        let (saved, sp) = unsafe {
+            let FiberStack::Shared(slot) = &(*f).stack else {
+                fatal(format_args!("a fiber made resident has a stack of its own"));
+            };
+            (&slot.saved, (*f).fiber_sp as usize)
+        };
+        let len = saved.len();
+        if len > self.stack.usable() || top - len != sp {
+            fatal(format_args!(
+                "save buffer of {len} bytes does not fit the parked stack pointer {sp:#x} \
+                 below the top {top:#x} ({} usable bytes)",
+                self.stack.usable()
+            ));
+        }
+        // SAFETY: `[top - len, top)` is inside the usable stack (checked above), nothing
+        // runs on it, and the buffer is a separate heap allocation of `len` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(saved.as_ptr(), sp as *mut u8, len) };
+        self.occupant.set(f);
+    }
+}
