@@ -86,6 +86,23 @@ pub enum Error {
         /// The stack size (the shared stack's key) asked for.
         stack_size: usize,
     },
+    /// An I/O buffer lies in the shared stack the calling coroutine runs on: the stack's
+    /// bytes belong to another coroutine while the caller is parked, so the kernel would
+    /// read or write the wrong memory.
+    #[error(
+        "I/O buffer at {base:#x} ({len} bytes) lies in the shared coroutine stack \
+         [{stack_bottom:#x}, {stack_top:#x}): use heap or guest memory"
+    )]
+    BufferOnSharedStack {
+        /// Start of the refused buffer.
+        base: usize,
+        /// Its length.
+        len: usize,
+        /// Lowest usable address of the shared stack.
+        stack_bottom: usize,
+        /// Top of the shared stack (exclusive).
+        stack_top: usize,
+    },
 }
 
 impl Error {
@@ -115,7 +132,8 @@ impl From<Error> for io::Error {
             | Error::UnknownBackend { .. }
             | Error::BackendUnavailable { .. }
             | Error::UnknownStackMode { .. }
-            | Error::StackModeUnsupported { .. } => io::ErrorKind::InvalidInput,
+            | Error::StackModeUnsupported { .. }
+            | Error::BufferOnSharedStack { .. } => io::ErrorKind::InvalidInput,
             Error::TooManyTasks { .. } | Error::SharedStackInUse { .. } => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)

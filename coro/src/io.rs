@@ -10,9 +10,22 @@
 //! The ring signals an eventfd on every completion so an outside epoll loop (the vhost-user
 //! worker) can sleep on it alongside guest kicks.
 //!
-//! Buffers: the iovec arrays and data buffers passed in here belong to the parked caller and
-//! stay valid until it is resumed, which happens only after the completion. The scheduler's
-//! `Drop` cancels the operations in flight (see [`Ring::cancel_on_drop`]) and then waits for
+//! Memory the kernel reads or writes after the calling task parked must not lie on a
+//! coroutine stack: with [`StackMode::Shared`](crate::StackMode::Shared) a parked task's
+//! stack bytes are copied away and the stack is reused by other tasks. With batched
+//! submission an SQE sits in the submission queue until the scheduler's pass ends, long
+//! after its task parked, and the kernel reads the iovec array or the timespec only then.
+//! So, by type rather than by convention:
+//! - the kernel-visible arguments (iovec array, timespec) are copied into the ring's op
+//!   slot, heap memory the ring owns until the completion (reused from slot to slot, so the
+//!   hot path allocates nothing); the caller's array may live anywhere;
+//! - data buffers are [`IoBuf`]s, whose safe constructors only take heap-owned storage and
+//!   whose `unsafe` one ([`IoBuf::from_raw`], for guest memory) states the rule; in shared
+//!   mode every buffer is also checked against the current shared stack (two compares per
+//!   buffer) and refused with [`Error::BufferOnSharedStack`].
+//!
+//! Buffers stay valid until the caller is resumed, which happens only after the completion
+//! (an `IoBuf` borrows its storage for the call). The scheduler's `Drop` cancels the operations in flight (see [`Ring::cancel_on_drop`]) and then waits for
 //! every one of their completions before unwinding any task, so dropping a scheduler cannot
 //! free memory the kernel still writes to. That wait survives signals (`EINTR`); should it
 //! fail for real, the tasks are leaked rather than unwound.
@@ -25,6 +38,7 @@
 //! unrelated submission; the CQ is also made larger than the SQ to make overflow rare.
 
 use std::io;
+use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
@@ -32,6 +46,7 @@ use io_uring::{opcode, squeue, types, EnterFlags, IoUring};
 use slab::Slab;
 
 use crate::sched::{self, TaskId};
+use crate::shared_stack;
 use crate::Error;
 
 /// CQ entries per SQ entry. `io_uring_setup`'s default is 2; a task can keep an operation in
@@ -46,9 +61,170 @@ const MAX_CQ_ENTRIES: u32 = 65536;
 /// would need `usize::MAX` entries.
 const CANCEL_KEY: u64 = u64::MAX;
 
+/// Iovecs an op slot holds inline; longer arrays go to the slot's reusable `Vec`.
+const INLINE_IOVECS: usize = 8;
+
+/// Op-slot storage kept for reuse after completions: enough for a queue's worth of
+/// operations in flight; beyond it finished slots' storage is freed.
+const SPARE_ARGS_MAX: usize = 1024;
+
+/// The memory an SQE points the kernel to, owned by its op slot until the completion. Boxed
+/// so that its address stays put while the slab of slots grows.
+struct OpArgs {
+    iov_inline: [libc::iovec; INLINE_IOVECS],
+    iov_spill: Vec<libc::iovec>,
+    timespec: types::Timespec,
+}
+
+impl OpArgs {
+    fn new() -> Box<OpArgs> {
+        Box::new(OpArgs {
+            iov_inline: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; INLINE_IOVECS],
+            iov_spill: Vec::new(),
+            timespec: types::Timespec::new(),
+        })
+    }
+
+    /// Copies `bufs` into this slot; returns the copy for the SQE.
+    fn iovecs(&mut self, bufs: &[IoBuf<'_>]) -> *const libc::iovec {
+        if bufs.len() <= INLINE_IOVECS {
+            for (dst, b) in self.iov_inline.iter_mut().zip(bufs) {
+                *dst = b.iov;
+            }
+            self.iov_inline.as_ptr()
+        } else {
+            self.iov_spill.clear();
+            self.iov_spill.extend(bufs.iter().map(|b| b.iov));
+            self.iov_spill.as_ptr()
+        }
+    }
+}
+
 struct Op {
     task: TaskId,
     result: Option<i32>,
+    /// What the kernel may still read: kept until the slot is removed after completion.
+    args: Box<OpArgs>,
+}
+
+/// One buffer of a vectored operation ([`readv`], [`writev`]): memory that is not on a
+/// coroutine stack and stays valid for the borrow `'a`, which covers the whole operation.
+///
+/// The safe constructors take heap-owned storage (a `Vec<u8>`'s or a `Box<[u8]>`'s
+/// contents); raw memory, such as guest memory, needs [`from_raw`](Self::from_raw). A
+/// coroutine's stack cannot be used: under [`StackMode::Shared`](crate::StackMode::Shared)
+/// a parked coroutine's stack bytes belong to another coroutine while the kernel reads or
+/// writes them.
+///
+/// ```compile_fail
+/// let mut on_stack = [0u8; 512];
+/// // A stack array is not a Vec: there is no safe way to make it an I/O buffer.
+/// let buf = coro::io::IoBuf::from_vec(&mut on_stack);
+/// ```
+///
+/// ```
+/// let mut heap = vec![0u8; 512];
+/// let buf = coro::io::IoBuf::from_vec(&mut heap);
+/// assert_eq!(buf.len(), 512);
+/// ```
+#[repr(transparent)]
+pub struct IoBuf<'a> {
+    iov: libc::iovec,
+    _borrow: PhantomData<&'a mut [u8]>,
+}
+
+impl<'a> IoBuf<'a> {
+    /// The initialised contents of `v` (`v.len()` bytes), which live on the heap.
+    pub fn from_vec(v: &'a mut Vec<u8>) -> IoBuf<'a> {
+        // SAFETY: a `Vec<u8>`'s buffer is a heap allocation (never a coroutine stack) of at
+        // least `len` bytes, borrowed mutably for `'a`.
+        unsafe { IoBuf::from_raw(v.as_mut_ptr(), v.len()) }
+    }
+
+    /// The contents of a boxed slice, which live on the heap.
+    pub fn from_boxed(b: &'a mut Box<[u8]>) -> IoBuf<'a> {
+        // SAFETY: a `Box<[u8]>` is a heap allocation of `len` bytes, borrowed mutably for
+        // `'a`.
+        unsafe { IoBuf::from_raw(b.as_mut_ptr(), b.len()) }
+    }
+
+    /// `len` bytes at `base`.
+    ///
+    /// # Safety
+    /// The memory must be valid for reads and writes of `len` bytes for `'a`, which must
+    /// last until the operation using it completes, and nothing else may access it while
+    /// an operation reads into it. It must not be on a coroutine stack (a local of a
+    /// coroutine, or anything it points into): under shared stacks those bytes belong to
+    /// another coroutine while the caller is parked. In shared mode a buffer in the current
+    /// shared stack is refused at run time; a buffer in a pooled coroutine's stack is not
+    /// detected.
+    pub unsafe fn from_raw(base: *mut u8, len: usize) -> IoBuf<'a> {
+        IoBuf {
+            iov: libc::iovec {
+                iov_base: base.cast(),
+                iov_len: len,
+            },
+            _borrow: PhantomData,
+        }
+    }
+
+    /// The buffer's length in bytes.
+    pub fn len(&self) -> usize {
+        self.iov.iov_len
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.iov.iov_len == 0
+    }
+
+    /// The buffer's start address.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.iov.iov_base.cast()
+    }
+
+    /// Drops the first `n` bytes (after a short transfer).
+    ///
+    /// # Panics
+    /// If `n` exceeds the length.
+    pub fn advance(&mut self, n: usize) {
+        assert!(n <= self.iov.iov_len, "advance past the end of an IoBuf");
+        // SAFETY: `n <= len`, so the new base stays inside (or one past) the same buffer.
+        self.iov.iov_base = unsafe { self.iov.iov_base.cast::<u8>().add(n) }.cast();
+        self.iov.iov_len -= n;
+    }
+}
+
+impl std::fmt::Debug for IoBuf<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoBuf")
+            .field("base", &self.iov.iov_base)
+            .field("len", &self.iov.iov_len)
+            .finish()
+    }
+}
+
+/// Refuses buffers inside the shared stack the caller runs on (no check on an owned stack).
+fn check_off_shared_stack(bufs: &[IoBuf<'_>]) -> io::Result<()> {
+    let Some((lo, hi)) = shared_stack::current_range() else {
+        return Ok(());
+    };
+    for b in bufs {
+        let base = b.iov.iov_base as usize;
+        if base < hi && base.saturating_add(b.iov.iov_len) > lo {
+            return Err(Error::BufferOnSharedStack {
+                base,
+                len: b.iov.iov_len,
+                stack_bottom: lo,
+                stack_top: hi,
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// An io_uring plus the bookkeeping that maps completions back to parked tasks.
@@ -56,6 +232,11 @@ pub struct Ring {
     uring: IoUring,
     eventfd: OwnedFd,
     ops: Slab<Op>,
+    /// Storage of finished op slots, reused so that an operation allocates nothing. Kept
+    /// boxed: a slot's `OpArgs` must not move while the kernel may read it, and moving the
+    /// box into and out of the slab moves only the pointer.
+    #[allow(clippy::vec_box)]
+    spare_args: Vec<Box<OpArgs>>,
     /// SQEs pushed but not yet submitted.
     queued: usize,
     /// Submit every operation as soon as it is queued (see [`Ring::submit_each`]).
@@ -97,6 +278,7 @@ impl Ring {
             uring,
             eventfd,
             ops: Slab::new(),
+            spare_args: Vec::new(),
             queued: 0,
             submit_each: false,
             cancel_on_drop: true,
@@ -138,13 +320,26 @@ impl Ring {
         self.ops.len()
     }
 
-    /// Queues `entry` for `task`; returns the slot key.
-    fn push(&mut self, entry: squeue::Entry, task: TaskId) -> io::Result<usize> {
-        let key = self.ops.insert(Op { task, result: None });
+    /// Queues the entry that `build` makes for `task`, handing it the new slot's argument
+    /// storage to point the SQE at; returns the slot key.
+    fn push(
+        &mut self,
+        task: TaskId,
+        build: impl FnOnce(&mut OpArgs) -> squeue::Entry,
+    ) -> io::Result<usize> {
+        let mut args = self.spare_args.pop().unwrap_or_else(OpArgs::new);
+        let entry = build(&mut args);
+        let key = self.ops.insert(Op {
+            task,
+            result: None,
+            args,
+        });
         let entry = entry.user_data(key as u64);
         loop {
-            // SAFETY: the buffers `entry` points to belong to the parked calling task and
-            // outlive the operation (see the module docs).
+            // SAFETY: what `entry` points to is either in the slot's `args`, owned by the
+            // ring until the slot is removed after the completion, or an `IoBuf`, which is
+            // off coroutine stacks and borrowed by the parked caller until the completion
+            // (see the module docs).
             let pushed = unsafe { self.uring.submission().push(&entry) };
             match pushed {
                 Ok(()) => {
@@ -159,7 +354,9 @@ impl Ring {
                 Err(_) => {
                     // Submission queue full: flush it now rather than fail the request.
                     if let Err(e) = self.uring.submit() {
-                        self.ops.remove(key);
+                        // The SQE never reached the queue, so nothing reads the arguments.
+                        let op = self.ops.remove(key);
+                        self.recycle(op.args);
                         // Wrapped, so the caller can tell "never reached the kernel" (no
                         // raw errno) from the operation's own result (a storage backend
                         // makes a failed fsync's errno sticky; this must not be).
@@ -306,20 +503,29 @@ impl Ring {
                 result: Some(r), ..
             }) => {
                 let r = *r;
-                self.ops.remove(key);
+                let op = self.ops.remove(key);
+                self.recycle(op.args);
                 Some(r)
             }
             _ => None,
         }
     }
+
+    /// Keeps a completed slot's storage for the next operation.
+    fn recycle(&mut self, args: Box<OpArgs>) {
+        if self.spare_args.len() < SPARE_ARGS_MAX {
+            self.spare_args.push(args);
+        }
+    }
 }
 
-/// Submits `entry` from the current task, parks until it completes, returns the raw result.
-fn submit_and_park(entry: squeue::Entry) -> io::Result<i32> {
+/// Submits the entry `build` makes (pointing into the op slot's storage it is handed) from
+/// the current task, parks until it completes, returns the raw result.
+fn submit_and_park(build: impl FnOnce(&mut OpArgs) -> squeue::Entry) -> io::Result<i32> {
     let key = sched::with_active(|s| {
         let task = s.current();
         // A failure to create the ring travels as an `io::Error` wrapping the `Error`.
-        s.with_ring(|ring| ring.push(entry, task))?
+        s.with_ring(|ring| ring.push(task, build))?
     })?;
     loop {
         let done = sched::with_active(|s| {
@@ -343,24 +549,45 @@ fn to_result(res: i32) -> io::Result<usize> {
     }
 }
 
-fn iov_len(iov: &[libc::iovec]) -> io::Result<u32> {
-    u32::try_from(iov.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+/// The iovec count for an SQE, after refusing buffers on the caller's shared stack.
+fn check_bufs(bufs: &[IoBuf<'_>]) -> io::Result<u32> {
+    check_off_shared_stack(bufs)?;
+    u32::try_from(bufs.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
-/// Reads into `iov` from `fd` at `offset`; returns bytes read (short at end of file).
-pub fn readv(fd: RawFd, iov: &[libc::iovec], offset: u64) -> io::Result<usize> {
-    let e = opcode::Readv::new(types::Fd(fd), iov.as_ptr(), iov_len(iov)?)
-        .offset(offset)
-        .build();
-    to_result(submit_and_park(e)?)
+/// Reads into `bufs` from `fd` at `offset`; returns bytes read (short at end of file).
+///
+/// The array `bufs` is copied into the operation's slot, so it may be a local; the buffers
+/// it describes are written by the kernel after this task parks.
+///
+/// # Errors
+/// The operation's errno; [`Error::BufferOnSharedStack`] (as `InvalidInput`) for a buffer
+/// in the shared stack the caller runs on.
+pub fn readv(fd: RawFd, bufs: &[IoBuf<'_>], offset: u64) -> io::Result<usize> {
+    let n = check_bufs(bufs)?;
+    let res = submit_and_park(|args| {
+        opcode::Readv::new(types::Fd(fd), args.iovecs(bufs), n)
+            .offset(offset)
+            .build()
+    })?;
+    to_result(res)
 }
 
-/// Writes `iov` to `fd` at `offset`; returns bytes written.
-pub fn writev(fd: RawFd, iov: &[libc::iovec], offset: u64) -> io::Result<usize> {
-    let e = opcode::Writev::new(types::Fd(fd), iov.as_ptr(), iov_len(iov)?)
-        .offset(offset)
-        .build();
-    to_result(submit_and_park(e)?)
+/// Writes `bufs` to `fd` at `offset`; returns bytes written.
+///
+/// As for [`readv`]: the array is copied, the buffers are read by the kernel after this
+/// task parks.
+///
+/// # Errors
+/// As for [`readv`].
+pub fn writev(fd: RawFd, bufs: &[IoBuf<'_>], offset: u64) -> io::Result<usize> {
+    let n = check_bufs(bufs)?;
+    let res = submit_and_park(|args| {
+        opcode::Writev::new(types::Fd(fd), args.iovecs(bufs), n)
+            .offset(offset)
+            .build()
+    })?;
+    to_result(res)
 }
 
 /// `fsync` (or `fdatasync` when `datasync`) of `fd`.
@@ -369,25 +596,29 @@ pub fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
     if datasync {
         op = op.flags(types::FsyncFlags::DATASYNC);
     }
-    to_result(submit_and_park(op.build())?).map(drop)
+    to_result(submit_and_park(|_| op.build())?).map(drop)
 }
 
 /// `fallocate(fd, mode, offset, len)`: preallocate, punch holes, zero ranges.
 pub fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-    let e = opcode::Fallocate::new(types::Fd(fd), len)
-        .offset(offset)
-        .mode(mode)
-        .build();
-    to_result(submit_and_park(e)?).map(drop)
+    let res = submit_and_park(|_| {
+        opcode::Fallocate::new(types::Fd(fd), len)
+            .offset(offset)
+            .mode(mode)
+            .build()
+    })?;
+    to_result(res).map(drop)
 }
 
 /// Parks the current task for `d`, using an io_uring timeout so that the same eventfd that
-/// reports I/O completions also reports timer expiry.
+/// reports I/O completions also reports timer expiry. The timespec lives in the op slot:
+/// the kernel reads it at submission, which may come after this task parked.
 pub fn sleep(d: Duration) {
-    let ts = types::Timespec::new()
-        .sec(d.as_secs())
-        .nsec(d.subsec_nanos());
-    let e = opcode::Timeout::new(&ts).build();
     // -ETIME is the normal expiry; any other outcome (e.g. no ring) still ends the sleep.
-    let _ = submit_and_park(e);
+    let _ = submit_and_park(|args| {
+        args.timespec = types::Timespec::new()
+            .sec(d.as_secs())
+            .nsec(d.subsec_nanos());
+        opcode::Timeout::new(&args.timespec).build()
+    });
 }

@@ -265,6 +265,23 @@ pub(crate) unsafe fn vacate(f: *mut Fiber) {
     }
 }
 
+/// The usable range `[bottom, top)` of the shared stack the current coroutine runs on, or
+/// `None` outside a coroutine or on an owned stack; for the I/O buffer checks.
+pub(crate) fn current_range() -> Option<(usize, usize)> {
+    let f = crate::fiber::current();
+    if f.is_null() {
+        return None;
+    }
+    // SAFETY: the current fiber is alive while it runs on this thread.
+    match unsafe { &(*f).stack } {
+        FiberStack::Owned(_) => None,
+        FiberStack::Shared(slot) => {
+            let st = &slot.stack.stack;
+            Some((st.bottom() as usize, st.top() as usize))
+        }
+    }
+}
+
 #[cold]
 #[inline(never)]
 fn refuse_nested_resume() -> ! {

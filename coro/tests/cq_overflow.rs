@@ -7,6 +7,8 @@
 //! `has_completions` in its poll loop, so the scheduler itself must flush the overflow when
 //! it reaps; otherwise those requests hang until some unrelated submission.
 //!
+//! Each scenario runs with pooled stacks and on the shared stack.
+//!
 //! Each scenario runs on its own thread and reports back over a channel with a deadline, so
 //! a stranded completion fails the test instead of hanging the run.
 
@@ -17,8 +19,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use coro::io::Ring;
-use coro::{Builder, Scheduler};
+use coro::io::{IoBuf, Ring};
+use coro::{Backend, Builder, Scheduler, StackMode};
 
 /// Tasks per scenario: far more than the 8 CQ entries of a 4-entry ring.
 const TASKS: usize = 100;
@@ -43,24 +45,21 @@ enum Op {
 
 /// Runs `TASKS` tasks, each doing one `op`, on a 4-entry ring driven like the daemon does;
 /// returns how many tasks are still unfinished after `budget`.
-fn scenario(drive: Drive, op: Op, budget: Duration) -> usize {
+fn scenario(drive: Drive, op: Op, mode: StackMode, budget: Duration) -> usize {
     let zero = std::fs::File::open("/dev/zero").expect("open /dev/zero");
     let fd: RawFd = zero.as_raw_fd();
     let ring = Ring::new(4).expect("ring");
     let efd = ring.eventfd();
-    let s = Scheduler::new(Builder::new()).with_ring(ring);
+    let s = Scheduler::new(Builder::new().backend(Backend::Fast).stack_mode(mode)).with_ring(ring);
     let done = Rc::new(Cell::new(0usize));
     for _ in 0..TASKS {
         let done = done.clone();
         s.spawn(move || {
             match op {
                 Op::ReadZero => {
-                    let mut buf = [1u8; 64];
-                    let iov = [libc::iovec {
-                        iov_base: buf.as_mut_ptr().cast(),
-                        iov_len: buf.len(),
-                    }];
-                    assert_eq!(coro::io::readv(fd, &iov, 0).expect("readv"), 64);
+                    let mut buf = vec![1u8; 64];
+                    let n = coro::io::readv(fd, &[IoBuf::from_vec(&mut buf)], 0).expect("readv");
+                    assert_eq!(n, 64);
                     assert!(buf.iter().all(|&b| b == 0));
                 }
                 Op::Sleep => coro::sleep(Duration::from_millis(2)),
@@ -104,17 +103,22 @@ fn scenario(drive: Drive, op: Op, budget: Duration) -> usize {
 
 /// Runs `scenario` on a thread; fails if it does not report back in time.
 fn check(drive: Drive, op: Op) {
+    check_mode(drive, op, StackMode::Pooled);
+    check_mode(drive, op, StackMode::Shared);
+}
+
+fn check_mode(drive: Drive, op: Op, mode: StackMode) {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
-        let left = scenario(drive, op, Duration::from_secs(3));
+        let left = scenario(drive, op, mode, Duration::from_secs(3));
         let _ = tx.send(left);
     });
     let left = rx
         .recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{drive:?}/{op:?}: scenario did not finish: {e}"));
+        .unwrap_or_else(|e| panic!("{drive:?}/{op:?}/{mode:?}: scenario did not finish: {e}"));
     assert_eq!(
         left, 0,
-        "{drive:?}/{op:?}: {left} of {TASKS} tasks never resumed: their completions are stranded \
+        "{drive:?}/{op:?}/{mode:?}: {left} of {TASKS} tasks never resumed: their completions are stranded \
          in the kernel's CQ overflow list"
     );
 }

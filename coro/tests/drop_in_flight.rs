@@ -9,6 +9,9 @@
 //! write into freed memory of this test process; a guard in the task records what the buffer
 //! held when the task was unwound, i.e. when its memory would have been freed.
 //!
+//! Each scenario runs with pooled stacks and on the shared stack (whose parked tasks' bytes
+//! are copied away, so nothing the kernel touches may be on a task's stack).
+//!
 //! Each scenario runs on its own thread and reports back over a channel with a deadline, so
 //! a hang fails the test instead of stalling the run.
 
@@ -20,8 +23,8 @@ use std::sync::{mpsc, Arc, Once};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use coro::io::Ring;
-use coro::{Builder, Scheduler};
+use coro::io::{IoBuf, Ring};
+use coro::{Backend, Builder, Scheduler, StackMode};
 
 const BUF: usize = 64;
 
@@ -157,10 +160,9 @@ fn spawn_reader(s: &Scheduler, rfd: RawFd, poke: Option<RawFd>) -> Rc<Cell<Optio
     };
     s.spawn(move || {
         let _probe = probe;
-        let iov = [libc::iovec {
-            iov_base: buf.cast(),
-            iov_len: BUF,
-        }];
+        // SAFETY: `buf` is a leaked heap buffer of BUF bytes: valid for ever, not on a
+        // coroutine stack, and only the kernel writes it while the read is in flight.
+        let iov = [unsafe { IoBuf::from_raw(buf, BUF) }];
         let _ = coro::io::readv(rfd, &iov, 0);
         coro::park(); // nobody wakes it: only the drop ends this task
     })
@@ -181,13 +183,28 @@ fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'st
 /// Without cancellation the drop must wait for the read to complete, however many signals
 /// interrupt the wait: the byte written after 300 ms must be in the buffer before the task
 /// that owns it is unwound.
+fn shared() -> Builder {
+    Builder::new()
+        .backend(Backend::Fast)
+        .stack_mode(StackMode::Shared)
+}
+
 #[test]
 fn drop_waits_for_in_flight_read_through_eintr() {
+    drop_waits_for_in_flight_read(Builder::new());
+}
+
+#[test]
+fn drop_waits_for_in_flight_read_through_eintr_shared() {
+    drop_waits_for_in_flight_read(shared());
+}
+
+fn drop_waits_for_in_flight_read(b: Builder) {
     const DELAY: Duration = Duration::from_millis(300);
-    let (elapsed, seen, signals) = within(Duration::from_secs(30), || {
+    let (elapsed, seen, signals) = within(Duration::from_secs(30), move || {
         let (rfd, wfd) = pipe();
         let ring = Ring::new(8).expect("ring").cancel_on_drop(false);
-        let s = Scheduler::new(Builder::new()).with_ring(ring);
+        let s = Scheduler::new(b).with_ring(ring);
         let seen = spawn_reader(&s, rfd.as_raw_fd(), None);
         s.run().expect("run");
         assert_eq!(s.io_in_flight(), 1, "the read is in flight");
@@ -221,9 +238,18 @@ fn drop_waits_for_in_flight_read_through_eintr() {
 /// is unwound, data arriving on the pipe must not land in its buffer.
 #[test]
 fn drop_cancels_in_flight_io_promptly_and_waits_for_the_cancellation() {
-    let (elapsed, seen, timer_unwound, signals) = within(Duration::from_secs(30), || {
+    drop_cancels_in_flight_io(Builder::new());
+}
+
+#[test]
+fn drop_cancels_in_flight_io_promptly_and_waits_for_the_cancellation_shared() {
+    drop_cancels_in_flight_io(shared());
+}
+
+fn drop_cancels_in_flight_io(b: Builder) {
+    let (elapsed, seen, timer_unwound, signals) = within(Duration::from_secs(30), move || {
         let (rfd, wfd) = pipe();
-        let s = Scheduler::new(Builder::new()).with_ring(Ring::new(8).expect("ring"));
+        let s = Scheduler::new(b).with_ring(Ring::new(8).expect("ring"));
         let seen = spawn_reader(&s, rfd.as_raw_fd(), Some(wfd.as_raw_fd()));
         let timer_unwound = Rc::new(Cell::new(false));
         let flag = timer_unwound.clone();

@@ -46,7 +46,8 @@ fn read_write_discard_zero_roundtrip() {
         let mut a = vec![0u8; 1000];
         let mut b = vec![0u8; 3096];
         let v = [iov(&mut a), iov(&mut b)];
-        // SAFETY: both buffers outlive `bufs` and are only used through it meanwhile.
+        // SAFETY: both buffers are on the heap (not a coroutine stack), outlive `bufs` and are
+        // only used through it meanwhile.
         let bufs = unsafe { GuestBuffers::new(&v) };
         disk.read_vectored(&bufs, 4096).expect("read");
         assert_eq!(a[..], content[4096..5096]);
@@ -77,7 +78,7 @@ fn read_past_end_of_file_is_zero_filled() {
     run_in_task(move || {
         let mut buf = vec![0xffu8; 4096];
         let v = [iov(&mut buf)];
-        // SAFETY: the buffer outlives `bufs`.
+        // SAFETY: the buffer is on the heap (not a coroutine stack) and outlives `bufs`.
         let bufs = unsafe { GuestBuffers::new(&v) };
         disk.read_vectored(&bufs, 512).expect("read");
         assert!(buf[..512].iter().all(|&x| x == 9));
@@ -101,7 +102,7 @@ fn direct_io_with_misaligned_buffers_uses_bounce() {
             iov_base: raw[1..].as_mut_ptr().cast(),
             iov_len: 4096,
         }];
-        // SAFETY: the buffer outlives `bufs`.
+        // SAFETY: the buffer is on the heap (not a coroutine stack) and outlives `bufs`.
         let bufs = unsafe { GuestBuffers::new(&v) };
         disk.read_vectored(&bufs, 4096).expect("bounced read");
         assert_eq!(raw[1..], content[4096..]);
@@ -125,7 +126,7 @@ fn write_to_readonly_file_fails_cleanly() {
     run_in_task(move || {
         let mut buf = vec![1u8; 512];
         let v = [iov(&mut buf)];
-        // SAFETY: the buffer outlives `bufs`.
+        // SAFETY: the buffer is on the heap (not a coroutine stack) and outlives `bufs`.
         let bufs = unsafe { GuestBuffers::new(&v) };
         let err = disk
             .write_vectored(&bufs, 0)
@@ -247,7 +248,7 @@ fn block_device_size_io_discard_and_zeroes() {
     run_in_task(move || {
         let mut data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
         let v = [iov(&mut data)];
-        // SAFETY: the buffer outlives `bufs`.
+        // SAFETY: the buffer is on the heap (not a coroutine stack) and outlives `bufs`.
         let bufs = unsafe { GuestBuffers::new(&v) };
         disk.write_vectored(&bufs, 0).expect("write");
         disk.write_zeroes(0, 4096, false).expect("zero range");
@@ -293,7 +294,8 @@ fn more_iovecs_than_the_kernel_takes_at_once() {
     run_in_task(move || {
         let mut src = content.clone();
         let v: Vec<_> = src.chunks_mut(512).map(iov).collect();
-        // SAFETY: `src` outlives `bufs` and is only used through it meanwhile.
+        // SAFETY: `src` is on the heap (not a coroutine stack), outlives `bufs` and is only
+        // used through it meanwhile.
         let bufs = unsafe { GuestBuffers::new(&v) };
         disk.write_vectored(&bufs, 0).expect("write");
         let mut back = vec![0u8; N * 512];
@@ -322,7 +324,7 @@ fn direct_io_bounce_in_chunks_and_past_end_of_file() {
             iov_base: raw[1..].as_mut_ptr().cast(),
             iov_len: len,
         }];
-        // SAFETY: the buffer outlives `bufs`.
+        // SAFETY: the buffer is on the heap (not a coroutine stack) and outlives `bufs`.
         let bufs = unsafe { GuestBuffers::new(&v) };
         disk.read_vectored(&bufs, 0).expect("bounced read");
         assert_eq!(raw[1..len - 1023], content[..]);
@@ -341,7 +343,7 @@ fn write_zeroes_that_may_unmap() {
         disk.write_zeroes(4096, 8192, true).expect("punch");
         let mut all = vec![0xffu8; 16384];
         let v = [iov(&mut all)];
-        // SAFETY: the buffer outlives `bufs`.
+        // SAFETY: the buffer is on the heap (not a coroutine stack) and outlives `bufs`.
         let bufs = unsafe { GuestBuffers::new(&v) };
         disk.read_vectored(&bufs, 0).expect("read");
         assert!(all[..4096].iter().all(|&b| b == 0x11));
@@ -486,7 +488,7 @@ fn fill_at(disk: &FileBackend, offsets: &[u64], len: usize, fill: u8) {
     for &at in offsets {
         let mut buf = vec![fill; len];
         let v = [iov(&mut buf)];
-        // SAFETY: the buffer outlives `bufs`.
+        // SAFETY: the buffer is on the heap (not a coroutine stack) and outlives `bufs`.
         let bufs = unsafe { GuestBuffers::new(&v) };
         disk.write_vectored(&bufs, at).expect("write");
     }
@@ -497,7 +499,7 @@ fn zero_at(disk: &FileBackend, offsets: &[u64], len: usize) -> bool {
     offsets.iter().all(|&at| {
         let mut buf = vec![0xffu8; len];
         let v = [iov(&mut buf)];
-        // SAFETY: the buffer outlives `bufs`.
+        // SAFETY: the buffer is on the heap (not a coroutine stack) and outlives `bufs`.
         let bufs = unsafe { GuestBuffers::new(&v) };
         disk.read_vectored(&bufs, at).expect("read");
         buf.iter().all(|&b| b == 0)
@@ -631,7 +633,8 @@ fn io_at_the_advertised_granularity(disk: &FileBackend) {
         let pattern: Vec<u8> = (0..lbs).map(|b| (b % 251) as u8 ^ i as u8).collect();
         raw[at..at + lbs].copy_from_slice(&pattern);
         let v = [iov(&mut raw[at..at + lbs])];
-        // SAFETY: `raw` outlives `bufs` and is only used through it meanwhile.
+        // SAFETY: `raw` is on the heap (not a coroutine stack), outlives `bufs` and is only
+        // used through it meanwhile.
         let bufs = unsafe { GuestBuffers::new(&v) };
         let offset = (lbs * (i + 1)) as u64;
         if let Err(e) = disk.write_vectored(&bufs, offset) {

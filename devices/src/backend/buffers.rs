@@ -10,6 +10,8 @@
 
 use std::marker::PhantomData;
 
+use coro::io::IoBuf;
+
 /// A list of host iovecs covering a request's data buffers in guest memory.
 pub struct GuestBuffers<'a> {
     iov: &'a [libc::iovec],
@@ -22,7 +24,10 @@ impl<'a> GuestBuffers<'a> {
     ///
     /// # Safety
     /// Every iovec must describe memory that is mapped, writable, and stays so for `'a`
-    /// (for guest memory: an `Arc` of the memory map is held for `'a`).
+    /// (for guest memory: an `Arc` of the memory map is held for `'a`), and that is not on
+    /// a coroutine stack: backends hand it to the kernel for I/O that runs while the
+    /// request's coroutine is parked, when a shared stack holds another coroutine's bytes
+    /// (guest memory and heap buffers qualify).
     pub unsafe fn new(iov: &'a [libc::iovec]) -> GuestBuffers<'a> {
         let len = iov.iter().map(|v| v.iov_len as u64).sum();
         GuestBuffers {
@@ -32,9 +37,18 @@ impl<'a> GuestBuffers<'a> {
         }
     }
 
-    /// The iovecs, for vectored syscalls and io_uring.
+    /// The iovecs, to inspect (alignment); I/O goes through [`io_bufs`](Self::io_bufs).
     pub fn iovecs(&self) -> &'a [libc::iovec] {
         self.iov
+    }
+
+    /// The buffers as I/O buffers for `coro::io::readv`/`writev`.
+    pub fn io_bufs(&self) -> impl Iterator<Item = IoBuf<'a>> + '_ {
+        self.iov.iter().map(|v| {
+            // SAFETY: per `new`'s contract the memory is mapped and writable for `'a` and
+            // not on a coroutine stack; backends run one operation on it at a time.
+            unsafe { IoBuf::from_raw(v.iov_base.cast(), v.iov_len) }
+        })
     }
 
     /// Total bytes.
@@ -132,7 +146,8 @@ mod tests {
         let mut a = [1u8; 3];
         let mut b = [2u8; 5];
         let iov = [iovec(&mut a), iovec(&mut b)];
-        // SAFETY: both arrays outlive `bufs` and are only accessed through it meanwhile.
+        // SAFETY: both arrays outlive `bufs`, are only accessed through it meanwhile, and are
+        // on the test thread's own stack, not a coroutine's (no I/O is done here).
         let bufs = unsafe { GuestBuffers::new(&iov) };
         assert_eq!(bufs.len(), 8);
         assert_eq!(bufs.copy_from(b"abcdefghij"), 8, "only what fits");
@@ -149,7 +164,8 @@ mod tests {
         let mut a = [0u8; 3];
         let mut b = [0u8; 5];
         let iov = [iovec(&mut a), iovec(&mut b)];
-        // SAFETY: both arrays outlive `bufs` and are only accessed through it meanwhile.
+        // SAFETY: both arrays outlive `bufs`, are only accessed through it meanwhile, and are
+        // on the test thread's own stack, not a coroutine's (no I/O is done here).
         let bufs = unsafe { GuestBuffers::new(&iov) };
         assert_eq!(bufs.copy_from_at(2, b"xyz"), 3, "straddles the two iovecs");
         assert_eq!(bufs.copy_from_at(7, b"pq"), 1, "only the last byte fits");

@@ -26,6 +26,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 
+use coro::io::IoBuf;
 use smallvec::SmallVec;
 
 use super::{BlockBackend, GuestBuffers, Topology};
@@ -198,10 +199,14 @@ impl FileBackend {
         Bounce::new(len, self.direct_align.map_or(0, |a| a.mem))
     }
 
-    /// Reads `iov` at `offset`, continuing after short reads, until it is full or the file
-    /// ends; returns the bytes read.
-    fn read_full(&self, iov: &[libc::iovec], offset: u64) -> io::Result<u64> {
-        let mut cur = IovCursor::new(iov);
+    /// Reads into `bufs` at `offset`, continuing after short reads, until they are full or
+    /// the file ends; returns the bytes read.
+    fn read_full<'a>(
+        &self,
+        bufs: impl IntoIterator<Item = IoBuf<'a>>,
+        offset: u64,
+    ) -> io::Result<u64> {
+        let mut cur = IovCursor::new(bufs);
         let mut done = 0u64;
         while !cur.is_empty() {
             let at = checked_offset(offset, done)?;
@@ -218,9 +223,13 @@ impl FileBackend {
         Ok(done)
     }
 
-    /// Writes all of `iov` at `offset`, continuing after short writes.
-    fn write_full(&self, iov: &[libc::iovec], offset: u64) -> io::Result<()> {
-        let mut cur = IovCursor::new(iov);
+    /// Writes all of `bufs` at `offset`, continuing after short writes.
+    fn write_full<'a>(
+        &self,
+        bufs: impl IntoIterator<Item = IoBuf<'a>>,
+        offset: u64,
+    ) -> io::Result<()> {
+        let mut cur = IovCursor::new(bufs);
         let mut done = 0u64;
         while !cur.is_empty() {
             let at = checked_offset(offset, done)?;
@@ -243,7 +252,7 @@ impl FileBackend {
         let mut pos = 0u64;
         while pos < bufs.len() {
             let n = chunk_len(bufs.len() - pos);
-            let got = self.read_full(&[bounce.iovec(n)], checked_offset(offset, pos)?)?;
+            let got = self.read_full([bounce.io_buf(n)], checked_offset(offset, pos)?)?;
             bufs.copy_from_at(pos, &bounce.as_mut_slice()[..n]);
             if got < n as u64 {
                 bufs.zero_from(pos + got);
@@ -261,7 +270,7 @@ impl FileBackend {
         while pos < bufs.len() {
             let n = chunk_len(bufs.len() - pos);
             bufs.copy_to_at(pos, &mut bounce.as_mut_slice()[..n]);
-            self.write_full(&[bounce.iovec(n)], checked_offset(offset, pos)?)?;
+            self.write_full([bounce.io_buf(n)], checked_offset(offset, pos)?)?;
             pos += n as u64;
         }
         Ok(())
@@ -275,7 +284,7 @@ impl FileBackend {
         let mut done = 0;
         while done < len {
             let n = chunk_len(len - done);
-            self.write_full(&[bounce.iovec(n)], checked_offset(offset, done)?)?;
+            self.write_full([bounce.io_buf(n)], checked_offset(offset, done)?)?;
             done += n as u64;
         }
         Ok(())
@@ -311,7 +320,7 @@ impl BlockBackend for FileBackend {
         if self.needs_bounce(bufs) {
             return self.read_bounced(bufs, offset);
         }
-        let got = self.read_full(bufs.iovecs(), offset)?;
+        let got = self.read_full(bufs.io_bufs(), offset)?;
         if got < bufs.len() {
             // The image file ends inside the device (its size is rounded, or it shrank):
             // what lies beyond reads as zeroes, like a sparse tail.
@@ -324,7 +333,7 @@ impl BlockBackend for FileBackend {
         if self.needs_bounce(bufs) {
             return self.write_bounced(bufs, offset);
         }
-        self.write_full(bufs.iovecs(), offset)
+        self.write_full(bufs.io_bufs(), offset)
     }
 
     /// `fdatasync`, failing for good once it has failed. The kernel reports a writeback
@@ -405,15 +414,18 @@ fn chunk_len(remaining: u64) -> usize {
 
 /// The not yet transferred part of an iovec list: advances past what a short read or
 /// write did, and hands out at most [`MAX_IOVECS`] at a time.
-struct IovCursor {
-    iov: SmallVec<[libc::iovec; 8]>,
+///
+/// The list lives on the request coroutine's stack (inline up to 8 buffers); that is
+/// fine because `coro::io` copies it into the operation's slot at submission.
+struct IovCursor<'a> {
+    iov: SmallVec<[IoBuf<'a>; 8]>,
     first: usize,
 }
 
-impl IovCursor {
-    fn new(iov: &[libc::iovec]) -> IovCursor {
+impl<'a> IovCursor<'a> {
+    fn new(bufs: impl IntoIterator<Item = IoBuf<'a>>) -> IovCursor<'a> {
         let mut cur = IovCursor {
-            iov: iov.iter().copied().filter(|v| v.iov_len > 0).collect(),
+            iov: bufs.into_iter().filter(|v| !v.is_empty()).collect(),
             first: 0,
         };
         cur.skip_empty();
@@ -424,7 +436,7 @@ impl IovCursor {
         self.first == self.iov.len()
     }
 
-    fn batch(&self) -> &[libc::iovec] {
+    fn batch(&self) -> &[IoBuf<'a>] {
         let rest = &self.iov[self.first..];
         &rest[..rest.len().min(MAX_IOVECS)]
     }
@@ -433,13 +445,11 @@ impl IovCursor {
     fn advance(&mut self, mut n: usize) {
         while n > 0 && self.first < self.iov.len() {
             let v = &mut self.iov[self.first];
-            if n >= v.iov_len {
-                n -= v.iov_len;
+            if n >= v.len() {
+                n -= v.len();
                 self.first += 1;
             } else {
-                // SAFETY: `n < iov_len`, so the new base stays inside the same buffer.
-                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-                v.iov_len -= n;
+                v.advance(n);
                 n = 0;
             }
         }
@@ -447,7 +457,7 @@ impl IovCursor {
     }
 
     fn skip_empty(&mut self) {
-        while self.first < self.iov.len() && self.iov[self.first].iov_len == 0 {
+        while self.first < self.iov.len() && self.iov[self.first].is_empty() {
             self.first += 1;
         }
     }
@@ -529,13 +539,13 @@ impl Bounce {
         Ok(Bounce { ptr, len, layout })
     }
 
-    /// The first `n` bytes (at most the buffer's length) as an iovec: exactly the
+    /// The first `n` bytes (at most the buffer's length) as an I/O buffer: exactly the
     /// request's length, so a write never adds padding.
-    fn iovec(&self, n: usize) -> libc::iovec {
-        libc::iovec {
-            iov_base: self.ptr.cast(),
-            iov_len: n.min(self.len),
-        }
+    fn io_buf(&self, n: usize) -> IoBuf<'_> {
+        // SAFETY: `ptr` is a live heap allocation of at least `len` bytes (not a coroutine
+        // stack), borrowed for the returned buffer's lifetime; the backend runs one
+        // operation on it at a time and copies in or out only between operations.
+        unsafe { IoBuf::from_raw(self.ptr, n.min(self.len)) }
     }
 
     fn as_mut_slice(&mut self) -> &mut [u8] {
@@ -556,31 +566,29 @@ impl Drop for Bounce {
 mod tests {
     use super::*;
 
-    fn iov(base: usize, len: usize) -> libc::iovec {
-        libc::iovec {
-            iov_base: base as *mut libc::c_void,
-            iov_len: len,
-        }
+    fn iov(base: usize, len: usize) -> IoBuf<'static> {
+        // SAFETY: the cursor only computes with these addresses; no test here reads,
+        // writes or submits them.
+        unsafe { IoBuf::from_raw(base as *mut u8, len) }
     }
 
     #[test]
     fn cursor_advances_across_iovecs() {
-        let mut c = IovCursor::new(&[iov(0x1000, 10), iov(0x2000, 0), iov(0x3000, 20)]);
+        let mut c = IovCursor::new([iov(0x1000, 10), iov(0x2000, 0), iov(0x3000, 20)]);
         assert_eq!(c.batch().len(), 2, "empty iovecs are dropped");
         c.advance(4);
-        assert_eq!(c.batch()[0].iov_base as usize, 0x1004);
-        assert_eq!(c.batch()[0].iov_len, 6);
+        assert_eq!(c.batch()[0].as_ptr() as usize, 0x1004);
+        assert_eq!(c.batch()[0].len(), 6);
         c.advance(6);
         assert_eq!(c.batch().len(), 1);
-        assert_eq!(c.batch()[0].iov_base as usize, 0x3000);
+        assert_eq!(c.batch()[0].as_ptr() as usize, 0x3000);
         c.advance(20);
         assert!(c.is_empty());
     }
 
     #[test]
     fn cursor_batches_at_the_kernel_limit() {
-        let v: Vec<_> = (0..2500).map(|i| iov(0x1000 * (i + 1), 512)).collect();
-        let mut c = IovCursor::new(&v);
+        let mut c = IovCursor::new((0..2500).map(|i| iov(0x1000 * (i + 1), 512)));
         assert_eq!(c.batch().len(), MAX_IOVECS);
         c.advance(MAX_IOVECS * 512);
         assert_eq!(c.batch().len(), MAX_IOVECS);

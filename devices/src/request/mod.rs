@@ -406,7 +406,8 @@ impl<B: Bitmap + 'static> Request<B> {
         // SAFETY: `parse` built every iovec from a `VolatileSlice` of `completion.mem`,
         // i.e. a range it checked lies inside one mapped, writable region of that map.
         // `completion` holds an `Arc` of the map, so the mappings stay for as long as
-        // `self` is borrowed; the fields are private, so nothing else can add iovecs.
+        // `self` is borrowed; the fields are private, so nothing else can add iovecs. Guest
+        // memory is never on a coroutine stack.
         unsafe { GuestBuffers::new(&self.data) }
     }
 
