@@ -60,6 +60,28 @@ impl From<CoroutineBackend> for coro::Backend {
     }
 }
 
+/// Where request coroutines keep their stacks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StackMode {
+    /// Each coroutine owns a guarded stack, reused from a per-thread pool. No copying on a
+    /// switch; a parked request costs the stack pages it touched (4 KiB or more).
+    Pooled,
+    /// All coroutines of a worker thread run on one stack; a parked request's used bytes
+    /// (1-2 KiB) are copied to the heap when another request runs. For many mostly idle
+    /// requests on a memory-bound host; not for deep stacks or lowest latency.
+    Shared,
+}
+
+impl StackMode {
+    /// The coroutine crate's value.
+    pub fn to_coro(self) -> coro::StackMode {
+        match self {
+            StackMode::Pooled => coro::StackMode::Pooled,
+            StackMode::Shared => coro::StackMode::Shared,
+        }
+    }
+}
+
 /// corodev: a vhost-user-blk daemon whose every guest request is a stackful coroutine.
 #[derive(Debug, Parser)]
 #[command(version, about, after_help = EXAMPLES)]
@@ -119,6 +141,15 @@ pub struct Cli {
     /// Coroutine context-switch implementation.
     #[arg(long, value_enum, default_value_t = CoroutineBackend::Fast)]
     pub coroutine_backend: CoroutineBackend,
+
+    /// Where request coroutines keep their stacks. `shared` runs all of a worker's
+    /// requests on one stack and copies each parked request's used bytes (1-2 KiB) to the
+    /// heap: use it when many requests sit parked (deep queues, slow storage) on a host
+    /// short of memory. Keep `pooled` (no copying) when latency matters or requests use
+    /// deep stacks. `shared` needs a register switch: --coroutine-backend fast or
+    /// sigaltstack.
+    #[arg(long, value_enum, default_value_t = StackMode::Pooled)]
+    pub stack_mode: StackMode,
 
     /// Poll the queues for up to this many microseconds after the last request before
     /// sleeping (0: never poll). Each worker adapts its window within this limit to how
@@ -221,6 +252,17 @@ pub enum CliError {
         /// `--num-queues`.
         queues: u16,
     },
+    /// `--stack-mode shared` with a backend that cannot share a stack (`ucontext`,
+    /// `thread`, or a register switch where this build falls back from it).
+    #[error(
+        "--stack-mode shared needs a register-switch coroutine backend, which \
+         --coroutine-backend {backend} is not in this build: use --coroutine-backend fast or \
+         sigaltstack (x86_64), or --stack-mode pooled"
+    )]
+    SharedStackNeedsRegisterSwitch {
+        /// `--coroutine-backend`, as typed.
+        backend: &'static str,
+    },
 }
 
 impl Cli {
@@ -247,6 +289,13 @@ impl Cli {
                     return Err(CliError::DiskWithNull);
                 }
             }
+        }
+        if self.stack_mode == StackMode::Shared
+            && !coro::Backend::from(self.coroutine_backend).switches_by_register()
+        {
+            return Err(CliError::SharedStackNeedsRegisterSwitch {
+                backend: coro::Backend::from(self.coroutine_backend).name(),
+            });
         }
         match self.threads {
             Some(threads) if threads > self.num_queues => Err(CliError::TooManyThreads {
@@ -330,6 +379,55 @@ mod tests {
         assert!(parse(&["--disk", "d", "--stack-size", "4K"])
             .unwrap_err()
             .contains("minimum"));
+    }
+
+    #[test]
+    fn stack_mode_shared_needs_a_register_switch() {
+        assert_eq!(
+            parse(&["--disk", "d"]).map(|c| c.stack_mode),
+            Ok(StackMode::Pooled)
+        );
+        assert_eq!(
+            parse(&["--disk", "d", "--stack-mode", "shared"]).map(|c| c.stack_mode),
+            Ok(StackMode::Shared)
+        );
+        assert_eq!(
+            combination(&[
+                "--disk",
+                "d",
+                "--stack-mode",
+                "shared",
+                "--coroutine-backend",
+                "ucontext"
+            ]),
+            Some(CliError::SharedStackNeedsRegisterSwitch {
+                backend: "ucontext"
+            })
+        );
+        assert_eq!(
+            combination(&[
+                "--disk",
+                "d",
+                "--stack-mode",
+                "shared",
+                "--coroutine-backend",
+                "thread"
+            ]),
+            Some(CliError::SharedStackNeedsRegisterSwitch { backend: "thread" })
+        );
+        assert_eq!(
+            parse(&[
+                "--disk",
+                "d",
+                "--stack-mode",
+                "shared",
+                "--coroutine-backend",
+                "sigaltstack"
+            ])
+            .map(|c| c.stack_mode),
+            Ok(StackMode::Shared)
+        );
+        assert!(parse(&["--disk", "d", "--stack-mode", "stacked"]).is_err());
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct WorkerConfig {
     pub threads: usize,
     /// Coroutine switch backend for the workers' schedulers.
     pub coroutine_backend: coro::Backend,
+    /// Where the workers' coroutines keep their stacks (`--stack-mode`).
+    pub stack_mode: coro::StackMode,
     /// Coroutine stack size in bytes.
     pub stack_size: usize,
     /// Longest busy-poll window after the last work (zero: never poll).

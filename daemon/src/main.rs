@@ -74,6 +74,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             coroutine_backend: coro::Backend::from(cli.coroutine_backend)
                 .check()
                 .map_err(Error::CoroutineBackend)?,
+            stack_mode: cli.stack_mode.to_coro(),
             stack_size: usize::try_from(cli.stack_size).unwrap_or(coro::DEFAULT_STACK_SIZE),
             poll: std::time::Duration::from_micros(cli.poll_us),
             stop_timeout: std::time::Duration::from_secs(cli.stop_timeout),

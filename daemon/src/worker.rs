@@ -167,6 +167,7 @@ impl Worker {
             Ring::with_eventfd(RING_ENTRIES, efd)?.submit_each(conn.blk.disk().submit_each_io());
         let builder = coro::Builder::new()
             .backend(conn.workers.coroutine_backend)
+            .stack_mode(conn.workers.stack_mode)
             .stack_size(conn.workers.stack_size);
         let worker = Rc::new(Worker {
             conn: conn.clone(),

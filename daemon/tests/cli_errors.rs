@@ -59,6 +59,20 @@ fn refuses_bad_invocations_without_side_effects() {
         "512 or 4096",
     );
     assert_refused(&["--socket", s], &sock, "--disk PATH is required");
+    assert_refused(
+        &[
+            "--socket",
+            s,
+            "--disk",
+            i,
+            "--stack-mode",
+            "shared",
+            "--coroutine-backend",
+            "ucontext",
+        ],
+        &sock,
+        "use --coroutine-backend fast or sigaltstack (x86_64), or --stack-mode pooled",
+    );
     assert_refused(&["--socket", s, "--backend", "null"], &sock, "--size");
     assert_eq!(
         std::fs::read(&img).expect("read image"),
