@@ -727,7 +727,7 @@ unsafe fn suspend_thread(f: *mut Fiber, baton: &Baton) -> bool {
 pub(crate) unsafe fn switch_in(f: *mut Fiber) {
     // SAFETY: per the contract. A shared-stack fiber's bytes are copied in first (this may
     // panic, before anything changed, if the resumer runs on the same shared stack).
-    let shared = unsafe { shared_stack::enter(f) };
+    unsafe { shared_stack::enter(f) };
     let prev = CURRENT.with(|c| c.replace(f));
     // SAFETY: per the contract; the saved contexts belong to `f`.
     unsafe {
@@ -753,10 +753,6 @@ pub(crate) unsafe fn switch_in(f: *mut Fiber) {
         }
     }
     CURRENT.with(|c| c.set(prev));
-    if shared {
-        // SAFETY: `enter` returned true for this fiber, which is parked again.
-        unsafe { shared_stack::leave(f) };
-    }
 }
 
 /// Fiber -> its resumer.
@@ -765,8 +761,10 @@ pub(crate) unsafe fn switch_in(f: *mut Fiber) {
 /// Must run on `f`'s own stack, `f` having been entered by [`switch_in`] or its bootstrap.
 #[inline(always)]
 pub(crate) unsafe fn switch_out(f: *mut Fiber) {
-    // SAFETY: per the contract; the resumer's context was saved when it entered us.
+    // SAFETY: per the contract; the resumer's context was saved when it entered us. Leaving
+    // a shared stack marks it free for the resumer's next switch in.
     unsafe {
+        shared_stack::leave(f);
         match (*f).backend {
             #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
             Backend::Fast | Backend::Sigaltstack => {

@@ -214,7 +214,7 @@ pub(crate) unsafe fn claim_for_bootstrap(f: *mut Fiber) {
 }
 
 /// Before switching into `f`: for a shared-mode fiber, makes its bytes resident and marks
-/// its stack running. Returns whether `f` is shared (then [`leave`] must follow the switch).
+/// its stack running until `f` switches out ([`leave`]).
 ///
 /// # Panics
 /// When a coroutine running on the same shared stack resumes `f`: restoring `f` would
@@ -223,10 +223,10 @@ pub(crate) unsafe fn claim_for_bootstrap(f: *mut Fiber) {
 /// # Safety
 /// `f` must be a live parked fiber that is about to be switched into on this thread.
 #[inline(always)]
-pub(crate) unsafe fn enter(f: *mut Fiber) -> bool {
+pub(crate) unsafe fn enter(f: *mut Fiber) {
     // SAFETY: `f` is live per the contract.
     let FiberStack::Shared(slot) = (unsafe { &(*f).stack }) else {
-        return false;
+        return;
     };
     let s = &*slot.stack;
     if s.running.get() {
@@ -237,13 +237,14 @@ pub(crate) unsafe fn enter(f: *mut Fiber) -> bool {
         unsafe { s.make_resident(f) };
     }
     s.running.set(true);
-    true
 }
 
-/// After `f` switched back out: its stack is no longer running.
+/// As `f` switches out to its resumer (on `f`'s stack, just before the switch): its shared
+/// stack, if any, is no longer running. Done on this side so that the resumer carries
+/// nothing across the switch (a value live across it costs a spill and a reload).
 ///
 /// # Safety
-/// `f` must be a live shared-mode fiber for which [`enter`] returned true.
+/// `f` must be the live fiber running this code.
 #[inline(always)]
 pub(crate) unsafe fn leave(f: *mut Fiber) {
     // SAFETY: `f` is live per the contract.
