@@ -28,24 +28,42 @@ IO_URING_TESTS=(
     # tests/drop_in_flight.rs
     drop_waits_for_in_flight_read_through_eintr
     drop_cancels_in_flight_io_promptly_and_waits_for_the_cancellation
+    drop_waits_for_in_flight_read_through_eintr_shared
+    drop_cancels_in_flight_io_promptly_and_waits_for_the_cancellation_shared
     # tests/scheduler.rs
     dropping_scheduler_unwinds_parked_tasks::fast
     dropping_scheduler_unwinds_parked_tasks::sigaltstack
     dropping_scheduler_unwinds_parked_tasks::ucontext
     dropping_scheduler_unwinds_parked_tasks::thread
+    dropping_scheduler_unwinds_parked_tasks::shared
+    dropping_scheduler_unwinds_parked_tasks::shared_sigaltstack
     io_uring_reads_resume_in_completion_order::fast
     io_uring_reads_resume_in_completion_order::sigaltstack
     io_uring_reads_resume_in_completion_order::ucontext
     io_uring_reads_resume_in_completion_order::thread
+    io_uring_reads_resume_in_completion_order::shared
+    io_uring_reads_resume_in_completion_order::shared_sigaltstack
     io_uring_write_fsync_fallocate_roundtrip::fast
     io_uring_write_fsync_fallocate_roundtrip::sigaltstack
     io_uring_write_fsync_fallocate_roundtrip::ucontext
     io_uring_write_fsync_fallocate_roundtrip::thread
+    io_uring_write_fsync_fallocate_roundtrip::shared
+    io_uring_write_fsync_fallocate_roundtrip::shared_sigaltstack
+    parked_tasks_keep_stack_data_through_sleep_and_file_io::fast
+    parked_tasks_keep_stack_data_through_sleep_and_file_io::sigaltstack
+    parked_tasks_keep_stack_data_through_sleep_and_file_io::ucontext
+    parked_tasks_keep_stack_data_through_sleep_and_file_io::thread
+    parked_tasks_keep_stack_data_through_sleep_and_file_io::shared
+    parked_tasks_keep_stack_data_through_sleep_and_file_io::shared_sigaltstack
+    pooled_stack_buffers_are_not_checked
     ring_setup_failure_names_the_call
+    shared_stack_buffers_are_refused
     sleep_orders_by_deadline::fast
     sleep_orders_by_deadline::sigaltstack
     sleep_orders_by_deadline::ucontext
     sleep_orders_by_deadline::thread
+    sleep_orders_by_deadline::shared
+    sleep_orders_by_deadline::shared_sigaltstack
     submit_each_sends_io_before_the_batch_ends
 )
 skips=()
