@@ -3,7 +3,8 @@
 //!
 //! `cargo bench -p coro --bench stacks` prints two tables:
 //! - RSS per parked coroutine with 10K and 100K coroutines parked, each holding 1.5 KiB of
-//!   locals (a request handler's worth). Each case runs in a fresh child process (this
+//!   locals (a request handler's worth): pooled stacks, the shared stack, and the shared
+//!   stack with the `Sigaltstack` backend (whose parked bytes include a dead signal frame). Each case runs in a fresh child process (this
 //!   binary, re-run with `CORO_STACKS_CHILD`), so earlier cases' freed memory that the
 //!   allocator keeps does not count; the RSS is read from `/proc/self/statm` before and
 //!   after parking them.
@@ -27,13 +28,6 @@ const HANDLER_LOCALS: usize = 1536;
 
 fn builder(mode: StackMode) -> Builder {
     Builder::new().backend(Backend::Fast).stack_mode(mode)
-}
-
-fn mode_name(mode: StackMode) -> &'static str {
-    match mode {
-        StackMode::Pooled => "pooled",
-        StackMode::Shared => "shared",
-    }
 }
 
 /// A coroutine body that keeps `N` bytes of locals live across every yield (`black_box`
@@ -62,8 +56,7 @@ fn rss_bytes() -> usize {
 
 /// In the child: parks `n` coroutines in `mode`, prints the RSS they added per coroutine
 /// (or how many could be made before spawning failed).
-fn rss_child(mode: StackMode, n: usize) {
-    let b = builder(mode);
+fn rss_child(b: Builder, n: usize) {
     // Warm-up: the overflow handler, the shared stack, the allocator's first arenas.
     let mut warm = b.spawn(holds::<HANDLER_LOCALS>).expect("spawn");
     warm.resume();
@@ -92,12 +85,12 @@ fn rss_table() {
     println!(
         "RSS per parked coroutine ({HANDLER_LOCALS} B of live locals each, fresh process per case)"
     );
-    println!("| coroutines parked | pooled stacks | shared stack |");
-    println!("|---|---|---|");
+    println!("| coroutines parked | pooled stacks | shared stack | shared stack, sigaltstack |");
+    println!("|---|---|---|---|");
     for n in [10_000usize, 100_000] {
-        let cell = |mode: StackMode| {
+        let cell = |kind: &str| {
             let out = Command::new(std::env::current_exe().expect("bench binary"))
-                .env(CHILD_VAR, format!("rss:{}:{n}", mode_name(mode)))
+                .env(CHILD_VAR, format!("rss:{kind}:{n}"))
                 .output()
                 .expect("run child");
             let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -113,9 +106,10 @@ fn rss_table() {
             }
         };
         println!(
-            "| {n} | {} | {} |",
-            cell(StackMode::Pooled),
-            cell(StackMode::Shared)
+            "| {n} | {} | {} | {} |",
+            cell("pooled"),
+            cell("shared"),
+            cell("shared-sigaltstack")
         );
     }
 }
@@ -180,8 +174,11 @@ fn main() {
         let (Some("rss"), Some(mode), Some(n)) = (parts.next(), parts.next(), parts.next()) else {
             panic!("bad {CHILD_VAR}: {spec}");
         };
-        let mode: StackMode = mode.parse().expect("stack mode");
-        rss_child(mode, n.parse().expect("count"));
+        let b = match mode {
+            "shared-sigaltstack" => builder(StackMode::Shared).backend(Backend::Sigaltstack),
+            mode => builder(mode.parse().expect("stack mode")),
+        };
+        rss_child(b, n.parse().expect("count"));
         return;
     }
     let filter: Vec<String> = std::env::args()
