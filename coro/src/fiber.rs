@@ -189,7 +189,9 @@ pub(crate) struct Fiber {
     /// by the switch that parks it. Read by [`shared_stack`] to save a parked fiber's bytes.
     pub(crate) fiber_sp: *mut u8,
     /// Register switches: the resumer's stack pointer while the fiber runs, for `switch_out`.
-    caller_sp: *mut u8,
+    /// Right after a `Sigaltstack` bootstrap it still points at the dead signal handler's
+    /// frame on the fiber's stack, which [`shared_stack`] leaves out of the saved bytes.
+    pub(crate) caller_sp: *mut u8,
     /// `Ucontext`: both contexts for every switch. `Fast`: only until the bootstrap has
     /// parked the trampoline, then dropped.
     #[cfg(target_env = "gnu")]
@@ -513,8 +515,11 @@ impl Fiber {
             }
         };
         match started {
-            // SAFETY: from Box::into_raw, never null.
-            Ok(()) => Ok(unsafe { NonNull::new_unchecked(f) }),
+            // SAFETY: from Box::into_raw, never null; the trampoline is parked.
+            Ok(()) => unsafe {
+                shared_stack::bootstrapped(f);
+                Ok(NonNull::new_unchecked(f))
+            },
             Err(e) => {
                 // SAFETY: nothing runs on the stack (no trampoline was started), so a shared
                 // stack holds nothing of it either.
