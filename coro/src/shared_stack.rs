@@ -4,8 +4,9 @@
 //! at least the pages it touched plus two kernel mappings (the stack and its guard page;
 //! `vm.max_map_count` caps a process at about 32K such stacks). In [`StackMode::Shared`] a
 //! thread has one guarded stack per stack size, and a fiber owns only a heap *save buffer*
-//! holding the bytes it used: from its parked stack pointer up to the top of the shared
-//! stack, usually one or two KiB for a request handler.
+//! holding the bytes it used: from its parked stack pointer up to its outermost live frame
+//! (the top of the shared stack, see [`bootstrapped`] for the exception), usually one or
+//! two KiB for a request handler.
 //!
 //! The stack is switched lazily. [`SharedStack`] remembers which fiber's bytes are on it
 //! (the *occupant*). Switching into a fiber that is not the occupant first copies the
@@ -33,7 +34,9 @@
 //! Copies are bounded by checked sizes: a saved stack pointer outside the shared stack,
 //! or a save buffer larger than the stack, aborts with a message instead of copying.
 //! The boundary: this module moves bytes and tracks occupancy; switching registers stays
-//! in [`crate::fiber`], which calls in at three points (create, switch in, destroy).
+//! in [`crate::fiber`], which calls in around a new fiber's bootstrap
+//! ([`claim_for_bootstrap`], [`bootstrapped`]), at each switch ([`enter`], [`leave`]) and
+//! when a fiber is freed ([`vacate`]).
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
