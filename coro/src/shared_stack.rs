@@ -43,6 +43,7 @@ use std::rc::Rc;
 
 use crate::fiber::{Backend, Fiber};
 use crate::stack::Stack;
+use crate::valgrind;
 use crate::Error;
 
 /// Where a coroutine's stack lives.
@@ -415,6 +416,10 @@ impl SharedStack {
                 self.stack.usable()
             ));
         }
+        // Memcheck took what lies below the last occupant's stack pointer for popped stack
+        // (inaccessible); these bytes are live again. The copy then carries the saved
+        // bytes' own definedness over.
+        valgrind::make_defined(sp as *mut u8, len);
         // SAFETY: `[sp, sp + len) = [top - len, top)` is inside the usable stack (checked
         // above), nothing runs on it, and the buffer is a separate heap allocation of `len`
         // bytes.
