@@ -25,7 +25,8 @@
 //!   buffer) and refused with [`Error::BufferOnSharedStack`].
 //!
 //! Buffers stay valid until the caller is resumed, which happens only after the completion
-//! (an `IoBuf` borrows its storage for the call). The scheduler's `Drop` cancels the operations in flight (see [`Ring::cancel_on_drop`]) and then waits for
+//! (an `IoBuf` borrows its storage for the call). The scheduler's `Drop` cancels the
+//! operations in flight (see [`Ring::cancel_on_drop`]) and then waits for
 //! every one of their completions before unwinding any task, so dropping a scheduler cannot
 //! free memory the kernel still writes to. That wait survives signals (`EINTR`); should it
 //! fail for real, the tasks are leaked rather than unwound.
