@@ -63,12 +63,19 @@ impl std::str::FromStr for StackMode {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "pooled" => Ok(StackMode::Pooled),
-            "shared" => Ok(StackMode::Shared),
-            other => Err(Error::UnknownStackMode {
-                name: other.to_owned(),
-            }),
+        [StackMode::Pooled, StackMode::Shared]
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| Error::UnknownStackMode { name: s.to_owned() })
+    }
+}
+
+impl StackMode {
+    /// The name `FromStr` accepts and the daemon's `--stack-mode` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            StackMode::Pooled => "pooled",
+            StackMode::Shared => "shared",
         }
     }
 }

@@ -90,13 +90,13 @@ impl Stop {
 pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
     let mut listener = crate::socket::bind(&cfg.socket)?;
     log::info!(
-        "listening on {} ({} bytes, {} queue(s) on {} thread(s), {} coroutines, {:?} stacks)",
+        "listening on {} ({} bytes, {} queue(s) on {} thread(s), {} coroutines, {} stacks)",
         cfg.socket.display(),
         cfg.disk.size(),
         cfg.device.num_queues(),
         cfg.workers.threads,
         cfg.workers.coroutine_backend.name(),
-        cfg.workers.stack_mode,
+        cfg.workers.stack_mode.name(),
     );
     let mut connection = 0u64;
     while !stop.requested() {

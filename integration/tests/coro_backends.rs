@@ -1,5 +1,6 @@
-//! The coroutine backends other than the default, each serving a real guest: the static musl
-//! build (which has no ucontext and runs the `sigaltstack` backend) and the `thread` backend.
+//! The coroutine backends and stack modes other than the default, each serving a real guest:
+//! the static musl build (which has no ucontext and runs the `sigaltstack` backend), the
+//! `thread` backend, and the shared stack.
 //! The coro crate's own suites run every backend; these prove the daemon's whole request path
 //! (parse, io_uring, completion, interrupts) on them, with a real kernel driver.
 
@@ -107,4 +108,38 @@ fn thread_backend_serves_a_real_guest() {
     let run = daemon.boot(Guest::test("fio"));
     assert_eq!(run.expect_pass().get("jobs"), "2");
     daemon.assert_alive();
+}
+
+/// `--stack-mode shared` under a real guest: fio's verified random writes, two jobs at
+/// QD16, so requests park on io_uring while others run on the worker's one shared stack
+/// (their stack bytes copied out and back). corodev only: qsd has no such option.
+#[test]
+fn fio_verified_randwrite_on_the_shared_stack() {
+    fio_on_the_shared_stack(&["--stack-mode", "shared"]);
+}
+
+/// The same with the sigaltstack backend, whose bootstrap leaves a dead signal frame above
+/// each parked trampoline that the shared stack must not save or trust.
+#[test]
+fn fio_verified_randwrite_on_the_shared_stack_sigaltstack() {
+    fio_on_the_shared_stack(&[
+        "--stack-mode",
+        "shared",
+        "--coroutine-backend",
+        "sigaltstack",
+    ]);
+}
+
+fn fio_on_the_shared_stack(args: &[&str]) {
+    let image = Image::new(64 * MIB);
+    let mut daemon = Daemon::corodev(&image, args);
+    let run = daemon.boot(Guest::test("fio"));
+    let r = run.expect_pass();
+    assert_eq!(r.get("jobs"), "2");
+    daemon.assert_alive();
+    assert!(
+        daemon.log_text().contains("shared stacks"),
+        "the daemon must report the shared stack mode: {}",
+        daemon.log_text()
+    );
 }

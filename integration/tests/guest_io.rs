@@ -65,40 +65,6 @@ fn fio_verified_randwrite_two_jobs_qd16() {
     }
 }
 
-/// `--stack-mode shared` under a real guest: fio's verified random writes, two jobs at
-/// QD16, so requests park on io_uring while others run on the worker's one shared stack
-/// (their stack bytes copied out and back). corodev only: qsd has no such option.
-#[test]
-fn fio_verified_randwrite_on_the_shared_stack() {
-    fio_on_the_shared_stack(&["--stack-mode", "shared"]);
-}
-
-/// The same with the sigaltstack backend, whose bootstrap leaves a dead signal frame above
-/// each parked trampoline that the shared stack must not save or trust.
-#[test]
-fn fio_verified_randwrite_on_the_shared_stack_sigaltstack() {
-    fio_on_the_shared_stack(&[
-        "--stack-mode",
-        "shared",
-        "--coroutine-backend",
-        "sigaltstack",
-    ]);
-}
-
-fn fio_on_the_shared_stack(args: &[&str]) {
-    let image = Image::new(64 * MIB);
-    let mut daemon = Daemon::corodev(&image, args);
-    let run = daemon.boot(Guest::test("fio"));
-    let r = run.expect_pass();
-    assert_eq!(r.get("jobs"), "2");
-    daemon.assert_alive();
-    assert!(
-        daemon.log_text().contains("Shared stacks"),
-        "the daemon must report the shared stack mode: {}",
-        daemon.log_text()
-    );
-}
-
 #[test]
 fn ext4_mkfs_write_sync_fsck_clean() {
     let image = Image::new(128 * MIB);
