@@ -2,12 +2,15 @@
 //! depth of stack in use.
 //!
 //! `cargo bench -p coro --bench stacks` prints two tables:
-//! - RSS per parked coroutine with 10K and 100K coroutines parked, each holding 1.5 KiB of
-//!   locals (a request handler's worth): pooled stacks, the shared stack, and the shared
-//!   stack with the `Sigaltstack` backend (whose parked bytes include a dead signal frame). Each case runs in a fresh child process (this
-//!   binary, re-run with `CORO_STACKS_CHILD`), so earlier cases' freed memory that the
-//!   allocator keeps does not count; the RSS is read from `/proc/self/statm` before and
-//!   after parking them.
+//! - Memory per parked coroutine with 10K and 100K coroutines parked, each holding 1.5 KiB
+//!   of locals (a request handler's worth): pooled stacks with every backend, and the shared
+//!   stack with both register switches (the `Sigaltstack` bootstrap leaves a dead signal
+//!   frame above each trampoline). Each case runs in a fresh child process (this binary,
+//!   re-run with `CORO_STACKS_CHILD`), so earlier cases' freed memory that the allocator
+//!   keeps does not count. RSS is read from `/proc/self/statm` before and after parking
+//!   them; kernel memory that RSS leaves out (thread kernel stacks, page tables: the
+//!   `KernelStack` and `PageTables` lines of `/proc/meminfo`, system-wide, so only large
+//!   differences mean anything) is shown next to it where it exceeds 1 KiB per coroutine.
 //! - The round trip (resume + yield) with 256 B to 16 KiB of stack in use: one coroutine
 //!   resumed over and over (shared mode copies nothing: it stays resident) and two
 //!   coroutines alternating (shared mode copies both out and in on every switch).
@@ -28,6 +31,21 @@ const HANDLER_LOCALS: usize = 1536;
 
 fn builder(mode: StackMode) -> Builder {
     Builder::new().backend(Backend::Fast).stack_mode(mode)
+}
+
+/// Kernel memory on behalf of processes that RSS does not count: `KernelStack` (one per
+/// thread) plus `PageTables`, in bytes, system-wide.
+fn kernel_bytes() -> usize {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("meminfo");
+    let kib = |key: &str| -> usize {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("meminfo field")
+    };
+    (kib("KernelStack:") + kib("PageTables:")) * 1024
 }
 
 /// A coroutine body that keeps `N` bytes of locals live across every yield (`black_box`
@@ -63,6 +81,7 @@ fn rss_child(b: Builder, n: usize) {
     drop(warm);
     let mut cos: Vec<Coroutine<u64>> = Vec::with_capacity(n);
     let before = rss_bytes();
+    let kernel_before = kernel_bytes();
     for i in 0..n {
         match b.spawn(holds::<HANDLER_LOCALS>) {
             Ok(mut co) => {
@@ -77,16 +96,28 @@ fn rss_child(b: Builder, n: usize) {
         }
     }
     let after = rss_bytes();
-    println!("{}", (after.saturating_sub(before)) / n);
+    let kernel = kernel_bytes().saturating_sub(kernel_before) / n;
+    println!("{} {kernel}", (after.saturating_sub(before)) / n);
     std::mem::forget(cos);
 }
 
+/// The RSS table's columns: heading, and the child's `backend:mode`.
+const RSS_CASES: [(&str, &str); 6] = [
+    ("pooled, fast", "fast:pooled"),
+    ("pooled, sigaltstack", "sigaltstack:pooled"),
+    ("pooled, ucontext", "ucontext:pooled"),
+    ("pooled, thread", "thread:pooled"),
+    ("shared, fast", "fast:shared"),
+    ("shared, sigaltstack", "sigaltstack:shared"),
+];
+
 fn rss_table() {
     println!(
-        "RSS per parked coroutine ({HANDLER_LOCALS} B of live locals each, fresh process per case)"
+        "Memory per parked coroutine ({HANDLER_LOCALS} B of live locals each, fresh process per case)"
     );
-    println!("| coroutines parked | pooled stacks | shared stack | shared stack, sigaltstack |");
-    println!("|---|---|---|---|");
+    let head: Vec<&str> = RSS_CASES.iter().map(|c| c.0).collect();
+    println!("| coroutines parked | {} |", head.join(" | "));
+    println!("|---|{}", "---|".repeat(RSS_CASES.len()));
     for n in [10_000usize, 100_000] {
         let cell = |kind: &str| {
             let out = Command::new(std::env::current_exe().expect("bench binary"))
@@ -94,9 +125,12 @@ fn rss_table() {
                 .output()
                 .expect("run child");
             let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            match text.parse::<usize>() {
-                Ok(bytes) => format!("{bytes} B"),
-                Err(_) => format!(
+            let nums: Vec<usize> = text.split(' ').filter_map(|v| v.parse().ok()).collect();
+            match nums[..] {
+                [rss, kernel] if kernel > 1024 => format!("{rss} B + {kernel} B kernel"),
+                [rss, _] => format!("{rss} B"),
+                _ if text.starts_with("FAILED") => text,
+                _ => format!(
                     "{text} {}",
                     String::from_utf8_lossy(&out.stderr)
                         .lines()
@@ -105,12 +139,8 @@ fn rss_table() {
                 ),
             }
         };
-        println!(
-            "| {n} | {} | {} | {} |",
-            cell("pooled"),
-            cell("shared"),
-            cell("shared-sigaltstack")
-        );
+        let cells: Vec<String> = RSS_CASES.iter().map(|c| cell(c.1)).collect();
+        println!("| {n} | {} |", cells.join(" | "));
     }
 }
 
@@ -171,13 +201,13 @@ fn switch_table() {
 fn main() {
     if let Ok(spec) = std::env::var(CHILD_VAR) {
         let mut parts = spec.split(':');
-        let (Some("rss"), Some(mode), Some(n)) = (parts.next(), parts.next(), parts.next()) else {
+        let (Some("rss"), Some(backend), Some(mode), Some(n)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             panic!("bad {CHILD_VAR}: {spec}");
         };
-        let b = match mode {
-            "shared-sigaltstack" => builder(StackMode::Shared).backend(Backend::Sigaltstack),
-            mode => builder(mode.parse().expect("stack mode")),
-        };
+        let b =
+            builder(mode.parse().expect("stack mode")).backend(backend.parse().expect("backend"));
         rss_child(b, n.parse().expect("count"));
         return;
     }
