@@ -18,13 +18,14 @@
 //! `cargo bench -p coro --bench stacks -- rss` or `-- switch` runs one table. Times are the
 //! best of several runs, to filter out a shared machine's noise.
 
+mod common;
+
 use std::hint::black_box;
 use std::process::Command;
-use std::time::Instant;
 
+use common::{best_ns_per_iter, ROUNDS};
 use coro::{yield_now, Backend, Builder, Coroutine, StackMode};
 
-const ROUNDS: usize = 7;
 const CHILD_VAR: &str = "CORO_STACKS_CHILD";
 /// Stack bytes each parked coroutine of the RSS table holds live.
 const HANDLER_LOCALS: usize = 1536;
@@ -142,16 +143,6 @@ fn rss_table() {
         let cells: Vec<String> = RSS_CASES.iter().map(|c| cell(c.1)).collect();
         println!("| {n} | {} |", cells.join(" | "));
     }
-}
-
-fn best_ns_per_iter(iters: u64, mut f: impl FnMut(u64)) -> f64 {
-    (0..ROUNDS)
-        .map(|_| {
-            let t = Instant::now();
-            f(iters);
-            t.elapsed().as_nanos() as f64 / iters as f64
-        })
-        .fold(f64::INFINITY, f64::min)
 }
 
 /// Round trip of one coroutine holding `N` bytes, resumed over and over.

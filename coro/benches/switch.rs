@@ -5,22 +5,12 @@
 //! Times are the best of several runs of N iterations, to filter out scheduler noise on a
 //! shared 2-core machine.
 
+mod common;
+
 use std::hint::black_box;
-use std::time::Instant;
 
+use common::best_ns_per_iter;
 use coro::{yield_now, Backend, Builder, Resumed};
-
-const ROUNDS: usize = 7;
-
-fn best_ns_per_iter(iters: u64, mut f: impl FnMut(u64)) -> f64 {
-    (0..ROUNDS)
-        .map(|_| {
-            let t = Instant::now();
-            f(iters);
-            t.elapsed().as_nanos() as f64 / iters as f64
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 fn roundtrip(backend: Backend, iters: u64) -> f64 {
     let mut co = Builder::new()

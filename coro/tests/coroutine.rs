@@ -15,28 +15,15 @@ use coro::{yield_now, Backend, Builder, Coroutine, Error, Resumed, StackMode, St
 /// coroutines, which shared mode refuses).
 macro_rules! each_backend {
     (pooled_only $name:ident, $body:expr) => {
-        mod $name {
-            use super::*;
-            #[test]
-            fn fast() {
-                ($body)(Builder::new().backend(Backend::Fast))
-            }
-            #[test]
-            fn sigaltstack() {
-                ($body)(Builder::new().backend(Backend::Sigaltstack))
-            }
-            #[cfg(target_env = "gnu")]
-            #[test]
-            fn ucontext() {
-                ($body)(Builder::new().backend(Backend::Ucontext))
-            }
-            #[test]
-            fn thread() {
-                ($body)(Builder::new().backend(Backend::Thread))
-            }
-        }
+        each_backend!(@cases $name, $body, []);
     };
     ($name:ident, $body:expr) => {
+        each_backend!(@cases $name, $body, [
+            shared: shared_builder(),
+            shared_sigaltstack: shared_builder().backend(Backend::Sigaltstack),
+        ]);
+    };
+    (@cases $name:ident, $body:expr, [$($case:ident: $builder:expr),* $(,)?]) => {
         mod $name {
             use super::*;
             #[test]
@@ -56,14 +43,12 @@ macro_rules! each_backend {
             fn thread() {
                 ($body)(Builder::new().backend(Backend::Thread))
             }
-            #[test]
-            fn shared() {
-                ($body)(shared_builder())
-            }
-            #[test]
-            fn shared_sigaltstack() {
-                ($body)(shared_builder().backend(Backend::Sigaltstack))
-            }
+            $(
+                #[test]
+                fn $case() {
+                    ($body)($builder)
+                }
+            )*
         }
     };
 }

@@ -391,30 +391,21 @@ mod tests {
             parse(&["--disk", "d", "--stack-mode", "shared"]).map(|c| c.stack_mode),
             Ok(StackMode::Shared)
         );
-        assert_eq!(
-            combination(&[
+        for backend in ["ucontext", "thread"] {
+            let args = [
                 "--disk",
                 "d",
                 "--stack-mode",
                 "shared",
                 "--coroutine-backend",
-                "ucontext"
-            ]),
-            Some(CliError::SharedStackNeedsRegisterSwitch {
-                backend: "ucontext"
-            })
-        );
-        assert_eq!(
-            combination(&[
-                "--disk",
-                "d",
-                "--stack-mode",
-                "shared",
-                "--coroutine-backend",
-                "thread"
-            ]),
-            Some(CliError::SharedStackNeedsRegisterSwitch { backend: "thread" })
-        );
+                backend,
+            ];
+            assert_eq!(
+                combination(&args),
+                Some(CliError::SharedStackNeedsRegisterSwitch { backend }),
+                "{backend}"
+            );
+        }
         assert_eq!(
             parse(&[
                 "--disk",
