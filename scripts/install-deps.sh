@@ -2,16 +2,18 @@
 # Installs what corodev's guest image and end-to-end tests need on Debian 12, as root:
 # QEMU (system emulator and qemu-storage-daemon), the Debian cloud kernel the guest boots,
 # busybox-static, fio and e2fsprogs (packed into the guest), cpio/gzip to pack it, and
-# valgrind (the coroutine suites run under memcheck); for the coro crate's aarch64 tests
-# (scripts/test-coro-aarch64.sh), the aarch64 cross gcc and libc, qemu-user-static to run
-# them, and rustup's aarch64-unknown-linux-gnu target; rustup's x86_64-unknown-linux-musl
-# target for the static build.
+# valgrind (the coroutine suites run under memcheck); systemd (systemd-analyze and
+# systemd-socket-activate, which the unit and socket-activation tests run); for the coro
+# crate's aarch64 tests (scripts/test-coro-aarch64.sh), the aarch64 cross gcc and libc,
+# qemu-user-static to run them, and rustup's aarch64-unknown-linux-gnu target; rustup's
+# x86_64-unknown-linux-musl target for the static build.
 # Idempotent: when everything is installed it only checks (well under a second) and
 # never touches the network.
 set -euo pipefail
 
 PKGS=(qemu-system-x86 qemu-system-common qemu-utils linux-image-cloud-amd64 busybox-static
-    fio e2fsprogs cpio gzip valgrind gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static)
+    fio e2fsprogs cpio gzip valgrind systemd gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+    qemu-user-static)
 
 missing_pkgs() {
     missing=()
@@ -38,7 +40,7 @@ done
 
 # The tools themselves, where the scripts and tests look for them.
 for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img busybox fio mke2fs e2fsck cpio gzip \
-    valgrind aarch64-linux-gnu-gcc qemu-aarch64-static; do
+    valgrind systemd-analyze systemd-socket-activate aarch64-linux-gnu-gcc qemu-aarch64-static; do
     command -v "$tool" >/dev/null || {
         echo "install-deps: $tool is not on PATH ($PATH) after installing" >&2
         exit 1

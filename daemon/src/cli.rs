@@ -90,6 +90,12 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
 
+    /// The export's name: which socket-activated socket is its own (the socket unit's
+    /// FileDescriptorName=), and how logs and `systemctl status` call it. Default: the
+    /// socket file's name without its extension (vm1 for /run/corodev/vm1.sock).
+    #[arg(long, value_name = "NAME", value_parser = parse_name)]
+    pub name: Option<String>,
+
     /// Raw image file or block device to export (required for --backend file).
     #[arg(long, value_name = "PATH")]
     pub disk: Option<PathBuf>,
@@ -181,6 +187,20 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
         _ => Err(format!(
             "{n} is not a power of two between {MIN_QUEUE_SIZE} and {MAX_QUEUE_SIZE}: use e.g. 128 or 256"
         )),
+    }
+}
+
+/// A name systemd can pass in `LISTEN_FDNAMES`: 1 to 255 printable ASCII characters,
+/// no `:` (the list separator) and no spaces.
+fn parse_name(s: &str) -> Result<String, String> {
+    let ok =
+        !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "'{s}' is not a usable name: use 1 to 255 printable ASCII characters without ':' or spaces, e.g. vm1"
+        ))
     }
 }
 
@@ -306,6 +326,17 @@ impl Cli {
         }
     }
 
+    /// The export's name: `--name`, or the socket file's name without its extension.
+    pub fn export_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            self.socket
+                .file_stem()
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| parse_name(n).is_ok())
+                .unwrap_or_else(|| "corodev".to_owned())
+        })
+    }
+
     /// Worker threads to run: `--threads`, or one per queue up to the number of CPUs.
     pub fn worker_threads(&self) -> u16 {
         self.threads.unwrap_or_else(|| {
@@ -419,6 +450,31 @@ mod tests {
             Ok(StackMode::Shared)
         );
         assert!(parse(&["--disk", "d", "--stack-mode", "stacked"]).is_err());
+    }
+
+    #[test]
+    fn export_name_from_option_or_socket_file() {
+        assert_eq!(
+            parse(&["--disk", "d"]).map(|c| c.export_name()),
+            Ok("s".into())
+        );
+        let cli = Cli::try_parse_from([
+            "corodev",
+            "--socket",
+            "/run/corodev/vm1.sock",
+            "--disk",
+            "d",
+        ])
+        .expect("parses");
+        assert_eq!(cli.export_name(), "vm1");
+        assert_eq!(
+            parse(&["--disk", "d", "--name", "disk-a"]).map(|c| c.export_name()),
+            Ok("disk-a".into())
+        );
+        assert!(parse(&["--disk", "d", "--name", "a:b"])
+            .unwrap_err()
+            .contains("without ':'"));
+        assert!(parse(&["--disk", "d", "--name", ""]).is_err());
     }
 
     #[test]

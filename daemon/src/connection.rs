@@ -87,6 +87,10 @@ pub struct Connection {
     thread_masks: Vec<u64>,
     /// Exit-event consumer descriptors handed to the library (see [`Drop for Connection`]).
     exit_fds: Mutex<Vec<RawFd>>,
+    /// The watchdog's challenge round ([`ping_workers`](Self::ping_workers)), and per
+    /// worker thread the last round it answered: see [`crate::systemd`].
+    watchdog_round: AtomicU64,
+    answered: Vec<AtomicU64>,
 }
 
 /// vhost-user-backend 0.24 registers each worker's exit-event consumer in epoll with
@@ -132,8 +136,10 @@ impl Connection {
             closing: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             live_workers: (Mutex::new(0), Condvar::new()),
+            answered: thread_masks.iter().map(|_| AtomicU64::new(0)).collect(),
             thread_masks,
             exit_fds: Mutex::new(Vec::new()),
+            watchdog_round: AtomicU64::new(0),
         })
     }
 
@@ -388,6 +394,38 @@ impl Connection {
             .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Worker `thread` is running its event loop: it answers the watchdog's current round.
+    /// Called on every event the thread handles, before anything else.
+    pub fn beat(&self, thread: usize) {
+        if let Some(a) = self.answered.get(thread) {
+            a.store(
+                self.watchdog_round.load(Ordering::Acquire),
+                Ordering::Release,
+            );
+        }
+    }
+
+    /// Starts a new watchdog round: every worker thread is woken (through its completion
+    /// eventfd, as if I/O had completed) and answers by [`beat`](Self::beat)ing once its
+    /// event loop gets to it.
+    pub fn ping_workers(&self) {
+        self.watchdog_round.fetch_add(1, Ordering::AcqRel);
+        for worker in 0..self.thread_masks.len() {
+            self.completions.wake(worker);
+        }
+    }
+
+    /// The worker threads that have not answered the current round.
+    pub fn silent_workers(&self) -> Vec<usize> {
+        let round = self.watchdog_round.load(Ordering::Acquire);
+        self.answered
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.load(Ordering::Acquire) < round)
+            .map(|(t, _)| t)
+            .collect()
     }
 
     /// Remembers an exit-event descriptor the library will leak (see `Drop`).

@@ -216,6 +216,8 @@ impl VhostUserBackend for BlkDevice {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
+        // Any event proves this thread's loop runs: the watchdog's wake-ups need no more.
+        self.0.beat(thread_id);
         if evset != EventSet::IN {
             self.0.blk.log().warn(format_args!(
                 "worker {thread_id}: unexpected events {evset:?} on {device_event}"
@@ -227,6 +229,12 @@ impl VhostUserBackend for BlkDevice {
             // would spin this thread until the library's exit event.
             self.0.completions.clear(thread_id);
             Worker::shut_down();
+            return Ok(());
+        }
+        if self.0.completions.is_completion(device_event) && Worker::current().is_none() {
+            // A wake-up (the watchdog's, or a drain's) of a thread that has served nothing
+            // yet: no ring to run, and no reason to create one.
+            self.0.completions.clear(thread_id);
             return Ok(());
         }
         let Some(worker) = Worker::get(&self.0, vrings, thread_id)? else {

@@ -68,6 +68,35 @@ pub enum Error {
     /// The chosen `--coroutine-backend` cannot run in this build (ucontext in a musl build).
     #[error("--coroutine-backend: {0}")]
     CoroutineBackend(coro::Error),
+    /// `LISTEN_FDS`/`LISTEN_FDNAMES` are set for this process but malformed.
+    #[error("socket activation: {0}; check the socket unit (or the activator's command line)")]
+    ActivationEnv(io::Error),
+    /// Socket activation passed sockets, none of them named after the export.
+    #[error("socket activation passed no socket named '{name}' (LISTEN_FDNAMES={names}); set FileDescriptorName={name} in the socket unit, or --name to one of those names")]
+    ActivationNoSocket {
+        /// The export's name (`--name`).
+        name: String,
+        /// The names passed, `:`-separated as in `LISTEN_FDNAMES`.
+        names: String,
+    },
+    /// The activated socket of the export is not a listening unix stream socket.
+    #[error("activated socket '{name}' is not a listening AF_UNIX stream socket ({what}); use ListenStream=PATH with Accept=no in the socket unit")]
+    ActivationNotListening {
+        /// The export's name.
+        name: String,
+        /// What it is instead.
+        what: String,
+    },
+    /// The activated socket is bound to another path than `--socket`.
+    #[error("activated socket '{name}' is bound to {bound}, not to --socket {socket}; make the socket unit's ListenStream= and --socket the same path")]
+    ActivationPath {
+        /// The export's name.
+        name: String,
+        /// Where the socket is bound.
+        bound: String,
+        /// The `--socket` path.
+        socket: PathBuf,
+    },
     /// An OS resource (eventfd, thread, signal handler) could not be created.
     #[error("{what}: {source}")]
     Os {

@@ -3,6 +3,8 @@
 //!
 //! - [`cli`]: options and their validation.
 //! - [`socket`]: binding the vhost-user socket (live vs. stale).
+//! - [`activation`]: taking the socket from systemd instead (socket activation).
+//! - [`systemd`]: READY/STATUS/STOPPING notifications and the watchdog's evidence.
 //! - [`server`]: the connection loop.
 //! - [`connection`]: what one connection shares between its frontend and worker threads.
 //! - [`device`]: the `VhostUserBackend` implementation (features, config, ring stops,
@@ -22,6 +24,7 @@
 )]
 #![warn(missing_docs)]
 
+pub mod activation;
 pub mod cli;
 pub mod completion_event;
 pub mod connection;
@@ -34,4 +37,5 @@ pub mod poll_window;
 pub mod ring;
 pub mod server;
 pub mod socket;
+pub mod systemd;
 pub mod worker;

@@ -2,6 +2,8 @@
 //!
 //! Startup order matters for operators: every option and the disk are validated before the
 //! socket is created, so a bad invocation fails with one line and leaves nothing behind.
+//! Under systemd the socket may come from socket activation, and READY=1 is sent only once
+//! it accepts connections (see `corodev::activation`, `corodev::systemd`).
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -15,10 +17,12 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use corodev_devices::backend::{BlockBackend, FileBackend, NullBackend};
 use corodev_devices::config::{DeviceConfig, DeviceParams};
 
+use corodev::activation::Activated;
 use corodev::cli::{BackendKind, Cli, CliError};
 use corodev::connection::WorkerConfig;
 use corodev::error::Error;
-use corodev::server::{self, ServerConfig, Stop};
+use corodev::server::{self, Listening, ServerConfig, Stop, Supervision};
+use corodev::systemd::{self as sd, Liveness, Notifier};
 
 fn open_disk(cli: &Cli) -> Result<Arc<dyn BlockBackend>, Error> {
     match (cli.backend, &cli.disk) {
@@ -63,10 +67,25 @@ fn device_config(cli: &Cli, disk: &dyn BlockBackend) -> Result<DeviceConfig, Err
 }
 
 fn run(cli: Cli) -> Result<(), Error> {
+    let name = cli.export_name();
+    // Claimed first: a bad activation setup is a configuration error like a bad option.
+    let activated = match Activated::from_env()? {
+        Some(mut fds) => {
+            let listener = fds.take(&name, &cli.socket)?;
+            for extra in fds.names() {
+                log::warn!(
+                    "socket activation passed socket '{extra}', which no export uses; ignoring it"
+                );
+            }
+            Some(listener)
+        }
+        None => None,
+    };
     let disk = open_disk(&cli)?;
     let device = device_config(&cli, &*disk)?;
     let cfg = ServerConfig {
         socket: cli.socket.clone(),
+        name,
         disk,
         device,
         workers: WorkerConfig {
@@ -81,14 +100,34 @@ fn run(cli: Cli) -> Result<(), Error> {
         },
         once: cli.once,
     };
+    let listening = match activated {
+        Some(listener) => Listening::activated(listener),
+        None => Listening::bound(corodev::socket::bind(&cfg.socket)?),
+    };
+    let watchdog = sd::watchdog_interval();
+    let sup = Supervision {
+        notifier: Arc::new(Notifier::new()),
+        liveness: Arc::new(Liveness::default()),
+        beat_every: watchdog.map(|d| sd::tick(d) / 2),
+    };
     let stop = Arc::new(Stop::default());
-    install_signal_handlers(stop.clone(), cfg.socket.clone())?;
-    server::serve(&cfg, &stop)
+    // The activator owns an activated socket's file: it stays for the next process.
+    let remove = (!listening.is_activated()).then(|| cfg.socket.clone());
+    install_signal_handlers(stop.clone(), remove, sup.notifier.clone())?;
+    if let Some(interval) = watchdog {
+        sd::spawn_watchdog(interval, sup.liveness.clone(), sup.notifier.clone())?;
+    }
+    server::serve_on(&cfg, listening, &stop, &sup)
 }
 
-/// SIGTERM/SIGINT: end the current connection gracefully (in-flight I/O completes), or,
-/// when idle in accept, remove the socket and exit at once.
-fn install_signal_handlers(stop: Arc<Stop>, socket: std::path::PathBuf) -> Result<(), Error> {
+/// SIGTERM/SIGINT: tell systemd we are stopping, end the current connection gracefully
+/// (in-flight I/O completes), or, when idle in accept, remove the socket we bound (not an
+/// activated one) and exit at once.
+fn install_signal_handlers(
+    stop: Arc<Stop>,
+    socket: Option<std::path::PathBuf>,
+    notifier: Arc<Notifier>,
+) -> Result<(), Error> {
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(|source| Error::Os {
             what: "installing signal handlers",
@@ -99,8 +138,11 @@ fn install_signal_handlers(stop: Arc<Stop>, socket: std::path::PathBuf) -> Resul
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 log::info!("signal {sig}: shutting down");
+                notifier.stopping();
                 if !stop.request() {
-                    let _ = std::fs::remove_file(&socket);
+                    if let Some(socket) = &socket {
+                        let _ = std::fs::remove_file(socket);
+                    }
                     std::process::exit(0);
                 }
             }

@@ -6,12 +6,18 @@
 //! worker's scheduler waits for its in-flight I/O before its coroutines are unwound, so no
 //! request outlives the memory it writes to. Then we accept the next connection on the same
 //! socket, unless `--once`.
+//!
+//! The socket is bound here ([`crate::socket`]) or handed over by systemd
+//! ([`crate::activation`]); an activated one is never unlinked, and the loop accepts the
+//! next frontend on the same descriptor. What systemd is told along the way (READY=1,
+//! STATUS=, the watchdog's evidence) is [`crate::systemd`]'s.
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vhost::vhost_user::Error as VhostUserError;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 
 use corodev_devices::backend::BlockBackend;
@@ -21,6 +27,7 @@ use corodev_devices::ratelimit::{RateLimitedLog, DEFAULT_BURST, DEFAULT_WINDOW};
 use crate::connection::{Connection, WorkerConfig};
 use crate::device::BlkDevice;
 use crate::error::Error;
+use crate::systemd::{Liveness, Notifier};
 
 /// The per-connection lines: a frontend that connects and disconnects in a loop must not
 /// flood the journal any more than a guest can.
@@ -32,8 +39,10 @@ const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What every connection is served with.
 pub struct ServerConfig {
-    /// Socket path to listen on.
+    /// Socket path to listen on (or that the activated socket is bound to).
     pub socket: PathBuf,
+    /// The export's name (`--name`): its activated socket's name, and in STATUS= lines.
+    pub name: String,
     /// The storage, open for the daemon's lifetime.
     pub disk: Arc<dyn BlockBackend>,
     /// Device parameters; each connection starts from its reset state.
@@ -86,19 +95,127 @@ impl Stop {
     }
 }
 
-/// Serves connections until `--once` is done or a stop is requested.
+/// The listening socket the serve loop accepts frontends on.
+pub struct Listening {
+    listener: Listener,
+    /// Handed over by an activator, which owns the socket file: never unlinked.
+    activated: bool,
+}
+
+impl Listening {
+    /// A socket this process bound (see [`crate::socket::bind`]): its file is removed when
+    /// the loop ends.
+    pub fn bound(listener: Listener) -> Listening {
+        Listening {
+            listener,
+            activated: false,
+        }
+    }
+
+    /// A socket handed over by socket activation: left in place when the loop ends.
+    pub fn activated(listener: std::os::unix::net::UnixListener) -> Listening {
+        Listening {
+            listener: Listener::from(listener),
+            activated: true,
+        }
+    }
+
+    /// Whether the socket came from socket activation.
+    pub fn is_activated(&self) -> bool {
+        self.activated
+    }
+}
+
+/// What systemd is told, and the watchdog's view of the loop (see [`crate::systemd`]).
+#[derive(Default)]
+pub struct Supervision {
+    /// Notifications (no-ops without `NOTIFY_SOCKET`).
+    pub notifier: Arc<Notifier>,
+    /// What the serve loop and the workers show the watchdog.
+    pub liveness: Arc<Liveness>,
+    /// With a watchdog: how long the wait for a frontend may block before it beats.
+    pub beat_every: Option<std::time::Duration>,
+}
+
+/// Serves connections on a socket bound at `cfg.socket`, without a service manager (the
+/// fuzz targets, embedders).
 pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
-    let mut listener = crate::socket::bind(&cfg.socket)?;
-    log::info!(
-        "listening on {} ({} bytes, {} queue(s) on {} thread(s), {} coroutines, {} stacks)",
+    let listening = Listening::bound(crate::socket::bind(&cfg.socket)?);
+    serve_on(cfg, listening, stop, &Supervision::default())
+}
+
+/// Waits until a frontend's connection is queued on `listener`, beating the watchdog's
+/// serve-loop heart every `beat_every` (blocking without a watchdog).
+fn wait_for_frontend(
+    listener: &Listener,
+    live: &Liveness,
+    beat_every: Option<std::time::Duration>,
+) -> Result<(), Error> {
+    let timeout = beat_every.map_or(-1, |d| {
+        libc::c_int::try_from(d.as_millis().max(1)).unwrap_or(libc::c_int::MAX)
+    });
+    loop {
+        live.accept_beat();
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one valid pollfd for the duration of the call, and the count
+        // passed is 1.
+        let rc = unsafe { libc::poll(&mut pfd, 1, timeout) };
+        if rc > 0 {
+            return Ok(());
+        }
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Error::Os {
+                    what: "waiting for a frontend (poll)",
+                    source: e,
+                });
+            }
+        }
+    }
+}
+
+/// The STATUS= line while no frontend is connected.
+fn listening_status(cfg: &ServerConfig, activated: bool, served: u64) -> String {
+    format!(
+        "export {}: listening on {}{}, no frontend; {served} connection(s) served",
+        cfg.name,
         cfg.socket.display(),
+        if activated { " (socket-activated)" } else { "" },
+    )
+}
+
+/// Serves connections on `listening` until `--once` is done or a stop is requested,
+/// telling systemd through `sup`: READY=1 before the first accept (the socket listens),
+/// a STATUS= line at each connect and disconnect.
+pub fn serve_on(
+    cfg: &ServerConfig,
+    listening: Listening,
+    stop: &Stop,
+    sup: &Supervision,
+) -> Result<(), Error> {
+    let activated = listening.activated;
+    let status = |served| listening_status(cfg, activated, served);
+    let mut listener = listening.listener;
+    log::info!(
+        "export {}: listening on {}{} ({} bytes, {} queue(s) on {} thread(s), {} coroutines, {} stacks)",
+        cfg.name,
+        cfg.socket.display(),
+        if activated { " (socket-activated)" } else { "" },
         cfg.disk.size(),
         cfg.device.num_queues(),
         cfg.workers.threads,
         cfg.workers.coroutine_backend.name(),
         cfg.workers.stack_mode.name(),
     );
+    let live = &sup.liveness;
+    sup.notifier.ready(&status(0));
     let mut connection = 0u64;
+    let mut served = 0u64;
     while !stop.requested() {
         connection += 1;
         let conn = Arc::new(Connection::new(
@@ -110,17 +227,30 @@ pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
         let mut daemon = VhostUserDaemon::new("corodev".into(), BlkDevice(conn.clone()), mem)
             .map_err(Error::Vhost)?;
         conn.completions.register(&daemon)?;
+        // From here the worker threads run, idle: the watchdog checks them.
+        live.set_connection(Some(conn.clone()));
+        live.set_accepting(true);
+        let waited = wait_for_frontend(&listener, live, sup.beat_every);
+        live.set_accepting(false);
+        waited?;
         if let Err(e) = daemon.start(&mut listener) {
             CONNECTION_LOG.log(
                 log::Level::Error,
                 format_args!("accepting connection {connection} failed: {e}"),
             );
+            live.set_connection(None);
             continue;
         }
+        served += 1;
         CONNECTION_LOG.log(
             log::Level::Info,
             format_args!("connection {connection}: frontend connected"),
         );
+        sup.notifier.status(&format!(
+            "export {}: serving a frontend on {} (connection {served})",
+            cfg.name,
+            cfg.socket.display()
+        ));
         if let Some(h) = daemon.shutdown_handle() {
             stop.set(Some((h.clone(), conn.clone())));
             conn.set_shutdown(h);
@@ -154,6 +284,8 @@ pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
                 "connection {connection}: {n} worker(s) still have requests in flight after {CLOSE_TIMEOUT:?}; waiting for them to finish"
             ),
         }
+        // The workers answer the watchdog until their threads are joined.
+        live.set_connection(None);
         drop(daemon); // joins the worker threads
         let leaked = Arc::strong_count(&conn) - 1;
         if leaked > 0 {
@@ -164,7 +296,12 @@ pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
         if cfg.once {
             break;
         }
+        sup.notifier.status(&status(served));
     }
-    let _ = std::fs::remove_file(&cfg.socket);
+    sup.notifier.stopping();
+    // The activator owns an activated socket: it stays, for the next process.
+    if !activated {
+        let _ = std::fs::remove_file(&cfg.socket);
+    }
     Ok(())
 }

@@ -157,6 +157,11 @@ impl Worker {
         created.map(Some)
     }
 
+    /// This thread's worker, if it has one (it served a kick on this connection).
+    pub fn current() -> Option<Rc<Worker>> {
+        WORKER.with(|w| w.0.borrow().clone())
+    }
+
     fn create(
         conn: &Arc<Connection>,
         vrings: &[VringRwLock],

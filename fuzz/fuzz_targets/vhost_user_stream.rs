@@ -107,6 +107,7 @@ fn server() -> &'static PathBuf {
         .expect("valid device");
         let cfg = ServerConfig {
             socket: socket.clone(),
+            name: "fuzz".into(),
             disk,
             device,
             workers: WorkerConfig {

@@ -125,6 +125,35 @@ impl Daemon {
         Daemon::spawn(Server::Corodev, cmd, dir, socket)
     }
 
+    /// Starts corodev the way a socket unit does, through `systemd-socket-activate`: it
+    /// listens on the socket itself (named `fdname`, as `FileDescriptorName=` names it)
+    /// and execs corodev (`--name name --socket <it> --disk <image>` and `args`) in its
+    /// own process at the first connection, passing the socket as `LISTEN_FDS`. The
+    /// daemon counts as listening from the start: the activator's socket queues the
+    /// frontend's connection until corodev accepts it.
+    pub fn socket_activated(image: &Image, fdname: &str, name: &str, args: &[&str]) -> Daemon {
+        assert!(
+            crate::workspace::on_path("systemd-socket-activate"),
+            "systemd-socket-activate is not on PATH (it ships with systemd): {INSTALL_HINT}"
+        );
+        let (dir, socket) = socket_dir();
+        let mut cmd = Command::new("systemd-socket-activate");
+        cmd.arg("-l").arg(&socket).arg(format!("--fdname={fdname}"));
+        // The activator passes on only the variables it is told to (`-E NAME` alone sets
+        // an unset one to empty, which would silence the log).
+        if std::env::var_os("RUST_LOG").is_some() {
+            cmd.args(["-E", "RUST_LOG"]);
+        }
+        cmd.arg(corodev_bin())
+            .args(["--name", name])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--disk")
+            .arg(&image.path)
+            .args(args);
+        Daemon::spawn(Server::Corodev, cmd, dir, socket)
+    }
+
     /// Starts corodev on its null backend (`--backend null --size 64M`: reads return
     /// zeroes, writes are discarded) with `args`, e.g. `--null-latency-us` to keep requests
     /// parked. Always corodev: the options that make these tests work (latency, polling,

@@ -27,7 +27,8 @@
 //! (starting and watching a server), `procfs` (what /proc says about it), [`throttle`]
 //! (limiting a server's disk writes), [`vm`] (booting a guest), [`console`] (what the guest
 //! printed), [`frontend`] (the protocol-level client), [`qmp`] (talking to QEMU),
-//! [`migration`] (moving a guest between QEMUs).
+//! [`migration`] (moving a guest between QEMUs), [`systemd`](mod@systemd) (the notify and
+//! activation sockets systemd would hold).
 
 #![deny(
     unsafe_op_in_unsafe_fn,
@@ -44,6 +45,7 @@ pub mod migration;
 mod procfs;
 pub mod qmp;
 pub mod server;
+pub mod systemd;
 pub mod throttle;
 pub mod vm;
 pub mod workspace;

@@ -15,7 +15,7 @@ pub fn workspace() -> PathBuf {
 /// The advice every "missing tool" failure carries.
 pub(crate) const INSTALL_HINT: &str =
     "run `bash scripts/install-deps.sh` (as root) to install QEMU, \
-     the guest kernel, busybox-static, fio and e2fsprogs";
+     the guest kernel, busybox-static, fio, e2fsprogs and systemd's tools";
 
 /// Whether `name` is an executable file in a `$PATH` directory.
 pub(crate) fn on_path(name: &str) -> bool {
