@@ -33,6 +33,16 @@ pub enum BackendKind {
     Null,
 }
 
+/// Whether the image is locked against other servers (QEMU's `locking=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LockMode {
+    /// Take QEMU's OFD locks: another corodev, QEMU or qemu-storage-daemon writing the
+    /// image is refused, and refuses this one.
+    On,
+    /// No locks (a cluster file system or an operator keeps writers apart).
+    Off,
+}
+
 /// Coroutine context-switch implementation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum CoroutineBackend {
@@ -115,6 +125,16 @@ pub struct Cli {
     /// Export read-only: the guest sees VIRTIO_BLK_F_RO and writes fail.
     #[arg(long)]
     pub readonly: bool,
+
+    /// Lock the image the way QEMU's locking=on does (see --incoming for migrations).
+    #[arg(long, value_enum, default_value_t = LockMode::On)]
+    pub lock: LockMode,
+
+    /// This daemon serves the destination of a live migration: take the image's write
+    /// lock only when the frontend starts the device (the guest runs here), after the
+    /// source's daemon gave it up at the switch-over. Like QEMU's -incoming.
+    #[arg(long)]
+    pub incoming: bool,
 
     /// Open the disk with O_DIRECT (bypass the host page cache).
     #[arg(long)]
@@ -259,6 +279,11 @@ pub enum CliError {
         /// The logical block size.
         block_size: u32,
     },
+    /// `--incoming` only changes when the image lock is taken.
+    #[error(
+        "--incoming only delays the image's write lock; drop it with --lock off or --backend null"
+    )]
+    IncomingWithoutLock,
     /// `--disk` given with `--backend null`.
     #[error("--disk is not used with --backend null: drop it or use --backend file")]
     DiskWithNull,
@@ -309,6 +334,9 @@ impl Cli {
                     return Err(CliError::DiskWithNull);
                 }
             }
+        }
+        if self.incoming && (self.lock == LockMode::Off || self.backend == BackendKind::Null) {
+            return Err(CliError::IncomingWithoutLock);
         }
         if self.stack_mode == StackMode::Shared
             && !coro::Backend::from(self.coroutine_backend).switches_by_register()
@@ -506,6 +534,11 @@ mod tests {
                 queues: 2
             })
         );
+        assert_eq!(
+            combination(&["--disk", "d", "--lock", "off", "--incoming"]),
+            Some(CliError::IncomingWithoutLock)
+        );
+        assert_eq!(combination(&["--disk", "d", "--incoming"]), None);
         assert_eq!(combination(&["--disk", "d"]), None);
     }
 }

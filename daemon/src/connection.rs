@@ -16,11 +16,13 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use corodev_devices::backend::BlockBackend;
 use corodev_devices::blk::VirtioBlk;
 use corodev_devices::config::DeviceConfig;
+use corodev_devices::request::WriteLog;
 
 use crate::completion_event::CompletionEvents;
 use crate::dirty_log::DirtyLog;
 use crate::error::Error;
 use crate::guest_fault;
+use crate::image_lock::ImageLock;
 use crate::inflight::{InflightError, QueueTracker, Region, RingView};
 
 /// Connection ids, unique in the process (0 is never used: the fault registry's "free").
@@ -91,6 +93,9 @@ pub struct Connection {
     /// worker thread the last round it answered: see [`crate::systemd`].
     watchdog_round: AtomicU64,
     answered: Vec<AtomicU64>,
+    /// The image's lock: taken in full when a ring starts, given up when every ring has
+    /// stopped during a migration (see [`crate::image_lock`]).
+    image_lock: Option<Arc<ImageLock>>,
 }
 
 /// vhost-user-backend 0.24 registers each worker's exit-event consumer in epoll with
@@ -140,7 +145,51 @@ impl Connection {
             thread_masks,
             exit_fds: Mutex::new(Vec::new()),
             watchdog_round: AtomicU64::new(0),
+            image_lock: None,
         })
+    }
+
+    /// This connection's device serves an image locked by `lock`.
+    pub fn with_image_lock(mut self, lock: Option<Arc<ImageLock>>) -> Connection {
+        self.image_lock = lock;
+        self
+    }
+
+    /// A ring is about to start: the guest runs on this daemon, which must hold the
+    /// image's write lock (the destination of a migration takes it now; a source whose
+    /// migration failed takes it back).
+    pub fn activate_image(&self) -> Result<(), crate::image_lock::LockError> {
+        match &self.image_lock {
+            Some(lock) if !lock.is_active() => {
+                lock.activate()?;
+                log::info!(
+                    "disk {}: write lock taken: the guest runs here",
+                    lock.path().display()
+                );
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A ring stopped: once every ring is stopped while dirty-page logging is on, the
+    /// guest is moving to the destination of a migration, whose daemon needs the write
+    /// lock: give it up.
+    pub fn ring_stopped(&self) {
+        let Some(lock) = &self.image_lock else {
+            return;
+        };
+        let running = self
+            .queues
+            .iter()
+            .any(|q| q.running.load(Ordering::Acquire));
+        if !running && self.dirty.logging() && lock.is_active() {
+            lock.inactivate();
+            log::info!(
+                "disk {}: write lock released: every ring stopped during a migration",
+                lock.path().display()
+            );
+        }
     }
 
     /// Records how to end this connection from the daemon's side.
@@ -458,6 +507,8 @@ pub struct QueueState {
     /// Raised by every start and stop: a worker that saw the same value has the current
     /// tracker, and need not take the lock to look.
     generation: AtomicU64,
+    /// Between the ring's start and its stop.
+    running: AtomicBool,
 }
 
 impl QueueState {
@@ -468,6 +519,7 @@ impl QueueState {
 
     /// The ring starts: record requests in `tracker`, and serve `resubmit` first.
     pub fn start(&self, tracker: Option<Arc<QueueTracker>>, resubmit: Vec<u16>) {
+        self.running.store(true, Ordering::Release);
         *self.tracker.lock().unwrap_or_else(PoisonError::into_inner) = tracker;
         let pending = !resubmit.is_empty();
         *self.resubmit.lock().unwrap_or_else(PoisonError::into_inner) = resubmit;
@@ -481,6 +533,7 @@ impl QueueState {
     pub fn stop(&self) -> Option<(u64, u64)> {
         self.broken.store(false, Ordering::Release);
         self.start(None, Vec::new());
+        self.running.store(false, Ordering::Release);
         self.used_ring
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -169,12 +169,21 @@ impl VhostUserBackend for BlkDevice {
         if let Some((addr, len)) = state.stop() {
             self.0.dirty.mark(addr, len);
         }
+        self.0.ring_stopped();
         Ok(())
     }
 
     /// Reconciles the ring with the inflight region, if the frontend gave one, and queues
     /// the requests a previous daemon left in flight (see [`crate::inflight`]).
     fn start_vring(&self, queue_index: u32, vring: &VringRwLock) -> io::Result<()> {
+        // Nothing may be served before this daemon holds the image's write lock.
+        if let Err(e) = self.0.activate_image() {
+            self.0.blk.log().log(
+                log::Level::Error,
+                format_args!("queue {queue_index}: not starting: {e}"),
+            );
+            return Err(io::Error::new(io::ErrorKind::ResourceBusy, e));
+        }
         self.0
             .start_queue(queue_index as usize, vring)
             .map_err(|e| self.refuse_region(&format!("queue {queue_index}"), e))

@@ -68,6 +68,9 @@ pub enum Error {
     /// The chosen `--coroutine-backend` cannot run in this build (ucontext in a musl build).
     #[error("--coroutine-backend: {0}")]
     CoroutineBackend(coro::Error),
+    /// The image is in use by another server, or cannot be locked.
+    #[error(transparent)]
+    Lock(#[from] crate::image_lock::LockError),
     /// `LISTEN_FDS`/`LISTEN_FDNAMES` are set for this process but malformed.
     #[error("socket activation: {0}; check the socket unit (or the activator's command line)")]
     ActivationEnv(io::Error),

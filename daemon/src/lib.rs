@@ -5,6 +5,7 @@
 //! - [`socket`]: binding the vhost-user socket (live vs. stale).
 //! - [`activation`]: taking the socket from systemd instead (socket activation).
 //! - [`systemd`]: READY/STATUS/STOPPING notifications and the watchdog's evidence.
+//! - [`image_lock`]: QEMU-compatible image locks, and their hand-over in a migration.
 //! - [`server`]: the connection loop.
 //! - [`connection`]: what one connection shares between its frontend and worker threads.
 //! - [`device`]: the `VhostUserBackend` implementation (features, config, ring stops,
@@ -32,6 +33,7 @@ pub mod device;
 pub mod dirty_log;
 pub mod error;
 pub mod guest_fault;
+pub mod image_lock;
 pub mod inflight;
 pub mod poll_window;
 pub mod ring;

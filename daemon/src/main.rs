@@ -18,9 +18,10 @@ use corodev_devices::backend::{BlockBackend, FileBackend, NullBackend};
 use corodev_devices::config::{DeviceConfig, DeviceParams};
 
 use corodev::activation::Activated;
-use corodev::cli::{BackendKind, Cli, CliError};
+use corodev::cli::{BackendKind, Cli, CliError, LockMode};
 use corodev::connection::WorkerConfig;
 use corodev::error::Error;
+use corodev::image_lock::ImageLock;
 use corodev::server::{self, Listening, ServerConfig, Stop, Supervision};
 use corodev::systemd::{self as sd, Liveness, Notifier};
 
@@ -83,7 +84,32 @@ fn run(cli: Cli) -> Result<(), Error> {
     };
     let disk = open_disk(&cli)?;
     let device = device_config(&cli, &*disk)?;
+    let image_lock = match (&cli.disk, cli.lock) {
+        (Some(path), LockMode::On) => Some(Arc::new(ImageLock::acquire(
+            path,
+            device.readonly(),
+            cli.incoming,
+        )?)),
+        _ => None,
+    };
+    if let Some(lock) = &image_lock {
+        log::info!(
+            "disk {} locked ({}{})",
+            lock.path().display(),
+            if device.readonly() {
+                "read-only, shared with readers"
+            } else {
+                "read-write"
+            },
+            if lock.is_active() {
+                ""
+            } else {
+                "; incoming: write lock taken when the guest starts here"
+            },
+        );
+    }
     let cfg = ServerConfig {
+        image_lock,
         socket: cli.socket.clone(),
         name,
         disk,

@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub workers: WorkerConfig,
     /// Serve a single connection.
     pub once: bool,
+    /// The image's lock, shared by every connection (see [`crate::image_lock`]).
+    pub image_lock: Option<Arc<crate::image_lock::ImageLock>>,
 }
 
 /// Lets a signal handler end the current connection and the loop.
@@ -218,11 +220,10 @@ pub fn serve_on(
     let mut served = 0u64;
     while !stop.requested() {
         connection += 1;
-        let conn = Arc::new(Connection::new(
-            cfg.disk.clone(),
-            cfg.device.reset(),
-            cfg.workers,
-        )?);
+        let conn = Arc::new(
+            Connection::new(cfg.disk.clone(), cfg.device.reset(), cfg.workers)?
+                .with_image_lock(cfg.image_lock.clone()),
+        );
         let mem = conn.mem.clone();
         let mut daemon = VhostUserDaemon::new("corodev".into(), BlkDevice(conn.clone()), mem)
             .map_err(Error::Vhost)?;

@@ -119,6 +119,7 @@ fn server() -> &'static PathBuf {
                 stop_timeout: Duration::from_secs(5),
             },
             once: false,
+            image_lock: None,
         };
         std::thread::spawn(move || serve(&cfg, &Stop::default()).expect("server"));
         while !socket.exists() {

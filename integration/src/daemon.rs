@@ -91,18 +91,25 @@ impl Daemon {
     }
 
     /// Like [`start`](Self::start), for an image that another server serves at the same
-    /// time (the source and destination of a live migration share their storage):
-    /// qemu-storage-daemon is told not to lock the image (`locking=off`; it takes a write
-    /// lock by default, which would stop the second server). corodev takes no image lock
-    /// today, so its command line is the same as [`start`](Self::start)'s.
-    pub fn start_shared(image: &Image, args: &[&str]) -> Daemon {
-        Daemon::shared(Server::from_env(), image, args)
+    /// time (the source and destination of a live migration share their storage), as the
+    /// destination of a migration if `incoming`: corodev gets `--incoming` (it takes the
+    /// image's write lock only when the guest starts on it, after the source's corodev
+    /// gave it up at the switch-over; the first source locks at startup as usual).
+    /// qemu-storage-daemon is told not to lock the image (`locking=off`): it would keep
+    /// its write lock while the other server needs it, having no such hand-over.
+    pub fn start_shared(image: &Image, args: &[&str], incoming: bool) -> Daemon {
+        Daemon::shared(Server::from_env(), image, args, incoming)
     }
 
     /// [`start_shared`](Self::start_shared) with the server given (for a benchmark that
     /// runs both in turn).
-    pub fn shared(kind: Server, image: &Image, args: &[&str]) -> Daemon {
+    pub fn shared(kind: Server, image: &Image, args: &[&str], incoming: bool) -> Daemon {
         match kind {
+            Server::Corodev if incoming => {
+                let mut all = args.to_vec();
+                all.push("--incoming");
+                Daemon::corodev(image, &all)
+            }
             Server::Corodev => Daemon::corodev(image, args),
             Server::Qsd => Daemon::qsd_with(image, args, true),
         }

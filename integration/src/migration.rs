@@ -356,7 +356,7 @@ impl<'a> Fleet<'a> {
             if self.started % 2 == 1 { 'A' } else { 'B' },
             self.started.div_ceil(2)
         );
-        let daemon = Daemon::shared(self.kind, self.image, &self.daemon_args);
+        let daemon = Daemon::shared(self.kind, self.image, &self.daemon_args, incoming);
         let control = VmControl {
             qmp: true,
             incoming: incoming.then(|| "defer".to_owned()),
