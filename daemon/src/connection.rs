@@ -94,7 +94,8 @@ pub struct Connection {
     watchdog_round: AtomicU64,
     answered: Vec<AtomicU64>,
     /// The image's lock: taken in full when a ring starts, given up when every ring has
-    /// stopped during a migration (see [`crate::image_lock`]).
+    /// stopped during a migration or the frontend left with every ring stopped (see
+    /// [`crate::image_lock`]).
     image_lock: Option<Arc<ImageLock>>,
 }
 
@@ -176,6 +177,22 @@ impl Connection {
     /// guest is moving to the destination of a migration, whose daemon needs the write
     /// lock: give it up.
     pub fn ring_stopped(&self) {
+        if self.dirty.logging() {
+            self.release_image("every ring stopped during a migration");
+        }
+    }
+
+    /// The frontend hung up. If it had stopped every ring (a VM that shut down, or a
+    /// paused VM that migrated away: QEMU sends a stopped device nothing at the
+    /// switch-over), the guest no longer runs here: the write lock is given up until a
+    /// ring starts again. A frontend that vanished with rings running (QEMU killed) keeps
+    /// it: it comes back (reconnect=1) to the same guest.
+    pub fn frontend_left(&self) {
+        self.release_image("the frontend left with every ring stopped");
+    }
+
+    /// Gives the image's write lock up if no ring runs.
+    fn release_image(&self, why: &str) {
         let Some(lock) = &self.image_lock else {
             return;
         };
@@ -183,12 +200,9 @@ impl Connection {
             .queues
             .iter()
             .any(|q| q.running.load(Ordering::Acquire));
-        if !running && self.dirty.logging() && lock.is_active() {
+        if !running && lock.is_active() {
             lock.inactivate();
-            log::info!(
-                "disk {}: write lock released: every ring stopped during a migration",
-                lock.path().display()
-            );
+            log::info!("disk {}: write lock released: {why}", lock.path().display());
         }
     }
 

@@ -21,11 +21,15 @@
 //! an incoming VM's images *inactive* (no write lock) and activates them when the guest
 //! starts there, after the source inactivated its own at the switch-over. corodev does the
 //! same with the events it sees: a daemon started with `--incoming` holds only the read
-//! permission until the frontend starts a ring (the guest runs here now); a daemon whose
-//! every ring has been stopped while dirty-page logging was on (the switch-over of an
-//! outgoing migration) gives up write and its refusals, and takes them again when a ring
-//! restarts (the migration failed or was cancelled). A ring start that cannot get the
-//! write lock is refused, with the holder in the log.
+//! permission until the frontend starts a ring (the guest runs here now); a daemon gives
+//! up write and its refusals when the guest leaves it: every ring stopped while dirty-page
+//! logging was on (the switch-over of an outgoing migration), or the frontend hung up with
+//! every ring stopped (a VM shut down, or a paused VM migrated away, about which QEMU
+//! tells a stopped device nothing). It takes them again when a ring starts (the migration
+//! failed or was cancelled, or a new VM). A ring start that cannot get the write lock is
+//! refused, with the holder in the log, so no I/O is ever served without it; between
+//! guests another writer may take the image, and then this daemon's next ring start is
+//! the one refused.
 //!
 //! **Naming the holder.** `F_OFD_GETLK` reports a conflicting lock's pid only for classic
 //! POSIX locks; for an OFD lock (what QEMU and corodev take) it reports -1. So the holder

@@ -272,6 +272,7 @@ pub fn serve_on(
             }
         }
         stop.set(None);
+        conn.frontend_left();
         // Every request in flight is finished and every worker's scheduler, ring, stacks
         // and memory map freed before the library joins the worker threads.
         match conn.close_workers(CLOSE_TIMEOUT) {

@@ -215,3 +215,68 @@ fn incoming_daemon_takes_the_write_lock_only_after_the_source_stops() {
         stderr(&out)
     );
 }
+
+#[test]
+fn a_frontend_leaving_with_every_ring_stopped_hands_the_lock_over() {
+    let image = Image::new(16 * MIB);
+    let source = Daemon::corodev(&image, &[]);
+    let dest = Daemon::corodev(&image, &["--incoming"]);
+
+    // A frontend that vanishes with a ring running (QEMU killed) keeps the lock: it will
+    // reconnect to the same guest.
+    let fe = TestFrontend::connect(&source.socket, 1, 128).expect("frontend");
+    drop(fe);
+    assert!(source
+        .wait_log_line(
+            "connection 1: frontend disconnected",
+            Duration::from_secs(5)
+        )
+        .is_some());
+    let early = TestFrontend::connect(&dest.socket, 1, 128);
+    assert!(
+        dest.wait_log_line("queue 0: not starting", Duration::from_secs(10))
+            .is_some(),
+        "the source still holds the lock; log:\n{}",
+        dest.log_text()
+    );
+    drop(early);
+
+    // A paused VM migrating away: its rings are stopped, QEMU sends no dirty-log switch to
+    // a stopped device, and the source QEMU just hangs up after the switch-over.
+    let mut fe = TestFrontend::connect(&source.socket, 1, 128).expect("frontend");
+    fe.stop_queue(0).expect("GET_VRING_BASE: the VM is paused");
+    drop(fe);
+    assert!(
+        source
+            .wait_log_line(
+                "write lock released: the frontend left with every ring stopped",
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "{}",
+        source.log_text()
+    );
+    let _resumed = TestFrontend::connect(&dest.socket, 1, 128).expect("the VM resumes here");
+    assert!(dest
+        .wait_log_line(
+            "write lock taken: the guest runs here",
+            Duration::from_secs(5)
+        )
+        .is_some());
+    // The source's next guest is the one refused now.
+    let _late = TestFrontend::connect(&source.socket, 1, 128);
+    assert!(
+        source
+            .wait_log_line(
+                &format!(
+                    "not starting: disk {} is locked: corodev (pid {})",
+                    image.path.display(),
+                    dest.pid()
+                ),
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "{}",
+        source.log_text()
+    );
+}
