@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::console::GuestRun;
+use crate::console::{GuestLine, GuestRun};
 use crate::frontend::GUEST_MEMFD_NAME;
 use crate::image::{Image, TEST_IMAGE_SIZE};
 use crate::procfs;
@@ -533,6 +533,22 @@ impl Daemon {
         });
         run.server_log = Some(self.log_text());
         run
+    }
+
+    /// Boots the guest's `pattern` test, then asserts the server is alive and `image` holds
+    /// exactly what the guest wrote (the md5 of the range it reports). Returns the guest's
+    /// result line for further checks.
+    pub fn assert_pattern_lands(&mut self, image: &Image) -> GuestLine {
+        let run = self.boot(Guest::test("pattern"));
+        let r = run.expect_pass().clone();
+        let (offset, len) = (r.num("offset"), r.num("length") as usize);
+        self.assert_alive();
+        assert_eq!(
+            image.md5(offset, len),
+            r.get("md5"),
+            "the image must hold exactly what the guest wrote"
+        );
+        r
     }
 }
 

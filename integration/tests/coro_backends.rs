@@ -29,19 +29,6 @@ fn has_interpreter(path: &std::path::Path) -> bool {
     })
 }
 
-/// The guest writes a pattern; the host image must hold exactly it.
-fn assert_pattern_lands(daemon: &mut Daemon, image: &Image) {
-    let run = daemon.boot(Guest::test("pattern"));
-    let r = run.expect_pass();
-    let (offset, len) = (r.num("offset"), r.num("length") as usize);
-    daemon.assert_alive();
-    assert_eq!(
-        image.md5(offset, len),
-        r.get("md5"),
-        "the image must hold exactly what the guest wrote"
-    );
-}
-
 #[test]
 fn static_musl_build_serves_a_real_guest_on_sigaltstack() {
     let musl = corodev_musl_bin();
@@ -57,7 +44,7 @@ fn static_musl_build_serves_a_real_guest_on_sigaltstack() {
     let image = Image::new(64 * MIB);
     // The default backend, `fast`, needs makecontext; musl has none, so it runs sigaltstack.
     let mut daemon = Daemon::corodev_at(&musl, &image, &["--num-queues", "2"]);
-    assert_pattern_lands(&mut daemon, &image);
+    daemon.assert_pattern_lands(&image);
     let log = daemon.log_text();
     assert!(
         log.contains("sigaltstack coroutines"),
@@ -102,7 +89,7 @@ fn thread_backend_serves_a_real_guest() {
         &image,
         &["--coroutine-backend", "thread", "--num-queues", "2"],
     );
-    assert_pattern_lands(&mut daemon, &image);
+    daemon.assert_pattern_lands(&image);
     let log = daemon.log_text();
     assert!(log.contains("thread coroutines"), "log:\n{log}");
     let run = daemon.boot(Guest::test("fio"));

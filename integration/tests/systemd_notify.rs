@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use integration::systemd::{stop_thread, threads_named, HeldSocket, NotifySocket};
-use integration::{corodev_bin, Daemon, Guest, Image};
+use integration::{corodev_bin, Daemon, Image};
 
 const MIB: u64 = 1 << 20;
 const WAIT: Duration = Duration::from_secs(20);
@@ -278,15 +278,7 @@ fn activated_socket_is_kept_and_accepts_across_daemon_restarts() {
 fn systemd_socket_activate_starts_corodev_and_a_guest_does_io_through_it() {
     let image = Image::new(64 * MIB);
     let mut daemon = Daemon::socket_activated(&image, "disk0", "disk0", &[]);
-    let run = daemon.boot(Guest::test("pattern"));
-    let r = run.expect_pass();
-    let (offset, len) = (r.num("offset"), r.num("length") as usize);
-    daemon.assert_alive();
-    assert_eq!(
-        image.md5(offset, len),
-        r.get("md5"),
-        "the image must hold exactly what the guest wrote"
-    );
+    daemon.assert_pattern_lands(&image);
     assert!(
         daemon
             .wait_log_line("(socket-activated)", Duration::from_secs(5))
