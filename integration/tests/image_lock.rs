@@ -41,6 +41,14 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).trim().to_owned()
 }
 
+/// Starts a corodev on `image` with `args` and asserts it exits 1 with exactly the locked
+/// line naming `holder` and `conflict`.
+fn assert_refused(image: &Image, args: &[&str], holder: &str, conflict: &str) {
+    let out = refused(image, args);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr(&out), locked_line(&image.path, holder, conflict));
+}
+
 fn locked_line(path: &Path, holder: &str, conflict: &str) -> String {
     format!(
         "corodev: error: disk {} is locked: {holder} {conflict}; stop it first, or pass \
@@ -53,26 +61,10 @@ fn locked_line(path: &Path, holder: &str, conflict: &str) -> String {
 fn second_corodev_is_refused_naming_the_first() {
     let image = Image::new(16 * MIB);
     let first = Daemon::corodev(&image, &[]);
-    let out = refused(&image, &[]);
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        stderr(&out),
-        locked_line(
-            &image.path,
-            &format!("corodev (pid {})", first.pid()),
-            "does not share write access to it"
-        )
-    );
+    let holder = format!("corodev (pid {})", first.pid());
+    assert_refused(&image, &[], &holder, "does not share write access to it");
     // A read-only export is refused too: the first one writes.
-    let out = refused(&image, &["--readonly"]);
-    assert_eq!(
-        stderr(&out),
-        locked_line(
-            &image.path,
-            &format!("corodev (pid {})", first.pid()),
-            "has it open for writing"
-        )
-    );
+    assert_refused(&image, &["--readonly"], &holder, "has it open for writing");
     // Opting out is possible, and said so in the message.
     let mut second = Daemon::corodev(&image, &["--lock", "off"]);
     second.assert_alive();
@@ -107,19 +99,11 @@ fn qemu_storage_daemon_and_corodev_exclude_each_other() {
     let image = Image::new(16 * MIB);
     {
         let qsd = Daemon::qsd(&image, &[]);
-        let out = refused(&image, &[]);
-        assert_eq!(out.status.code(), Some(1));
         // /proc/PID/comm keeps the first 15 bytes of the name. qsd's export shares write
         // access itself (byte 201 free), so what stops corodev is its own refusal to share
         // it with the writer on byte 101.
-        assert_eq!(
-            stderr(&out),
-            locked_line(
-                &image.path,
-                &format!("qemu-storage-da (pid {})", qsd.pid()),
-                "has it open for writing"
-            )
-        );
+        let holder = format!("qemu-storage-da (pid {})", qsd.pid());
+        assert_refused(&image, &[], &holder, "has it open for writing");
     }
     let corodev = Daemon::corodev(&image, &[]);
     let out = Command::new("qemu-storage-daemon")
