@@ -6,14 +6,16 @@
 # systemd-socket-activate, which the unit and socket-activation tests run); for the coro
 # crate's aarch64 tests (scripts/test-coro-aarch64.sh), the aarch64 cross gcc and libc,
 # qemu-user-static to run them, and rustup's aarch64-unknown-linux-gnu target; rustup's
-# x86_64-unknown-linux-musl target for the static build.
+# x86_64-unknown-linux-musl target for the static build; Ceph 16.2 (monitor, manager, OSD
+# and the ceph/rbd tools, which scripts/ceph-cluster.sh runs as a throw-away cluster, and
+# uuidgen for its ids) and librbd-dev/librados-dev, which the RBD backend links against.
 # Idempotent: when everything is installed it only checks (well under a second) and
 # never touches the network.
 set -euo pipefail
 
 PKGS=(qemu-system-x86 qemu-system-common qemu-utils linux-image-cloud-amd64 busybox-static
     fio e2fsprogs cpio gzip valgrind systemd gcc-aarch64-linux-gnu libc6-dev-arm64-cross
-    qemu-user-static)
+    qemu-user-static ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev librados-dev uuid-runtime)
 
 missing_pkgs() {
     missing=()
@@ -40,7 +42,8 @@ done
 
 # The tools themselves, where the scripts and tests look for them.
 for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img busybox fio mke2fs e2fsck cpio gzip \
-    valgrind systemd-analyze systemd-socket-activate aarch64-linux-gnu-gcc qemu-aarch64-static; do
+    valgrind systemd-analyze systemd-socket-activate aarch64-linux-gnu-gcc qemu-aarch64-static \
+    ceph-mon ceph-mgr ceph-osd ceph ceph-authtool monmaptool rbd uuidgen; do
     command -v "$tool" >/dev/null || {
         echo "install-deps: $tool is not on PATH ($PATH) after installing" >&2
         exit 1
@@ -48,6 +51,10 @@ for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img busybox fio mke2fs e
 done
 if ! compgen -G '/boot/vmlinuz-*-cloud-amd64' >/dev/null; then
     echo "install-deps: no /boot/vmlinuz-*-cloud-amd64 after installing linux-image-cloud-amd64" >&2
+    exit 1
+fi
+if [ ! -e /usr/include/rbd/librbd.h ] || [ ! -e /usr/include/rados/librados.h ]; then
+    echo "install-deps: no librbd.h/librados.h after installing librbd-dev and librados-dev" >&2
     exit 1
 fi
 if [ ! -e /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 ]; then
