@@ -30,6 +30,14 @@ IO_URING_TESTS=(
     drop_cancels_in_flight_io_promptly_and_waits_for_the_cancellation
     drop_waits_for_in_flight_read_through_eintr_shared
     drop_cancels_in_flight_io_promptly_and_waits_for_the_cancellation_shared
+    # tests/remote.rs
+    kernel_supports_remote_completions
+    result_from_another_thread_wakes_the_task
+    completion_fires_a_worker_style_eventfd
+    a_given_up_slots_late_completion_is_ignored
+    dropped_completer_cancels_rather_than_strands
+    iovec_copy_outlives_the_callers_array_on_a_shared_stack
+    dropping_the_scheduler_waits_for_the_remote_completion
     # tests/scheduler.rs
     dropping_scheduler_unwinds_parked_tasks::fast
     dropping_scheduler_unwinds_parked_tasks::sigaltstack

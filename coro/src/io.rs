@@ -31,6 +31,13 @@
 //! free memory the kernel still writes to. That wait survives signals (`EINTR`); should it
 //! fail for real, the tasks are leaked rather than unwound.
 //!
+//! Remote completions ([`remote`]): a library that completes I/O on its own threads (librbd)
+//! parks the task on an op slot with no SQE of ours behind it. The library's callback hands
+//! the slot's [`Completer`] the result, which posts it into this ring's completion queue with
+//! `IORING_OP_MSG_RING` (Linux 5.18) from a small ring of the callback's thread. The CQE
+//! arrives like any other: the same eventfd fires, the same reaping wakes the task, the same
+//! drain on scheduler drop waits for it. Nothing new runs on the worker thread.
+//!
 //! Completion-queue overflow: every parked task can have an operation in flight, so more
 //! completions than the CQ holds can be outstanding. The kernel then keeps the extra CQEs on
 //! an overflow list (`IORING_SQ_CQ_OVERFLOW`; with `IORING_FEAT_NODROP` none are lost) and
@@ -38,9 +45,11 @@
 //! that flag (shared memory, no syscall) and flushes, so completions never wait for an
 //! unrelated submission; the CQ is also made larger than the SQ to make overflow rare.
 
+use std::cell::RefCell;
 use std::io;
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, EnterFlags, IoUring};
@@ -61,6 +70,19 @@ const MAX_CQ_ENTRIES: u32 = 65536;
 /// `user_data` of the cancel-everything request sent on drop. Never a slot key: the slab
 /// would need `usize::MAX` entries.
 const CANCEL_KEY: u64 = u64::MAX;
+
+/// Marks the `user_data` of a remote completion ([`Completer`]): bits 32..62 hold the slot's
+/// generation, bits 0..32 its key. Ordinary operations' `user_data` is the bare slot key, far
+/// below this bit. [`CANCEL_KEY`] has it set too and is told apart first.
+const REMOTE_TAG: u64 = 1 << 62;
+/// The generation bits of a remote completion's `user_data` (30 bits, shifted down).
+const REMOTE_GEN_MASK: u32 = (1 << 30) - 1;
+
+/// Submission entries of a completer thread's own ring: it sends one message at a time.
+const COMPLETER_RING_ENTRIES: u32 = 4;
+/// Attempts to post a remote completion before giving up (each failure is a transient
+/// resource shortage of the kernel's: memory for the CQE or for the completer's ring).
+const COMPLETE_ATTEMPTS: u32 = 5;
 
 /// Iovecs an op slot holds inline; longer arrays go to the slot's reusable `Vec`.
 const INLINE_IOVECS: usize = 8;
@@ -107,8 +129,12 @@ impl OpArgs {
 struct Op {
     task: TaskId,
     result: Option<i32>,
-    /// What the kernel may still read: kept until the slot is removed after completion.
+    /// What the kernel (or, for a remote op, the library) may still read: kept until the
+    /// slot is removed after completion.
     args: Box<OpArgs>,
+    /// A remote op's generation, which its completion must carry: a stale message for a
+    /// reused slot (its first owner gave up before starting the I/O) is ignored.
+    remote_gen: Option<u32>,
 }
 
 /// One buffer of a vectored operation ([`readv`], [`writev`]): memory that is not on a
@@ -244,6 +270,13 @@ pub struct Ring {
     submit_each: bool,
     /// Cancel the operations in flight before draining (see [`Ring::cancel_on_drop`]).
     cancel_on_drop: bool,
+    /// A duplicate of the ring's descriptor that [`Completer`]s target, made on the first
+    /// remote op. Each completer holds it, so the ring's file outlives every completion
+    /// addressed to it: the number cannot be closed and reused for another ring whose slots
+    /// a late message would then complete.
+    remote_fd: Option<Arc<OwnedFd>>,
+    /// The last remote op's generation.
+    remote_gen: u32,
 }
 
 impl Ring {
@@ -283,6 +316,8 @@ impl Ring {
             queued: 0,
             submit_each: false,
             cancel_on_drop: true,
+            remote_fd: None,
+            remote_gen: 0,
         })
     }
 
@@ -334,6 +369,7 @@ impl Ring {
             task,
             result: None,
             args,
+            remote_gen: None,
         });
         let entry = entry.user_data(key as u64);
         loop {
@@ -390,9 +426,8 @@ impl Ring {
         let mut any = false;
         loop {
             for cqe in self.uring.completion() {
-                if let Some(op) = self.ops.get_mut(cqe.user_data() as usize) {
-                    op.result = Some(cqe.result());
-                    wake(op.task);
+                if let Some(task) = post(&mut self.ops, cqe.user_data(), cqe.result()) {
+                    wake(task);
                     any = true;
                 }
             }
@@ -464,15 +499,76 @@ impl Ring {
                 Err(e) => return Err(e),
             }
             for cqe in self.uring.completion() {
-                if let Some(op) = self.ops.get_mut(cqe.user_data() as usize) {
-                    op.result = Some(cqe.result());
-                }
+                post(&mut self.ops, cqe.user_data(), cqe.result());
             }
         }
         Ok(())
     }
 
-    /// Whether some operation has not completed yet.
+    /// Reserves a slot for a remote op of `task` over `bufs` (copied into the slot).
+    fn reserve_remote(
+        &mut self,
+        task: TaskId,
+        bufs: &[IoBuf<'_>],
+    ) -> io::Result<(usize, RemoteOp)> {
+        let ring = match &self.remote_fd {
+            Some(fd) => fd.clone(),
+            None => {
+                let fd = self.uring.as_raw_fd();
+                // SAFETY: F_DUPFD_CLOEXEC on our own live descriptor; the result is checked.
+                let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+                if dup < 0 {
+                    return Err(Error::last_os("fcntl(F_DUPFD_CLOEXEC)").into());
+                }
+                // SAFETY: `dup` is a fresh descriptor nothing else owns.
+                let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(dup) });
+                self.remote_fd = Some(fd.clone());
+                fd
+            }
+        };
+        let key = self.ops.vacant_key();
+        let Ok(key32) = u32::try_from(key) else {
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "too many operations in flight for a remote completion key",
+            ));
+        };
+        let iovcnt = bufs.len();
+        let mut args = self.spare_args.pop().unwrap_or_else(OpArgs::new);
+        let iov = args.iovecs(bufs);
+        self.remote_gen = self.remote_gen.wrapping_add(1) & REMOTE_GEN_MASK;
+        let gen = self.remote_gen;
+        let inserted = self.ops.insert(Op {
+            task,
+            result: None,
+            args,
+            remote_gen: Some(gen),
+        });
+        debug_assert_eq!(inserted, key);
+        let completer = Completer {
+            ring,
+            user_data: REMOTE_TAG | (u64::from(gen) << 32) | u64::from(key32),
+            armed: true,
+        };
+        Ok((
+            key,
+            RemoteOp {
+                iov,
+                iovcnt,
+                completer,
+            },
+        ))
+    }
+
+    /// Frees a reserved remote slot whose I/O never started.
+    fn abandon_remote(&mut self, key: usize) {
+        if self.ops.contains(key) {
+            let op = self.ops.remove(key);
+            self.recycle(op.args);
+        }
+    }
+
+    /// Whether some operation (remote ones included) has not completed yet.
     fn pending(&self) -> bool {
         self.ops.iter().any(|(_, op)| op.result.is_none())
     }
@@ -518,6 +614,23 @@ impl Ring {
             self.spare_args.push(args);
         }
     }
+}
+
+/// Records the result a CQE carries in its slot; returns the task to wake. A remote
+/// completion whose generation does not match its slot's is stale and ignored.
+fn post(ops: &mut Slab<Op>, user_data: u64, result: i32) -> Option<TaskId> {
+    let (key, gen) = if user_data != CANCEL_KEY && user_data & REMOTE_TAG != 0 {
+        let gen = (user_data >> 32) as u32 & REMOTE_GEN_MASK;
+        ((user_data & u64::from(u32::MAX)) as usize, Some(gen))
+    } else {
+        (user_data as usize, None)
+    };
+    let op = ops.get_mut(key)?;
+    if op.remote_gen != gen {
+        return None;
+    }
+    op.result = Some(result);
+    Some(op.task)
 }
 
 /// Submits the entry `build` makes (pointing into the op slot's storage it is handed) from
@@ -622,4 +735,222 @@ pub fn sleep(d: Duration) {
             .nsec(d.subsec_nanos());
         opcode::Timeout::new(&args.timespec).build()
     });
+}
+
+/// A remote op's start: the slot's copy of the buffers' iovec array, and the completer that
+/// finishes the op. See [`remote`].
+pub struct RemoteOp {
+    iov: *const libc::iovec,
+    iovcnt: usize,
+    completer: Completer,
+}
+
+impl RemoteOp {
+    /// The iovec array of the buffers passed to [`remote`]: a copy in the op's slot, owned by
+    /// the ring until the completion has been delivered and the task resumed (or until the
+    /// start fails), so a library may keep reading it while the task is parked (librbd reads
+    /// a read's iovec array only when the data arrives).
+    pub fn iovecs(&self) -> (*const libc::iovec, usize) {
+        (self.iov, self.iovcnt)
+    }
+
+    /// The completer, for the library's callback (the iovec pointer stays valid as above).
+    pub fn into_completer(self) -> Completer {
+        self.completer
+    }
+}
+
+/// Posts the result of one remote op into its task's ring, from any thread. `Send`: it is
+/// meant to travel to the thread that learns of the completion.
+///
+/// Dropped without [`complete`](Self::complete) (a callback that unwinds), it completes
+/// with `ECANCELED`, so the task is never left parked for good; [`disarm`](Self::disarm)
+/// drops it silently when the op never started.
+#[derive(Debug)]
+pub struct Completer {
+    ring: Arc<OwnedFd>,
+    user_data: u64,
+    armed: bool,
+}
+
+impl Completer {
+    /// Delivers `result` (an errno as `-errno`, or a non-negative count) to the parked task.
+    ///
+    /// One `io_uring_enter` on a ring of the calling thread (made on its first use, kept
+    /// until the thread exits). Transient kernel shortages are retried a few times.
+    ///
+    /// # Errors
+    /// The error of the last attempt when the message could not be posted: the task then
+    /// stays parked (the caller should log it loudly: a request is stuck).
+    pub fn complete(mut self, result: i32) -> io::Result<()> {
+        self.armed = false;
+        send_msg_ring(self.ring.as_raw_fd(), self.user_data, result)
+    }
+
+    /// Drops the completer without delivering anything: for a start that failed before the
+    /// library took the op (the task learns of the failure from [`remote`]'s start result).
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Completer {
+    fn drop(&mut self) {
+        if self.armed {
+            // Nothing to report to: the best that can be done is to not strand the task.
+            let _ = send_msg_ring(self.ring.as_raw_fd(), self.user_data, -libc::ECANCELED);
+        }
+    }
+}
+
+thread_local! {
+    /// The calling thread's ring for posting remote completions.
+    static COMPLETER_RING: RefCell<Option<IoUring>> = const { RefCell::new(None) };
+}
+
+/// Sends one `IORING_OP_MSG_RING` data message to the ring `target` and waits for the
+/// source CQE (the message is posted at submission for rings without `DEFER_TASKRUN`, so
+/// the wait does not sleep).
+fn send_msg_ring(target: RawFd, user_data: u64, result: i32) -> io::Result<()> {
+    let mut last = io::Error::from(io::ErrorKind::Other);
+    for attempt in 0..COMPLETE_ATTEMPTS {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(1 << attempt));
+        }
+        let sent = COMPLETER_RING.try_with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let ring = match &mut *slot {
+                Some(r) => r,
+                None => slot.insert(IoUring::new(COMPLETER_RING_ENTRIES)?),
+            };
+            msg_ring_once(ring, target, user_data, result)
+        });
+        let outcome = match sent {
+            Ok(r) => r,
+            // The thread is exiting and its ring is gone: use a ring for this one message.
+            Err(_) => IoUring::new(COMPLETER_RING_ENTRIES)
+                .and_then(|mut r| msg_ring_once(&mut r, target, user_data, result)),
+        };
+        match outcome {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// `user_data` of the message SQE on the sending ring (what its own CQE carries).
+const SOURCE_KEY: u64 = 0;
+
+fn msg_ring_once(ring: &mut IoUring, target: RawFd, user_data: u64, result: i32) -> io::Result<()> {
+    let entry = opcode::MsgRingData::new(types::Fd(target), result, user_data, None)
+        .build()
+        .user_data(SOURCE_KEY);
+    // Leftovers of an earlier failed attempt must not be taken for this message's answer.
+    while ring.completion().next().is_some() {}
+    // SAFETY: a MSG_RING data message points to no memory.
+    unsafe { ring.submission().push(&entry) }
+        .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        // Only the sender's own CQE answers (a message to this very ring lands here too).
+        if let Some(cqe) = ring.completion().find(|c| c.user_data() == SOURCE_KEY) {
+            return match cqe.result() {
+                r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+                _ => Ok(()),
+            };
+        }
+    }
+}
+
+/// Runs an operation that a library completes on its own threads: reserves an op slot,
+/// hands `start` a [`RemoteOp`] (the slot's copy of `bufs`' iovec array and a
+/// [`Completer`]), parks until the completer has posted the result, and returns it.
+///
+/// `start` submits the operation and gives the completer to the library's callback; it
+/// returns `Err` only if the operation was not started, after which nothing may use the
+/// iovec array or complete (disarm the completer or drop it: a late completion of a
+/// given-up slot is ignored by its generation, never mistaken for another op's).
+///
+/// The buffers follow [`IoBuf`]'s rules: valid until the completion, not on a coroutine
+/// stack (checked against the shared stack in shared mode).
+///
+/// # Errors
+/// `start`'s error; [`Error::BufferOnSharedStack`] (as `InvalidInput`) for a buffer on the
+/// caller's shared stack; a failure to create the ring or duplicate its descriptor.
+///
+/// # Panics
+/// Outside a task of a running scheduler.
+pub fn remote(
+    bufs: &[IoBuf<'_>],
+    start: impl FnOnce(RemoteOp) -> io::Result<()>,
+) -> io::Result<i32> {
+    check_off_shared_stack(bufs)?;
+    let (key, op) = sched::with_active(|s| {
+        let task = s.current();
+        s.with_ring(|ring| ring.reserve_remote(task, bufs))?
+    })?;
+    if let Err(e) = start(op) {
+        sched::with_active(|s| {
+            if let Some(ring) = s.ring.borrow_mut().as_mut() {
+                ring.abandon_remote(key);
+            }
+        });
+        return Err(e);
+    }
+    loop {
+        let done = sched::with_active(|s| {
+            s.ring
+                .borrow_mut()
+                .as_mut()
+                .and_then(|r| r.take_result(key))
+        });
+        if let Some(res) = done {
+            return Ok(res);
+        }
+        sched::park();
+    }
+}
+
+/// Whether this kernel can post remote completions (`IORING_OP_MSG_RING`, Linux 5.18): a
+/// message sent from a ring to itself. For a backend to refuse to start with a clear error
+/// rather than strand its first request.
+///
+/// # Errors
+/// The kernel's answer: `EINVAL` for an unknown opcode, or a ring that cannot be created.
+pub fn check_remote_completions() -> io::Result<()> {
+    const PROBE_KEY: u64 = 1;
+    let mut ring = IoUring::new(COMPLETER_RING_ENTRIES)?;
+    let fd = ring.as_raw_fd();
+    let entry = opcode::MsgRingData::new(types::Fd(fd), 7, PROBE_KEY, None)
+        .build()
+        .user_data(SOURCE_KEY);
+    // SAFETY: a MSG_RING data message points to no memory.
+    unsafe { ring.submission().push(&entry) }
+        .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
+    let (mut sent, mut arrived) = (None, false);
+    // Both CQEs are posted at submission when the opcode works; when it does not, only the
+    // sender's (an error) comes, so wait for one at a time, never for the two.
+    for _ in 0..2 {
+        ring.submit_and_wait(1)?;
+        for cqe in ring.completion() {
+            match cqe.user_data() {
+                SOURCE_KEY => sent = Some(cqe.result()),
+                PROBE_KEY => arrived = cqe.result() == 7,
+                _ => {}
+            }
+        }
+        if matches!(sent, Some(r) if r < 0) || (sent.is_some() && arrived) {
+            break;
+        }
+    }
+    match sent {
+        Some(r) if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+        Some(_) if arrived => Ok(()),
+        _ => Err(io::Error::other("IORING_OP_MSG_RING posted no message")),
+    }
 }
