@@ -143,7 +143,9 @@ ceph-authtool "$kr" --gen-key -n mgr.x --cap mon 'allow profile mgr' --cap osd '
     --cap mds 'allow *' >/dev/null
 ceph-authtool "$kr" --gen-key -n osd.0 --cap mon 'allow profile osd' \
     --cap mgr 'allow profile osd' --cap osd 'allow *' >/dev/null
-monmaptool --create --add a "127.0.0.1:$port" --fsid "$fsid" "$dir/monmap" >/dev/null
+# --addv with an explicit v1: monmaptool's --add takes any port but 6789 for msgr2, and the
+# conf's `mon host` (what clients dial) says v1.
+monmaptool --create --addv a "[v1:127.0.0.1:$port]" --fsid "$fsid" "$dir/monmap" >/dev/null
 
 ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" --keyring "$kr"
 ceph-mon -c "$conf" -i a
