@@ -22,7 +22,11 @@ Examples:
   corodev --socket /run/corodev/ro.sock --disk /dev/vg0/data --direct --readonly --serial DATA01
 
   # A 4 GiB null device for benchmarks (reads zeroes, discards writes)
-  corodev --socket /tmp/null.sock --backend null --size 4G";
+  corodev --socket /tmp/null.sock --backend null --size 4G
+
+  # An RBD image in a Ceph cluster, as client.vm1 with a cluster's own configuration
+  corodev --socket /run/corodev/vm2.sock --backend rbd --rbd-pool rbd --rbd-image vm2 \
+      --ceph-conf /etc/ceph/ceph.conf --ceph-id vm1";
 
 /// Storage behind the virtio-blk device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -31,6 +35,8 @@ pub enum BackendKind {
     File,
     /// Reads return zeroes, writes are discarded (benchmarks, tests).
     Null,
+    /// An RBD image in a Ceph cluster, through librbd (--rbd-pool, --rbd-image).
+    Rbd,
 }
 
 /// Whether the image is locked against other servers (QEMU's `locking=`).
@@ -121,6 +127,37 @@ pub struct Cli {
     /// Fixed latency added to every null-backend request, in microseconds.
     #[arg(long, value_name = "US", default_value_t = 0)]
     pub null_latency_us: u64,
+
+    /// Ceph pool of the RBD image (--backend rbd).
+    #[arg(long, value_name = "POOL", value_parser = parse_ceph_name)]
+    pub rbd_pool: Option<String>,
+
+    /// RBD image to export (--backend rbd).
+    #[arg(long, value_name = "IMAGE", value_parser = parse_ceph_name)]
+    pub rbd_image: Option<String>,
+
+    /// RADOS namespace of the image within its pool (default: none).
+    #[arg(long, value_name = "NS", value_parser = parse_ceph_name)]
+    pub rbd_namespace: Option<String>,
+
+    /// Ceph configuration file (default: $CEPH_CONF, then /etc/ceph/ceph.conf).
+    #[arg(long, value_name = "PATH")]
+    pub ceph_conf: Option<PathBuf>,
+
+    /// Ceph client name, without "client." (default: admin); its key comes from the
+    /// keyring the configuration names.
+    #[arg(long, value_name = "NAME", value_parser = parse_ceph_name)]
+    pub ceph_id: Option<String>,
+
+    /// How long connecting to the Ceph monitors may take before start-up fails, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ceph_connect_timeout: u64,
+
+    /// How long one request may wait for the Ceph cluster before it fails with an I/O
+    /// error, in seconds (rados_osd_op_timeout). Keep it below --stop-timeout, so that
+    /// stopping a ring while the cluster is lost ends with errors, not a dropped connection.
+    #[arg(long, value_name = "SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ceph_op_timeout: u64,
 
     /// Export read-only: the guest sees VIRTIO_BLK_F_RO and writes fail.
     #[arg(long)]
@@ -224,6 +261,22 @@ fn parse_name(s: &str) -> Result<String, String> {
     }
 }
 
+/// A Ceph pool, image, namespace or client name: non-empty, no NUL, no '/' or '@' (which
+/// rbd's own `pool/image@snap` spec syntax would read differently), at most 255 bytes.
+fn parse_ceph_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 255
+        && !s.contains(['\0', '/', '@'])
+        && !s.chars().any(char::is_control);
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "'{s}' is not a usable Ceph name: use 1 to 255 characters without '/', '@' or control characters"
+        ))
+    }
+}
+
 fn parse_block_size(s: &str) -> Result<u32, String> {
     match s {
         "512" => Ok(512),
@@ -279,11 +332,27 @@ pub enum CliError {
         /// The logical block size.
         block_size: u32,
     },
-    /// `--incoming` only changes when the image lock is taken.
+    /// `--incoming` only changes when the image file's lock is taken (not with --lock off,
+    /// nor for null or RBD exports, which have no file lock).
     #[error(
-        "--incoming only delays the image's write lock; drop it with --lock off or --backend null"
+        "--incoming only delays the write lock of a --backend file image; drop it with --lock off or another backend"
     )]
     IncomingWithoutLock,
+    /// `--backend rbd` without `--rbd-pool` or `--rbd-image`.
+    #[error("--backend rbd needs --rbd-pool POOL and --rbd-image IMAGE")]
+    RbdNeedsImage,
+    /// An RBD option given with another backend.
+    #[error("{option} is only for --backend rbd")]
+    RbdOptionWithoutRbd {
+        /// The option given.
+        option: &'static str,
+    },
+    /// `--disk` or `--size` given with `--backend rbd`.
+    #[error("{option} is not used with --backend rbd: the image's size is its own")]
+    NotForRbd {
+        /// The option given.
+        option: &'static str,
+    },
     /// `--disk` given with `--backend null`.
     #[error("--disk is not used with --backend null: drop it or use --backend file")]
     DiskWithNull,
@@ -334,8 +403,32 @@ impl Cli {
                     return Err(CliError::DiskWithNull);
                 }
             }
+            BackendKind::Rbd => {
+                if self.rbd_pool.is_none() || self.rbd_image.is_none() {
+                    return Err(CliError::RbdNeedsImage);
+                }
+                if self.disk.is_some() {
+                    return Err(CliError::NotForRbd { option: "--disk" });
+                }
+                if self.size.is_some() {
+                    return Err(CliError::NotForRbd { option: "--size" });
+                }
+            }
         }
-        if self.incoming && (self.lock == LockMode::Off || self.backend == BackendKind::Null) {
+        if self.backend != BackendKind::Rbd {
+            let given = [
+                ("--rbd-pool", self.rbd_pool.is_some()),
+                ("--rbd-image", self.rbd_image.is_some()),
+                ("--rbd-namespace", self.rbd_namespace.is_some()),
+                ("--ceph-conf", self.ceph_conf.is_some()),
+                ("--ceph-id", self.ceph_id.is_some()),
+            ];
+            if let Some(&(option, _)) = given.iter().find(|(_, set)| *set) {
+                return Err(CliError::RbdOptionWithoutRbd { option });
+            }
+        }
+        // The image lock is a file lock; an RBD image has librbd's exclusive lock instead.
+        if self.incoming && (self.lock == LockMode::Off || self.backend != BackendKind::File) {
             return Err(CliError::IncomingWithoutLock);
         }
         if self.stack_mode == StackMode::Shared
@@ -481,6 +574,42 @@ mod tests {
     }
 
     #[test]
+    fn ceph_names_are_checked() {
+        assert!(
+            parse(&["--backend", "rbd", "--rbd-pool", "a/b", "--rbd-image", "i"])
+                .unwrap_err()
+                .contains("not a usable Ceph name")
+        );
+        assert!(parse(&[
+            "--backend",
+            "rbd",
+            "--rbd-pool",
+            "p",
+            "--rbd-image",
+            "i@snap"
+        ])
+        .unwrap_err()
+        .contains("without '/', '@'"));
+        assert!(parse(&["--backend", "rbd", "--rbd-pool", "p", "--rbd-image", ""]).is_err());
+        let cli = parse(&[
+            "--backend",
+            "rbd",
+            "--rbd-pool",
+            "p",
+            "--rbd-image",
+            "i",
+            "--rbd-namespace",
+            "ns",
+            "--ceph-id",
+            "vm1",
+        ])
+        .expect("parses");
+        assert_eq!(cli.rbd_namespace.as_deref(), Some("ns"));
+        assert_eq!(cli.ceph_id.as_deref(), Some("vm1"));
+        assert_eq!((cli.ceph_connect_timeout, cli.ceph_op_timeout), (15, 20));
+    }
+
+    #[test]
     fn export_name_from_option_or_socket_file() {
         assert_eq!(
             parse(&["--disk", "d"]).map(|c| c.export_name()),
@@ -539,6 +668,34 @@ mod tests {
             Some(CliError::IncomingWithoutLock)
         );
         assert_eq!(combination(&["--disk", "d", "--incoming"]), None);
+        assert_eq!(
+            combination(&["--backend", "rbd", "--rbd-pool", "rbd"]),
+            Some(CliError::RbdNeedsImage)
+        );
+        assert_eq!(
+            combination(&["--backend", "rbd", "--rbd-image", "i"]),
+            Some(CliError::RbdNeedsImage)
+        );
+        let rbd = ["--backend", "rbd", "--rbd-pool", "p", "--rbd-image", "i"];
+        assert_eq!(combination(&rbd), None);
+        assert_eq!(
+            combination(&[&rbd[..], &["--disk", "d"]].concat()),
+            Some(CliError::NotForRbd { option: "--disk" })
+        );
+        assert_eq!(
+            combination(&[&rbd[..], &["--size", "1M"]].concat()),
+            Some(CliError::NotForRbd { option: "--size" })
+        );
+        assert_eq!(
+            combination(&["--disk", "d", "--ceph-id", "x"]),
+            Some(CliError::RbdOptionWithoutRbd {
+                option: "--ceph-id"
+            })
+        );
+        assert_eq!(
+            combination(&[&rbd[..], &["--incoming"]].concat()),
+            Some(CliError::IncomingWithoutLock)
+        );
         assert_eq!(combination(&["--disk", "d"]), None);
     }
 }

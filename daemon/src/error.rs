@@ -32,6 +32,21 @@ pub enum Error {
         /// The configured logical block size.
         block_size: u32,
     },
+    /// The RBD image cannot be served (cluster, pool, image: the variant says which).
+    #[cfg(feature = "rbd")]
+    #[error(transparent)]
+    Rbd(#[from] corodev_devices::backend::RbdError),
+    /// The RBD image has no blocks.
+    #[error("RBD image '{image}' in pool '{pool}' is empty; give it a size (e.g. rbd resize --size 1G {pool}/{image})")]
+    RbdEmpty {
+        /// `--rbd-pool`.
+        pool: String,
+        /// `--rbd-image`.
+        image: String,
+    },
+    /// `--backend rbd` in a build without librbd.
+    #[error("this corodev was built without the RBD backend (cargo feature 'rbd'); rebuild with it, on a host with librbd-dev and librados-dev")]
+    RbdNotBuilt,
     /// The disk is empty.
     #[error("disk {0} is empty; give it a size (e.g. truncate -s 1G {0})")]
     DiskEmpty(PathBuf),

@@ -52,7 +52,57 @@ fn open_disk(cli: &Cli) -> Result<Arc<dyn BlockBackend>, Error> {
             Ok(Arc::new(disk))
         }
         (BackendKind::File, None) => Err(CliError::DiskRequired.into()),
+        (BackendKind::Rbd, _) => open_rbd(cli),
     }
+}
+
+/// Connects to the Ceph cluster and opens the image (one connection for the process).
+#[cfg(feature = "rbd")]
+fn open_rbd(cli: &Cli) -> Result<Arc<dyn BlockBackend>, Error> {
+    use corodev_devices::backend::{RbdBackend, RbdOptions};
+    let (Some(pool), Some(image)) = (&cli.rbd_pool, &cli.rbd_image) else {
+        return Err(CliError::RbdNeedsImage.into());
+    };
+    let opts = RbdOptions {
+        pool: pool.clone(),
+        image: image.clone(),
+        namespace: cli.rbd_namespace.clone(),
+        conf: cli.ceph_conf.clone(),
+        id: cli.ceph_id.clone(),
+        readonly: cli.readonly,
+        connect_timeout: std::time::Duration::from_secs(cli.ceph_connect_timeout),
+        op_timeout: std::time::Duration::from_secs(cli.ceph_op_timeout),
+    };
+    let disk = RbdBackend::open(&opts)?;
+    if disk.size() == 0 {
+        return Err(Error::RbdEmpty {
+            pool: pool.clone(),
+            image: image.clone(),
+        });
+    }
+    log::info!(
+        "RBD image {pool}/{}{image}: {} bytes, {}, librbd cache {}",
+        cli.rbd_namespace
+            .as_ref()
+            .map_or_else(String::new, |ns| format!("{ns}/")),
+        disk.size(),
+        if cli.readonly {
+            "read-only"
+        } else {
+            "read-write"
+        },
+        if disk.writeback_cache() {
+            "on (the guest flushes)"
+        } else {
+            "off"
+        },
+    );
+    Ok(Arc::new(disk))
+}
+
+#[cfg(not(feature = "rbd"))]
+fn open_rbd(_cli: &Cli) -> Result<Arc<dyn BlockBackend>, Error> {
+    Err(Error::RbdNotBuilt)
 }
 
 /// The device the options describe, validated against the disk: the one path from

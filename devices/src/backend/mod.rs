@@ -13,12 +13,16 @@
 mod buffers;
 mod file;
 mod null;
+#[cfg(feature = "rbd")]
+pub mod rbd;
 
 use std::io;
 
 pub use buffers::GuestBuffers;
 pub use file::{FileBackend, UnsupportedDirectAlign};
 pub use null::NullBackend;
+#[cfg(feature = "rbd")]
+pub use rbd::{RbdBackend, RbdError, RbdOptions};
 
 /// I/O geometry of the storage, in bytes (virtio-blk `blk_size` floor and `topology`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
