@@ -176,6 +176,21 @@ impl Daemon {
         Daemon::spawn(Server::Corodev, cmd, dir, socket)
     }
 
+    /// Starts corodev on an RBD image (`--backend rbd --ceph-conf <conf> --rbd-pool <pool>
+    /// --rbd-image <image>`) with `args`. Always corodev (the qsd comparison is the
+    /// benchmark's job, with its own rbd driver options).
+    pub fn corodev_rbd(conf: &Path, pool: &str, image: &str, args: &[&str]) -> Daemon {
+        let (dir, socket) = socket_dir();
+        let mut cmd = Command::new(corodev_bin());
+        cmd.arg("--socket")
+            .arg(&socket)
+            .args(["--backend", "rbd", "--rbd-pool", pool, "--rbd-image", image])
+            .arg("--ceph-conf")
+            .arg(conf)
+            .args(args);
+        Daemon::spawn(Server::Corodev, cmd, dir, socket)
+    }
+
     /// Starts qemu-storage-daemon exporting `image` over vhost-user-blk. `args` are corodev
     /// options; those with a qsd equivalent are translated (`--readonly`, `--num-queues`,
     /// `--block-size`, `--direct`, `--backend null` with `--size`), the rest only tune

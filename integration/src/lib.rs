@@ -28,7 +28,8 @@
 //! (limiting a server's disk writes), [`vm`] (booting a guest), [`console`] (what the guest
 //! printed), [`frontend`] (the protocol-level client), [`qmp`] (talking to QEMU),
 //! [`migration`] (moving a guest between QEMUs), [`systemd`](mod@systemd) (the notify and
-//! activation sockets systemd would hold).
+//! activation sockets systemd would hold), [`ceph`] (a throw-away Ceph cluster for the RBD
+//! backend).
 
 #![deny(
     unsafe_op_in_unsafe_fn,
@@ -37,6 +38,7 @@
 )]
 #![warn(missing_docs)]
 
+pub mod ceph;
 pub mod console;
 pub mod daemon;
 pub mod frontend;
@@ -50,6 +52,7 @@ pub mod throttle;
 pub mod vm;
 pub mod workspace;
 
+pub use ceph::CephCluster;
 pub use console::{parse_results, GuestLine, GuestRun, LineKind};
 pub use daemon::{Daemon, Resources};
 pub use image::{Image, TEST_IMAGE_SIZE};

@@ -1,0 +1,126 @@
+//! The RBD backend against a real Ceph cluster (scripts/ceph-cluster.sh, brought up and torn
+//! down by each test): a real guest writes through corodev into an RBD image, and the host
+//! reads the image back through librbd's own tool (`rbd export`), never through corodev.
+//! Start-up failures (bad pool, bad image, no cluster) are one line and a non-zero exit.
+//!
+//! Needs root (the Ceph daemons run as root here) and Ceph 16.2 (scripts/install-deps.sh).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use integration::{corodev_bin, CephCluster, Daemon, Guest};
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn pattern_written_by_guest_is_in_the_rbd_image() {
+    let cluster = CephCluster::up();
+    eprintln!("ceph cluster up in {:.1} s", cluster.bring_up.as_secs_f64());
+    cluster.create_image("pattern", 64);
+    let mut daemon = Daemon::corodev_rbd(&cluster.conf, "rbd", "pattern", &[]);
+    let run = daemon.boot(Guest::test("pattern"));
+    let r = run.expect_pass();
+    let (offset, len) = (r.num("offset") as usize, r.num("length") as usize);
+    assert_eq!((offset as u64, len as u64), (MIB, 4 * MIB));
+    daemon.assert_alive();
+    drop(daemon);
+    let image = cluster.export("pattern");
+    assert_eq!(
+        image.len() as u64,
+        64 * MIB,
+        "rbd export returns the whole image"
+    );
+    assert_eq!(
+        format!("{:x}", md5::compute(&image[offset..offset + len])),
+        r.get("md5"),
+        "the RBD image must hold exactly what the guest wrote"
+    );
+    assert!(
+        image[..offset].iter().all(|&b| b == 0),
+        "nothing written before it"
+    );
+}
+
+/// Runs corodev with `args` and expects it to exit non-zero within `within`, printing one
+/// `corodev: error:` line that contains every one of `words`.
+fn expect_start_failure(args: &[&str], words: &[&str], within: Duration) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let start = Instant::now();
+    let out = Command::new(corodev_bin())
+        .arg("--socket")
+        .arg(dir.path().join("s.sock"))
+        .args(args)
+        .output()
+        .expect("run corodev");
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("corodev: error:"))
+        .collect();
+    assert!(
+        !out.status.success(),
+        "corodev {args:?} must fail; stderr:\n{stderr}"
+    );
+    assert_eq!(errors.len(), 1, "one error line; stderr:\n{stderr}");
+    for w in words {
+        assert!(errors[0].contains(w), "'{w}' missing from: {}", errors[0]);
+    }
+    assert!(took < within, "took {took:?}, more than {within:?}");
+    assert!(!dir.path().join("s.sock").exists(), "no socket left behind");
+}
+
+#[test]
+fn bad_pool_bad_image_and_no_cluster_fail_with_one_line() {
+    let cluster = CephCluster::up();
+    cluster.create_image("exists", 8);
+    let conf = cluster.conf.to_str().expect("utf-8 path");
+    let rbd = |pool: &'static str, image: &'static str| {
+        vec![
+            "--backend",
+            "rbd",
+            "--ceph-conf",
+            conf,
+            "--rbd-pool",
+            pool,
+            "--rbd-image",
+            image,
+        ]
+    };
+    expect_start_failure(
+        &rbd("nopool", "exists"),
+        &["pool 'nopool' does not exist"],
+        Duration::from_secs(30),
+    );
+    expect_start_failure(
+        &rbd("rbd", "noimage"),
+        &["image 'noimage' does not exist in pool 'rbd'"],
+        Duration::from_secs(30),
+    );
+    drop(cluster);
+    // The cluster is gone: its conf names a monitor nobody listens on any more.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let conf = dir.path().join("ceph.conf");
+    std::fs::write(
+        &conf,
+        "[global]\nmon host = v1:127.0.0.1:1\nauth client required = none\n",
+    )
+    .expect("write conf");
+    let conf = conf.to_str().expect("utf-8 path");
+    expect_start_failure(
+        &[
+            "--backend",
+            "rbd",
+            "--ceph-conf",
+            conf,
+            "--rbd-pool",
+            "rbd",
+            "--rbd-image",
+            "x",
+            "--ceph-connect-timeout",
+            "3",
+        ],
+        &["cannot connect to the Ceph cluster", "within 3 s"],
+        Duration::from_secs(20),
+    );
+}
