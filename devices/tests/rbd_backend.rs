@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use corodev_devices::backend::{BlockBackend, GuestBuffers, RbdBackend, RbdError, RbdOptions};
 
@@ -225,4 +225,90 @@ fn rbd_backend_against_a_real_cluster() {
             .expect("read from a read-only image");
     });
     drop(disk);
+
+    // Queue depth 1 latency through the whole path (librbd, its callback thread, MSG_RING,
+    // the scheduler): printed for the notes, not asserted (a shared CI machine).
+    let disk = Arc::new(RbdBackend::open(&cluster.opts("rbd", "t", false)).expect("open"));
+    let d = disk.clone();
+    run_in_task(move || {
+        let mut buf = vec![7u8; 4096];
+        let v = [iov(&mut buf)];
+        // SAFETY: as above.
+        let bufs = unsafe { GuestBuffers::new(&v) };
+        for (what, write) in [("write", true), ("read", false)] {
+            let n = 200u64;
+            let t0 = Instant::now();
+            for i in 0..n {
+                let at = 4 * MIB + (i % 256) * 4096;
+                if write {
+                    d.write_vectored(&bufs, at).expect("write");
+                } else {
+                    d.read_vectored(&bufs, at).expect("read");
+                }
+            }
+            let us = t0.elapsed().as_micros() as u64 / n;
+            eprintln!("rbd qd1 4k {what}: {us} us per request ({n} requests)");
+        }
+    });
+    drop(disk);
+
+    // A cluster that stops answering: requests fail (ETIMEDOUT, IOERR for the guest) after
+    // the op timeout instead of parking for ever, and succeed again once it is back.
+    let mut opts = cluster.opts("rbd", "t", false);
+    opts.op_timeout = Duration::from_secs(3);
+    let disk = Arc::new(RbdBackend::open(&opts).expect("open"));
+    let osd = Stopped::osd(&cluster.dir);
+    let d = disk.clone();
+    run_in_task(move || {
+        let mut buf = vec![0u8; 4096];
+        let v = [iov(&mut buf)];
+        // SAFETY: as above.
+        let bufs = unsafe { GuestBuffers::new(&v) };
+        let t0 = Instant::now();
+        // Never read before on this handle: nothing cached, the read must reach the OSD.
+        let e = d
+            .read_vectored(&bufs, 12 * MIB)
+            .expect_err("read from a stopped OSD");
+        let took = t0.elapsed();
+        eprintln!("rbd read with the OSD stopped failed after {took:?}: {e}");
+        assert_eq!(e.raw_os_error(), Some(libc::ETIMEDOUT));
+        assert!(
+            (Duration::from_millis(2500)..Duration::from_secs(15)).contains(&took),
+            "failed after {took:?} with a 3 s op timeout"
+        );
+        drop(osd); // SIGCONT
+        d.read_vectored(&bufs, 12 * MIB)
+            .expect("read once the OSD is back");
+        d.write_vectored(&bufs, 12 * MIB)
+            .expect("write once the OSD is back");
+        d.flush().expect("flush once the OSD is back");
+    });
+}
+
+/// The cluster's OSD, stopped with SIGSTOP until dropped (SIGCONT), even if a check fails.
+struct Stopped(libc::pid_t);
+
+impl Stopped {
+    fn osd(dir: &Path) -> Stopped {
+        let pidfile = dir.join("run/osd.0.pid");
+        let pid: libc::pid_t = std::fs::read_to_string(&pidfile)
+            .expect("OSD pid file")
+            .trim()
+            .parse()
+            .expect("a pid");
+        // SAFETY: a signal to the OSD this test's cluster started; no memory involved.
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGSTOP) },
+            0,
+            "SIGSTOP the OSD"
+        );
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as in `osd`.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
 }
