@@ -124,3 +124,32 @@ fn bad_pool_bad_image_and_no_cluster_fail_with_one_line() {
         Duration::from_secs(20),
     );
 }
+
+/// Two queues on two worker threads share the one image handle (each completion goes to
+/// its own worker's ring): verified fio on every queue, then ext4 on the same daemon.
+#[test]
+fn verified_fio_on_two_queues_then_ext4_fsck_clean() {
+    let cluster = CephCluster::up();
+    cluster.create_image("mq", 128);
+    let mut daemon = Daemon::corodev_rbd(&cluster.conf, "rbd", "mq", &["--num-queues", "2"]);
+    let run = daemon.boot(Guest::test("mq").queues(2));
+    let r = run.expect_pass();
+    assert_eq!(r.num("queues"), 2, "blk-mq queues in the guest");
+    let irqs: Vec<u64> = r
+        .get("irqs_per_queue")
+        .split(',')
+        .map(|n| n.parse().expect("irqs_per_queue is a list of numbers"))
+        .collect();
+    assert!(
+        irqs.len() == 2 && irqs.iter().all(|&n| n > 0),
+        "every queue completed requests: {irqs:?}"
+    );
+    daemon.assert_alive();
+    let run = daemon.boot(Guest::test("ext4").queues(2));
+    assert_eq!(run.expect_pass().get("fsck"), "clean");
+    daemon.assert_alive();
+    drop(daemon);
+    // The ext4 superblock magic (0xEF53 at byte 1080), read back through librbd.
+    let image = cluster.export("mq");
+    assert_eq!(image[1080..1082], [0x53, 0xef]);
+}
