@@ -37,7 +37,9 @@ die() {
     exit 1
 }
 
-# Kills the daemons whose pid files are in DIR/run (SIGTERM, then SIGKILL after 10 s).
+# Kills the daemons whose pid files are in DIR/run with SIGKILL and waits until they are
+# gone (ports and files released). No graceful stop: `down` deletes their data anyway, and
+# the manager alone takes seconds to stop on SIGTERM.
 stop_daemons() {
     local pids=() pidfile pid
     for pidfile in "$dir"/run/*.pid; do
@@ -46,14 +48,14 @@ stop_daemons() {
         [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null && pids+=("$pid")
     done
     ((${#pids[@]})) || return 0
-    kill -TERM "${pids[@]}" 2>/dev/null || true
+    kill -KILL "${pids[@]}" 2>/dev/null || true
     for _ in $(seq 100); do
-        local alive=()
-        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
-        ((${#alive[@]})) || return 0
+        local alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        ((alive)) || return 0
         sleep 0.1
     done
-    kill -KILL "${alive[@]}" 2>/dev/null || true
+    log "daemons ${pids[*]} still there 10 s after SIGKILL"
 }
 
 case "$cmd" in
