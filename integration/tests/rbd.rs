@@ -153,3 +153,46 @@ fn verified_fio_on_two_queues_then_ext4_fsck_clean() {
     let image = cluster.export("mq");
     assert_eq!(image[1080..1082], [0x53, 0xef]);
 }
+
+/// The OSD stops answering (SIGSTOP) for 5 s, well inside the 20 s default op timeout,
+/// while 8 guest writers do verified O_DIRECT I/O: a stall, not an error. Every write is
+/// read back and compared, the final check of every region passes, no I/O error reaches
+/// the guest, and the daemon is alive.
+#[test]
+fn osd_stall_shorter_than_the_op_timeout_is_only_a_stall() {
+    use integration::Vm;
+    let cluster = CephCluster::up();
+    cluster.create_image("stall", 128);
+    let mut daemon = Daemon::corodev_rbd(&cluster.conf, "rbd", "stall", &[]);
+    let mut guest = Guest::test("restart");
+    guest.arg = Some("40"); // seconds of verified writes
+    guest.mem_mib = 512; // the writers keep a copy of their 64 MiB in guest memory
+    guest.timeout = Duration::from_secs(300);
+    let vm = Vm::start(&daemon.socket, &guest);
+    let t0 = Instant::now();
+    while !vm.console().contains("CORODEV-PROGRESS") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "the guest never started its writers:\n{}",
+            vm.console()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let pid: libc::pid_t = std::fs::read_to_string(cluster.dir().join("run/osd.0.pid"))
+        .expect("OSD pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let before = vm.console().matches("CORODEV-PROGRESS").count();
+    // SAFETY: signals to the OSD this test's cluster started; no memory involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    std::thread::sleep(Duration::from_secs(5));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    eprintln!("OSD stopped for 5 s after {before} progress lines");
+    let run = vm.wait_while(|| None);
+    let r = run.expect_pass();
+    assert_eq!(r.num("errors"), 0, "a stall must not fail guest I/O");
+    assert!(r.num("writes") > 0);
+    daemon.assert_alive();
+}
