@@ -196,3 +196,54 @@ fn osd_stall_shorter_than_the_op_timeout_is_only_a_stall() {
     assert!(r.num("writes") > 0);
     daemon.assert_alive();
 }
+
+/// The OSD stops answering for 10 s with `--ceph-op-timeout 3`: the guest's requests fail
+/// (IOERR) instead of hanging, the daemon stays up, and once the OSD is back a new guest's
+/// I/O on the same daemon succeeds and lands in the image.
+#[test]
+fn osd_stopped_past_the_op_timeout_fails_requests_then_serves_again() {
+    use integration::Vm;
+    let cluster = CephCluster::up();
+    cluster.create_image("lost", 128);
+    let mut daemon = Daemon::corodev_rbd(&cluster.conf, "rbd", "lost", &["--ceph-op-timeout", "3"]);
+    let mut guest = Guest::test("restart");
+    guest.arg = Some("30");
+    guest.mem_mib = 512;
+    guest.timeout = Duration::from_secs(300);
+    let vm = Vm::start(&daemon.socket, &guest);
+    let t0 = Instant::now();
+    while !vm.console().contains("CORODEV-PROGRESS") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "no writers:\n{}",
+            vm.console()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let pid: libc::pid_t = std::fs::read_to_string(cluster.dir().join("run/osd.0.pid"))
+        .expect("OSD pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    // SAFETY: signals to the OSD this test's cluster started; no memory involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    std::thread::sleep(Duration::from_secs(10));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let run = vm.wait_while(|| None);
+    let r = run.result().expect("the guest printed a result");
+    eprintln!("guest during the outage: {}", run.summary());
+    assert!(r.num("errors") > 0, "requests failed during the outage");
+    daemon.assert_alive();
+    let run = daemon.boot(Guest::test("pattern"));
+    let r = run.expect_pass();
+    daemon.assert_alive();
+    let (offset, len) = (r.num("offset") as usize, r.num("length") as usize);
+    drop(daemon);
+    let image = cluster.export("lost");
+    assert_eq!(
+        format!("{:x}", md5::compute(&image[offset..offset + len])),
+        r.get("md5"),
+        "I/O after the outage lands in the image"
+    );
+}
