@@ -523,7 +523,8 @@ impl BlockBackend for RbdBackend {
         self.writeback
     }
 
-    /// librbd queues each request to its own threads at once; nothing to batch.
+    /// Irrelevant here: an RBD request puts no SQE on the worker's ring (librbd queues it
+    /// to its own threads at once, and its completion arrives as a MSG_RING CQE).
     fn submit_each_io(&self) -> bool {
         false
     }
