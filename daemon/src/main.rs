@@ -186,24 +186,19 @@ fn run(cli: Cli) -> Result<(), Error> {
         liveness: Arc::new(Liveness::default()),
         beat_every: watchdog.map(|d| sd::tick(d) / 2),
     };
-    let stop = Arc::new(Stop::default());
-    // The activator owns an activated socket's file: it stays for the next process.
-    let remove = (!listening.is_activated()).then(|| cfg.socket.clone());
-    install_signal_handlers(stop.clone(), remove, sup.notifier.clone())?;
+    let stop = Arc::new(Stop::new()?);
+    install_signal_handlers(stop.clone(), sup.notifier.clone())?;
     if let Some(interval) = watchdog {
         sd::spawn_watchdog(interval, sup.liveness.clone(), sup.notifier.clone())?;
     }
     server::serve_on(&cfg, listening, &stop, &sup)
 }
 
-/// SIGTERM/SIGINT: tell systemd we are stopping, end the current connection gracefully
-/// (in-flight I/O completes), or, when idle in accept, remove the socket we bound (not an
-/// activated one) and exit at once.
-fn install_signal_handlers(
-    stop: Arc<Stop>,
-    socket: Option<std::path::PathBuf>,
-    notifier: Arc<Notifier>,
-) -> Result<(), Error> {
+/// SIGTERM/SIGINT: tell systemd we are stopping and end the loop gracefully: the current
+/// connection's in-flight I/O completes (bounded by `--stop-timeout`), a wait for a frontend
+/// ends at once, and `main` returns, closing the backend on the way (see [`Stop`]). A second
+/// signal exits at once, for an operator who will not wait for the drain.
+fn install_signal_handlers(stop: Arc<Stop>, notifier: Arc<Notifier>) -> Result<(), Error> {
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(|source| Error::Os {
             what: "installing signal handlers",
@@ -212,15 +207,22 @@ fn install_signal_handlers(
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
+            let mut signals = signals.forever();
+            if let Some(sig) = signals.next() {
                 log::info!("signal {sig}: shutting down");
                 notifier.stopping();
-                if !stop.request() {
-                    if let Some(socket) = &socket {
-                        let _ = std::fs::remove_file(socket);
-                    }
-                    std::process::exit(0);
+                // The drain blocks; the next signal must still be seen.
+                let spawned = std::thread::Builder::new()
+                    .name("stop".into())
+                    .spawn(move || stop.request());
+                if let Err(e) = spawned {
+                    log::error!("starting the stop thread: {e}; exiting now");
+                    std::process::exit(1);
                 }
+            }
+            if let Some(sig) = signals.next() {
+                log::warn!("signal {sig} again: exiting without waiting for requests in flight");
+                std::process::exit(1);
             }
         })
         .map_err(|source| Error::Os {

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vmm_sys_util::eventfd::EventFd;
 
 use corodev_devices::backend::BlockBackend;
 use corodev_devices::config::DeviceConfig;
@@ -56,25 +57,50 @@ pub struct ServerConfig {
 }
 
 /// Lets a signal handler end the current connection and the loop.
-#[derive(Default)]
+///
+/// The loop always ends by returning, never by `exit` from the signal thread: the export's
+/// backend must be dropped on the way out. An RBD image is closed there, which writes back
+/// librbd's cache and releases the image's exclusive lock; a process that exits with the
+/// image open leaves a lock and a watch behind, and the next opener (a restarted daemon or
+/// QEMU) waits for the cluster to time the watch out before it can write.
 pub struct Stop {
     requested: AtomicBool,
     current: Mutex<Option<(ShutdownHandle, Arc<Connection>)>>,
+    /// Readable once a stop is requested (never read back), so a wait for a frontend
+    /// that polls it alongside the listener ends.
+    wake: EventFd,
 }
 
 impl Stop {
+    /// A stop not yet requested.
+    pub fn new() -> Result<Stop, Error> {
+        let wake =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| Error::Os {
+                what: "creating the stop eventfd",
+                source,
+            })?;
+        Ok(Stop {
+            requested: AtomicBool::new(false),
+            current: Mutex::new(None),
+            wake,
+        })
+    }
+
     /// Stops accepting new connections and ends the current one (if any) — after its
     /// requests in flight are answered (up to `--stop-timeout`), so the frontend finds its
     /// rings exactly as far as they were served when it sees the hang-up. Blocks for that
-    /// long. Returns whether a connection was active (if not, the caller may exit at once).
-    pub fn request(&self) -> bool {
+    /// long. A loop waiting for a frontend returns at once.
+    pub fn request(&self) {
         self.requested.store(true, Ordering::Release);
+        if let Err(e) = self.wake.write(1) {
+            log::error!("waking the connection loop to stop: {e}");
+        }
         let current = match self.current.lock() {
             Ok(cur) => cur.clone(),
             Err(_) => None,
         };
         let Some((handle, conn)) = current else {
-            return false;
+            return;
         };
         let timeout = conn.workers.stop_timeout;
         if !conn.drain(timeout) {
@@ -83,7 +109,6 @@ impl Stop {
             );
         }
         handle.shutdown();
-        true
     }
 
     fn requested(&self) -> bool {
@@ -146,28 +171,43 @@ pub fn serve(cfg: &ServerConfig, stop: &Stop) -> Result<(), Error> {
     serve_on(cfg, listening, stop, &Supervision::default())
 }
 
-/// Waits until a frontend's connection is queued on `listener`, beating the watchdog's
-/// serve-loop heart every `beat_every` (blocking without a watchdog).
+/// What ended a wait for a frontend.
+#[derive(Debug, PartialEq, Eq)]
+enum Woken {
+    /// A frontend's connection is queued on the listener.
+    Frontend,
+    /// A stop was requested.
+    Stop,
+}
+
+/// Waits until a frontend's connection is queued on `listener` or `stop` is requested,
+/// beating the watchdog's serve-loop heart every `beat_every` (blocking without a
+/// watchdog).
 fn wait_for_frontend(
     listener: &Listener,
+    stop: &Stop,
     live: &Liveness,
     beat_every: Option<std::time::Duration>,
-) -> Result<(), Error> {
+) -> Result<Woken, Error> {
     let timeout = beat_every.map_or(-1, |d| {
         libc::c_int::try_from(d.as_millis().max(1)).unwrap_or(libc::c_int::MAX)
     });
     loop {
         live.accept_beat();
-        let mut pfd = libc::pollfd {
-            fd: listener.as_raw_fd(),
+        let mut pfds = [listener.as_raw_fd(), stop.wake.as_raw_fd()].map(|fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
-        };
-        // SAFETY: `pfd` is one valid pollfd for the duration of the call, and the count
-        // passed is 1.
-        let rc = unsafe { libc::poll(&mut pfd, 1, timeout) };
+        });
+        // SAFETY: `pfds` is an array of valid pollfds for the duration of the call, and
+        // the count passed is its length.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
         if rc > 0 {
-            return Ok(());
+            return Ok(if pfds[1].revents != 0 {
+                Woken::Stop
+            } else {
+                Woken::Frontend
+            });
         }
         if rc < 0 {
             let e = std::io::Error::last_os_error();
@@ -231,9 +271,12 @@ pub fn serve_on(
         // From here the worker threads run, idle: the watchdog checks them.
         live.set_connection(Some(conn.clone()));
         live.set_accepting(true);
-        let waited = wait_for_frontend(&listener, live, sup.beat_every);
+        let waited = wait_for_frontend(&listener, stop, live, sup.beat_every);
         live.set_accepting(false);
-        waited?;
+        if waited? == Woken::Stop {
+            live.set_connection(None);
+            break;
+        }
         if let Err(e) = daemon.start(&mut listener) {
             CONNECTION_LOG.log(
                 log::Level::Error,

@@ -121,7 +121,7 @@ fn server() -> &'static PathBuf {
             once: false,
             image_lock: None,
         };
-        std::thread::spawn(move || serve(&cfg, &Stop::default()).expect("server"));
+        std::thread::spawn(move || serve(&cfg, &Stop::new().expect("stop eventfd")).expect("server"));
         while !socket.exists() {
             std::thread::sleep(Duration::from_millis(5));
         }

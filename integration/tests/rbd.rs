@@ -23,6 +23,22 @@ fn pattern_written_by_guest_is_in_the_rbd_image() {
     let (offset, len) = (r.num("offset") as usize, r.num("length") as usize);
     assert_eq!((offset as u64, len as u64), (MIB, 4 * MIB));
     daemon.assert_alive();
+    // SIGTERM while waiting for the next frontend: the daemon closes the image before it
+    // exits, so it leaves no exclusive lock and no watch behind for the next opener (a
+    // restarted daemon or QEMU) to wait out.
+    daemon.sigterm();
+    let status = daemon
+        .wait_exit(Duration::from_secs(10))
+        .expect("corodev exits within 10 s of SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    let locks = String::from_utf8_lossy(&cluster.rbd(&["lock", "ls", "rbd/pattern"])).into_owned();
+    assert_eq!(locks.trim(), "", "no lock left on the image");
+    let watchers = String::from_utf8_lossy(&cluster.rbd(&["status", "rbd/pattern"])).into_owned();
+    assert_eq!(
+        watchers.trim(),
+        "Watchers: none",
+        "no watch left on the image"
+    );
     drop(daemon);
     let image = cluster.export("pattern");
     assert_eq!(
