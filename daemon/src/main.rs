@@ -92,7 +92,7 @@ fn open_rbd(cli: &Cli) -> Result<Arc<dyn BlockBackend>, Error> {
             "read-write"
         },
         if disk.writeback_cache() {
-            "on (the guest flushes)"
+            "on, write-back (the guest flushes)"
         } else {
             "off"
         },

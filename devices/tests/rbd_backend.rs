@@ -283,6 +283,56 @@ fn rbd_backend_against_a_real_cluster() {
             .expect("write once the OSD is back");
         d.flush().expect("flush once the OSD is back");
     });
+
+    // A write the cache acknowledged while the OSD is stopped is never lost behind a
+    // successful flush: with the OSD away past the op timeout, a flush fails; once it is
+    // back, a flush succeeds and the write is in the image (read through a new handle,
+    // which has no cache). librbd's write-around cache dropped that write and then let the
+    // flush succeed, since no write was in flight when it arrived.
+    let d = disk.clone();
+    let dir = cluster.dir.clone();
+    run_in_task(move || {
+        let mut first = vec![0x11u8; 64 << 10];
+        let mut second = vec![0x22u8; 64 << 10];
+        let v1 = [iov(&mut first)];
+        let v2 = [iov(&mut second)];
+        // SAFETY: as above.
+        let (b1, b2) = unsafe { (GuestBuffers::new(&v1), GuestBuffers::new(&v2)) };
+        // librbd caches writes only after the first flush (writethrough until then).
+        d.flush().expect("first flush");
+        d.write_vectored(&b1, 13 * MIB)
+            .expect("write before the outage");
+        let osd = Stopped::osd(&dir);
+        d.write_vectored(&b2, 14 * MIB)
+            .expect("the cache takes a write while the OSD is stopped");
+        // Past the op timeout: the cache's write of it to the OSD has failed by now.
+        std::thread::sleep(Duration::from_secs(5));
+        let e = d
+            .flush()
+            .expect_err("a flush cannot succeed while the OSD is stopped");
+        eprintln!("flush with the OSD stopped: {e}");
+        assert_eq!(e.raw_os_error(), Some(libc::ETIMEDOUT));
+        drop(osd); // SIGCONT
+        d.flush()
+            .expect("a flush succeeds once the OSD is back (nothing left unwritten)");
+    });
+    drop(disk);
+    let disk = Arc::new(RbdBackend::open(&cluster.opts("rbd", "t", false)).expect("reopen"));
+    let d = disk.clone();
+    run_in_task(move || {
+        for (at, byte) in [(13 * MIB, 0x11u8), (14 * MIB, 0x22u8)] {
+            let mut buf = vec![0u8; 64 << 10];
+            let v = [iov(&mut buf)];
+            // SAFETY: as above.
+            let bufs = unsafe { GuestBuffers::new(&v) };
+            d.read_vectored(&bufs, at).expect("read back");
+            assert!(
+                buf.iter().all(|&b| b == byte),
+                "the write at {} MiB acknowledged before a successful flush is in the image",
+                at / MIB
+            );
+        }
+    });
 }
 
 /// The cluster's OSD, stopped with SIGSTOP until dropped (SIGCONT), even if a check fails.

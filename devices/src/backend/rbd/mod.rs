@@ -23,8 +23,17 @@
 //! Failures: a cluster that cannot be reached at start fails [`RbdBackend::open`] after
 //! `client_mount_timeout`; a cluster lost while running fails requests with `ETIMEDOUT`
 //! (IOERR for the guest) after `rados_osd_op_timeout`, and requests succeed again once it
-//! is back. A failed flush is sticky, as in the file backend: librbd's cache may have
-//! dropped what it could not write.
+//! is back.
+//!
+//! Write cache: with `rbd_cache` on, librbd's write-around policy (the default since Ceph
+//! 15) is replaced by its write-back cache. Write-around acknowledges a write before the
+//! OSDs have it, and when that write then fails it is dropped and its error handed to at
+//! most one later flush, and to none if no write is in flight when the flush arrives
+//! (`WriteAroundObjectDispatch::flush` passes such a flush straight down): a flush could
+//! succeed over a lost write. The write-back cache (`ObjectCacher`) keeps a write that
+//! failed dirty and writes it again, so a flush fails while the cluster is away and
+//! succeeds once everything before it is on the OSDs. That is why flush errors are not
+//! sticky here, unlike the file backend's (the kernel drops pages it failed to write).
 
 mod ffi;
 
@@ -32,7 +41,6 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::io;
 use std::path::PathBuf;
 use std::ptr;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -255,6 +263,12 @@ impl Cluster {
         cluster.set("client_mount_timeout", &connect_s.to_string())?;
         cluster.set("rados_mon_op_timeout", &connect_s.to_string())?;
         cluster.set("rados_osd_op_timeout", &op_s.to_string())?;
+        // See the module docs: never write-around.
+        if cluster.get(c"rbd_cache").as_deref() != Some("false")
+            && cluster.get(c"rbd_cache_policy").as_deref() == Some("writearound")
+        {
+            cluster.set("rbd_cache_policy", "writeback")?;
+        }
         // SAFETY: a live, configured handle.
         let r = unsafe { ffi::rados_connect(handle) };
         if r < 0 {
@@ -316,8 +330,6 @@ pub struct RbdBackend {
     readonly: bool,
     /// Whether librbd's cache holds writes until a flush (`rbd_cache`).
     writeback: bool,
-    /// The errno of the first failed flush, 0 while none has failed.
-    flush_errno: AtomicI32,
 }
 
 // SAFETY: librbd image handles take asynchronous requests from any thread (the library
@@ -402,7 +414,6 @@ impl RbdBackend {
             size: 0,
             readonly: opts.readonly,
             writeback,
-            flush_errno: AtomicI32::new(0),
         };
         let mut size = 0u64;
         // SAFETY: an open image and a local to fill.
@@ -452,13 +463,6 @@ impl RbdBackend {
             return Err(io::Error::from_raw_os_error(-res));
         }
         Ok(())
-    }
-
-    fn flush_failed(&self) -> Option<io::Error> {
-        match self.flush_errno.load(Ordering::Acquire) {
-            0 => None,
-            e => Some(io::Error::from_raw_os_error(e)),
-        }
     }
 }
 
@@ -547,29 +551,13 @@ impl BlockBackend for RbdBackend {
         })
     }
 
-    /// `rbd_aio_flush`, failing for good once it failed (see the module docs).
+    /// `rbd_aio_flush`: every write acknowledged before it is on the OSDs, or an error
+    /// (see the module docs on why a later flush may succeed again).
     fn flush(&self) -> io::Result<()> {
-        if let Some(e) = self.flush_failed() {
-            return Err(e);
-        }
-        let flushed = self.aio(&[], |_, _, c| {
+        self.aio(&[], |_, _, c| {
             // SAFETY: an open image and a fresh completion.
             unsafe { ffi::rbd_aio_flush(self.image, c) }
-        });
-        match flushed {
-            Err(e) => {
-                if let Some(errno) = e.raw_os_error() {
-                    let _ = self.flush_errno.compare_exchange(
-                        0,
-                        errno,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    );
-                }
-                Err(e)
-            }
-            Ok(()) => self.flush_failed().map_or(Ok(()), Err),
-        }
+        })
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
