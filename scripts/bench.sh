@@ -4,6 +4,7 @@
 #   scripts/bench.sh                          # every case, 3 rounds of 5 s per daemon
 #   ROUNDS=5 RUNTIME=10 scripts/bench.sh
 #   CASES="null-qd1 null-qd32" scripts/bench.sh
+#   CASES="rbd-randread-qd1 rbd-randwrite-qd32" scripts/bench.sh   # RBD: brings a Ceph cluster up
 #   ONLY=qsd RUNTIME=2 ROUNDS=1 CASES=null-qd1 scripts/bench.sh   # B side only
 #
 # Environment:
@@ -34,7 +35,9 @@ ONLY=${ONLY:-}
 CORO_BENCH=${CORO_BENCH:-1}
 BASELINE=${BASELINE:-}
 ALL_CASES="null-qd1 null-qd32 null-2q-qd32 file-randread-buffered file-randwrite-buffered
-file-randread-direct file-randwrite-direct file-seqread-128k file-seqwrite-128k rss-1024-inflight"
+file-randread-direct file-randwrite-direct file-seqread-128k file-seqwrite-128k rss-1024-inflight
+rbd-randread-qd1 rbd-randread-qd32 rbd-randwrite-qd1 rbd-randwrite-qd32
+rbd-randread-qd1-direct rbd-randread-qd32-direct rbd-randwrite-qd1-direct rbd-randwrite-qd32-direct"
 CASES=${CASES:-$ALL_CASES}
 
 OUT=target/bench
@@ -65,7 +68,7 @@ if [ -n "$BASELINE" ]; then
     SIDES=${SIDES/corodev/corodev baseline}
 fi
 
-# case_def NAME: sets BACKEND (null|file), DIRECT (0|1), NQ (queues), QSIZE (virtqueue
+# case_def NAME: sets BACKEND (null|file|rbd), DIRECT (0|1), NQ (queues), QSIZE (virtqueue
 # size), LAT_US (null-backend latency) and LOAD (corodev-bench options).
 case_def() {
     BACKEND=null DIRECT=0 NQ=1 QSIZE=256 LAT_US=0
@@ -84,6 +87,19 @@ case_def() {
     # libblkio needs 3 descriptors per request, hence queue size 1024 for 256 in flight
     # (1024 is also the most QEMU's vhost-user-blk-pci offers a real guest).
     rss-1024-inflight) NQ=4 QSIZE=1024 LAT_US=10000 LOAD=(--rw randread --bs 4K --iodepth 256 --queues 4) ;;
+    # An RBD image on a single-node Ceph cluster on this machine (scripts/ceph-cluster.sh),
+    # the same image for both daemons. Without -direct both use librbd's cache as each
+    # configures it (corodev: write-back; qemu-storage-daemon: librbd's default,
+    # write-around after the first flush); -direct turns it off on both (corodev --direct,
+    # qsd cache.direct=on), so both do the same work per request.
+    rbd-*)
+        BACKEND=rbd
+        [[ $1 != *-direct ]] || DIRECT=1
+        local spec=${1#rbd-}
+        spec=${spec%-direct}
+        LOAD=(--rw "${spec%-qd*}" --bs 4K --iodepth "${spec##*-qd}")
+        [[ ${LOAD[1]} =~ ^rand(read|write)$ && ${LOAD[5]} =~ ^(1|32)$ ]] || die "unknown case '$1'"
+        ;;
     *) die "unknown case '$1'; cases: ${ALL_CASES//$'\n'/ }" ;;
     esac
     LOAD+=(--queue-size "$QSIZE")
@@ -98,6 +114,9 @@ daemon_cmd() {
         if [ "$BACKEND" = null ]; then
             CMD+=(--backend null --size "$IMAGE_SIZE")
             [ "$LAT_US" = 0 ] || CMD+=(--null-latency-us "$LAT_US")
+        elif [ "$BACKEND" = rbd ]; then
+            CMD+=(--backend rbd --ceph-conf "$CEPH_CONF" --rbd-pool rbd --rbd-image bench)
+            [ "$DIRECT" = 0 ] || CMD+=(--direct)
         else
             CMD+=(--disk "$IMAGE")
             [ "$DIRECT" = 0 ] || CMD+=(--direct)
@@ -107,6 +126,8 @@ daemon_cmd() {
         if [ "$BACKEND" = null ]; then
             dev="driver=null-co,node-name=f,size=$IMAGE_SIZE,read-zeroes=on"
             [ "$LAT_US" = 0 ] || dev+=",latency-ns=$((LAT_US * 1000))"
+        elif [ "$BACKEND" = rbd ]; then
+            dev="driver=rbd,node-name=f,pool=rbd,image=bench,conf=$CEPH_CONF,cache.direct=$([ "$DIRECT" = 1 ] && echo on || echo off)"
         else
             dev="driver=file,node-name=f,filename=$IMAGE,aio=io_uring,cache.direct=$([ "$DIRECT" = 1 ] && echo on || echo off)"
         fi
@@ -163,12 +184,28 @@ fi
 TMP=$(mktemp -d /tmp/corodev-bench.XXXXXX)
 DAEMON_PID=
 BENCH_PID=
+CEPH_DIR=
 cleanup() {
     [ -z "$BENCH_PID" ] || kill "$BENCH_PID" 2>/dev/null || true
     [ -z "$DAEMON_PID" ] || kill "$DAEMON_PID" 2>/dev/null || true
+    [ -z "$CEPH_DIR" ] || bash scripts/ceph-cluster.sh down "$CEPH_DIR" >/dev/null 2>&1 || true
     rm -rf "$TMP"
 }
 trap cleanup EXIT
+
+# --- the RBD image -----------------------------------------------------------------------
+if [[ " $CASES " == *" rbd-"* ]]; then
+    CEPH_DIR=$TMP/ceph
+    echo "bench: bringing up a single-node Ceph cluster in $CEPH_DIR" >&2
+    CEPH_CONF=$(CEPH_MON_PORT=${CEPH_MON_PORT:-16790} bash scripts/ceph-cluster.sh up "$CEPH_DIR") ||
+        die "scripts/ceph-cluster.sh up failed (see $CEPH_DIR/log; scripts/install-deps.sh installs Ceph)"
+    # Written once in full, so every read reaches an object (librbd's object map answers
+    # reads of never-written objects without asking the OSD).
+    echo "bench: creating and filling the RBD image rbd/bench (1 GiB)" >&2
+    rbd -c "$CEPH_CONF" create --size 1G rbd/bench || die "rbd create failed"
+    rbd -c "$CEPH_CONF" bench --io-type write --io-pattern seq --io-size 4M --io-total 1G rbd/bench >/dev/null ||
+        die "filling rbd/bench failed"
+fi
 
 cpu_ticks() { # utime + stime of PID, in clock ticks (fields 14 and 15 of /proc/PID/stat)
     local s f
@@ -240,7 +277,7 @@ run_one() {
     ticks1=$(cpu_ticks "$DAEMON_PID")
     stop_daemon
     # Flush the dirty pages of a buffered write run now, not during the other side's run.
-    [ "$BACKEND" = null ] || sync "$IMAGE"
+    [ "$BACKEND" != file ] || sync "$IMAGE"
     local iops p50 p99 ios
     iops=$(jnum iops "$out") p50=$(jnum lat_p50_us "$out") p99=$(jnum lat_p99_us "$out") ios=$(jnum ios "$out")
     awk -v c="$name" -v s="$side" -v r="$round" -v iops="$iops" -v p50="$p50" -v p99="$p99" \
@@ -277,7 +314,8 @@ REPORT=$OUT/report.md
     echo
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, Linux $(uname -r), $($QSD --version 2>/dev/null | head -1 || echo "$QSD")."
     echo "Median of $ROUNDS round(s) of ${RUNTIME} s per daemon, alternating corodev/qsd; load: corodev-bench"
-    echo "(libblkio virtio-blk-vhost-user, one client thread per queue) over a 1 GiB null device or raw image."
+    echo "(libblkio virtio-blk-vhost-user, one client thread per queue) over a 1 GiB null device, raw image"
+    echo "or RBD image (a single-node Ceph $(ceph --version 2>/dev/null | awk '{print $3}') cluster on this machine: one bluestore OSD on a sparse file)."
     [ -z "$ONLY" ] || echo "**ONLY=$ONLY: the other side was not run.**"
     echo
     echo "Ratio = corodev / qsd: above 1 is better for IOPS; below 1 is better for latency, CPU and RSS."

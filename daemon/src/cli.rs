@@ -173,7 +173,9 @@ pub struct Cli {
     #[arg(long)]
     pub incoming: bool,
 
-    /// Open the disk with O_DIRECT (bypass the host page cache).
+    /// Bypass the host's cache: the file is opened with O_DIRECT; an RBD image is opened
+    /// with librbd's cache off (`rbd_cache = false`, as QEMU's `cache.direct=on`), so a
+    /// write completes once the OSDs have it and the guest sees a write-through disk.
     #[arg(long)]
     pub direct: bool,
 

@@ -70,6 +70,7 @@ fn open_rbd(cli: &Cli) -> Result<Arc<dyn BlockBackend>, Error> {
         conf: cli.ceph_conf.clone(),
         id: cli.ceph_id.clone(),
         readonly: cli.readonly,
+        cache: !cli.direct,
         connect_timeout: std::time::Duration::from_secs(cli.ceph_connect_timeout),
         op_timeout: std::time::Duration::from_secs(cli.ceph_op_timeout),
     };

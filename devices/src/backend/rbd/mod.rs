@@ -65,6 +65,9 @@ pub struct RbdOptions {
     pub id: Option<String>,
     /// Open the image read-only.
     pub readonly: bool,
+    /// Use librbd's cache (as configured; see the module docs for its policy). `false`
+    /// sets `rbd_cache = false`: writes complete once the OSDs have them.
+    pub cache: bool,
     /// How long connecting to the monitors may take before start-up fails.
     pub connect_timeout: Duration,
     /// How long one request may wait for the OSDs before it fails (IOERR).
@@ -263,12 +266,25 @@ impl Cluster {
         cluster.set("client_mount_timeout", &connect_s.to_string())?;
         cluster.set("rados_mon_op_timeout", &connect_s.to_string())?;
         cluster.set("rados_osd_op_timeout", &op_s.to_string())?;
+        if !opts.cache {
+            cluster.set("rbd_cache", "false")?;
+        }
+        // A request is dispatched by the worker that submits it, not handed to librbd's
+        // dispatch thread: one thread wake-up less per request (measured: 15-40 us of CPU
+        // per 4 KiB request less at QD1, RBD-NOTES.md). The worker does not block on the
+        // cluster either way: librbd's dispatch queues what must wait (the exclusive lock,
+        // a refresh) and only takes in-memory locks.
+        cluster.set("rbd_non_blocking_aio", "false")?;
         // See the module docs: never write-around.
         if cluster.get(c"rbd_cache").as_deref() != Some("false")
             && cluster.get(c"rbd_cache_policy").as_deref() == Some("writearound")
         {
             cluster.set("rbd_cache_policy", "writeback")?;
         }
+        // librbd's guess for guests that never flush (write through until the first
+        // flush) is not needed: the device writes through by itself for a driver that did
+        // not negotiate flushes or turned the write cache off (a flush after each write).
+        cluster.set("rbd_cache_writethrough_until_flush", "false")?;
         // SAFETY: a live, configured handle.
         let r = unsafe { ffi::rados_connect(handle) };
         if r < 0 {
@@ -552,8 +568,13 @@ impl BlockBackend for RbdBackend {
     }
 
     /// `rbd_aio_flush`: every write acknowledged before it is on the OSDs, or an error
-    /// (see the module docs on why a later flush may succeed again).
+    /// (see the module docs on why a later flush may succeed again). Without the cache
+    /// every write completed only once the OSDs had it, so there is nothing to flush; the
+    /// device then writes through and would otherwise follow each write with a flush.
     fn flush(&self) -> io::Result<()> {
+        if !self.writeback {
+            return Ok(());
+        }
         self.aio(&[], |_, _, c| {
             // SAFETY: an open image and a fresh completion.
             unsafe { ffi::rbd_aio_flush(self.image, c) }
