@@ -215,13 +215,20 @@ fn osd_stall_shorter_than_the_op_timeout_is_only_a_stall() {
 
 /// The OSD stops answering for 10 s with `--ceph-op-timeout 3`: the guest's requests fail
 /// (IOERR) instead of hanging, the daemon stays up, and once the OSD is back a new guest's
-/// I/O on the same daemon succeeds and lands in the image.
+/// I/O on the same daemon succeeds and lands in the image. With librbd's cache off
+/// (`--direct`), so that every write waits for the OSD: with it on, the cache takes the
+/// guest's writes during the outage and only a flush fails (devices/tests/rbd_backend.rs).
 #[test]
 fn osd_stopped_past_the_op_timeout_fails_requests_then_serves_again() {
     use integration::Vm;
     let cluster = CephCluster::up();
     cluster.create_image("lost", 128);
-    let mut daemon = Daemon::corodev_rbd(&cluster.conf, "rbd", "lost", &["--ceph-op-timeout", "3"]);
+    let mut daemon = Daemon::corodev_rbd(
+        &cluster.conf,
+        "rbd",
+        "lost",
+        &["--ceph-op-timeout", "3", "--direct"],
+    );
     let mut guest = Guest::test("restart");
     guest.arg = Some("30");
     guest.mem_mib = 512;
