@@ -8,14 +8,17 @@
 # qemu-user-static to run them, and rustup's aarch64-unknown-linux-gnu target; rustup's
 # x86_64-unknown-linux-musl target for the static build; Ceph 16.2 (monitor, manager, OSD
 # and the ceph/rbd tools, which scripts/ceph-cluster.sh runs as a throw-away cluster, and
-# uuidgen for its ids) and librbd-dev/librados-dev, which the RBD backend links against.
+# uuidgen for its ids) and librbd-dev/librados-dev, which the RBD backend links against;
+# qemu-block-extra (qemu-storage-daemon's rbd driver, for scripts/bench.sh) and strace (the RBD
+# instance's system calls are checked against the unit's filter).
 # Idempotent: when everything is installed it only checks (well under a second) and
 # never touches the network.
 set -euo pipefail
 
 PKGS=(qemu-system-x86 qemu-system-common qemu-utils linux-image-cloud-amd64 busybox-static
     fio e2fsprogs cpio gzip valgrind systemd gcc-aarch64-linux-gnu libc6-dev-arm64-cross
-    qemu-user-static ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev librados-dev uuid-runtime)
+    qemu-user-static ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev librados-dev uuid-runtime
+    qemu-block-extra strace)
 
 missing_pkgs() {
     missing=()
@@ -43,7 +46,7 @@ done
 # The tools themselves, where the scripts and tests look for them.
 for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img busybox fio mke2fs e2fsck cpio gzip \
     valgrind systemd-analyze systemd-socket-activate aarch64-linux-gnu-gcc qemu-aarch64-static \
-    ceph-mon ceph-mgr ceph-osd ceph ceph-authtool monmaptool rbd uuidgen; do
+    ceph-mon ceph-mgr ceph-osd ceph ceph-authtool monmaptool rbd uuidgen strace; do
     command -v "$tool" >/dev/null || {
         echo "install-deps: $tool is not on PATH ($PATH) after installing" >&2
         exit 1

@@ -5,6 +5,9 @@
 //! `LISTEN_FDS`, and kept open across their restarts). `systemd-socket-activate` itself is
 //! used through [`crate::Daemon::socket_activated`]; [`stop_thread`] freezes one thread of
 //! a process (ptrace), to show what the watchdog does when a worker stops.
+//! [`syscall_filter`] reads a unit's `SystemCallFilter=` as the set of system calls it
+//! allows, groups expanded by `systemd-analyze syscall-filter`; [`traced_syscalls`] runs a
+//! program under `strace -f` and names every system call it made.
 //! Boundary: processes and sockets; what corodev does with them is the tests' business.
 
 use std::fs::File;
@@ -255,4 +258,82 @@ pub fn threads_named(pid: u32, name: &str) -> Vec<libc::pid_t> {
         .collect();
     tids.sort_unstable();
     tids
+}
+
+/// Runs `systemd-analyze args`: (success, stdout, stderr). Fails loudly if the tool is
+/// missing.
+pub fn analyze(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+    let out = Command::new("systemd-analyze")
+        .args(args)
+        .env("SYSTEMD_COLORS", "0")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run systemd-analyze ({e}): run `bash scripts/install-deps.sh` (systemd)")
+        });
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The system calls in `name` (a call, or a `@group` expanded with `systemd-analyze
+/// syscall-filter`, nested groups included).
+fn syscall_group(name: &str, into: &mut std::collections::BTreeSet<String>) {
+    if !name.starts_with('@') {
+        into.insert(name.to_owned());
+        return;
+    }
+    let (ok, out, err) = analyze(&["syscall-filter".as_ref(), name.as_ref()]);
+    assert!(ok, "systemd-analyze syscall-filter {name}: {err}");
+    for item in out.lines().skip(1).map(str::trim) {
+        if !item.is_empty() && !item.starts_with('#') {
+            syscall_group(item, into);
+        }
+    }
+}
+
+/// The system calls a unit's `SystemCallFilter=` lines allow, in order: an allow list
+/// starts the set, a `~` list removes from it (the unit must start with an allow list).
+pub fn syscall_filter(unit_text: &str) -> std::collections::BTreeSet<String> {
+    let mut allowed = std::collections::BTreeSet::new();
+    for line in unit_text
+        .lines()
+        .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+    {
+        let (deny, list) = match line.strip_prefix('~') {
+            Some(rest) => (true, rest),
+            None => (false, line),
+        };
+        let mut set = std::collections::BTreeSet::new();
+        for name in list.split_whitespace() {
+            syscall_group(name, &mut set);
+        }
+        if deny {
+            allowed.retain(|c| !set.contains(c));
+        } else {
+            allowed.extend(set);
+        }
+    }
+    assert!(!allowed.is_empty(), "no SystemCallFilter= allow list");
+    allowed
+}
+
+/// Every system call named in an `strace -f -o FILE` log.
+pub fn traced_syscalls(log: &Path) -> std::collections::BTreeSet<String> {
+    let text = std::fs::read_to_string(log)
+        .unwrap_or_else(|e| panic!("strace log {}: {e}", log.display()));
+    text.lines()
+        .filter_map(|l| {
+            // "PID name(args..." or "PID <... name resumed>...": skip signals and exits.
+            let rest = l.split_once(' ')?.1.trim_start();
+            let rest = rest.strip_prefix("<... ").unwrap_or(rest);
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            (!name.is_empty() && rest[name.len()..].starts_with(['(', ' '])).then_some(name)
+        })
+        .filter(|n| n != "exited" && n != "killed")
+        .collect()
 }

@@ -270,3 +270,86 @@ fn osd_stopped_past_the_op_timeout_fails_requests_then_serves_again() {
         "I/O after the outage lands in the image"
     );
 }
+
+/// An RBD instance stays inside the service unit's system call filter: a real corodev,
+/// traced with `strace -f` from start (cluster connection, image open, the worker threads
+/// of a connection waiting for a frontend) to SIGTERM (image close, cluster shutdown),
+/// makes no system call that `corodev@.service`'s `SystemCallFilter=` lines deny, so the
+/// RBD drop-in (`daemon/systemd/rbd.conf`) needs to open the network only.
+#[test]
+fn rbd_instance_stays_inside_the_units_syscall_filter() {
+    use integration::systemd::{syscall_filter, traced_syscalls};
+    let cluster = CephCluster::up();
+    cluster.create_image("sandbox", 16);
+    let unit =
+        std::fs::read_to_string(integration::workspace().join("daemon/systemd/corodev@.service"))
+            .expect("read corodev@.service");
+    let allowed = syscall_filter(&unit);
+    // The deny lists took effect (setpriority is @resources, mount @privileged).
+    assert!(
+        allowed.contains("io_uring_enter")
+            && allowed.contains("connect")
+            && !allowed.contains("setpriority")
+            && !allowed.contains("mount"),
+        "{allowed:?}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, socket) = (dir.path().join("strace.log"), dir.path().join("s.sock"));
+    let mut strace = Command::new("strace")
+        .arg("-f")
+        .arg("-qq")
+        .arg("-o")
+        .arg(&log)
+        .arg(corodev_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .args([
+            "--backend",
+            "rbd",
+            "--rbd-pool",
+            "rbd",
+            "--rbd-image",
+            "sandbox",
+        ])
+        .arg("--ceph-conf")
+        .arg(&cluster.conf)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run strace (scripts/install-deps.sh installs it)");
+    let t0 = Instant::now();
+    while !socket.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "corodev under strace did not listen within 60 s"
+        );
+        assert!(strace.try_wait().expect("wait").is_none(), "corodev exited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let children = std::fs::read_to_string(format!(
+        "/proc/{}/task/{}/children",
+        strace.id(),
+        strace.id()
+    ))
+    .expect("strace's children");
+    let pid: libc::pid_t = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("corodev's pid");
+    // SAFETY: a signal to the corodev this test started; no memory involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = strace.wait().expect("wait for strace");
+    assert!(status.success(), "corodev under strace: {status}");
+    let used = traced_syscalls(&log);
+    assert!(
+        ["io_uring_setup", "connect", "sendmsg", "epoll_wait"]
+            .iter()
+            .all(|c| used.contains(*c)),
+        "the trace must show the cluster connection and the workers' rings: {used:?}"
+    );
+    let denied: Vec<&String> = used.iter().filter(|c| !allowed.contains(*c)).collect();
+    assert!(
+        denied.is_empty(),
+        "system calls the unit's filter denies: {denied:?}"
+    );
+}

@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use integration::systemd::analyze;
 use integration::{corodev_bin, workspace};
 
 /// The highest exposure the service may have (issue 13's target).
@@ -23,23 +24,6 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Runs `systemd-analyze args`; (exit status success, stdout, stderr). Fails loudly if the
-/// tool is missing.
-fn analyze(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
-    let out = Command::new("systemd-analyze")
-        .args(args)
-        .env("SYSTEMD_COLORS", "0")
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run systemd-analyze ({e}): run `bash scripts/install-deps.sh` (systemd)")
-        });
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// The value of `key=` in a unit's text (the last one, as systemd reads it).
 fn setting<'a>(text: &'a str, key: &str) -> Vec<&'a str> {
     text.lines()
@@ -47,9 +31,9 @@ fn setting<'a>(text: &'a str, key: &str) -> Vec<&'a str> {
         .collect()
 }
 
-#[test]
-fn service_exposure_is_at_most_2() {
-    let path = unit("corodev@.service");
+/// `systemd-analyze security --offline=true` of the unit at `path`: the exposure and the
+/// whole report.
+fn exposure(path: &Path) -> (f64, String) {
     let (_, out, err) = analyze(&[
         "security".as_ref(),
         "--offline=true".as_ref(),
@@ -67,6 +51,12 @@ fn service_exposure_is_at_most_2() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("cannot parse the exposure from {line:?}"));
     println!("{line}");
+    (exposure, out)
+}
+
+#[test]
+fn service_exposure_is_at_most_2() {
+    let (exposure, out) = exposure(&unit("corodev@.service"));
     assert!(
         exposure <= MAX_EXPOSURE,
         "exposure {exposure} > {MAX_EXPOSURE}; what is exposed:\n{}",
@@ -172,4 +162,78 @@ fn service_and_socket_agree_on_path_and_name() {
             "{call} is in a denied group on this systemd"
         );
     }
+}
+
+/// The drop-in for RBD instances (`daemon/systemd/rbd.conf`) opens the network and nothing
+/// else: merged into the service, the report's failed items are the base unit's plus the
+/// three network ones, the exposure stays at most 2.0, and the service with the drop-in in
+/// its `.d` directory verifies clean.
+#[test]
+fn rbd_drop_in_opens_only_the_network() {
+    let service = read(&unit("corodev@.service"));
+    let drop_in = read(&unit("rbd.conf"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    // What systemd reads: the drop-in's settings after the unit's.
+    let merged = dir.path().join("corodev@.service");
+    std::fs::write(&merged, format!("{service}\n{drop_in}")).expect("write");
+    let failed = |report: &str| -> Vec<String> {
+        report
+            .lines()
+            .filter(|l| l.starts_with('✗'))
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+            .collect()
+    };
+    let (base_exposure, base) = exposure(&unit("corodev@.service"));
+    let (rbd_exposure, rbd) = exposure(&merged);
+    assert!(
+        rbd_exposure <= MAX_EXPOSURE,
+        "with the RBD drop-in: exposure {rbd_exposure} > {MAX_EXPOSURE}:\n{rbd}"
+    );
+    assert!(rbd_exposure > base_exposure, "the drop-in opens something");
+    let mut opened: Vec<String> = failed(&rbd)
+        .into_iter()
+        .filter(|item| !failed(&base).contains(item))
+        .collect();
+    opened.sort();
+    assert_eq!(
+        opened,
+        [
+            "IPAddressDeny=",
+            "PrivateNetwork=",
+            "RestrictAddressFamilies=~AF_(INET|INET6)"
+        ],
+        "the drop-in may open the network only:\n{rbd}"
+    );
+
+    // Installed as a drop-in of the template, next to it.
+    let installed = "ExecStart=/usr/local/bin/corodev ";
+    let units = dir.path().join("units");
+    std::fs::create_dir_all(units.join("corodev@.service.d")).expect("mkdir");
+    std::fs::write(
+        units.join("corodev@.service"),
+        service.replace(
+            installed,
+            &format!("ExecStart={} ", corodev_bin().display()),
+        ),
+    )
+    .expect("write");
+    std::fs::write(units.join("corodev@.service.d/rbd.conf"), &drop_in).expect("write");
+    std::fs::copy(unit("corodev@.socket"), units.join("corodev@.socket")).expect("copy");
+    let svc = units.join("corodev@vm1.service");
+    let (ok, out, err) = analyze(&["verify".as_ref(), svc.as_os_str()]);
+    assert!(
+        ok && out.trim().is_empty() && err.trim().is_empty(),
+        "systemd-analyze verify with the drop-in:\n{out}\n{err}"
+    );
+    // verify reads the drop-in: a bad value in it is reported.
+    std::fs::write(
+        units.join("corodev@.service.d/rbd.conf"),
+        drop_in.replace("PrivateNetwork=no", "PrivateNetwork=maybe"),
+    )
+    .expect("write");
+    let (_, out, err) = analyze(&["verify".as_ref(), svc.as_os_str()]);
+    assert!(
+        format!("{out}{err}").contains("rbd.conf") && format!("{out}{err}").contains("maybe"),
+        "verify must read the drop-in:\n{out}\n{err}"
+    );
 }
