@@ -268,6 +268,11 @@ impl Cluster {
         cluster.set("rados_osd_op_timeout", &op_s.to_string())?;
         if !opts.cache {
             cluster.set("rbd_cache", "false")?;
+            // Without a cache librbd may send the guest's buffers as they are: the
+            // request's task, and with it the guest's descriptors, stays parked until the
+            // OSDs have the data. A cache would keep referring to them after completing
+            // the write, so with one librbd copies (and turns zero copy off itself).
+            cluster.set("rbd_disable_zero_copy_writes", "false")?;
         }
         // A request is dispatched by the worker that submits it, not handed to librbd's
         // dispatch thread: one thread wake-up less per request (measured: 15-40 us of CPU
@@ -561,8 +566,9 @@ impl BlockBackend for RbdBackend {
     fn write_vectored(&self, bufs: &GuestBuffers<'_>, offset: u64) -> io::Result<()> {
         let iov = io_bufs(bufs);
         self.aio(&iov, |iov, n, c| {
-            // SAFETY: as for reads; librbd reads the guest's buffers (copying
-            // them at submission unless zero-copy writes are enabled) before the completion.
+            // SAFETY: as for reads; librbd reads the guest's buffers (copying them at
+            // submission, or, zero copy without the cache, until the completion) before
+            // the completion.
             unsafe { ffi::rbd_aio_writev(self.image, iov, n, offset, c) }
         })
     }
