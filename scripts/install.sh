@@ -7,6 +7,9 @@
 #   an example config     -> $DESTDIR/etc/corodev/example.env (never overwritten)
 #   the image directory   -> $DESTDIR/var/lib/corodev/images (corodev:corodev 0750)
 #   the README            -> $DESTDIR/usr/local/share/doc/corodev/README.md
+#   the RBD drop-in       -> $DESTDIR/usr/local/share/doc/corodev/rbd.conf (copy it to
+#                            /etc/systemd/system/corodev@<instance>.service.d/ for an
+#                            instance whose export is a Ceph RBD image)
 # then, on a running systemd (no DESTDIR), `systemctl daemon-reload`.
 #
 # Usage: bash scripts/install.sh            (after `cargo build --release`)
@@ -42,6 +45,7 @@ put 0644 "$top/daemon/systemd/corodev@.service" /etc/systemd/system/corodev@.ser
 put 0644 "$top/daemon/systemd/corodev@.socket" /etc/systemd/system/corodev@.socket
 put 0644 "$top/daemon/systemd/corodev.sysusers" /usr/local/lib/sysusers.d/corodev.conf
 put 0644 "$top/README.md" /usr/local/share/doc/corodev/README.md
+put 0644 "$top/daemon/systemd/rbd.conf" /usr/local/share/doc/corodev/rbd.conf
 if [ ! -e "$dest/etc/corodev/example.env" ]; then
     put 0644 "$top/daemon/systemd/example.env" /etc/corodev/example.env
 fi

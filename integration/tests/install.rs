@@ -77,6 +77,7 @@ fn installs_into_a_temp_root_and_a_second_run_changes_nothing() {
         ("usr/local/lib/sysusers.d/corodev.conf", 0o644),
         ("etc/corodev/example.env", 0o644),
         ("usr/local/share/doc/corodev/README.md", 0o644),
+        ("usr/local/share/doc/corodev/rbd.conf", 0o644),
         ("var/lib/corodev/images", 0o750),
     ] {
         assert_eq!(mode(root, path), want, "{path}");
