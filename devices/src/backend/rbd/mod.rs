@@ -14,7 +14,7 @@
 //! left in another handle's librbd cache, and the handles of one process take the image's
 //! exclusive lock from each other on every write. With MSG_RING one handle serves every
 //! worker and each completion goes straight to the ring of the task that waits for it.
-//! RBD-NOTES.md at the repository root has the whole comparison.
+//! ARCHITECTURE.md ("The RBD backend") has the whole comparison.
 //!
 //! One cluster connection ([`Cluster`]) per process and one image handle per export,
 //! shared by the export's workers (librbd's image handle takes concurrent asynchronous
@@ -276,7 +276,7 @@ impl Cluster {
         }
         // A request is dispatched by the worker that submits it, not handed to librbd's
         // dispatch thread: one thread wake-up less per request (measured: 15-40 us of CPU
-        // per 4 KiB request less at QD1, RBD-NOTES.md). The worker does not block on the
+        // per 4 KiB request less at QD1, BENCHMARKS.md). The worker does not block on the
         // cluster either way: librbd's dispatch queues what must wait (the exclusive lock,
         // a refresh) and only takes in-memory locks.
         cluster.set("rbd_non_blocking_aio", "false")?;
