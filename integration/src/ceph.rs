@@ -101,6 +101,41 @@ impl CephCluster {
         self.rbd(&["export", "--no-progress", &format!("rbd/{name}"), "-"])
     }
 
+    /// The OSD's pid (its pid file).
+    pub fn osd_pid(&self) -> libc::pid_t {
+        std::fs::read_to_string(self.dir().join("run/osd.0.pid"))
+            .expect("OSD pid file")
+            .trim()
+            .parse()
+            .expect("a pid in the OSD pid file")
+    }
+
+    /// Kills the OSD (SIGKILL, a crash), waits until it is gone, leaves it down for
+    /// `down`, and starts it again on the same store (bluestore keeps the data); returns
+    /// once the new process has daemonized.
+    pub fn crash_and_restart_osd(&self, down: std::time::Duration) {
+        let pid = self.osd_pid();
+        // SAFETY: a signal to the OSD this cluster started; no memory involved.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill the OSD");
+        let t0 = std::time::Instant::now();
+        // SAFETY: as above; signal 0 only checks that the process exists.
+        while unsafe { libc::kill(pid, 0) } == 0 {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "the OSD is still there 10 s after SIGKILL"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(down);
+        let status = Command::new("ceph-osd")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["-i", "0"])
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run ceph-osd: {e}; {CEPH_HINT}"));
+        assert!(status.success(), "restarting the OSD: {status}");
+    }
+
     /// The cluster's directory (logs under `log/`).
     pub fn dir(&self) -> PathBuf {
         self.dir.path().join("c")
