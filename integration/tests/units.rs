@@ -8,7 +8,6 @@
 //! ExecStart= points at the binary under test, the one line changed.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use integration::systemd::analyze;
 use integration::{corodev_bin, workspace};
