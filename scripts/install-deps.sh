@@ -3,7 +3,9 @@
 # QEMU (system emulator and qemu-storage-daemon), the Debian cloud kernel the guest boots,
 # busybox-static, fio and e2fsprogs (packed into the guest), cpio/gzip to pack it, and
 # valgrind (the coroutine suites run under memcheck); systemd (systemd-analyze and
-# systemd-socket-activate, which the unit and socket-activation tests run); for the coro
+# systemd-socket-activate, which the unit and socket-activation tests run); libvirt's
+# daemon, QEMU driver and virsh (integration/tests/libvirt.rs runs its own libvirtd: no
+# libvirt-daemon-system, whose services and default network the tests do not want); for the coro
 # crate's aarch64 tests (scripts/test-coro-aarch64.sh), the aarch64 cross gcc and libc,
 # qemu-user-static to run them, and rustup's aarch64-unknown-linux-gnu target; rustup's
 # x86_64-unknown-linux-musl target for the static build; Ceph 16.2 (monitor, manager, OSD
@@ -18,7 +20,7 @@ set -euo pipefail
 PKGS=(qemu-system-x86 qemu-system-common qemu-utils linux-image-cloud-amd64 busybox-static
     fio e2fsprogs cpio gzip valgrind systemd gcc-aarch64-linux-gnu libc6-dev-arm64-cross
     qemu-user-static ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev librados-dev uuid-runtime
-    qemu-block-extra strace)
+    qemu-block-extra strace libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
 
 missing_pkgs() {
     missing=()
@@ -46,7 +48,8 @@ done
 # The tools themselves, where the scripts and tests look for them.
 for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img busybox fio mke2fs e2fsck cpio gzip \
     valgrind systemd-analyze systemd-socket-activate aarch64-linux-gnu-gcc qemu-aarch64-static \
-    ceph-mon ceph-mgr ceph-osd ceph ceph-authtool monmaptool rbd uuidgen strace; do
+    ceph-mon ceph-mgr ceph-osd ceph ceph-authtool monmaptool rbd uuidgen strace \
+    libvirtd virsh unshare; do
     command -v "$tool" >/dev/null || {
         echo "install-deps: $tool is not on PATH ($PATH) after installing" >&2
         exit 1

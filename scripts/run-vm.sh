@@ -18,6 +18,8 @@
 #                     goes away, e.g. killed and restarted (default: a lost server is final)
 #   --kernel-arg ARG  one more word on the guest kernel's command line, repeatable
 #                     (e.g. init_on_alloc=0)
+#   --print-cmdline   print the guest kernel's command line these options give and exit
+#                     (integration/src/libvirt.rs boots the same guest through libvirt)
 # Live migration (integration/src/migration.rs drives these through QMP):
 #   --qmp PATH        a QMP server on the unix socket PATH (-qmp unix:PATH,server=on,wait=off)
 #   --incoming URI    start as a migration destination (-incoming URI, e.g. defer or
@@ -38,8 +40,8 @@ cd "$(dirname "$0")/.."
 
 socket='' test=pattern arg='' queues=1 smp=1 mem=256 timeout=180 accel=auto reconnect=0
 start_daemon=0 disk='' server=corodev daemon_bin=${CORODEV_BIN:-target/release/corodev} readonly=0
-daemon_args=() kernel_args=() qmp='' incoming=''
-usage() { sed -n '2,36p' "$0"; }
+daemon_args=() kernel_args=() qmp='' incoming='' print_cmdline=0
+usage() { sed -n '2,37p' "$0"; }
 die() {
     echo "run-vm: $*" >&2
     exit 2
@@ -57,6 +59,7 @@ while (($#)); do
         --accel) need "$@"; accel=$2; shift 2 ;;
         --reconnect) reconnect=1; shift ;;
         --kernel-arg) need "$@"; kernel_args+=("$2"); shift 2 ;;
+        --print-cmdline) print_cmdline=1; shift ;;
         --qmp) need "$@"; qmp=$2; shift 2 ;;
         --incoming) need "$@"; incoming=$2; shift 2 ;;
         --start-daemon) start_daemon=1; shift ;;
@@ -73,6 +76,19 @@ for n in "$queues" "$smp" "$mem" "$timeout"; do
     [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "'$n' is not a positive number"
 done
 case "$accel" in auto | kvm | tcg) ;; *) die "--accel must be auto, kvm or tcg" ;; esac
+
+# The guest's command line: its test (scripts/guest-init.sh reads corodev.test= and
+# corodev.arg=) and the extra words.
+append="console=ttyS0 panic=-1 quiet corodev.test=$test"
+[ -n "$arg" ] && append="$append corodev.arg=$arg"
+for k in "${kernel_args[@]}"; do
+    [[ "$k" =~ ^[A-Za-z0-9_.,=:/-]+$ ]] || die "--kernel-arg '$k': one word of [A-Za-z0-9_.,=:/-]"
+    append="$append $k"
+done
+if [ "$print_cmdline" = 1 ]; then
+    echo "$append"
+    exit 0
+fi
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing; run scripts/install-deps.sh"
 
 mapfile -t guest < <(bash scripts/build-guest.sh)
@@ -143,12 +159,6 @@ fi
 cpu=max
 [ "$accel" = kvm ] && cpu=host
 
-append="console=ttyS0 panic=-1 quiet corodev.test=$test"
-[ -n "$arg" ] && append="$append corodev.arg=$arg"
-for k in "${kernel_args[@]}"; do
-    [[ "$k" =~ ^[A-Za-z0-9_.,=:/-]+$ ]] || die "--kernel-arg '$k': one word of [A-Za-z0-9_.,=:/-]"
-    append="$append $k"
-done
 chardev="socket,id=c0,path=$socket"
 [ "$reconnect" = 1 ] && chardev="$chardev,reconnect=1"
 extra=()

@@ -555,6 +555,14 @@ impl Daemon {
     /// result line for further checks.
     pub fn assert_pattern_lands(&mut self, image: &Image) -> GuestLine {
         let run = self.boot(Guest::test("pattern"));
+        self.assert_pattern_landed(image, &run)
+    }
+
+    /// The check of [`assert_pattern_lands`](Self::assert_pattern_lands), for a `pattern`
+    /// guest booted another way (e.g. through libvirt): `run` passed, the server is alive,
+    /// and `image` holds exactly what the guest wrote. Returns the guest's result line.
+    pub fn assert_pattern_landed(&mut self, image: &Image, run: &GuestRun) -> GuestLine {
+        assert_eq!(run.test, "pattern", "not a pattern guest");
         let r = run.expect_pass().clone();
         let (offset, len) = (r.num("offset"), r.num("length") as usize);
         self.assert_alive();

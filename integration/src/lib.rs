@@ -29,7 +29,7 @@
 //! printed), [`frontend`] (the protocol-level client), [`qmp`] (talking to QEMU),
 //! [`migration`] (moving a guest between QEMUs), [`systemd`](mod@systemd) (the notify and
 //! activation sockets systemd would hold), [`ceph`] (a throw-away Ceph cluster for the RBD
-//! backend).
+//! backend), [`libvirt`] (the same guest booted through a private libvirtd).
 
 #![deny(
     unsafe_op_in_unsafe_fn,
@@ -43,6 +43,7 @@ pub mod console;
 pub mod daemon;
 pub mod frontend;
 pub mod image;
+pub mod libvirt;
 pub mod migration;
 mod procfs;
 pub mod qmp;
@@ -56,6 +57,7 @@ pub use ceph::CephCluster;
 pub use console::{parse_results, GuestLine, GuestRun, LineKind};
 pub use daemon::{Daemon, Resources};
 pub use image::{Image, TEST_IMAGE_SIZE};
+pub use libvirt::{Domain, Libvirtd};
 pub use migration::{Fleet, MigrationInfo, Progress, Side};
 pub use qmp::{Qmp, QmpError};
 pub use server::{corodev_bin, Server};

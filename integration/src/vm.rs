@@ -1,8 +1,9 @@
 //! A booted test guest: `scripts/run-vm.sh` running QEMU against a vhost-user socket,
 //! one guest at a time, its console in a file, killed with its whole process group on
-//! drop. Also what to boot ([`Guest`]) and the guest's kernel and initramfs
-//! ([`guest_artifacts`]). Boundary: the VM process; reading what the guest printed is
-//! [`crate::console`]'s.
+//! drop. Also what to boot ([`Guest`]), the guest's kernel and initramfs
+//! ([`guest_artifacts`]) and its kernel command line ([`Guest::kernel_cmdline`]), which
+//! [`crate::libvirt`] boots through libvirt instead. Boundary: the VM process; reading what
+//! the guest printed is [`crate::console`]'s.
 
 use std::fs::File;
 use std::os::unix::process::CommandExt;
@@ -113,6 +114,54 @@ impl<'a> Guest<'a> {
         self.smp = queues;
         self
     }
+
+    /// `scripts/run-vm.sh`'s options for this guest (the test, its argument, the VM shape).
+    fn run_vm_args(&self) -> Vec<String> {
+        let mut args: Vec<String> = [
+            ("--test", self.test.to_owned()),
+            ("--queues", self.queues.to_string()),
+            ("--smp", self.smp.to_string()),
+            ("--mem", self.mem_mib.to_string()),
+            ("--timeout", self.timeout.as_secs().max(1).to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_owned(), v])
+        .collect();
+        if let Some(a) = self.arg {
+            args.extend(["--arg".to_owned(), a.to_owned()]);
+        }
+        if self.reconnect {
+            args.push("--reconnect".to_owned());
+        }
+        for k in self.kernel_args {
+            args.extend(["--kernel-arg".to_owned(), (*k).to_owned()]);
+        }
+        args
+    }
+
+    /// The guest kernel's command line for this guest, as `scripts/run-vm.sh` builds it
+    /// (`--print-cmdline`): for booting the same guest another way than run-vm.sh, e.g.
+    /// through libvirt ([`crate::libvirt`]), with the [`guest_artifacts`].
+    pub fn kernel_cmdline(&self) -> String {
+        let script = workspace().join("scripts/run-vm.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .args(self.run_vm_args())
+            .arg("--print-cmdline")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.lines().count() == 1,
+            "{} --print-cmdline failed ({}): {}{}",
+            script.display(),
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout.trim().to_owned()
+    }
 }
 
 /// Exit status of `scripts/run-vm.sh` when QEMU hit its timeout.
@@ -204,20 +253,7 @@ impl Vm {
         cmd.arg(&script)
             .arg("--socket")
             .arg(socket)
-            .args(["--test", guest.test])
-            .args(["--queues", &guest.queues.to_string()])
-            .args(["--smp", &guest.smp.to_string()])
-            .args(["--mem", &guest.mem_mib.to_string()])
-            .args(["--timeout", &guest.timeout.as_secs().max(1).to_string()]);
-        if let Some(a) = guest.arg {
-            cmd.args(["--arg", a]);
-        }
-        if guest.reconnect {
-            cmd.arg("--reconnect");
-        }
-        for k in guest.kernel_args {
-            cmd.args(["--kernel-arg", k]);
-        }
+            .args(guest.run_vm_args());
         let qmp = control.qmp.then(|| dir.path().join("qmp.sock"));
         if let Some(qmp) = &qmp {
             cmd.arg("--qmp").arg(qmp);
