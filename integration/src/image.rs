@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use crate::workspace;
@@ -13,6 +14,10 @@ pub struct Image {
     pub path: PathBuf,
     _dir: tempfile::TempDir,
 }
+
+/// What the host writes into an image's last 4 KiB to end a guest's long-running test
+/// (`restart`, `migrate`, `iobench` in `scripts/guest-init.sh`): [`Image::tell_guest_to_stop`].
+pub const STOP_WORD: &[u8] = b"CORODEV-STOP\n";
 
 /// The image size of [`Daemon::with_image`]: 64 MiB.
 pub const TEST_IMAGE_SIZE: u64 = 64 << 20;
@@ -53,6 +58,26 @@ impl Image {
                 )
             });
         buf
+    }
+
+    /// Tells the guest to stop its long-running test: [`STOP_WORD`] in the image's last 4
+    /// KiB, which the guest polls with O_DIRECT reads (the server's O_DIRECT read sees it:
+    /// the kernel writes a file's dirty pages back before a direct read).
+    pub fn tell_guest_to_stop(&self) {
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .and_then(|f| {
+                let len = f.metadata()?.len();
+                f.write_all_at(STOP_WORD, len.saturating_sub(4096))?;
+                f.sync_data()
+            });
+        if let Err(e) = written {
+            panic!(
+                "cannot write the stop word into {}: {e}",
+                self.path.display()
+            );
+        }
     }
 
     /// Hex md5 of `len` bytes at `offset` (what the guest's `pattern` test prints).

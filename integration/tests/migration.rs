@@ -26,7 +26,6 @@
 //! then fails at the first move with QEMU's reason. `CORODEV_TEST_SERVER=qsd` runs the same
 //! against qemu-storage-daemon.
 
-use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use integration::{Fleet, Guest, Image, MigrationInfo, Progress, Server, Side};
@@ -40,7 +39,6 @@ const WRITERS: u64 = 4;
 const REGIONS_LEN: u64 = 16 * MIB;
 const READ_AT: u64 = 32 * MIB;
 const READ_LEN: u64 = MIB;
-const STOP_WORD: &[u8] = b"CORODEV-STOP\n";
 /// Moves in `there_and_back_*`: there and back five times.
 const MOVES: usize = 10;
 /// Guest limits: its own run cap (corodev.arg, in case the stop word never comes) and each
@@ -164,24 +162,6 @@ fn wait_more(fleet: &Fleet<'_>, side: &mut Side, since: &Progress, what: &str) -
     wait_progress(fleet, side, what, PROGRESS_TIMEOUT, |p| {
         p.get("writes") >= w + WRITES_BETWEEN && p.get("checks") >= c + CHECKS_BETWEEN
     })
-}
-
-/// Tells the guest to stop: the stop word in the image's last 4 KiB, which it polls with
-/// O_DIRECT reads.
-fn tell_guest_to_stop(image: &Image) {
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&image.path)
-        .and_then(|f| {
-            f.write_all_at(STOP_WORD, IMAGE_SIZE - 4096)?;
-            f.sync_data()
-        });
-    if let Err(e) = written {
-        panic!(
-            "cannot write the stop word into {}: {e}",
-            image.path.display()
-        );
-    }
 }
 
 /// Moves the guest from `from` to a fresh destination (see `MOVE_BPS` for the hold after
@@ -320,7 +300,7 @@ impl Move {
 
 /// The guest's final verdict, checked in full against the host's image.
 fn check_final(fleet: &mut Fleet<'_>, side: Side, image: &Image) -> (u64, u64, u64) {
-    tell_guest_to_stop(image);
+    image.tell_guest_to_stop();
     let run = fleet.finish(side);
     let r = run.expect_pass();
     assert_eq!(

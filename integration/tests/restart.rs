@@ -30,7 +30,6 @@
 //! `CORODEV_RESTART_SEED=N` repeats a run's kill moments (the seed is printed).
 
 use std::ffi::OsStr;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -41,7 +40,6 @@ const MIB: u64 = 1 << 20;
 /// host writes the stop word.
 const IMAGE_SIZE: u64 = 128 * MIB;
 const REGIONS_LEN: u64 = 64 * MIB;
-const STOP_WORD: &[u8] = b"CORODEV-STOP\n";
 /// SIGKILLs, and after how many of them the graceful upgrade comes.
 const KILLS: usize = 10;
 const UPGRADE_AFTER: usize = 5;
@@ -330,26 +328,6 @@ fn copy_of_binary(program: &OsStr, dir: &Path) -> PathBuf {
     dst
 }
 
-/// Tells the guest to stop writing: the stop word in the image's last 4 KiB, which the
-/// guest polls with O_DIRECT reads (the server's O_DIRECT read sees it: the kernel writes a
-/// file's dirty pages back before a direct read).
-fn tell_guest_to_stop(image: &Image) {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&image.path)
-        .and_then(|f| {
-            f.write_all_at(STOP_WORD, IMAGE_SIZE - 4096)?;
-            f.sync_data()?;
-            Ok(f)
-        });
-    if let Err(e) = f {
-        panic!(
-            "cannot write the stop word into {}: {e}",
-            image.path.display()
-        );
-    }
-}
-
 fn restarts_under_guest_io(queues: u16) {
     let started = Instant::now();
     let kind = Server::from_env();
@@ -435,7 +413,7 @@ fn restarts_under_guest_io(queues: u16) {
         stops.push(stop);
     }
 
-    tell_guest_to_stop(&image);
+    image.tell_guest_to_stop();
     // The writes still queued need not crawl: the stops are over.
     run.throttle.lift();
     let Run {

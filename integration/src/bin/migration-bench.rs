@@ -24,7 +24,6 @@ use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 const IMAGE_SIZE: u64 = 64 * MIB;
-const STOP_WORD: &[u8] = b"CORODEV-STOP\n";
 
 struct Opts {
     server: Server,
@@ -271,16 +270,7 @@ fn main() {
     for _ in 0..2 {
         after.push(watch.next(&fleet, &mut dest, window_timeout));
     }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&image.path)
-        .and_then(|f| {
-            std::os::unix::fs::FileExt::write_all_at(&f, STOP_WORD, IMAGE_SIZE - 4096)?;
-            f.sync_data()
-        })
-    {
-        panic!("cannot write the stop word: {e}");
-    }
+    image.tell_guest_to_stop();
     let run = fleet.finish(dest);
     run.expect_pass();
 
