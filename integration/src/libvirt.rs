@@ -8,10 +8,11 @@
 //! **Private.** A libvirtd running as root uses the system's paths (`/etc/libvirt`,
 //! `/run/libvirt`, `/var/lib/libvirt`, `/var/cache/libvirt`, `/var/log/libvirt`); options
 //! move only its sockets and its own config file. So it runs in its own mount namespace
-//! (`unshare --mount`) in which those five directories are bind mounts of one temp dir:
-//! its configuration, domains, QEMU capabilities cache, logs and QEMU's monitor sockets are
-//! all there, gone when the test ends, and the host's libvirt (running or not) is neither
-//! used nor changed. Its socket is in the temp dir too, which the test's `virsh` reaches
+//! (`unshare --mount`) in which those five directories are bind mounts: four of one temp
+//! dir (its configuration, domains, logs and QEMU's monitor sockets, gone when the test
+//! ends), the cache of `target/libvirt-cache` (QEMU's capabilities, kept from run to run:
+//! [`CAPS_CACHE`]). The host's libvirt (running or not) is neither used nor changed. Its
+//! socket is in the temp dir too, which the test's `virsh` reaches
 //! (`qemu+unix:///system?socket=...`). The only trace on the host: the five directories are
 //! created (empty) if missing, as mount points. The namespace also has its own
 //! `/etc/passwd` and `/etc/group` with the `libvirt-qemu` user added if the host has none:
@@ -33,6 +34,7 @@
 //! says how to get them.
 
 use std::fmt::Write as _;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -58,24 +60,42 @@ const VIRSH_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(200);
 
 /// The directories libvirtd sees at the system paths, each a bind mount of a subdirectory
-/// of the instance's temp dir: (subdirectory, system path).
-const PRIVATE_DIRS: [(&str, &str); 5] = [
+/// of the instance's temp dir: (subdirectory, system path). `/var/cache/libvirt` is
+/// [`CAPS_CACHE`] instead.
+const PRIVATE_DIRS: [(&str, &str); 4] = [
     ("etc", "/etc/libvirt"),
     ("run", "/run/libvirt"),
     ("lib", "/var/lib/libvirt"),
-    ("cache", "/var/cache/libvirt"),
     ("log", "/var/log/libvirt"),
 ];
 
-/// Run by `unshare --mount` (so in the new namespace) as `sh -c SCRIPT sh DIR SUB:PATH...`
-/// ([`PRIVATE_DIRS`]): the bind mounts, then libvirtd in place of the shell, so the test's
-/// child process is libvirtd.
+/// What libvirtd sees as `/var/cache/libvirt`, relative to the workspace root: kept from
+/// run to run, like the guest image in `target/guest`. It holds only the QEMU driver's
+/// capabilities cache, which libvirt checks against the QEMU binaries, itself and the host
+/// kernel at start-up and probes again when any changed. Without it every libvirtd start
+/// probes QEMU first: 8 s here under TCG, against 0.1 s.
+pub const CAPS_CACHE: &str = "target/libvirt-cache";
+
+/// The user (and group) libvirt's QEMU driver looks up at start-up, added to the
+/// namespace's /etc/passwd and /etc/group if the host has none (see the module docs):
+/// (name, passwd line, group line).
+const QEMU_USER: (&str, &str, &str) = (
+    "libvirt-qemu",
+    "libvirt-qemu:x:64055:64055:libvirt QEMU, corodev test:/nonexistent:/usr/sbin/nologin",
+    "libvirt-qemu:x:64055:",
+);
+
+/// Run by `unshare --mount` (so in the new namespace) as
+/// `sh -c SCRIPT sh DIR SOURCE PATH SOURCE PATH...`: the bind mounts of each SOURCE at its
+/// PATH ([`PRIVATE_DIRS`], [`CAPS_CACHE`]; PATH is created if missing, as a mount point),
+/// then libvirtd in place of the shell, so the test's child process is libvirtd.
 const NAMESPACE_SCRIPT: &str = r#"set -eu
 d=$1
 shift
-for m in "$@"; do
-    mkdir -p "${m#*:}"
-    mount --bind "$d/${m%%:*}" "${m#*:}"
+while [ $# -ge 2 ]; do
+    mkdir -p "$2"
+    mount --bind "$1" "$2"
+    shift 2
 done
 mount --bind "$d/passwd" /etc/passwd
 mount --bind "$d/group" /etc/group
@@ -129,13 +149,23 @@ impl Libvirtd {
              user = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\n\
              security_driver = \"none\"\nstdio_handler = \"file\"\ncgroup_controllers = [ ]\n",
         );
-        write(&d.join("passwd"), &with_line(
-            "/etc/passwd",
-            "libvirt-qemu",
-            "libvirt-qemu:x:64055:64055:libvirt's QEMU (corodev test):/nonexistent:/usr/sbin/nologin",
-        ));
-        let group = with_line("/etc/group", "libvirt-qemu", "libvirt-qemu:x:64055:");
-        write(&d.join("group"), &group);
+        let (user, passwd_line, group_line) = QEMU_USER;
+        write(
+            &d.join("passwd"),
+            &with_line("/etc/passwd", user, passwd_line),
+        );
+        write(&d.join("group"), &with_line("/etc/group", user, group_line));
+
+        let cache = workspace().join(CAPS_CACHE);
+        mkdir(&cache);
+        let mounts: Vec<(PathBuf, &str)> = PRIVATE_DIRS
+            .iter()
+            .map(|(sub, path)| (d.join(sub), *path))
+            .chain([(cache.clone(), "/var/cache/libvirt")])
+            .collect();
+        // One libvirtd of this workspace starts at a time: the one that probes QEMU writes
+        // the cache, which another must not read half-written.
+        let cache_lock = CacheLock::take(&cache.join(".lock"));
 
         eprintln!("libvirt: starting a private libvirtd in {}", d.display());
         let out = std::fs::File::create(d.join("libvirtd.out"))
@@ -149,9 +179,9 @@ impl Libvirtd {
             .arg("sh")
             .arg(d)
             .args(
-                PRIVATE_DIRS
+                mounts
                     .iter()
-                    .map(|(sub, path)| format!("{sub}:{path}")),
+                    .flat_map(|(src, dst)| [src.as_os_str(), dst.as_ref()]),
             )
             .stdin(Stdio::null())
             .stdout(out)
@@ -164,6 +194,7 @@ impl Libvirtd {
         );
         let mut libvirtd = Libvirtd { child, uri, dir };
         libvirtd.wait_ready();
+        drop(cache_lock);
         libvirtd
     }
 
@@ -348,6 +379,32 @@ impl Drop for Libvirtd {
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.kill_leftover_qemus();
+    }
+}
+
+/// An exclusive `flock` on a file, held until dropped (closing the file releases it).
+struct CacheLock {
+    _file: std::fs::File,
+}
+
+impl CacheLock {
+    fn take(path: &Path) -> CacheLock {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+        // SAFETY: flock only reads the descriptor number, which `file` keeps open.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(
+            rc,
+            0,
+            "flock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        CacheLock { _file: file }
     }
 }
 

@@ -4,15 +4,19 @@
 //! `<disk type='vhostuser'>` on corodev's socket, with guest RAM in a shared memfd, direct
 //! kernel boot of the test guest and its serial console in a file. The guest's verified I/O
 //! must land: the `pattern` test's data on the host image (md5), then fio's verified
-//! random writes from a second domain on the same corodev.
+//! random writes from a second domain on the same corodev. And the `<reconnect>` of the
+//! disk: corodev killed (SIGKILL) and started again on its socket while the guest's
+//! writers verify every write, libvirt's QEMU reconnects by itself and the guest's I/O goes
+//! on, with no error and the host image as the guest wrote it.
 //!
 //! Always corodev, never skipped: without libvirt (or root) the tests fail and say to run
 //! `scripts/install-deps.sh`.
 
 use std::time::{Duration, Instant};
 
-use integration::libvirt::{domain_template, DOMAIN_TEMPLATE};
-use integration::{workspace, Daemon, Guest, Image, Libvirtd};
+use integration::libvirt::{domain_template, Domain, DOMAIN_TEMPLATE};
+use integration::migration::CONSOLE_ERRORS;
+use integration::{workspace, Daemon, Guest, Image, Libvirtd, Progress};
 
 const MIB: u64 = 1 << 20;
 
@@ -67,7 +71,7 @@ fn libvirt_domain_on_corodev_pattern_lands_and_fio_verifies() {
                 Duration::from_secs(10)
             )
             .is_some(),
-        "the domain's QEMU hung up when the guest powered off; log:\n{}",
+        "the domain's QEMU must hang up when the guest powers off; log:\n{}",
         daemon.log_text()
     );
     eprintln!(
@@ -102,8 +106,175 @@ fn libvirt_domain_on_corodev_pattern_lands_and_fio_verifies() {
         daemon.log_text()
     );
     eprintln!(
-        "libvirt: fio verified {} write IOPS; {:.1} s in all",
+        "libvirt: fio verified every write ({} write IOPS); {:.1} s in all",
         r.get("write_iops"),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// How long the restart guest may take to boot and start writing, and to write again after
+/// corodev is back (QEMU reconnects once a second).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(30);
+/// Verified guest writes before the kill, and after the restart.
+const WRITES_BETWEEN: u64 = 3;
+
+/// Waits until the guest has verified at least `writes` writes (its `CORODEV-PROGRESS`
+/// lines); fails on a guest I/O error, a console line saying the disk broke, the domain
+/// leaving `running`, corodev exiting, or no progress within `timeout`. Returns the writes.
+fn wait_writes(
+    domain: &Domain<'_>,
+    daemon: &mut Daemon,
+    writes: u64,
+    timeout: Duration,
+    what: &str,
+) -> u64 {
+    let deadline = Instant::now() + timeout;
+    let fail = |why: String, daemon: &Daemon| -> ! {
+        panic!(
+            "{what}: {why}\n--- console ---\n{}\n--- QEMU log ---\n{}\n{}",
+            domain.console(),
+            domain.qemu_log(),
+            daemon.all_logs()
+        )
+    };
+    loop {
+        let console = domain.console();
+        let p = Progress::latest(&console);
+        let done = p.as_ref().map_or(0, |p| p.get("writes"));
+        let errors = p.as_ref().map_or(0, |p| p.get("errors"));
+        if errors > 0 {
+            fail(format!("the guest counted {errors} I/O error(s)"), daemon);
+        }
+        if let Some(line) = console
+            .lines()
+            .find(|l| CONSOLE_ERRORS.iter().any(|e| l.contains(e)))
+        {
+            fail(format!("the console says {line:?}"), daemon);
+        }
+        if done >= writes {
+            return done;
+        }
+        let state = domain.state();
+        if state != "running" {
+            fail(format!("the domain is {state:?}, not running"), daemon);
+        }
+        if let Some(status) = daemon.wait_exit(Duration::ZERO) {
+            fail(format!("corodev exited ({status})"), daemon);
+        }
+        if Instant::now() >= deadline {
+            fail(
+                format!("the guest verified {done} write(s), not {writes}, within {timeout:?}"),
+                daemon,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn libvirt_qemu_reconnects_to_a_restarted_corodev_and_guest_io_goes_on() {
+    let started = Instant::now();
+    // The restart guest's 8 regions of 8 MiB from offset 0; the stop word at the end.
+    let image = Image::new(128 * MIB);
+    let mut daemon = Daemon::corodev(&image, &[]);
+    let libvirtd = Libvirtd::start();
+    let mut guest = Guest::test("restart");
+    guest.arg = Some("150"); // the guest's own cap, should the stop word never come
+    guest.mem_mib = 512; // the writers keep a copy of their 64 MiB
+    guest.timeout = Duration::from_secs(240);
+    eprintln!("libvirt: workload: 8 guest writers, every write read back and compared");
+    let domain = libvirtd.boot(daemon.socket(), &guest);
+    let before = wait_writes(
+        &domain,
+        &mut daemon,
+        WRITES_BETWEEN,
+        BOOT_TIMEOUT,
+        "guest start",
+    );
+
+    eprintln!("libvirt: guest verified {before} writes; killing corodev (SIGKILL)");
+    let killed = Instant::now();
+    daemon.signal(libc::SIGKILL);
+    assert!(
+        daemon.wait_exit(Duration::from_secs(30)).is_some(),
+        "corodev not reaped 30 s after SIGKILL"
+    );
+    // Nothing completes while no server runs; the guest prints its count every 0.2 s.
+    std::thread::sleep(Duration::from_millis(500));
+    let at_kill = Progress::latest(&domain.console()).map_or(0, |p| p.get("writes"));
+    assert_eq!(
+        domain.state(),
+        "running",
+        "the domain must outlive its disk server"
+    );
+    eprintln!(
+        "libvirt: starting corodev again on {}",
+        daemon.socket().display()
+    );
+    daemon.respawn(None);
+    assert!(
+        daemon
+            .wait_log_line("frontend connected", PROGRESS_TIMEOUT)
+            .is_some(),
+        "libvirt's QEMU did not reconnect to the restarted corodev; QEMU log:\n{}\n{}",
+        domain.qemu_log(),
+        daemon.all_logs()
+    );
+    let after = wait_writes(
+        &domain,
+        &mut daemon,
+        at_kill + WRITES_BETWEEN,
+        PROGRESS_TIMEOUT,
+        "after the restart",
+    );
+    eprintln!(
+        "libvirt: QEMU reconnected; the guest verified {} more writes, {:.1} s after the kill",
+        after - at_kill,
+        killed.elapsed().as_secs_f64()
+    );
+    let log = daemon.log_text();
+    let resubmits: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("left in flight by the previous daemon"))
+        .collect();
+    eprintln!(
+        "libvirt: requests the killed corodev left in flight: {}",
+        if resubmits.is_empty() {
+            "none at this kill (restart.rs is the test that makes sure there are some)".to_owned()
+        } else {
+            resubmits.join("; ")
+        }
+    );
+
+    eprintln!("libvirt: telling the guest to stop and check every block");
+    image.tell_guest_to_stop();
+    let mut run = domain.wait_while(|| {
+        daemon
+            .wait_exit(Duration::ZERO)
+            .map(|s| format!("corodev exited ({s})"))
+    });
+    run.server_log = Some(daemon.all_logs());
+    let r = run.expect_pass();
+    assert_eq!(
+        r.get("stopped"),
+        "host",
+        "the guest stops on the host's word"
+    );
+    assert_eq!(r.num("errors"), 0, "guest I/O errors");
+    assert_eq!(r.get("dmesg"), "clean", "guest kernel log");
+    assert_eq!((r.num("offset"), r.num("length")), (0, 64 * MIB));
+    daemon.assert_alive();
+    assert_eq!(
+        image.md5(0, 64 * MIB as usize),
+        r.get("md5"),
+        "the host image must hold exactly what the guest wrote"
+    );
+    eprintln!(
+        "libvirt: guest verified {} writes and every block at the end; host image md5 {} \
+         matches; {:.1} s in all",
+        r.num("writes"),
+        r.get("md5"),
         started.elapsed().as_secs_f64()
     );
 }
