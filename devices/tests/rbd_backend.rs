@@ -133,6 +133,50 @@ fn rbd_backend_against_a_real_cluster() {
         other => panic!("bad image: {:?}", other.err()),
     }
 
+    // The pool's and the image's own settings count: write-around set on either is refused
+    // with the command that removes it, and the image's rbd_cache decides the write cache.
+    cluster.rbd(&["create", "--size", "16M", "rbd/cfg"]);
+    for (level, set, fix) in [
+        (
+            "image",
+            ["config", "image", "set", "rbd/cfg"],
+            "rbd config image remove rbd/cfg rbd_cache_policy",
+        ),
+        (
+            "pool",
+            ["config", "pool", "set", "rbd"],
+            "rbd config pool remove rbd rbd_cache_policy",
+        ),
+    ] {
+        let mut args = set.to_vec();
+        args.extend(["rbd_cache_policy", "writearound"]);
+        cluster.rbd(&args);
+        match RbdBackend::open(&cluster.opts("rbd", "cfg", false)) {
+            Err(e @ RbdError::WriteAround { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains(&format!(
+                        "its {level} configuration sets rbd_cache_policy=writearound"
+                    )) && text.contains(fix),
+                    "{text}"
+                );
+                let fix: Vec<&str> = fix.split_whitespace().skip(1).collect();
+                cluster.rbd(&fix);
+            }
+            other => panic!("write-around on the {level}: {:?}", other.err()),
+        }
+    }
+    let cfg = RbdBackend::open(&cluster.opts("rbd", "cfg", false)).expect("open once removed");
+    assert!(cfg.writeback_cache());
+    drop(cfg);
+    cluster.rbd(&["config", "image", "set", "rbd/cfg", "rbd_cache", "false"]);
+    let cfg = RbdBackend::open(&cluster.opts("rbd", "cfg", false)).expect("open");
+    assert!(
+        !cfg.writeback_cache(),
+        "the image's rbd_cache=false makes a write-through device"
+    );
+    drop(cfg);
+
     let disk = Arc::new(RbdBackend::open(&cluster.opts("rbd", "t", false)).expect("open"));
     assert_eq!(disk.size(), 16 * MIB, "capacity from the image");
     assert!(!disk.is_read_only());

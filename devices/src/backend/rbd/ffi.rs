@@ -29,6 +29,22 @@ pub type rbd_callback_t = Option<unsafe extern "C" fn(cb: rbd_completion_t, arg:
 /// `rbd_aio_write_zeroes` flag: allocate the zeroed range rather than deallocate it.
 pub const RBD_WRITE_ZEROES_FLAG_THICK_PROVISION: c_int = 1 << 0;
 
+/// Where an image's configuration value comes from (`rbd_config_source_t`).
+pub type rbd_config_source_t = c_int;
+/// Set on the image (`rbd config image set`).
+pub const RBD_CONFIG_SOURCE_IMAGE: rbd_config_source_t = 2;
+
+/// One configuration option of an open image, as librbd applies it (`rbd_config_option_t`).
+#[repr(C)]
+pub struct rbd_config_option_t {
+    /// Option name, NUL-terminated.
+    pub name: *mut c_char,
+    /// Its value, NUL-terminated.
+    pub value: *mut c_char,
+    /// Where the value comes from.
+    pub source: rbd_config_source_t,
+}
+
 /// The oldest librbd whose API matches these declarations: (major, minor).
 pub const MIN_LIBRBD: (c_int, c_int) = (1, 16);
 
@@ -74,6 +90,15 @@ extern "C" {
     ) -> c_int;
     pub fn rbd_close(image: rbd_image_t) -> c_int;
     pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
+    /// Every option as the open image applies it; `-ERANGE` and the count needed in
+    /// `max_options` when `options` is too short.
+    pub fn rbd_config_image_list(
+        image: rbd_image_t,
+        options: *mut rbd_config_option_t,
+        max_options: *mut c_int,
+    ) -> c_int;
+    /// Frees what a successful `rbd_config_image_list` filled in.
+    pub fn rbd_config_image_list_cleanup(options: *mut rbd_config_option_t, max_options: c_int);
 
     pub fn rbd_aio_create_completion(
         cb_arg: *mut c_void,

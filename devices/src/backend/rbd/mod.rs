@@ -158,6 +158,21 @@ pub enum RbdError {
         /// `--rbd-image`.
         image: String,
     },
+    /// The pool's or the image's own configuration asks for librbd's write-around cache
+    /// (see the module docs).
+    #[error("RBD image '{image}' in pool '{pool}'{}: its {level} configuration sets rbd_cache_policy=writearound, which can let a flush succeed over a write it lost; remove it ({fix}) or pass --direct to serve the image without librbd's cache", ns_suffix(.namespace))]
+    WriteAround {
+        /// `--rbd-pool`.
+        pool: String,
+        /// `--rbd-namespace`.
+        namespace: Option<String>,
+        /// `--rbd-image`.
+        image: String,
+        /// "pool" or "image".
+        level: &'static str,
+        /// The `rbd config ... remove` command that undoes it.
+        fix: String,
+    },
     /// The image exists but cannot be opened (or sized).
     #[error("cannot open RBD image '{image}' in pool '{pool}'{}: {source}", ns_suffix(.namespace))]
     Image {
@@ -280,10 +295,9 @@ impl Cluster {
         // cluster either way: librbd's dispatch queues what must wait (the exclusive lock,
         // a refresh) and only takes in-memory locks.
         cluster.set("rbd_non_blocking_aio", "false")?;
-        // See the module docs: never write-around.
-        if cluster.get(c"rbd_cache").as_deref() != Some("false")
-            && cluster.get(c"rbd_cache_policy").as_deref() == Some("writearound")
-        {
+        // See the module docs: never write-around (also with the cache off here, for an
+        // image whose own settings turn it on).
+        if cluster.get(c"rbd_cache_policy").as_deref() == Some("writearound") {
             cluster.set("rbd_cache_policy", "writeback")?;
         }
         // librbd's guess for guests that never flush (write through until the first
@@ -426,7 +440,6 @@ impl RbdBackend {
             unsafe { ffi::rados_ioctx_destroy(ioctx) };
             return Err(image_err(errno(r)));
         }
-        let writeback = cluster.get(c"rbd_cache").as_deref() != Some("false");
         // From here `backend`'s drop closes the image and the I/O context.
         let mut backend = RbdBackend {
             image,
@@ -434,8 +447,45 @@ impl RbdBackend {
             _cluster: cluster,
             size: 0,
             readonly: opts.readonly,
-            writeback,
+            writeback: false,
         };
+        // The pool's and the image's own settings (`rbd config pool|image set`) override
+        // the client's: the cache as the image applies it decides the write cache the
+        // guest sees, and a write-around policy set there is refused (module docs).
+        let config = backend
+            .config(&["rbd_cache", "rbd_cache_policy"])
+            .map_err(image_err)?;
+        let cache = config[0].as_ref().is_some_and(|(v, _)| v == "true");
+        if let (true, Some((policy, source))) = (cache, &config[1]) {
+            if policy == "writearound" {
+                let (level, fix) = if *source == ffi::RBD_CONFIG_SOURCE_IMAGE {
+                    let ns = opts
+                        .namespace
+                        .as_deref()
+                        .map_or(String::new(), |n| format!("{n}/"));
+                    (
+                        "image",
+                        format!(
+                            "rbd config image remove {}/{ns}{} rbd_cache_policy",
+                            opts.pool, opts.image
+                        ),
+                    )
+                } else {
+                    (
+                        "pool",
+                        format!("rbd config pool remove {} rbd_cache_policy", opts.pool),
+                    )
+                };
+                return Err(RbdError::WriteAround {
+                    pool: opts.pool.clone(),
+                    namespace: opts.namespace.clone(),
+                    image: opts.image.clone(),
+                    level,
+                    fix,
+                });
+            }
+        }
+        backend.writeback = cache;
         let mut size = 0u64;
         // SAFETY: an open image and a local to fill.
         let r = unsafe { ffi::rbd_get_size(backend.image, &mut size) };
@@ -444,6 +494,51 @@ impl RbdBackend {
         }
         backend.size = size;
         Ok(backend)
+    }
+
+    /// The values of `names` as the open image applies them, with where each comes from
+    /// (`None`: not listed).
+    fn config(
+        &self,
+        names: &[&str],
+    ) -> Result<Vec<Option<(String, ffi::rbd_config_source_t)>>, io::Error> {
+        let mut max: c_int = 0;
+        // SAFETY: an open image; with no array librbd only reports the count needed.
+        let r = unsafe { ffi::rbd_config_image_list(self.image, ptr::null_mut(), &mut max) };
+        if r != -libc::ERANGE && r < 0 {
+            return Err(errno(r));
+        }
+        let len = usize::try_from(max).unwrap_or(0);
+        let mut options: Vec<ffi::rbd_config_option_t> = (0..len)
+            .map(|_| ffi::rbd_config_option_t {
+                name: ptr::null_mut(),
+                value: ptr::null_mut(),
+                source: 0,
+            })
+            .collect();
+        // SAFETY: an open image and an array of `max` entries, which librbd fills (each
+        // string allocated by it) and `rbd_config_image_list_cleanup` frees below.
+        let r = unsafe { ffi::rbd_config_image_list(self.image, options.as_mut_ptr(), &mut max) };
+        if r < 0 {
+            return Err(errno(r));
+        }
+        let filled = usize::try_from(max).unwrap_or(0).min(options.len());
+        let found = names
+            .iter()
+            .map(|want| {
+                options[..filled].iter().find_map(|o| {
+                    // SAFETY: librbd filled `name` and `value` with NUL-terminated strings
+                    // that live until the cleanup below.
+                    let (name, value) =
+                        unsafe { (CStr::from_ptr(o.name), CStr::from_ptr(o.value)) };
+                    (name.to_bytes() == want.as_bytes())
+                        .then(|| (value.to_string_lossy().into_owned(), o.source))
+                })
+            })
+            .collect();
+        // SAFETY: the array librbd filled, with the count it reported.
+        unsafe { ffi::rbd_config_image_list_cleanup(options.as_mut_ptr(), max) };
+        Ok(found)
     }
 
     /// Runs one librbd request from the calling coroutine and parks until it completes.
