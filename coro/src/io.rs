@@ -641,6 +641,11 @@ fn submit_and_park(build: impl FnOnce(&mut OpArgs) -> squeue::Entry) -> io::Resu
         // A failure to create the ring travels as an `io::Error` wrapping the `Error`.
         s.with_ring(|ring| ring.push(task, build))?
     })?;
+    Ok(park_for_result(key))
+}
+
+/// Parks the current task until op slot `key` has its result, and takes it.
+fn park_for_result(key: usize) -> i32 {
     loop {
         let done = sched::with_active(|s| {
             s.ring
@@ -649,7 +654,7 @@ fn submit_and_park(build: impl FnOnce(&mut OpArgs) -> squeue::Entry) -> io::Resu
                 .and_then(|r| r.take_result(key))
         });
         if let Some(res) = done {
-            return Ok(res);
+            return res;
         }
         sched::park();
     }
@@ -902,18 +907,7 @@ pub fn remote(
         });
         return Err(e);
     }
-    loop {
-        let done = sched::with_active(|s| {
-            s.ring
-                .borrow_mut()
-                .as_mut()
-                .and_then(|r| r.take_result(key))
-        });
-        if let Some(res) = done {
-            return Ok(res);
-        }
-        sched::park();
-    }
+    Ok(park_for_result(key))
 }
 
 /// Whether this kernel can post remote completions (`IORING_OP_MSG_RING`, Linux 5.18): a

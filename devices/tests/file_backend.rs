@@ -9,31 +9,13 @@ use std::time::{Duration, Instant};
 
 use corodev_devices::backend::{BlockBackend, FileBackend, GuestBuffers};
 
-fn run_in_task(f: impl FnOnce() + 'static) {
-    let sched = coro::Scheduler::default();
-    let done = Rc::new(Cell::new(false));
-    let d = done.clone();
-    sched
-        .spawn(move || {
-            f();
-            d.set(true);
-        })
-        .expect("spawn");
-    assert_eq!(sched.run_until_idle().expect("run"), 0);
-    assert!(done.get(), "task must finish");
-}
+mod common;
+use common::{iov, run_in_task};
 
 fn image(bytes: &[u8]) -> tempfile::NamedTempFile {
     let mut f = tempfile::NamedTempFile::new_in(env!("CARGO_TARGET_TMPDIR")).expect("temp");
     f.write_all(bytes).expect("write");
     f
-}
-
-fn iov(buf: &mut [u8]) -> libc::iovec {
-    libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    }
 }
 
 #[test]

@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use corodev_devices::backend::{BlockBackend, GuestBuffers, RbdBackend, RbdError, RbdOptions};
 
+mod common;
+use common::{iov, run_in_task};
+
 const MIB: u64 = 1 << 20;
 
 fn workspace() -> PathBuf {
@@ -92,27 +95,6 @@ impl Drop for Cluster {
             .arg("down")
             .arg(&self.dir)
             .status();
-    }
-}
-
-fn run_in_task(f: impl FnOnce() + 'static) {
-    let sched = coro::Scheduler::default();
-    let done = Rc::new(Cell::new(false));
-    let d = done.clone();
-    sched
-        .spawn(move || {
-            f();
-            d.set(true);
-        })
-        .expect("spawn");
-    assert_eq!(sched.run_until_idle().expect("run"), 0);
-    assert!(done.get(), "task must finish");
-}
-
-fn iov(buf: &mut [u8]) -> libc::iovec {
-    libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
     }
 }
 

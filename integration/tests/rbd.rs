@@ -177,24 +177,10 @@ fn verified_fio_on_two_queues_then_ext4_fsck_clean() {
 /// request waits for the OSD through the outage.
 #[test]
 fn osd_crash_and_restart_within_the_op_timeout_is_only_a_stall() {
-    use integration::Vm;
     let cluster = CephCluster::up();
     cluster.create_image("stall", 128);
     let mut daemon = Daemon::corodev_rbd(&cluster.conf, "rbd", "stall", &["--direct"]);
-    let mut guest = Guest::test("restart");
-    guest.arg = Some("40"); // seconds of verified writes
-    guest.mem_mib = 512; // the writers keep a copy of their 64 MiB in guest memory
-    guest.timeout = Duration::from_secs(300);
-    let vm = Vm::start(&daemon.socket, &guest);
-    let t0 = Instant::now();
-    while !vm.console().contains("CORODEV-PROGRESS") {
-        assert!(
-            t0.elapsed() < Duration::from_secs(180),
-            "the guest never started its writers:\n{}",
-            vm.console()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let vm = start_writers(&daemon, "40");
     let before = vm.console().matches("CORODEV-PROGRESS").count();
     let t = Instant::now();
     cluster.crash_and_restart_osd(Duration::from_secs(3));
@@ -220,7 +206,6 @@ fn osd_crash_and_restart_within_the_op_timeout_is_only_a_stall() {
 /// guest's writes during the outage and only a flush fails (devices/tests/rbd_backend.rs).
 #[test]
 fn osd_stopped_past_the_op_timeout_fails_requests_then_serves_again() {
-    use integration::Vm;
     let cluster = CephCluster::up();
     cluster.create_image("lost", 128);
     let mut daemon = Daemon::corodev_rbd(
@@ -229,20 +214,7 @@ fn osd_stopped_past_the_op_timeout_fails_requests_then_serves_again() {
         "lost",
         &["--ceph-op-timeout", "3", "--direct"],
     );
-    let mut guest = Guest::test("restart");
-    guest.arg = Some("30");
-    guest.mem_mib = 512;
-    guest.timeout = Duration::from_secs(300);
-    let vm = Vm::start(&daemon.socket, &guest);
-    let t0 = Instant::now();
-    while !vm.console().contains("CORODEV-PROGRESS") {
-        assert!(
-            t0.elapsed() < Duration::from_secs(180),
-            "no writers:\n{}",
-            vm.console()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let vm = start_writers(&daemon, "30");
     let pid = cluster.osd_pid();
     // SAFETY: signals to the OSD this test's cluster started; no memory involved.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
@@ -348,4 +320,24 @@ fn rbd_instance_stays_inside_the_units_syscall_filter() {
         denied.is_empty(),
         "system calls the unit's filter denies: {denied:?}"
     );
+}
+
+/// Boots a guest running 8 verified O_DIRECT writers for `seconds` (the restart workload)
+/// on `daemon`, and returns once they are writing.
+fn start_writers(daemon: &Daemon, seconds: &'static str) -> integration::Vm {
+    let mut guest = Guest::test("restart");
+    guest.arg = Some(seconds);
+    guest.mem_mib = 512; // the writers keep a copy of their 64 MiB in guest memory
+    guest.timeout = Duration::from_secs(300);
+    let vm = integration::Vm::start(&daemon.socket, &guest);
+    let t0 = Instant::now();
+    while !vm.console().contains("CORODEV-PROGRESS") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "the guest never started its writers:\n{}",
+            vm.console()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    vm
 }
