@@ -9,9 +9,11 @@
 //!
 //! Sockets are matched to exports **by name** (`LISTEN_FDNAMES`, the socket unit's
 //! `FileDescriptorName=`), not by position, so that one process serving several exports
-//! later can take each export's socket from the same set. Today there is one export, named
-//! by `--name` (default: the socket file's name without its extension). One socket without
-//! a name (an activator that sets no `LISTEN_FDNAMES`) is taken by the one export.
+//! (a `--config` file's) takes each export's socket from the same set, by the export's
+//! name (`name`/`--name`, default: the socket file's name without its extension). One
+//! socket without a name (an activator that sets no `LISTEN_FDNAMES`) is taken by the
+//! first export that asks. The registry ([`crate::exports`]) keeps a claimed socket for
+//! the life of the process, so an export restarted by a reload serves it again.
 //!
 //! Boundary: this module checks what it is given (a listening `AF_UNIX` stream socket,
 //! bound to the `--socket` path) and returns it. It never unlinks or replaces the socket
@@ -81,17 +83,7 @@ impl Activated {
             what,
         })?;
         let listener = UnixListener::from(fd);
-        let bound = listener
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_pathname().map(Path::to_owned));
-        if !same_file(bound.as_deref(), path) {
-            return Err(Error::ActivationPath {
-                name: name.to_owned(),
-                bound: bound.map_or_else(|| "no path".into(), |p| p.display().to_string()),
-                socket: path.to_owned(),
-            });
-        }
+        check_bound(name, &listener, path)?;
         // An activator may pass it non-blocking (NonBlocking=yes); the accept loop blocks.
         listener
             .set_nonblocking(false)
@@ -100,6 +92,23 @@ impl Activated {
                 source,
             })?;
         Ok(listener)
+    }
+}
+
+/// `Ok` if the activated socket of export `name` is bound to `path` (the export's socket).
+pub(crate) fn check_bound(name: &str, listener: &UnixListener, path: &Path) -> Result<(), Error> {
+    let bound = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_owned));
+    if same_file(bound.as_deref(), path) {
+        Ok(())
+    } else {
+        Err(Error::ActivationPath {
+            name: name.to_owned(),
+            bound: bound.map_or_else(|| "no path".into(), |p| p.display().to_string()),
+            socket: path.to_owned(),
+        })
     }
 }
 

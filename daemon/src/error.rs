@@ -6,14 +6,23 @@ use std::path::PathBuf;
 
 use corodev_devices::config::ConfigError;
 
-use crate::cli::CliError;
+use crate::export_config::ExportErrors;
 
 /// Why the daemon cannot start or serve.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A combination of options that cannot work.
+    /// An export's settings that cannot work (one line per problem).
     #[error(transparent)]
-    Cli(#[from] CliError),
+    Export(#[from] ExportErrors),
+    /// An export of that name runs already.
+    #[error("an export named '{0}' is already running")]
+    ExportExists(String),
+    /// An export's serve loop panicked (a bug); the other exports go on.
+    #[error("export {0}: its serve loop panicked (a bug; please report it with the log)")]
+    Panicked(String),
+    /// The daemon is stopping: no export starts any more.
+    #[error("the daemon is stopping")]
+    Stopping,
     /// The disk image does not exist or cannot be opened.
     #[error("cannot open disk {path}: {source}; check the path and permissions")]
     OpenDisk {

@@ -1,7 +1,10 @@
 //! The corodev daemon as a library: the `corodev` binary is a thin `main` over it, and the
 //! fuzz targets drive [`device::BlkDevice`] through real vhost-user connections.
 //!
-//! - [`cli`]: options and their validation.
+//! - [`cli`]: the command line (one export from flags, or `--config`, or `check-config`).
+//! - [`export_config`]: one export's settings, from flags or a file, and their validation.
+//! - [`config_file`]: the `--config` TOML file: several exports, every error with its key.
+//! - [`exports`]: the registry of running exports (add, remove, reload, stop).
 //! - [`socket`]: binding the vhost-user socket (live vs. stale).
 //! - [`activation`]: taking the socket from systemd instead (socket activation).
 //! - [`systemd`]: READY/STATUS/STOPPING notifications and the watchdog's evidence.
@@ -28,10 +31,13 @@
 pub mod activation;
 pub mod cli;
 pub mod completion_event;
+pub mod config_file;
 pub mod connection;
 pub mod device;
 pub mod dirty_log;
 pub mod error;
+pub mod export_config;
+pub mod exports;
 pub mod guest_fault;
 pub mod image_lock;
 pub mod inflight;

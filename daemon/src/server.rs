@@ -7,6 +7,11 @@
 //! request outlives the memory it writes to. Then we accept the next connection on the same
 //! socket, unless `--once`.
 //!
+//! One loop serves one export; a daemon with several runs one loop per export, each on its
+//! own thread ([`crate::exports`]). A [`Stop`] ends a loop: a connection after its
+//! requests in flight are answered, a wait for a frontend at once (so one export can be
+//! removed while the others serve).
+//!
 //! The socket is bound here ([`crate::socket`]) or handed over by systemd
 //! ([`crate::activation`]); an activated one is never unlinked, and the loop accepts the
 //! next frontend on the same descriptor. What systemd is told along the way (READY=1,
@@ -28,7 +33,7 @@ use corodev_devices::ratelimit::{RateLimitedLog, DEFAULT_BURST, DEFAULT_WINDOW};
 use crate::connection::{Connection, WorkerConfig};
 use crate::device::BlkDevice;
 use crate::error::Error;
-use crate::systemd::{Liveness, Notifier};
+use crate::systemd::{ExportStatus, Liveness, StatusBoard};
 
 /// The per-connection lines: a frontend that connects and disconnects in a loop must not
 /// flood the journal any more than a guest can.
@@ -156,9 +161,9 @@ impl Listening {
 /// What systemd is told, and the watchdog's view of the loop (see [`crate::systemd`]).
 #[derive(Default)]
 pub struct Supervision {
-    /// Notifications (no-ops without `NOTIFY_SOCKET`).
-    pub notifier: Arc<Notifier>,
-    /// What the serve loop and the workers show the watchdog.
+    /// The daemon's STATUS= line, to which this export contributes its state.
+    pub status: Arc<StatusBoard>,
+    /// What this export's serve loop and workers show the watchdog.
     pub liveness: Arc<Liveness>,
     /// With a watchdog: how long the wait for a frontend may block before it beats.
     pub beat_every: Option<std::time::Duration>,
@@ -221,19 +226,24 @@ fn wait_for_frontend(
     }
 }
 
-/// The STATUS= line while no frontend is connected.
-fn listening_status(cfg: &ServerConfig, activated: bool, served: u64) -> String {
-    format!(
-        "export {}: listening on {}{}, no frontend; {served} connection(s) served",
-        cfg.name,
-        cfg.socket.display(),
-        if activated { " (socket-activated)" } else { "" },
-    )
+/// The export's state while no frontend is connected (also what the registry shows for an
+/// export whose loop has not started yet, so READY=1 never names fewer exports than run).
+pub(crate) fn listening_status(cfg: &ServerConfig, activated: bool, served: u64) -> ExportStatus {
+    ExportStatus {
+        line: format!(
+            "export {}: listening on {}{}, no frontend; {served} connection(s) served",
+            cfg.name,
+            cfg.socket.display(),
+            if activated { " (socket-activated)" } else { "" },
+        ),
+        serving: false,
+        served,
+    }
 }
 
 /// Serves connections on `listening` until `--once` is done or a stop is requested,
-/// telling systemd through `sup`: READY=1 before the first accept (the socket listens),
-/// a STATUS= line at each connect and disconnect.
+/// telling systemd's STATUS= line (`sup.status`) at each connect and disconnect. READY=1
+/// is the caller's, once every export listens: `listening` already does when this starts.
 pub fn serve_on(
     cfg: &ServerConfig,
     listening: Listening,
@@ -255,7 +265,7 @@ pub fn serve_on(
         cfg.workers.stack_mode.name(),
     );
     let live = &sup.liveness;
-    sup.notifier.ready(&status(0));
+    sup.status.set(&cfg.name, status(0));
     let mut connection = 0u64;
     let mut served = 0u64;
     while !stop.requested() {
@@ -280,7 +290,10 @@ pub fn serve_on(
         if let Err(e) = daemon.start(&mut listener) {
             CONNECTION_LOG.log(
                 log::Level::Error,
-                format_args!("accepting connection {connection} failed: {e}"),
+                format_args!(
+                    "export {}: accepting connection {connection} failed: {e}",
+                    cfg.name
+                ),
             );
             live.set_connection(None);
             continue;
@@ -288,16 +301,30 @@ pub fn serve_on(
         served += 1;
         CONNECTION_LOG.log(
             log::Level::Info,
-            format_args!("connection {connection}: frontend connected"),
+            format_args!(
+                "export {}: connection {connection}: frontend connected",
+                cfg.name
+            ),
         );
-        sup.notifier.status(&format!(
-            "export {}: serving a frontend on {} (connection {served})",
-            cfg.name,
-            cfg.socket.display()
-        ));
+        sup.status.set(
+            &cfg.name,
+            ExportStatus {
+                line: format!(
+                    "export {}: serving a frontend on {} (connection {served})",
+                    cfg.name,
+                    cfg.socket.display()
+                ),
+                serving: true,
+                served,
+            },
+        );
         if let Some(h) = daemon.shutdown_handle() {
             stop.set(Some((h.clone(), conn.clone())));
             conn.set_shutdown(h);
+            // A stop requested between the wait and `set` found no connection to end.
+            if stop.requested() {
+                stop.request();
+            }
         }
         match daemon.wait() {
             Ok(())
@@ -306,12 +333,18 @@ pub fn serve_on(
             )) => {
                 CONNECTION_LOG.log(
                     log::Level::Info,
-                    format_args!("connection {connection}: frontend disconnected"),
+                    format_args!(
+                        "export {}: connection {connection}: frontend disconnected",
+                        cfg.name
+                    ),
                 );
             }
             // A malformed message ends only this connection.
             Err(e) => {
-                CONNECTION_LOG.warn(format_args!("connection {connection}: closed: {e}"));
+                CONNECTION_LOG.warn(format_args!(
+                    "export {}: connection {connection}: closed: {e}",
+                    cfg.name
+                ));
             }
         }
         stop.set(None);
@@ -322,11 +355,12 @@ pub fn serve_on(
             Ok(()) => {
                 CONNECTION_LOG.log(
                     log::Level::Info,
-                    format_args!("connection {connection}: in-flight requests drained"),
+                    format_args!("export {}: connection {connection}: in-flight requests drained", cfg.name),
                 );
             }
             Err(n) => log::error!(
-                "connection {connection}: {n} worker(s) still have requests in flight after {CLOSE_TIMEOUT:?}; waiting for them to finish"
+                "export {}: connection {connection}: {n} worker(s) still have requests in flight after {CLOSE_TIMEOUT:?}; waiting for them to finish",
+                cfg.name
             ),
         }
         // The workers answer the watchdog until their threads are joined.
@@ -335,15 +369,15 @@ pub fn serve_on(
         let leaked = Arc::strong_count(&conn) - 1;
         if leaked > 0 {
             log::error!(
-                "connection {connection}: state still referenced {leaked} time(s) after close"
+                "export {}: connection {connection}: state still referenced {leaked} time(s) after close",
+                cfg.name
             );
         }
-        if cfg.once {
+        if cfg.once || stop.requested() {
             break;
         }
-        sup.notifier.status(&status(served));
+        sup.status.set(&cfg.name, status(served));
     }
-    sup.notifier.stopping();
     // The activator owns an activated socket: it stays, for the next process.
     if !activated {
         let _ = std::fs::remove_file(&cfg.socket);

@@ -18,6 +18,10 @@
 //!   fraction of the watchdog interval and beats on every pass ([`Liveness::accept_beat`]),
 //!   so a serve loop that stopped looping stops the pings.
 //!
+//! With several exports ([`crate::exports`]) each has its own [`Liveness`]; [`Watched`]
+//! holds them all and the watchdog pings only while every one answers, and the STATUS=
+//! line counts the exports ([`StatusBoard`]); READY=1 is sent once, when all listen.
+//!
 //! Not covered: the thread that reads the frontend's vhost-user messages (it can only be
 //! probed with a message, which would be a protocol event); a deadlock there shows up as
 //! soon as it stops a ring the workers need, and QEMU notices the rest.
@@ -86,11 +90,13 @@ impl Notifier {
     }
 }
 
-/// What the serve loop and the workers show the watchdog.
+/// What the serve loop and the workers of one export show the watchdog.
 #[derive(Default)]
 pub struct Liveness {
     /// Bumped on every pass of the serve loop's wait for a frontend.
     accept_beats: AtomicU64,
+    /// `accept_beats` at the watchdog's last check.
+    checked_beats: AtomicU64,
     /// Whether the serve loop is waiting for a frontend (and so must beat).
     accepting: AtomicBool,
     /// The connection whose worker threads are running (from before it is accepted
@@ -123,10 +129,11 @@ impl Liveness {
     }
 
     /// `Ok` if everything challenged at the last tick answered; otherwise who did not.
-    fn check(&self, last_accept_beat: &mut u64) -> Result<(), String> {
+    fn check(&self) -> Result<(), String> {
         let beats = self.accept_beats.load(Ordering::Acquire);
-        let accept_ok = !self.accepting.load(Ordering::Acquire) || beats != *last_accept_beat;
-        *last_accept_beat = beats;
+        let last = self.checked_beats.swap(beats, Ordering::AcqRel);
+        // A first check (nothing recorded yet) passes: the loop had no tick to beat in.
+        let accept_ok = !self.accepting.load(Ordering::Acquire) || beats != last || last == 0;
         let silent = self
             .connection()
             .map(|c| c.silent_workers())
@@ -148,6 +155,145 @@ impl Liveness {
     }
 }
 
+/// Every running export's [`Liveness`]: the watchdog pings only while all of them answer,
+/// so one frozen export among several still gets the daemon restarted. Exports join when
+/// they start and leave when they stop (a reload, a stop), never while checked.
+#[derive(Default)]
+pub struct Watched {
+    members: Mutex<Vec<(String, Arc<Liveness>)>>,
+}
+
+impl Watched {
+    /// Watches export `name`'s serve loop and workers from now on.
+    pub fn add(&self, name: &str, live: Arc<Liveness>) {
+        self.lock().push((name.to_owned(), live));
+    }
+
+    /// Stops watching `live` (its export stopped).
+    pub fn remove(&self, live: &Arc<Liveness>) {
+        self.lock().retain(|(_, l)| !Arc::ptr_eq(l, live));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, Arc<Liveness>)>> {
+        self.members.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `Ok` if every export answered; otherwise the first that did not, and why.
+    fn check(&self) -> Result<(), String> {
+        // Every member is checked (not only up to the first failure), so that each
+        // records its beats for the next round.
+        let failures: Vec<String> = self
+            .lock()
+            .iter()
+            .filter_map(|(name, live)| {
+                live.check()
+                    .err()
+                    .map(|why| format!("{why} (export {name})"))
+            })
+            .collect();
+        match failures.into_iter().next() {
+            None => Ok(()),
+            Some(first) => Err(first),
+        }
+    }
+
+    fn challenge(&self) {
+        for (_, live) in self.lock().iter() {
+            live.challenge();
+        }
+    }
+}
+
+/// One export's part of the STATUS= line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportStatus {
+    /// What the line says when this is the only export.
+    pub line: String,
+    /// A frontend is connected.
+    pub serving: bool,
+    /// Connections served so far.
+    pub served: u64,
+}
+
+/// The STATUS= line of the whole daemon, made from every export's state: the export's own
+/// line when there is one export, otherwise counts (`systemctl status` shows one line, so
+/// exports cannot each send theirs). READY=1 is sent once, by whoever started the exports,
+/// when every one of them listens ([`StatusBoard::ready`]); until then nothing is sent.
+#[derive(Default)]
+pub struct StatusBoard {
+    notifier: Arc<Notifier>,
+    exports: Mutex<std::collections::BTreeMap<String, ExportStatus>>,
+    ready: AtomicBool,
+}
+
+impl StatusBoard {
+    /// A board that tells `notifier`.
+    pub fn new(notifier: Arc<Notifier>) -> StatusBoard {
+        StatusBoard {
+            notifier,
+            exports: Mutex::default(),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Export `name`'s state changed.
+    pub fn set(&self, name: &str, status: ExportStatus) {
+        self.lock().insert(name.to_owned(), status);
+        self.send();
+    }
+
+    /// Export `name` stopped.
+    pub fn remove(&self, name: &str) {
+        self.lock().remove(name);
+        self.send();
+    }
+
+    /// READY=1 with the current line (once; later calls only update the line).
+    pub fn ready(&self) {
+        if self.ready.swap(true, Ordering::AcqRel) {
+            self.send();
+        } else {
+            self.notifier.ready(&self.line());
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, ExportStatus>> {
+        self.exports.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn send(&self) {
+        if self.ready.load(Ordering::Acquire) {
+            self.notifier.status(&self.line());
+        }
+    }
+
+    /// The STATUS= line.
+    pub fn line(&self) -> String {
+        let exports = self.lock();
+        if exports.len() == 1 {
+            if let Some(only) = exports.values().next() {
+                return only.line.clone();
+            }
+        }
+        let serving: Vec<&str> = exports
+            .iter()
+            .filter(|(_, s)| s.serving)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let served: u64 = exports.values().map(|s| s.served).sum();
+        format!(
+            "{} exports, {} serving a frontend{}; {served} connection(s) served",
+            exports.len(),
+            serving.len(),
+            if serving.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", serving.join(", "))
+            },
+        )
+    }
+}
+
 /// The systemd watchdog interval (`WATCHDOG_USEC`, for this process), if enabled.
 pub fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled().filter(|d| !d.is_zero())
@@ -161,10 +307,10 @@ pub fn tick(interval: Duration) -> Duration {
 }
 
 /// Starts the watchdog thread: every [`tick`], checks that everything challenged at the
-/// previous tick answered, sends WATCHDOG=1 only if so, and challenges again.
+/// previous tick answered, in every export, sends WATCHDOG=1 only if so, and challenges again.
 pub fn spawn_watchdog(
     interval: Duration,
-    live: Arc<Liveness>,
+    live: Arc<Watched>,
     notifier: Arc<Notifier>,
 ) -> Result<(), Error> {
     let tick = tick(interval);
@@ -174,11 +320,10 @@ pub fn spawn_watchdog(
     std::thread::Builder::new()
         .name("watchdog".into())
         .spawn(move || {
-            let mut last_accept_beat = u64::MAX;
             let mut failing = false;
             loop {
                 std::thread::sleep(tick);
-                match live.check(&mut last_accept_beat) {
+                match live.check() {
                     Ok(()) => {
                         if failing {
                             log::info!("watchdog: the serving path answers again");

@@ -58,7 +58,11 @@ fn refuses_bad_invocations_without_side_effects() {
         &sock,
         "512 or 4096",
     );
-    assert_refused(&["--socket", s], &sock, "--disk PATH is required");
+    assert_refused(
+        &["--socket", s],
+        &sock,
+        "--disk: required with backend file (or use backend null with a size)",
+    );
     assert_refused(
         &[
             "--socket",
@@ -71,9 +75,33 @@ fn refuses_bad_invocations_without_side_effects() {
             "ucontext",
         ],
         &sock,
-        "use --coroutine-backend fast or sigaltstack (x86_64), or --stack-mode pooled",
+        "--stack-mode: shared needs a register-switch coroutine backend",
     );
     assert_refused(&["--socket", s, "--backend", "null"], &sock, "--size");
+    // Every problem at once, one line each.
+    let (code, stderr) = corodev(&[
+        "--socket",
+        s,
+        "--disk",
+        i,
+        "--queue-size",
+        "100",
+        "--block-size",
+        "1000",
+    ]);
+    assert_eq!(code, 2);
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        [
+            "corodev: error: --queue-size: 100 is not a power of two between 2 and 32768: use e.g. 128 or 256",
+            "corodev: error: --block-size: 1000 is not a supported block size: use 512 or 4096",
+        ]
+    );
+    assert_refused(
+        &["--config", i, "--disk", i],
+        &sock,
+        "error: --disk is an export flag, and --config FILE describes every export: put it in the file's [[exports]] table, or drop --config",
+    );
     assert_eq!(
         std::fs::read(&img).expect("read image"),
         vec![7u8; 1000],

@@ -176,10 +176,11 @@ fn watchdog_pings_stop_while_a_worker_or_the_serve_loop_is_frozen() {
         "{text}"
     );
 
-    // The main thread is the serve loop, waiting for a frontend.
-    let main = libc::pid_t::try_from(pid).expect("pid");
+    // The export's serve loop (thread serve:NAME), waiting for a frontend.
+    let serve = threads_named(pid, "serve:wd");
+    assert_eq!(serve.len(), 1, "one serve loop: {serve:?}");
     {
-        let _frozen = stop_thread(main);
+        let _frozen = stop_thread(serve[0]);
         notify.count("WATCHDOG=1", Duration::from_millis(300));
         let pings = notify.count("WATCHDOG=1", Duration::from_secs(1));
         assert_eq!(pings, 0, "a frozen serve loop must stop the pings");

@@ -1,0 +1,695 @@
+//! The running exports: a registry from name to a running export (its serve loop on its
+//! own thread, its socket, disk, image lock and [`Stop`]), with the operations that
+//! change it: [`Exports::add`], [`Exports::remove`], [`Exports::apply`] (a whole new
+//! configuration: what SIGHUP does) and [`Exports::stop_all`] (SIGTERM). A control API
+//! calls the same functions.
+//!
+//! Each export runs [`server::serve_on`] on a thread named `serve:NAME`, exactly as the
+//! one export of the flag command line does; exports share nothing but the process, the
+//! STATUS= line ([`StatusBoard`]) and the watchdog ([`Watched`], which pings only while
+//! every export's serve loop and workers answer).
+//!
+//! **Reload rule.** [`Exports::apply`] compares each export's validated settings
+//! ([`ExportSpec`]) by name: an export whose settings are equal is not touched (its
+//! frontend stays connected); one that is gone is stopped the way SIGTERM stops one (its
+//! requests in flight answered, then the frontend hung up on); one that is new is started;
+//! one whose settings differ is stopped, then started with the new settings (logged: its
+//! frontend sees a disconnect and, with `reconnect=`, comes back). Every new or changed
+//! export's disk is opened first: if any fails, nothing changes.
+//!
+//! Boundary: the file is [`crate::config_file`]'s; the connection loop is
+//! [`crate::server`]'s. This module owns threads and sockets, not protocol.
+
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use corodev_devices::backend::{BlockBackend, FileBackend, NullBackend};
+use corodev_devices::config::{ConfigError as DeviceError, DeviceConfig, DeviceParams};
+
+use crate::activation::Activated;
+use crate::config_file::{self, ConfigError};
+use crate::connection::WorkerConfig;
+use crate::error::Error;
+use crate::export_config::{Backend, ExportSpec, LockMode, RbdSpec};
+use crate::image_lock::ImageLock;
+use crate::server::{self, Listening, ServerConfig, Stop, Supervision};
+use crate::systemd::{Liveness, StatusBoard, Watched};
+
+/// An export whose disk is open and whose device is built: everything that can fail
+/// because of its settings has been tried; what is left (socket, lock) depends on the
+/// rest of the system.
+pub struct Prepared {
+    /// Its settings.
+    pub spec: ExportSpec,
+    disk: Arc<dyn BlockBackend>,
+    device: DeviceConfig,
+    workers: WorkerConfig,
+}
+
+/// Opens `spec`'s disk and builds its device, the one path from settings to a device (no
+/// value is clamped or adjusted behind the user's back).
+pub fn prepare(spec: ExportSpec) -> Result<Prepared, Error> {
+    let disk = open_disk(&spec)?;
+    let mut params = DeviceParams::for_backend(&*disk);
+    params.num_queues = spec.num_queues;
+    params.queue_size = spec.queue_size;
+    params.block_size = spec.block_size;
+    params.readonly |= spec.readonly;
+    params.serial = spec.serial.clone().into_bytes();
+    let device = DeviceConfig::build(params)?;
+    let workers = WorkerConfig {
+        threads: usize::from(spec.threads),
+        coroutine_backend: coro::Backend::from(spec.coroutine_backend)
+            .check()
+            .map_err(Error::CoroutineBackend)?,
+        stack_mode: spec.stack_mode.to_coro(),
+        stack_size: spec.stack_size,
+        poll: spec.poll,
+        stop_timeout: spec.stop_timeout,
+    };
+    Ok(Prepared {
+        spec,
+        disk,
+        device,
+        workers,
+    })
+}
+
+fn open_disk(spec: &ExportSpec) -> Result<Arc<dyn BlockBackend>, Error> {
+    match &spec.backend {
+        Backend::Rbd(rbd) => open_rbd(rbd, spec.readonly),
+        Backend::Null { size, latency } => Ok(Arc::new(NullBackend::new(*size, *latency))),
+        Backend::File { disk, direct, .. } => {
+            let file = FileBackend::open(disk, spec.readonly, *direct).map_err(|source| {
+                Error::OpenDisk {
+                    path: disk.clone(),
+                    source,
+                }
+            })?;
+            let size = file.size();
+            if size == 0 {
+                return Err(Error::DiskEmpty(disk.clone()));
+            }
+            if size % u64::from(spec.block_size) != 0 {
+                return Err(Error::DiskSize {
+                    path: disk.clone(),
+                    size,
+                    block_size: spec.block_size,
+                });
+            }
+            Ok(Arc::new(file))
+        }
+    }
+}
+
+/// Connects to the Ceph cluster and opens the image (one connection per export).
+#[cfg(feature = "rbd")]
+fn open_rbd(rbd: &RbdSpec, readonly: bool) -> Result<Arc<dyn BlockBackend>, Error> {
+    use corodev_devices::backend::{RbdBackend, RbdOptions};
+    let opts = RbdOptions {
+        pool: rbd.pool.clone(),
+        image: rbd.image.clone(),
+        namespace: rbd.namespace.clone(),
+        conf: rbd.conf.clone(),
+        id: rbd.id.clone(),
+        readonly,
+        cache: !rbd.direct,
+        connect_timeout: rbd.connect_timeout,
+        op_timeout: rbd.op_timeout,
+    };
+    let disk = RbdBackend::open(&opts)?;
+    if disk.size() == 0 {
+        return Err(Error::RbdEmpty {
+            pool: rbd.pool.clone(),
+            image: rbd.image.clone(),
+        });
+    }
+    log::info!(
+        "RBD image {}/{}{}: {} bytes, {}, librbd cache {}",
+        rbd.pool,
+        rbd.namespace
+            .as_ref()
+            .map_or_else(String::new, |ns| format!("{ns}/")),
+        rbd.image,
+        disk.size(),
+        if readonly { "read-only" } else { "read-write" },
+        if disk.writeback_cache() {
+            "on, write-back (the guest flushes)"
+        } else {
+            "off"
+        },
+    );
+    Ok(Arc::new(disk))
+}
+
+#[cfg(not(feature = "rbd"))]
+fn open_rbd(_rbd: &RbdSpec, _readonly: bool) -> Result<Arc<dyn BlockBackend>, Error> {
+    Err(Error::RbdNotBuilt)
+}
+
+/// The setting a failure of [`prepare`] or of starting an export is about, as its key
+/// (`exports[i].KEY` in a config file's errors).
+pub fn error_key(e: &Error) -> &'static str {
+    match e {
+        Error::Device(DeviceError::BlockSize(_) | DeviceError::BlockSizeBelowBackend { .. }) => {
+            "block-size"
+        }
+        Error::Device(DeviceError::QueueSize(_)) => "queue-size",
+        Error::Device(DeviceError::NoQueues) => "num-queues",
+        Error::Device(DeviceError::SerialTooLong(_)) => "serial",
+        Error::CoroutineBackend(_) => "coroutine-backend",
+        Error::SocketInUse(_)
+        | Error::SocketNotASocket(_)
+        | Error::Socket { .. }
+        | Error::ActivationNoSocket { .. }
+        | Error::ActivationNotListening { .. }
+        | Error::ActivationPath { .. } => "socket",
+        Error::RbdEmpty { .. } => "rbd-image",
+        #[cfg(feature = "rbd")]
+        Error::Rbd(_) => "rbd-image",
+        Error::RbdNotBuilt => "backend",
+        _ => "disk",
+    }
+}
+
+/// A serve loop that ended by itself (`--once`, an error) or was stopped: the thread
+/// that waits for the daemon to end ([`Exports::reap`]) hears of each.
+pub struct Finished {
+    name: String,
+    id: u64,
+    result: Result<(), Error>,
+}
+
+/// One running export.
+struct Running {
+    /// Which start of this name (a restarted export is a new one).
+    id: u64,
+    spec: ExportSpec,
+    stop: Arc<Stop>,
+    liveness: Arc<Liveness>,
+    thread: JoinHandle<()>,
+}
+
+struct Inner {
+    running: BTreeMap<String, Running>,
+    /// Socket-activated sockets no export has claimed yet.
+    activated: Option<Activated>,
+    /// Sockets that were activated, by export name, kept after their export stops so a
+    /// restarted or re-added export serves the same socket (a copy of each runs).
+    activated_kept: BTreeMap<String, UnixListener>,
+    next_id: u64,
+    /// Set by [`Exports::started`].
+    started: bool,
+    /// Set by [`Exports::stop_all`]: nothing starts any more.
+    stopping: bool,
+}
+
+/// What [`Exports::apply`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Started.
+    pub added: Vec<String>,
+    /// Stopped.
+    pub removed: Vec<String>,
+    /// Stopped and started again with new settings.
+    pub restarted: Vec<String>,
+    /// Left running as they were.
+    pub unchanged: Vec<String>,
+    /// New or changed exports that failed to start (socket, lock), with why.
+    pub failed: Vec<(String, String)>,
+}
+
+/// The running exports, by name. See the module docs.
+pub struct Exports {
+    inner: Mutex<Inner>,
+    status: Arc<StatusBoard>,
+    watched: Arc<Watched>,
+    beat_every: Option<Duration>,
+    finished: Sender<Finished>,
+    /// `--once`: each export serves one connection.
+    once: bool,
+}
+
+impl Exports {
+    /// An empty registry. `activated`: the sockets passed by socket activation, which
+    /// exports claim by name. Serve loops that end are reported on the returned channel
+    /// (see [`reap`](Self::reap)).
+    pub fn new(
+        status: Arc<StatusBoard>,
+        watched: Arc<Watched>,
+        beat_every: Option<Duration>,
+        activated: Option<Activated>,
+        once: bool,
+    ) -> (Exports, Receiver<Finished>) {
+        let (finished, rx) = mpsc::channel();
+        let exports = Exports {
+            inner: Mutex::new(Inner {
+                running: BTreeMap::new(),
+                activated,
+                activated_kept: BTreeMap::new(),
+                next_id: 0,
+                started: false,
+                stopping: false,
+            }),
+            status,
+            watched,
+            beat_every,
+            finished,
+            once,
+        };
+        (exports, rx)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The names of the running exports.
+    pub fn names(&self) -> Vec<String> {
+        self.lock().running.keys().cloned().collect()
+    }
+
+    /// The settings of running export `name`.
+    pub fn spec(&self, name: &str) -> Option<ExportSpec> {
+        self.lock().running.get(name).map(|r| r.spec.clone())
+    }
+
+    /// Starts a prepared export: takes its image lock, its socket (an activated one
+    /// named after it, else one bound at its path), and runs its serve loop on its own
+    /// thread. Returns once the socket listens.
+    pub fn add(&self, export: Prepared) -> Result<(), Error> {
+        let mut inner = self.lock();
+        self.add_locked(&mut inner, export)
+    }
+
+    fn add_locked(&self, inner: &mut Inner, export: Prepared) -> Result<(), Error> {
+        let Prepared {
+            spec,
+            disk,
+            device,
+            workers,
+        } = export;
+        if inner.stopping {
+            return Err(Error::Stopping);
+        }
+        if inner.running.contains_key(&spec.name) {
+            return Err(Error::ExportExists(spec.name));
+        }
+        let image_lock = match &spec.backend {
+            Backend::File {
+                disk,
+                lock: LockMode::On,
+                incoming,
+                ..
+            } => Some(Arc::new(ImageLock::acquire(
+                disk,
+                device.readonly(),
+                *incoming,
+            )?)),
+            _ => None,
+        };
+        if let Some(lock) = &image_lock {
+            log::info!(
+                "export {}: disk {} locked ({}{})",
+                spec.name,
+                lock.path().display(),
+                if device.readonly() {
+                    "read-only, shared with readers"
+                } else {
+                    "read-write"
+                },
+                if lock.is_active() {
+                    ""
+                } else {
+                    "; incoming: write lock taken when the guest starts here"
+                },
+            );
+        }
+        let listening = Self::listen(inner, &spec.name, &spec.socket)?;
+        let cfg = ServerConfig {
+            image_lock,
+            socket: spec.socket.clone(),
+            name: spec.name.clone(),
+            disk,
+            device,
+            workers,
+            once: self.once,
+        };
+        let liveness = Arc::new(Liveness::default());
+        let sup = Supervision {
+            status: self.status.clone(),
+            liveness: liveness.clone(),
+            beat_every: self.beat_every,
+        };
+        let stop = Arc::new(Stop::new()?);
+        inner.next_id += 1;
+        let id = inner.next_id;
+        let name = spec.name.clone();
+        let finished = self.finished.clone();
+        let thread_stop = stop.clone();
+        self.watched.add(&name, liveness.clone());
+        self.status.set(
+            &name,
+            server::listening_status(&cfg, listening.is_activated(), 0),
+        );
+        let thread = std::thread::Builder::new()
+            .name(format!("serve:{name}"))
+            .spawn(move || {
+                // A panic ends this export only, and is reported like an error: the
+                // thread waiting for the daemon's end must hear of every export's.
+                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    server::serve_on(&cfg, listening, &thread_stop, &sup)
+                }));
+                drop(cfg); // the disk and the image lock go before anyone hears of the end
+                let result = served.unwrap_or_else(|_| Err(Error::Panicked(name.clone())));
+                let _ = finished.send(Finished { name, id, result });
+            })
+            .map_err(|source| Error::Os {
+                what: "starting an export's thread",
+                source,
+            });
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                self.watched.remove(&liveness);
+                self.status.remove(&spec.name);
+                return Err(e);
+            }
+        };
+        inner.running.insert(
+            spec.name.clone(),
+            Running {
+                id,
+                spec,
+                stop,
+                liveness,
+                thread,
+            },
+        );
+        Ok(())
+    }
+
+    /// The export's socket: activated (kept from an earlier start of the same name, or
+    /// from systemd's set) or bound here. Until [`started`](Self::started), an activated
+    /// process's export must find its socket in the set (a misnamed unit is a
+    /// configuration error); an export added later may bind its own.
+    fn listen(inner: &mut Inner, name: &str, socket: &Path) -> Result<Listening, Error> {
+        let copy = |l: &UnixListener| {
+            l.try_clone().map_err(|source| Error::Socket {
+                path: socket.to_owned(),
+                source,
+            })
+        };
+        if let Some(kept) = inner.activated_kept.get(name) {
+            crate::activation::check_bound(name, kept, socket)?;
+            return Ok(Listening::activated(copy(kept)?));
+        }
+        if let Some(fds) = &mut inner.activated {
+            if !inner.started || fds.names().contains(&name) {
+                let listener = fds.take(name, socket)?;
+                let served = copy(&listener)?;
+                inner.activated_kept.insert(name.to_owned(), listener);
+                return Ok(Listening::activated(served));
+            }
+        }
+        Ok(Listening::bound(crate::socket::bind(socket)?))
+    }
+
+    /// The first exports are running: from now on an export not socket-activated binds its
+    /// own socket. Returns the activated sockets no export claimed.
+    pub fn started(&self) -> Vec<String> {
+        let mut inner = self.lock();
+        inner.started = true;
+        inner
+            .activated
+            .as_ref()
+            .map(|a| a.names().into_iter().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    /// Stops export `name` (its requests in flight answered, then its frontend hung up
+    /// on, as SIGTERM does) and waits for its serve loop to end. Whether it was running.
+    pub fn remove(&self, name: &str) -> bool {
+        let mut inner = self.lock();
+        let removed = self.stop_locked(&mut inner, &[name.to_owned()], true);
+        !removed.is_empty()
+    }
+
+    /// Stops `names` in parallel (each drain may take up to its stop timeout), joins
+    /// their threads and stops watching them (and, if `report`, drops them from the
+    /// STATUS= line); the names that were running.
+    fn stop_locked(&self, inner: &mut Inner, names: &[String], report: bool) -> Vec<String> {
+        let stopping: Vec<(String, Running)> = names
+            .iter()
+            .filter_map(|n| inner.running.remove(n).map(|r| (n.clone(), r)))
+            .collect();
+        std::thread::scope(|s| {
+            for (_, r) in &stopping {
+                s.spawn(|| r.stop.request());
+            }
+        });
+        stopping
+            .into_iter()
+            .map(|(name, r)| {
+                let _ = r.thread.join(); // a panic was caught and reported in the thread
+                self.watched.remove(&r.liveness);
+                if report {
+                    self.status.remove(&name);
+                }
+                name
+            })
+            .collect()
+    }
+
+    /// Forgets what the registry no longer runs: called for each [`Finished`] by the
+    /// thread that waits for the daemon to end. Returns the serve loop's result if the
+    /// export was still registered (it ended by itself: `--once`, or an error), and
+    /// whether no export is left.
+    pub fn reap(&self, finished: Finished) -> (Option<Result<(), Error>>, bool) {
+        let mut inner = self.lock();
+        let ours = inner
+            .running
+            .get(&finished.name)
+            .is_some_and(|r| r.id == finished.id);
+        let result = if ours {
+            if let Some(r) = inner.running.remove(&finished.name) {
+                self.forget(&finished.name, &r.liveness);
+                let _ = r.thread.join();
+            }
+            Some(finished.result)
+        } else {
+            None
+        };
+        (result, inner.running.is_empty())
+    }
+
+    fn forget(&self, name: &str, liveness: &Arc<Liveness>) {
+        self.watched.remove(liveness);
+        self.status.remove(name);
+    }
+
+    /// Stops every export (in parallel, each as [`remove`](Self::remove)) and refuses to
+    /// start any more: SIGTERM.
+    pub fn stop_all(&self) {
+        let mut inner = self.lock();
+        inner.stopping = true;
+        let names: Vec<String> = inner.running.keys().cloned().collect();
+        // The daemon exits: the STATUS= line stays "stopping".
+        self.stop_locked(&mut inner, &names, false);
+    }
+
+    /// Makes the running exports those of `specs` (a config file read again), following
+    /// the reload rule of the module docs. Fails, changing nothing, if a new or changed
+    /// export's disk or device cannot be prepared.
+    pub fn apply(&self, specs: &[ExportSpec]) -> Result<Applied, ConfigError> {
+        let mut inner = self.lock();
+        let mut applied = Applied::default();
+        let running = &inner.running;
+        let prepared =
+            config_file::prepare_all(specs, |s| running.get(&s.name).is_none_or(|r| r.spec != *s))?;
+        for name in running.keys() {
+            match specs.iter().find(|s| &s.name == name) {
+                None => applied.removed.push(name.clone()),
+                Some(s) if running.get(name).is_some_and(|r| r.spec != *s) => {
+                    applied.restarted.push(name.clone())
+                }
+                Some(_) => applied.unchanged.push(name.clone()),
+            }
+        }
+        for p in &prepared {
+            if !applied.restarted.contains(&p.spec.name) {
+                applied.added.push(p.spec.name.clone());
+            }
+        }
+        for name in &applied.restarted {
+            if let (Some(old), Some(new)) = (
+                inner.running.get(name),
+                specs.iter().find(|s| &s.name == name),
+            ) {
+                log::info!(
+                    "reload: export {name} changed ({}): restarting it; its frontend is disconnected once its requests in flight are answered",
+                    changed_keys(&old.spec, new).join(", ")
+                );
+            }
+        }
+        for name in &applied.removed {
+            log::info!("reload: export {name} removed: stopping it once its requests in flight are answered");
+        }
+        let stopping: Vec<String> = applied
+            .removed
+            .iter()
+            .chain(&applied.restarted)
+            .cloned()
+            .collect();
+        self.stop_locked(&mut inner, &stopping, true);
+        for p in prepared {
+            let name = p.spec.name.clone();
+            match self.add_locked(&mut inner, p) {
+                Ok(()) => {
+                    if !applied.restarted.contains(&name) {
+                        log::info!("reload: export {name} added");
+                    }
+                }
+                Err(e) => {
+                    log::error!("reload: export {name} cannot start: {e}");
+                    applied.failed.push((name, e.to_string()));
+                }
+            }
+        }
+        Ok(applied)
+    }
+}
+
+/// The keys whose values differ between two versions of an export, for the reload log.
+fn changed_keys(old: &ExportSpec, new: &ExportSpec) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    let mut differ = |key, differs: bool| {
+        if differs {
+            keys.push(key);
+        }
+    };
+    differ("socket", old.socket != new.socket);
+    differ("backend", old.backend != new.backend);
+    differ("readonly", old.readonly != new.readonly);
+    differ("num-queues", old.num_queues != new.num_queues);
+    differ("threads", old.threads != new.threads);
+    differ("queue-size", old.queue_size != new.queue_size);
+    differ("serial", old.serial != new.serial);
+    differ("block-size", old.block_size != new.block_size);
+    differ("stack-size", old.stack_size != new.stack_size);
+    differ(
+        "coroutine-backend",
+        old.coroutine_backend != new.coroutine_backend,
+    );
+    differ("stack-mode", old.stack_mode != new.stack_mode);
+    differ("poll-us", old.poll != new.poll);
+    differ("stop-timeout", old.stop_timeout != new.stop_timeout);
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export_config::{BackendKind, ExportConfig, SizeArg};
+
+    fn null_spec(dir: &Path, name: &str, queues: u64) -> ExportSpec {
+        ExportConfig {
+            socket: Some(dir.join(format!("{name}.sock"))),
+            backend: BackendKind::Null,
+            size: Some(SizeArg::Text("1M".into())),
+            num_queues: queues,
+            ..ExportConfig::default()
+        }
+        .validate()
+        .expect("valid")
+    }
+
+    fn registry() -> (Exports, Receiver<Finished>) {
+        Exports::new(
+            Arc::new(StatusBoard::default()),
+            Arc::new(Watched::default()),
+            None,
+            None,
+            false,
+        )
+    }
+
+    #[test]
+    fn apply_adds_removes_restarts_and_leaves_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (exports, _rx) = registry();
+        let (a, b, c) = (
+            null_spec(dir.path(), "a", 1),
+            null_spec(dir.path(), "b", 1),
+            null_spec(dir.path(), "c", 1),
+        );
+        let first = exports.apply(&[a.clone(), b.clone()]).expect("applies");
+        assert_eq!(first.added, ["a", "b"]);
+        assert!(dir.path().join("a.sock").exists() && dir.path().join("b.sock").exists());
+        let b2 = null_spec(dir.path(), "b", 2);
+        let second = exports.apply(&[a.clone(), b2.clone(), c]).expect("applies");
+        assert_eq!(
+            second,
+            Applied {
+                added: vec!["c".into()],
+                removed: vec![],
+                restarted: vec!["b".into()],
+                unchanged: vec!["a".into()],
+                failed: vec![],
+            }
+        );
+        assert_eq!(exports.spec("b"), Some(b2));
+        let third = exports.apply(std::slice::from_ref(&a)).expect("applies");
+        assert_eq!(third.removed, ["b", "c"]);
+        assert_eq!(exports.names(), ["a"]);
+        assert!(
+            !dir.path().join("b.sock").exists(),
+            "a removed export's socket is gone"
+        );
+        assert!(dir.path().join("a.sock").exists());
+        exports.stop_all();
+        assert!(exports.names().is_empty());
+        assert!(!dir.path().join("a.sock").exists());
+    }
+
+    #[test]
+    fn a_reload_whose_disk_cannot_open_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (exports, _rx) = registry();
+        let a = null_spec(dir.path(), "a", 1);
+        exports.apply(std::slice::from_ref(&a)).expect("applies");
+        let missing = ExportConfig {
+            socket: Some(dir.path().join("m.sock")),
+            disk: Some(dir.path().join("missing.img")),
+            ..ExportConfig::default()
+        }
+        .validate()
+        .expect("valid settings");
+        let err = exports.apply(&[missing]).expect_err("the disk is missing");
+        assert!(
+            err.lines()[0].starts_with("exports[0].disk: cannot open disk"),
+            "{err}"
+        );
+        assert_eq!(
+            exports.names(),
+            ["a"],
+            "the old configuration keeps running"
+        );
+        exports.stop_all();
+    }
+
+    #[test]
+    fn changed_keys_name_what_differs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = null_spec(dir.path(), "a", 1);
+        let mut b = a.clone();
+        b.num_queues = 2;
+        b.serial = "x".into();
+        assert_eq!(changed_keys(&a, &b), ["num-queues", "serial"]);
+    }
+}
