@@ -191,6 +191,47 @@ impl Daemon {
         Daemon::spawn(Server::Corodev, cmd, dir, socket)
     }
 
+    /// Starts corodev with `--config config`, whose exports listen on `sockets` (the first
+    /// is [`socket`](Self::socket)), and `env`; waits until every one of them listens.
+    /// Always corodev: qemu-storage-daemon has no such file.
+    pub fn with_config(config: &Path, sockets: &[&Path], env: &[(&str, &str)]) -> Daemon {
+        let (dir, _) = socket_dir();
+        let mut cmd = Command::new(corodev_bin());
+        cmd.arg("--config").arg(config);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let first = sockets
+            .first()
+            .expect("a config serves at least one socket");
+        let d = Daemon::spawn(Server::Corodev, cmd, dir, first.to_path_buf());
+        for socket in &sockets[1..] {
+            d.wait_socket(socket, true);
+        }
+        d
+    }
+
+    /// Waits until `socket` exists (`present`) or is gone, panicking with the log after
+    /// [`LISTEN_TIMEOUT`]. corodev creates a socket file only once it listens (it binds
+    /// a temporary name and renames it into place).
+    pub fn wait_socket(&self, socket: &Path, present: bool) {
+        let deadline = Instant::now() + LISTEN_TIMEOUT;
+        while socket.exists() != present {
+            assert!(
+                Instant::now() < deadline,
+                "{} is {} after {LISTEN_TIMEOUT:?}; log:\n{}",
+                socket.display(),
+                if present {
+                    "still missing"
+                } else {
+                    "still there"
+                },
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts qemu-storage-daemon exporting `image` over vhost-user-blk. `args` are corodev
     /// options; those with a qsd equivalent are translated (`--readonly`, `--num-queues`,
     /// `--block-size`, `--direct`, `--backend null` with `--size`), the rest only tune
