@@ -4,7 +4,8 @@
 #   the units             -> $DESTDIR/etc/systemd/system/corodev@.service, corodev@.socket
 #   the user and group    -> corodev (sysusers.d file in $DESTDIR/usr/local/lib/sysusers.d,
 #                            applied with systemd-sysusers --root=$DESTDIR)
-#   an example config     -> $DESTDIR/etc/corodev/example.env (never overwritten)
+#   example configs       -> $DESTDIR/etc/corodev/example.env (one instance's flags) and
+#                            example.toml (several exports, --config); never overwritten
 #   the image directory   -> $DESTDIR/var/lib/corodev/images (corodev:corodev 0750)
 #   the README            -> $DESTDIR/usr/local/share/doc/corodev/README.md
 #   the RBD drop-in       -> $DESTDIR/usr/local/share/doc/corodev/rbd.conf (copy it to
@@ -16,7 +17,7 @@
 #        DESTDIR=/tmp/root bash scripts/install.sh   (a staged install, e.g. for a package)
 #        CORODEV_BIN=path/to/corodev ...             (another build, e.g. the static musl one)
 # Idempotent: a second run changes nothing (files are replaced only when they differ; an
-# existing example.env or user is left as it is) and says what it did.
+# existing example config or user is left as it is) and says what it did.
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -46,9 +47,11 @@ put 0644 "$top/daemon/systemd/corodev@.socket" /etc/systemd/system/corodev@.sock
 put 0644 "$top/daemon/systemd/corodev.sysusers" /usr/local/lib/sysusers.d/corodev.conf
 put 0644 "$top/README.md" /usr/local/share/doc/corodev/README.md
 put 0644 "$top/daemon/systemd/rbd.conf" /usr/local/share/doc/corodev/rbd.conf
-if [ ! -e "$dest/etc/corodev/example.env" ]; then
-    put 0644 "$top/daemon/systemd/example.env" /etc/corodev/example.env
-fi
+for example in example.env example.toml; do
+    if [ ! -e "$dest/etc/corodev/$example" ]; then
+        put 0644 "$top/daemon/systemd/$example" "/etc/corodev/$example"
+    fi
+done
 
 # The user and group (systemd-sysusers only adds what is missing).
 mkdir -p "$dest/etc"

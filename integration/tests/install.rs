@@ -76,6 +76,7 @@ fn installs_into_a_temp_root_and_a_second_run_changes_nothing() {
         ("etc/systemd/system/corodev@.socket", 0o644),
         ("usr/local/lib/sysusers.d/corodev.conf", 0o644),
         ("etc/corodev/example.env", 0o644),
+        ("etc/corodev/example.toml", 0o644),
         ("usr/local/share/doc/corodev/README.md", 0o644),
         ("usr/local/share/doc/corodev/rbd.conf", 0o644),
         ("var/lib/corodev/images", 0o750),
