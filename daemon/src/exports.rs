@@ -313,6 +313,10 @@ impl Exports {
             )?)),
             _ => None,
         };
+        // The lock is taken before the socket exists (a refused export leaves no socket
+        // behind), and logged once the export has its socket (an activation error is then
+        // the only line).
+        let listening = Self::listen(inner, &spec.name, &spec.socket)?;
         if let Some(lock) = &image_lock {
             log::info!(
                 "export {}: disk {} locked ({}{})",
@@ -330,7 +334,6 @@ impl Exports {
                 },
             );
         }
-        let listening = Self::listen(inner, &spec.name, &spec.socket)?;
         let cfg = ServerConfig {
             image_lock,
             socket: spec.socket.clone(),

@@ -236,10 +236,13 @@ impl StatusBoard {
         }
     }
 
-    /// Export `name`'s state changed.
+    /// Export `name`'s state changed (a state equal to the last one sends nothing: the
+    /// registry shows an export's first state before its serve loop does).
     pub fn set(&self, name: &str, status: ExportStatus) {
-        self.lock().insert(name.to_owned(), status);
-        self.send();
+        let changed = self.lock().insert(name.to_owned(), status.clone()) != Some(status);
+        if changed {
+            self.send();
+        }
     }
 
     /// Export `name` stopped.
