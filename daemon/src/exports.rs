@@ -687,6 +687,33 @@ mod tests {
     }
 
     #[test]
+    fn add_and_remove_one_export_as_a_control_api_would() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (exports, _rx) = registry();
+        let a = null_spec(dir.path(), "a", 1);
+        exports
+            .add(prepare(a.clone()).expect("prepares"))
+            .expect("starts");
+        assert!(
+            dir.path().join("a.sock").exists(),
+            "listening once add returns"
+        );
+        assert!(matches!(
+            exports.add(prepare(a).expect("prepares")),
+            Err(Error::ExportExists(name)) if name == "a"
+        ));
+        assert!(exports.remove("a"));
+        assert!(!dir.path().join("a.sock").exists(), "its socket is removed");
+        assert!(exports.names().is_empty());
+        assert!(!exports.remove("a"), "nothing left to remove");
+        exports.stop_all();
+        assert!(matches!(
+            exports.add(prepare(null_spec(dir.path(), "b", 1)).expect("prepares")),
+            Err(Error::Stopping)
+        ));
+    }
+
+    #[test]
     fn changed_keys_name_what_differs() {
         let dir = tempfile::tempdir().expect("tempdir");
         let a = null_spec(dir.path(), "a", 1);

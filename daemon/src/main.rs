@@ -44,9 +44,14 @@ fn serve(prepared: Vec<Prepared>, config: Option<PathBuf>, once: bool) -> Result
     // Before any socket exists, so that a SIGTERM during startup removes what was bound.
     install_signal_handlers(exports.clone(), config, notifier.clone())?;
     for export in prepared {
-        if let Err(e) = exports.add(export) {
-            exports.stop_all();
-            return Err(e);
+        match exports.add(export) {
+            Ok(()) => {}
+            // SIGTERM during startup: the exports started so far were stopped.
+            Err(Error::Stopping) => return Ok(()),
+            Err(e) => {
+                exports.stop_all();
+                return Err(e);
+            }
         }
     }
     for extra in exports.started() {
@@ -60,7 +65,10 @@ fn serve(prepared: Vec<Prepared>, config: Option<PathBuf>, once: bool) -> Result
     for done in finished.iter() {
         let (result, none_left) = exports.reap(done);
         if let Some(Err(e)) = result {
-            log::error!("{e}");
+            // The last one is printed by `main`.
+            if !none_left {
+                log::error!("{e}; the other exports go on");
+            }
             failure = Some(e);
         }
         if none_left {
