@@ -39,10 +39,9 @@ Examples:
   corodev --config /etc/corodev/exports.toml
   corodev check-config /etc/corodev/exports.toml";
 
+// One export from flags, or several from `--config FILE` (not both: an export flag with
+// `--config` is refused, naming the flag; see `Cli::from_args`).
 /// corodev: a vhost-user-blk daemon whose every guest request is a stackful coroutine.
-///
-/// One export from flags, or several from `--config FILE` (not both: an export flag with
-/// `--config` is refused, naming the flag; see [`Cli::from_args`]).
 #[derive(Debug, Parser)]
 #[command(
     version,

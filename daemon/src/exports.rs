@@ -171,9 +171,21 @@ pub fn error_key(e: &Error) -> &'static str {
         | Error::ActivationPath { .. } => "socket",
         Error::RbdEmpty { .. } => "rbd-image",
         #[cfg(feature = "rbd")]
-        Error::Rbd(_) => "rbd-image",
+        Error::Rbd(e) => rbd_error_key(e),
         Error::RbdNotBuilt => "backend",
         _ => "disk",
+    }
+}
+
+/// The setting an RBD open failure is about.
+#[cfg(feature = "rbd")]
+fn rbd_error_key(e: &corodev_devices::backend::RbdError) -> &'static str {
+    use corodev_devices::backend::RbdError;
+    match e {
+        RbdError::Conf { .. } | RbdError::ConfSet { .. } => "ceph-conf",
+        RbdError::Create { .. } | RbdError::Connect { .. } => "ceph-id",
+        RbdError::NoPool { .. } | RbdError::Pool { .. } => "rbd-pool",
+        _ => "rbd-image",
     }
 }
 
