@@ -57,6 +57,51 @@ fn pattern_written_by_guest_is_in_the_rbd_image() {
     );
 }
 
+/// An RBD export from a config file, next to a null export in the same process: the
+/// file's rbd keys reach the backend (a guest's pattern is what `rbd export` reads back),
+/// and SIGTERM closes the image (no lock left) and removes both sockets.
+#[test]
+fn rbd_export_from_a_config_file() {
+    let cluster = CephCluster::up();
+    cluster.create_image("cfg", 64);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (rbd_sock, null_sock) = (dir.path().join("rbd.sock"), dir.path().join("null.sock"));
+    let config = dir.path().join("exports.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[exports]]\nname = \"vm-rbd\"\nsocket = \"{}\"\nbackend = \"rbd\"\n\
+             rbd-pool = \"rbd\"\nrbd-image = \"cfg\"\nceph-conf = \"{}\"\n\n\
+             [[exports]]\nname = \"scratch\"\nsocket = \"{}\"\nbackend = \"null\"\nsize = \"1G\"\n",
+            rbd_sock.display(),
+            cluster.conf.display(),
+            null_sock.display()
+        ),
+    )
+    .expect("write the config");
+    let mut daemon = Daemon::with_config(&config, &[&rbd_sock, &null_sock], &[]);
+    let run = daemon.boot(Guest::test("pattern"));
+    let r = run.expect_pass();
+    let (offset, len) = (r.num("offset") as usize, r.num("length") as usize);
+    daemon.sigterm();
+    let status = daemon
+        .wait_exit(Duration::from_secs(10))
+        .expect("corodev exits within 10 s of SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        !rbd_sock.exists() && !null_sock.exists(),
+        "both sockets removed"
+    );
+    let locks = String::from_utf8_lossy(&cluster.rbd(&["lock", "ls", "rbd/cfg"])).into_owned();
+    assert_eq!(locks.trim(), "", "the image is closed at exit");
+    let image = cluster.export("cfg");
+    assert_eq!(
+        format!("{:x}", md5::compute(&image[offset..offset + len])),
+        r.get("md5"),
+        "the guest's pattern is in the RBD image named in the config file"
+    );
+}
+
 /// Runs corodev with `args` and expects it to exit non-zero within `within`, printing one
 /// `corodev: error:` line that contains every one of `words`.
 fn expect_start_failure(args: &[&str], words: &[&str], within: Duration) {
