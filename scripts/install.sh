@@ -2,6 +2,8 @@
 # Installs corodev as a systemd service, as root:
 #   the binary            -> $DESTDIR/usr/local/bin/corodev
 #   the units             -> $DESTDIR/etc/systemd/system/corodev@.service, corodev@.socket
+#                            (one instance per disk), corodev.service and
+#                            corodev-export@.socket (every export of exports.toml)
 #   the user and group    -> corodev (sysusers.d file in $DESTDIR/usr/local/lib/sysusers.d,
 #                            applied with systemd-sysusers --root=$DESTDIR)
 #   example configs       -> $DESTDIR/etc/corodev/example.env (one instance's flags) and
@@ -44,6 +46,8 @@ put() {
 put 0755 "$bin" /usr/local/bin/corodev
 put 0644 "$top/daemon/systemd/corodev@.service" /etc/systemd/system/corodev@.service
 put 0644 "$top/daemon/systemd/corodev@.socket" /etc/systemd/system/corodev@.socket
+put 0644 "$top/daemon/systemd/corodev.service" /etc/systemd/system/corodev.service
+put 0644 "$top/daemon/systemd/corodev-export@.socket" /etc/systemd/system/corodev-export@.socket
 put 0644 "$top/daemon/systemd/corodev.sysusers" /usr/local/lib/sysusers.d/corodev.conf
 put 0644 "$top/README.md" /usr/local/share/doc/corodev/README.md
 put 0644 "$top/daemon/systemd/rbd.conf" /usr/local/share/doc/corodev/rbd.conf

@@ -211,6 +211,29 @@ impl Daemon {
         d
     }
 
+    /// Starts corodev with `--config config` under `systemd-socket-activate`, which binds
+    /// each of `sockets` (path, name) and passes them as `LISTEN_FDS` with those names
+    /// (`LISTEN_FDNAMES`), as corodev-export@NAME.socket units do for corodev.service.
+    pub fn with_config_activated(config: &Path, sockets: &[(&Path, &str)]) -> Daemon {
+        assert!(
+            crate::workspace::on_path("systemd-socket-activate"),
+            "systemd-socket-activate is not on PATH (it ships with systemd): {INSTALL_HINT}"
+        );
+        let (dir, _) = socket_dir();
+        let mut cmd = Command::new("systemd-socket-activate");
+        for (path, _) in sockets {
+            cmd.arg("-l").arg(path);
+        }
+        let names: Vec<&str> = sockets.iter().map(|(_, name)| *name).collect();
+        cmd.arg(format!("--fdname={}", names.join(":")));
+        if std::env::var_os("RUST_LOG").is_some() {
+            cmd.args(["-E", "RUST_LOG"]);
+        }
+        cmd.arg(corodev_bin()).arg("--config").arg(config);
+        let first = sockets.first().expect("at least one socket").0;
+        Daemon::spawn(Server::Corodev, cmd, dir, first.to_path_buf())
+    }
+
     /// Waits until `socket` exists (`present`) or is gone, panicking with the log after
     /// [`LISTEN_TIMEOUT`]. corodev creates a socket file only once it listens (it binds
     /// a temporary name and renames it into place).

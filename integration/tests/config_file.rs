@@ -357,3 +357,43 @@ fn ready_status_and_watchdog_cover_every_export() {
     notify.wait_for("STOPPING=1", WAIT);
     assert!(daemon.wait_exit(WAIT).expect("exits").success());
 }
+
+/// Config-file mode under socket activation, as corodev.service with one
+/// corodev-export@NAME.socket per export runs it: each export takes the activated socket
+/// named after it (the names in the other order than the file's, so matching is by name),
+/// a guest on each one's socket writes its pattern to that export's image, and at SIGTERM
+/// the activated sockets stay for the next process.
+#[test]
+fn socket_activated_exports_take_their_sockets_by_name() {
+    let d = dir();
+    let (a, b) = (Image::new(32 * MIB), Image::new(32 * MIB));
+    let (sa, sb) = (d.path().join("a.sock"), d.path().join("b.sock"));
+    let config = d.path().join("exports.toml");
+    write(
+        &config,
+        &(file_export("vm-a", &sa, &a) + &file_export("vm-b", &sb, &b)),
+    );
+    // The activator starts corodev at the first connection (a guest's).
+    let mut daemon = Daemon::with_config_activated(&config, &[(&sb, "vm-b"), (&sa, "vm-a")]);
+    let slot = GuestSlot::take();
+    let (va, vb) = (start_pattern(&slot, &sa), start_pattern(&slot, &sb));
+    let (ra, rb) = (va.wait(), vb.wait());
+    daemon.assert_alive();
+    assert_landed(&ra, &a);
+    assert_landed(&rb, &b);
+    let log = daemon.log_text();
+    for name in ["vm-a", "vm-b"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("export {name}: listening on"))
+                    && l.contains("socket-activated")),
+            "{name} listens on its activated socket; log:\n{log}"
+        );
+    }
+    daemon.sigterm();
+    assert!(daemon.wait_exit(WAIT).expect("exits on SIGTERM").success());
+    assert!(
+        sa.exists() && sb.exists(),
+        "activated sockets belong to the activator and stay"
+    );
+}

@@ -74,6 +74,8 @@ fn installs_into_a_temp_root_and_a_second_run_changes_nothing() {
         ("usr/local/bin/corodev", 0o755),
         ("etc/systemd/system/corodev@.service", 0o644),
         ("etc/systemd/system/corodev@.socket", 0o644),
+        ("etc/systemd/system/corodev.service", 0o644),
+        ("etc/systemd/system/corodev-export@.socket", 0o644),
         ("usr/local/lib/sysusers.d/corodev.conf", 0o644),
         ("etc/corodev/example.env", 0o644),
         ("etc/corodev/example.toml", 0o644),
@@ -83,7 +85,12 @@ fn installs_into_a_temp_root_and_a_second_run_changes_nothing() {
     ] {
         assert_eq!(mode(root, path), want, "{path}");
     }
-    for unit in ["corodev@.service", "corodev@.socket"] {
+    for unit in [
+        "corodev@.service",
+        "corodev@.socket",
+        "corodev.service",
+        "corodev-export@.socket",
+    ] {
         assert_eq!(
             std::fs::read(root.join("etc/systemd/system").join(unit)).expect("installed"),
             std::fs::read(workspace().join("daemon/systemd").join(unit)).expect("source"),

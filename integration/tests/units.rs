@@ -236,3 +236,71 @@ fn rbd_drop_in_opens_only_the_network() {
         "verify must read the drop-in:\n{out}\n{err}"
     );
 }
+
+/// The unit for config-file mode (`corodev.service`, every export of
+/// /etc/corodev/exports.toml in one process) and its per-export socket template
+/// (`corodev-export@.socket`): exposure at most 2.0 like the per-instance unit, `verify`
+/// clean, `systemctl reload` sends SIGHUP, and each export's socket is handed to that one
+/// service under the export's name.
+#[test]
+fn config_mode_units() {
+    let service = read(&unit("corodev.service"));
+    let socket = read(&unit("corodev-export@.socket"));
+    let (exposure, report) = exposure(&unit("corodev.service"));
+    assert!(exposure <= MAX_EXPOSURE, "exposure {exposure}:\n{report}");
+    assert_eq!(
+        setting(&service, "ExecStart"),
+        vec!["/usr/local/bin/corodev --config /etc/corodev/exports.toml"]
+    );
+    assert_eq!(
+        setting(&service, "ExecReload"),
+        vec!["/bin/kill -HUP $MAINPID"]
+    );
+    assert_eq!(setting(&service, "Type"), vec!["notify"]);
+    assert_eq!(setting(&socket, "Service"), vec!["corodev.service"]);
+    assert_eq!(setting(&socket, "FileDescriptorName"), vec!["%i"]);
+    assert_eq!(
+        setting(&socket, "ListenStream"),
+        vec!["/run/corodev/%i.sock"]
+    );
+    assert_eq!(setting(&socket, "SocketMode"), vec!["0660"]);
+    // The sandbox is the per-instance unit's, widened only to every image directory.
+    let per_instance = read(&unit("corodev@.service"));
+    for key in [
+        "User",
+        "CapabilityBoundingSet",
+        "RestrictAddressFamilies",
+        "SystemCallFilter",
+        "ProtectSystem",
+        "PrivateNetwork",
+    ] {
+        assert_eq!(
+            setting(&service, key),
+            setting(&per_instance, key),
+            "{key}="
+        );
+    }
+    assert_eq!(
+        setting(&service, "ReadWritePaths"),
+        vec!["/var/lib/corodev/images"]
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let installed = "ExecStart=/usr/local/bin/corodev ";
+    std::fs::write(
+        dir.path().join("corodev.service"),
+        service.replace(
+            installed,
+            &format!("ExecStart={} ", corodev_bin().display()),
+        ),
+    )
+    .expect("write");
+    std::fs::write(dir.path().join("corodev-export@.socket"), &socket).expect("write");
+    let svc = dir.path().join("corodev.service");
+    let sock = dir.path().join("corodev-export@vm1.socket");
+    let (ok, out, err) = analyze(&["verify".as_ref(), svc.as_os_str(), sock.as_os_str()]);
+    assert!(
+        ok && out.trim().is_empty() && err.trim().is_empty(),
+        "systemd-analyze verify:\n{out}\n{err}"
+    );
+}
