@@ -503,6 +503,11 @@ impl Exports {
         (result, inner.running.is_empty())
     }
 
+    /// Whether [`stop_all`](Self::stop_all) was called: the daemon is on its way out.
+    pub fn stopping(&self) -> bool {
+        self.lock().stopping
+    }
+
     fn forget(&self, name: &str, liveness: &Arc<Liveness>) {
         self.watched.remove(liveness);
         self.status.remove(name);
@@ -514,6 +519,15 @@ impl Exports {
         let mut inner = self.lock();
         inner.stopping = true;
         let names: Vec<String> = inner.running.keys().cloned().collect();
+        if names.is_empty() {
+            // No serve loop will report: wake the waiting thread ourselves (a name no
+            // export has: names are never empty).
+            let _ = self.finished.send(Finished {
+                name: String::new(),
+                id: 0,
+                result: Ok(()),
+            });
+        }
         // The daemon exits: the STATUS= line stays "stopping".
         self.stop_locked(&mut inner, &names, false);
     }

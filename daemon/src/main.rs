@@ -64,6 +64,7 @@ fn serve(prepared: Vec<Prepared>, config: Option<PathBuf>, once: bool) -> Result
     let mut failure = None;
     for done in finished.iter() {
         let (result, none_left) = exports.reap(done);
+        let ended_by_itself = result.is_some();
         if let Some(Err(e)) = result {
             // The last one is printed by `main`.
             if !none_left {
@@ -71,8 +72,16 @@ fn serve(prepared: Vec<Prepared>, config: Option<PathBuf>, once: bool) -> Result
             }
             failure = Some(e);
         }
-        if none_left {
+        // The daemon ends with its last export when that one ended by itself (`--once`,
+        // an error) or at SIGTERM; a reload that left none running (every new export
+        // failed to start) keeps it up for the next SIGHUP.
+        if none_left && (ended_by_itself || exports.stopping()) {
             break;
+        }
+        if none_left {
+            log::warn!(
+                "no export is running (the reload started none); waiting for SIGHUP or SIGTERM"
+            );
         }
     }
     notifier.stopping();

@@ -397,3 +397,47 @@ fn socket_activated_exports_take_their_sockets_by_name() {
         "activated sockets belong to the activator and stay"
     );
 }
+
+/// A reload whose only export cannot start (its socket's directory is gone) leaves the
+/// daemon up with no export, not exited: the next SIGHUP with a good file serves again,
+/// and SIGTERM still ends it (exit 0) with nothing running.
+#[test]
+fn a_reload_that_starts_no_export_keeps_the_daemon_for_the_next() {
+    let d = dir();
+    let null = |name: &str, socket: &Path| {
+        format!(
+            "[[exports]]\nname = \"{name}\"\nsocket = \"{}\"\nbackend = \"null\"\nsize = \"16M\"\n",
+            socket.display()
+        )
+    };
+    let (b, z) = (d.path().join("b.sock"), d.path().join("gone/z.sock"));
+    let config = d.path().join("exports.toml");
+    write(&config, &null("b", &b));
+    let mut daemon = Daemon::with_config(&config, &[&b], &[]);
+
+    write(&config, &null("z", &z));
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_socket(&b, false);
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.assert_alive();
+    let log = daemon.log_text();
+    assert!(
+        log.contains("reload: export z cannot start") && log.contains("no export is running"),
+        "log:\n{log}"
+    );
+
+    write(&config, &null("b", &b));
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_socket(&b, true);
+    daemon.assert_alive();
+
+    write(&config, &null("z", &z));
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_socket(&b, false);
+    assert!(daemon.wait_log_line("no export is running", WAIT).is_some());
+    daemon.sigterm();
+    let status = daemon
+        .wait_exit(WAIT)
+        .expect("SIGTERM ends a daemon with no export");
+    assert!(status.success(), "{status}");
+}
