@@ -54,8 +54,13 @@ fn assert_landed(run: &GuestRun, image: &Image) {
     );
 }
 
-#[test]
-fn two_exports_serve_two_guests_at_the_same_time() {
+/// Two file exports `vm-a` and `vm-b` in one config file, served by the daemon `start`
+/// makes from (config, socket a, socket b); a guest on each socket at the same time, each
+/// pattern checked on its own export's image. Returns the daemon, both sockets and the
+/// directory holding them.
+fn two_guests_on_two_exports(
+    start: impl FnOnce(&Path, &Path, &Path) -> Daemon,
+) -> (Daemon, PathBuf, PathBuf, tempfile::TempDir) {
     let d = dir();
     let (a, b) = (Image::new(32 * MIB), Image::new(32 * MIB));
     let (sa, sb) = (d.path().join("a.sock"), d.path().join("b.sock"));
@@ -64,13 +69,20 @@ fn two_exports_serve_two_guests_at_the_same_time() {
         &config,
         &(file_export("vm-a", &sa, &a) + &file_export("vm-b", &sb, &b)),
     );
-    let mut daemon = Daemon::with_config(&config, &[&sa, &sb], &[]);
+    let mut daemon = start(&config, &sa, &sb);
     let slot = GuestSlot::take();
     let (va, vb) = (start_pattern(&slot, &sa), start_pattern(&slot, &sb));
     let (ra, rb) = (va.wait(), vb.wait());
     daemon.assert_alive();
     assert_landed(&ra, &a);
     assert_landed(&rb, &b);
+    (daemon, sa, sb, d)
+}
+
+#[test]
+fn two_exports_serve_two_guests_at_the_same_time() {
+    let (mut daemon, sa, sb, _dir) =
+        two_guests_on_two_exports(|config, sa, sb| Daemon::with_config(config, &[sa, sb], &[]));
     let log = daemon.log_text();
     for name in ["vm-a", "vm-b"] {
         assert!(
@@ -365,22 +377,10 @@ fn ready_status_and_watchdog_cover_every_export() {
 /// the activated sockets stay for the next process.
 #[test]
 fn socket_activated_exports_take_their_sockets_by_name() {
-    let d = dir();
-    let (a, b) = (Image::new(32 * MIB), Image::new(32 * MIB));
-    let (sa, sb) = (d.path().join("a.sock"), d.path().join("b.sock"));
-    let config = d.path().join("exports.toml");
-    write(
-        &config,
-        &(file_export("vm-a", &sa, &a) + &file_export("vm-b", &sb, &b)),
-    );
     // The activator starts corodev at the first connection (a guest's).
-    let mut daemon = Daemon::with_config_activated(&config, &[(&sb, "vm-b"), (&sa, "vm-a")]);
-    let slot = GuestSlot::take();
-    let (va, vb) = (start_pattern(&slot, &sa), start_pattern(&slot, &sb));
-    let (ra, rb) = (va.wait(), vb.wait());
-    daemon.assert_alive();
-    assert_landed(&ra, &a);
-    assert_landed(&rb, &b);
+    let (mut daemon, sa, sb, _dir) = two_guests_on_two_exports(|config, sa, sb| {
+        Daemon::with_config_activated(config, &[(sb, "vm-b"), (sa, "vm-a")])
+    });
     let log = daemon.log_text();
     for name in ["vm-a", "vm-b"] {
         assert!(
