@@ -9,7 +9,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,44 @@ fn start(args: &[&str], env: &[(&str, &str)], log: &Path) -> Child {
         cmd.env(k, v);
     }
     cmd.spawn().expect("start corodev")
+}
+
+/// A corodev on a fresh 16 MiB image whose notifications go to `notify`.
+struct Notified {
+    notify: NotifySocket,
+    socket: PathBuf,
+    log: PathBuf,
+    child: Child,
+    _image: Image,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts corodev on a fresh image and a socket named `socket_name` in a temp dir, with
+/// `NOTIFY_SOCKET` set to a fresh notify socket, plus `args` and `env`.
+fn start_notified(socket_name: &str, args: &[&str], env: &[(&str, &str)]) -> Notified {
+    let image = Image::new(16 * MIB);
+    let notify = NotifySocket::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join(socket_name);
+    let log = dir.path().join("log");
+    let mut all_args = vec![
+        "--socket",
+        socket.to_str().expect("utf-8"),
+        "--disk",
+        image.path.to_str().expect("utf-8"),
+    ];
+    all_args.extend_from_slice(args);
+    let mut all_env = vec![("NOTIFY_SOCKET", notify.path().to_str().expect("utf-8"))];
+    all_env.extend_from_slice(env);
+    let child = start(&all_args, &all_env, &log);
+    Notified {
+        notify,
+        socket,
+        log,
+        child,
+        _image: image,
+        _dir: dir,
+    }
 }
 
 fn sigterm(child: &Child) {
@@ -61,21 +99,14 @@ fn status(msg: &str) -> &str {
 
 #[test]
 fn ready_only_once_the_socket_accepts_then_status_and_stopping() {
-    let image = Image::new(16 * MIB);
-    let mut notify = NotifySocket::new();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("vm7.sock");
-    let log = dir.path().join("log");
-    let mut child = start(
-        &[
-            "--socket",
-            socket.to_str().expect("utf-8"),
-            "--disk",
-            image.path.to_str().expect("utf-8"),
-        ],
-        &[("NOTIFY_SOCKET", notify.path().to_str().expect("utf-8"))],
-        &log,
-    );
+    let Notified {
+        mut notify,
+        socket,
+        log,
+        mut child,
+        _image,
+        _dir,
+    } = start_notified("vm7.sock", &[], &[]);
     let ready = notify.wait_for("READY=1", WAIT);
     // At the moment READY=1 is read the socket must accept: a frontend started on it
     // (systemd orders QEMU's unit after this one) must not see ENOENT or ECONNREFUSED.
@@ -119,28 +150,18 @@ fn ready_only_once_the_socket_accepts_then_status_and_stopping() {
 
 #[test]
 fn watchdog_pings_stop_while_a_worker_or_the_serve_loop_is_frozen() {
-    let image = Image::new(16 * MIB);
-    let mut notify = NotifySocket::new();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("wd.sock");
-    let log = dir.path().join("log");
     // 400 ms: the daemon checks and pings every 100 ms.
-    let mut child = start(
-        &[
-            "--socket",
-            socket.to_str().expect("utf-8"),
-            "--disk",
-            image.path.to_str().expect("utf-8"),
-            "--num-queues",
-            "2",
-            "--threads",
-            "2",
-        ],
-        &[
-            ("NOTIFY_SOCKET", notify.path().to_str().expect("utf-8")),
-            ("WATCHDOG_USEC", "400000"),
-        ],
-        &log,
+    let Notified {
+        mut notify,
+        socket,
+        log,
+        mut child,
+        _image,
+        _dir,
+    } = start_notified(
+        "wd.sock",
+        &["--num-queues", "2", "--threads", "2"],
+        &[("WATCHDOG_USEC", "400000")],
     );
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     notify.wait_for("READY=1", WAIT);
