@@ -37,7 +37,11 @@ Examples:
 
   # Several exports from one file (SIGHUP reloads it), and checking such a file
   corodev --config /etc/corodev/exports.toml
-  corodev check-config /etc/corodev/exports.toml";
+  corodev check-config /etc/corodev/exports.toml
+
+  # Ask a running daemon (started with --control /run/corodev/control.sock)
+  corodev ctl --control /run/corodev/control.sock query-exports
+  corodev ctl --control /run/corodev/control.sock export-del name=vm1 mode=hard";
 
 // One export from flags, or several from `--config FILE` (not both: an export flag with
 // `--config` is refused, naming the flag; see `Cli::from_args`).
@@ -65,9 +69,23 @@ pub struct Cli {
     #[command(flatten)]
     pub export: ExportConfig,
 
+    /// Settings of the daemon itself, whatever its exports come from.
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+
     /// Serve one connection, then exit (default: listen again after each disconnect).
     #[arg(long)]
     pub once: bool,
+}
+
+/// The daemon's own settings (not an export's): they go with flags and with `--config`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Args)]
+pub struct DaemonArgs {
+    /// Serve the control API (QMP-shaped JSON; `corodev ctl` is its client) on a unix
+    /// socket at PATH, mode 0600. Under socket activation, a socket named `control` is
+    /// used instead (it must be bound at PATH).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 /// Subcommands.
@@ -78,6 +96,22 @@ pub enum Command {
     CheckConfig {
         /// The TOML file.
         file: PathBuf,
+    },
+    /// Send one command to a running daemon's control API and print its answer as JSON:
+    /// query-exports, query-commands, export-add KEY=VALUE..., export-del name=N
+    /// [mode=safe|hard], shutdown.
+    Ctl {
+        /// The daemon's control socket (its --control PATH).
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// Longest wait for each answer, in seconds (a hard export-del waits for the
+        /// export's requests in flight).
+        #[arg(long, value_name = "SECS", default_value_t = 120)]
+        timeout: u64,
+        /// The command.
+        command: String,
+        /// Its arguments, KEY=VALUE (VALUE is JSON if it parses as JSON, else a string).
+        args: Vec<String>,
     },
 }
 
@@ -116,10 +150,28 @@ impl Cli {
     pub fn mode(self) -> Mode {
         match (self.command, self.config) {
             (Some(Command::CheckConfig { file }), _) => Mode::Check(file),
-            (None, Some(file)) => Mode::ConfigFile(file),
+            (
+                Some(Command::Ctl {
+                    control,
+                    timeout,
+                    command,
+                    args,
+                }),
+                _,
+            ) => Mode::Ctl {
+                control,
+                timeout: std::time::Duration::from_secs(timeout),
+                command,
+                args,
+            },
+            (None, Some(file)) => Mode::ConfigFile {
+                file,
+                daemon: self.daemon,
+            },
             (None, None) => Mode::Flags {
                 export: Box::new(self.export),
                 once: self.once,
+                daemon: self.daemon,
             },
         }
     }
@@ -134,11 +186,29 @@ pub enum Mode {
         export: Box<ExportConfig>,
         /// `--once`.
         once: bool,
+        /// The daemon's own settings.
+        daemon: DaemonArgs,
     },
     /// Serve the exports of a config file.
-    ConfigFile(PathBuf),
+    ConfigFile {
+        /// The file.
+        file: PathBuf,
+        /// The daemon's own settings.
+        daemon: DaemonArgs,
+    },
     /// `check-config FILE`.
     Check(PathBuf),
+    /// `ctl`: one command to a running daemon.
+    Ctl {
+        /// Its control socket.
+        control: PathBuf,
+        /// Longest wait per answer.
+        timeout: std::time::Duration,
+        /// The command.
+        command: String,
+        /// Its KEY=VALUE arguments.
+        args: Vec<String>,
+    },
 }
 
 #[cfg(test)]
@@ -170,7 +240,16 @@ mod tests {
         ));
         assert!(matches!(
             parse(&["--config", "f.toml"]).map(Cli::mode),
-            Ok(Mode::ConfigFile(f)) if f == std::path::Path::new("f.toml")
+            Ok(Mode::ConfigFile { file, .. }) if file == std::path::Path::new("f.toml")
+        ));
+        assert!(matches!(
+            parse(&["--config", "f.toml", "--control", "/c"]).map(Cli::mode),
+            Ok(Mode::ConfigFile { daemon, .. }) if daemon.control == Some("/c".into())
+        ));
+        assert!(matches!(
+            parse(&["ctl", "--control", "/c", "export-del", "name=a"]).map(Cli::mode),
+            Ok(Mode::Ctl { control, command, args, .. })
+                if control == std::path::Path::new("/c") && command == "export-del" && args == ["name=a"]
         ));
         assert!(matches!(
             parse(&["check-config", "f.toml"]).map(Cli::mode),

@@ -111,7 +111,7 @@ impl StackMode {
 /// (a flag, or a TOML string such as `"4G"`). Parsed by validation, so a bad one is
 /// reported with the others.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a number of bytes or a size like \"64M\"")]
 pub enum SizeArg {
     /// A plain number of bytes.
     Bytes(u64),

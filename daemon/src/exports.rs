@@ -4,6 +4,16 @@
 //! configuration: what SIGHUP does) and [`Exports::stop_all`] (SIGTERM). A control API
 //! calls the same functions.
 //!
+//! **Where an export comes from** ([`Origin`]): the flags or the config file, or the
+//! control API's `export-add`. A reload manages the file's exports only: one added through
+//! the control API runs until `export-del` (or until the file names it: then the file's
+//! settings win, as for a changed export).
+//!
+//! **Deleting** ([`Exports::retire`], `export-del` in safe mode): the export's socket goes
+//! at once (no new frontend), its current frontend is served until it disconnects by
+//! itself, then the export is gone and [`Event::ExportDeleted`] is emitted. A hard delete
+//! is [`Exports::remove`].
+//!
 //! Each export runs [`server::serve_on`] on a thread named `serve:NAME`, exactly as the
 //! one export of the flag command line does; exports share nothing but the process, the
 //! STATUS= line ([`StatusBoard`]) and the watchdog ([`Watched`], which pings only while
@@ -35,6 +45,7 @@ use crate::activation::Activated;
 use crate::config_file::{self, ConfigError};
 use crate::connection::WorkerConfig;
 use crate::error::Error;
+use crate::events::{Event, Events};
 use crate::export_config::{Backend, ExportSpec, LockMode, RbdSpec};
 use crate::image_lock::ImageLock;
 use crate::server::{self, Listening, ServerConfig, Stop, Supervision};
@@ -197,11 +208,54 @@ pub struct Finished {
     result: Result<(), Error>,
 }
 
+/// Where a running export's settings came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Origin {
+    /// The command line's flags or the `--config` file: a reload manages it.
+    Config,
+    /// The control API's `export-add`: a reload leaves it alone.
+    Control,
+}
+
+/// A running export as the control API's `query-exports` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ExportInfo {
+    /// The export's name.
+    pub name: String,
+    /// Its vhost-user socket.
+    pub socket: std::path::PathBuf,
+    /// `file`, `null` or `rbd`.
+    pub backend: &'static str,
+    /// The disk's path (file backend) or `pool/image` (RBD); none for null.
+    pub disk: Option<String>,
+    /// Current capacity in bytes.
+    pub size: u64,
+    /// Read-only for the guest.
+    pub readonly: bool,
+    /// Virtqueues offered.
+    pub num_queues: u16,
+    /// `listening` (no frontend), `serving` (a frontend is connected) or `deleting`
+    /// (safe `export-del`: its frontend is served until it disconnects).
+    pub state: &'static str,
+    /// Connections served since the export started.
+    pub connections: u64,
+    /// Where its settings came from.
+    pub origin: Origin,
+}
+
 /// One running export.
 struct Running {
     /// Which start of this name (a restarted export is a new one).
     id: u64,
     spec: ExportSpec,
+    origin: Origin,
+    /// Its socket came from socket activation (the activator owns the file).
+    activated: bool,
+    /// `export-del` in safe mode was asked: it ends with its current connection.
+    retiring: bool,
+    disk: Arc<dyn BlockBackend>,
     stop: Arc<Stop>,
     liveness: Arc<Liveness>,
     thread: JoinHandle<()>,
@@ -245,6 +299,7 @@ pub struct Exports {
     finished: Sender<Finished>,
     /// `--once`: each export serves one connection.
     once: bool,
+    events: Events,
 }
 
 impl Exports {
@@ -273,6 +328,7 @@ impl Exports {
             beat_every,
             finished,
             once,
+            events: Events::default(),
         };
         (exports, rx)
     }
@@ -286,6 +342,44 @@ impl Exports {
         self.lock().running.keys().cloned().collect()
     }
 
+    /// The daemon's event channel.
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    /// Every running export, by name.
+    pub fn list(&self) -> Vec<ExportInfo> {
+        let inner = self.lock();
+        inner
+            .running
+            .iter()
+            .map(|(name, r)| {
+                let status = self.status.get(name);
+                let (backend, disk) = match &r.spec.backend {
+                    Backend::File { disk, .. } => ("file", Some(disk.display().to_string())),
+                    Backend::Null { .. } => ("null", None),
+                    Backend::Rbd(rbd) => ("rbd", Some(format!("{}/{}", rbd.pool, rbd.image))),
+                };
+                ExportInfo {
+                    name: name.clone(),
+                    socket: r.spec.socket.clone(),
+                    backend,
+                    disk,
+                    size: r.disk.size(),
+                    readonly: r.spec.readonly,
+                    num_queues: r.spec.num_queues,
+                    state: match (r.retiring, status.as_ref().is_some_and(|s| s.serving)) {
+                        (true, _) => "deleting",
+                        (false, true) => "serving",
+                        (false, false) => "listening",
+                    },
+                    connections: status.map_or(0, |s| s.served),
+                    origin: r.origin,
+                }
+            })
+            .collect()
+    }
+
     /// The settings of running export `name`.
     pub fn spec(&self, name: &str) -> Option<ExportSpec> {
         self.lock().running.get(name).map(|r| r.spec.clone())
@@ -294,12 +388,12 @@ impl Exports {
     /// Starts a prepared export: takes its image lock, its socket (an activated one
     /// named after it, else one bound at its path), and runs its serve loop on its own
     /// thread. Returns once the socket listens.
-    pub fn add(&self, export: Prepared) -> Result<(), Error> {
+    pub fn add(&self, export: Prepared, origin: Origin) -> Result<(), Error> {
         let mut inner = self.lock();
-        self.add_locked(&mut inner, export)
+        self.add_locked(&mut inner, export, origin)
     }
 
-    fn add_locked(&self, inner: &mut Inner, export: Prepared) -> Result<(), Error> {
+    fn add_locked(&self, inner: &mut Inner, export: Prepared, origin: Origin) -> Result<(), Error> {
         let Prepared {
             spec,
             disk,
@@ -346,11 +440,12 @@ impl Exports {
                 },
             );
         }
+        let activated = listening.is_activated();
         let cfg = ServerConfig {
             image_lock,
             socket: spec.socket.clone(),
             name: spec.name.clone(),
-            disk,
+            disk: disk.clone(),
             device,
             workers,
             once: self.once,
@@ -368,10 +463,8 @@ impl Exports {
         let finished = self.finished.clone();
         let thread_stop = stop.clone();
         self.watched.add(&name, liveness.clone());
-        self.status.set(
-            &name,
-            server::listening_status(&cfg, listening.is_activated(), 0),
-        );
+        self.status
+            .set(&name, server::listening_status(&cfg, activated, 0));
         let thread = std::thread::Builder::new()
             .name(format!("serve:{name}"))
             .spawn(move || {
@@ -401,6 +494,10 @@ impl Exports {
             Running {
                 id,
                 spec,
+                origin,
+                activated,
+                retiring: false,
+                disk,
                 stop,
                 liveness,
                 thread,
@@ -435,6 +532,14 @@ impl Exports {
         Ok(Listening::bound(crate::socket::bind(socket)?))
     }
 
+    /// Claims the socket named `name`, bound at `path`, if socket activation passed one
+    /// (the control socket: `None` means bind it).
+    pub fn take_activated(&self, name: &str, path: &Path) -> Option<Result<UnixListener, Error>> {
+        let mut inner = self.lock();
+        let fds = inner.activated.as_mut()?;
+        fds.names().contains(&name).then(|| fds.take(name, path))
+    }
+
     /// The first exports are running: from now on an export not socket-activated binds its
     /// own socket. Returns the activated sockets no export claimed.
     pub fn started(&self) -> Vec<String> {
@@ -448,11 +553,30 @@ impl Exports {
     }
 
     /// Stops export `name` (its requests in flight answered, then its frontend hung up
-    /// on, as SIGTERM does) and waits for its serve loop to end. Whether it was running.
+    /// on, as SIGTERM does) and waits for its serve loop to end: `export-del` in hard
+    /// mode. Whether it was running.
     pub fn remove(&self, name: &str) -> bool {
         let mut inner = self.lock();
         let removed = self.stop_locked(&mut inner, &[name.to_owned()], true);
         !removed.is_empty()
+    }
+
+    /// Deletes export `name` once its current frontend disconnects by itself (at once
+    /// without one): its socket is removed now, so no other frontend connects; then
+    /// [`Event::ExportDeleted`]. `export-del` in safe mode. Returns without waiting;
+    /// `false` if no such export runs.
+    pub fn retire(&self, name: &str) -> bool {
+        let mut inner = self.lock();
+        let Some(r) = inner.running.get_mut(name) else {
+            return false;
+        };
+        if !r.retiring {
+            r.retiring = true;
+            log::info!("export {name}: deleting it once its frontend disconnects");
+            let socket = (!r.activated).then_some(r.spec.socket.as_path());
+            r.stop.retire(socket);
+        }
+        true
     }
 
     /// Stops `names` in parallel (each drain may take up to its stop timeout), joins
@@ -474,7 +598,10 @@ impl Exports {
                 let _ = r.thread.join(); // a panic was caught and reported in the thread
                 self.watched.remove(&r.liveness);
                 if report {
+                    log::info!("export {name}: deleted");
                     self.status.remove(&name);
+                    self.events
+                        .emit(Event::ExportDeleted { name: name.clone() });
                 }
                 name
             })
@@ -483,23 +610,30 @@ impl Exports {
 
     /// Forgets what the registry no longer runs: called for each [`Finished`] by the
     /// thread that waits for the daemon to end. Returns the serve loop's result if the
-    /// export was still registered (it ended by itself: `--once`, or an error), and
-    /// whether no export is left.
+    /// export ended by itself (`--once`, an error; not a safe delete, which is announced
+    /// instead), and whether no export is left.
     pub fn reap(&self, finished: Finished) -> (Option<Result<(), Error>>, bool) {
         let mut inner = self.lock();
         let ours = inner
             .running
             .get(&finished.name)
             .is_some_and(|r| r.id == finished.id);
-        let result = if ours {
-            if let Some(r) = inner.running.remove(&finished.name) {
-                self.forget(&finished.name, &r.liveness);
-                let _ = r.thread.join();
+        let mut result = None;
+        if let Some(r) = ours.then(|| inner.running.remove(&finished.name)).flatten() {
+            self.forget(&finished.name, &r.liveness);
+            let _ = r.thread.join();
+            if r.retiring {
+                log::info!("export {}: deleted", finished.name);
+                self.events.emit(Event::ExportDeleted {
+                    name: finished.name,
+                });
+                if let Err(e) = finished.result {
+                    log::error!("{e}");
+                }
+            } else {
+                result = Some(finished.result);
             }
-            Some(finished.result)
-        } else {
-            None
-        };
+        }
         (result, inner.running.is_empty())
     }
 
@@ -539,12 +673,21 @@ impl Exports {
         let mut inner = self.lock();
         let mut applied = Applied::default();
         let running = &inner.running;
-        let prepared =
-            config_file::prepare_all(specs, |s| running.get(&s.name).is_none_or(|r| r.spec != *s))?;
-        for name in running.keys() {
+        // An export the file names is the file's, even if `export-add` started it (then
+        // the file's settings win); one added through the control API that the file does
+        // not name is left alone.
+        let prepared = config_file::prepare_all(specs, |s| {
+            running
+                .get(&s.name)
+                .is_none_or(|r| r.spec != *s || r.origin != Origin::Config)
+        })?;
+        for (name, r) in running {
+            if r.origin == Origin::Control && !specs.iter().any(|s| &s.name == name) {
+                continue;
+            }
             match specs.iter().find(|s| &s.name == name) {
                 None => applied.removed.push(name.clone()),
-                Some(s) if running.get(name).is_some_and(|r| r.spec != *s) => {
+                Some(s) if r.spec != *s || r.origin != Origin::Config => {
                     applied.restarted.push(name.clone())
                 }
                 Some(_) => applied.unchanged.push(name.clone()),
@@ -578,7 +721,7 @@ impl Exports {
         self.stop_locked(&mut inner, &stopping, true);
         for p in prepared {
             let name = p.spec.name.clone();
-            match self.add_locked(&mut inner, p) {
+            match self.add_locked(&mut inner, p, Origin::Config) {
                 Ok(()) => {
                     if !applied.restarted.contains(&name) {
                         log::info!("reload: export {name} added");
@@ -718,14 +861,14 @@ mod tests {
         let (exports, _rx) = registry();
         let a = null_spec(dir.path(), "a", 1);
         exports
-            .add(prepare(a.clone()).expect("prepares"))
+            .add(prepare(a.clone()).expect("prepares"), Origin::Control)
             .expect("starts");
         assert!(
             dir.path().join("a.sock").exists(),
             "listening once add returns"
         );
         assert!(matches!(
-            exports.add(prepare(a).expect("prepares")),
+            exports.add(prepare(a).expect("prepares"), Origin::Control),
             Err(Error::ExportExists(name)) if name == "a"
         ));
         assert!(exports.remove("a"));
@@ -734,7 +877,10 @@ mod tests {
         assert!(!exports.remove("a"), "nothing left to remove");
         exports.stop_all();
         assert!(matches!(
-            exports.add(prepare(null_spec(dir.path(), "b", 1)).expect("prepares")),
+            exports.add(
+                prepare(null_spec(dir.path(), "b", 1)).expect("prepares"),
+                Origin::Control
+            ),
             Err(Error::Stopping)
         ));
     }

@@ -5,6 +5,9 @@
 //! - [`export_config`]: one export's settings, from flags or a file, and their validation.
 //! - [`config_file`]: the `--config` TOML file: several exports, every error with its key.
 //! - [`exports`]: the registry of running exports (add, remove, reload, stop).
+//! - [`control`]: the control socket's QMP-shaped API (tokio), and [`ctl`], its client.
+//! - [`events`]: what control clients are told unasked (export deleted, shutdown).
+//! - [`shutdown`]: the daemon's orderly end (SIGTERM, SIGINT, the `shutdown` command).
 //! - [`socket`]: binding the vhost-user socket (live vs. stale).
 //! - [`activation`]: taking the socket from systemd instead (socket activation).
 //! - [`systemd`]: READY/STATUS/STOPPING notifications and the watchdog's evidence.
@@ -33,9 +36,12 @@ pub mod cli;
 pub mod completion_event;
 pub mod config_file;
 pub mod connection;
+pub mod control;
+pub mod ctl;
 pub mod device;
 pub mod dirty_log;
 pub mod error;
+pub mod events;
 pub mod export_config;
 pub mod exports;
 pub mod guest_fault;
@@ -44,6 +50,7 @@ pub mod inflight;
 pub mod poll_window;
 pub mod ring;
 pub mod server;
+pub mod shutdown;
 pub mod socket;
 pub mod systemd;
 pub mod worker;

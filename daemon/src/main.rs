@@ -18,15 +18,23 @@ use std::sync::Arc;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use corodev::activation::Activated;
-use corodev::cli::{Cli, Mode};
+use corodev::cli::{Cli, DaemonArgs, Mode};
 use corodev::config_file;
+use corodev::control::{self, commands::Context, ControlServer};
+use corodev::ctl;
 use corodev::error::Error;
-use corodev::exports::{self, Exports, Prepared};
+use corodev::exports::{self, Exports, Origin, Prepared};
+use corodev::shutdown::Shutdown;
 use corodev::systemd::{self as sd, Notifier, StatusBoard, Watched};
 
-/// Starts `prepared` and serves until every export ended (`--once`) or SIGTERM. `config`:
-/// the file SIGHUP reads again.
-fn serve(prepared: Vec<Prepared>, config: Option<PathBuf>, once: bool) -> Result<(), Error> {
+/// Starts `prepared` and serves until every export ended (`--once`) or SIGTERM (or the
+/// control API's `shutdown`). `config`: the file SIGHUP reads again.
+fn serve(
+    prepared: Vec<Prepared>,
+    config: Option<PathBuf>,
+    once: bool,
+    daemon: &DaemonArgs,
+) -> Result<(), Error> {
     // Claimed first: a bad activation setup is a configuration error like a bad option.
     let activated = Activated::from_env()?;
     let notifier = Arc::new(Notifier::new());
@@ -41,10 +49,22 @@ fn serve(prepared: Vec<Prepared>, config: Option<PathBuf>, once: bool) -> Result
         once,
     );
     let exports = Arc::new(exports);
+    let shutdown = Arc::new(Shutdown::new(exports.clone(), notifier.clone()));
     // Before any socket exists, so that a SIGTERM during startup removes what was bound.
-    install_signal_handlers(exports.clone(), config, notifier.clone())?;
+    install_signal_handlers(exports.clone(), config, shutdown.clone())?;
+    // Kept to the end: dropping it removes the socket file.
+    let _control = match &daemon.control {
+        Some(path) => Some(start_control(
+            path,
+            Context {
+                exports: exports.clone(),
+                shutdown: shutdown.clone(),
+            },
+        )?),
+        None => None,
+    };
     for export in prepared {
-        match exports.add(export) {
+        match exports.add(export, Origin::Config) {
             Ok(()) => {}
             // SIGTERM during startup: the exports started so far were stopped.
             Err(Error::Stopping) => return Ok(()),
@@ -79,25 +99,35 @@ fn serve(prepared: Vec<Prepared>, config: Option<PathBuf>, once: bool) -> Result
             break;
         }
         if none_left {
-            log::warn!(
-                "no export is running (the reload started none); waiting for SIGHUP or SIGTERM"
-            );
+            log::warn!("no export is running; waiting for SIGHUP, a control command or SIGTERM");
         }
     }
     notifier.stopping();
     failure.map_or(Ok(()), Err)
 }
 
-/// SIGTERM/SIGINT: tell systemd we are stopping and stop every export gracefully: each
-/// connection's in-flight I/O completes (bounded by its stop timeout), a wait for a
-/// frontend ends at once, sockets we bound are removed (activated ones stay) and every
-/// backend is closed on the way out (an RBD image's lock released). A second signal exits
-/// at once, for an operator who will not wait for the drains. SIGHUP: read the config file
-/// again and apply it ([`reload`]).
+/// The control socket: the activated one named `control` if systemd passed it, else one
+/// bound at `path`.
+fn start_control(path: &Path, ctx: Context) -> Result<ControlServer, Error> {
+    let (listener, is_activated) = match ctx.exports.take_activated(control::ACTIVATION_NAME, path)
+    {
+        Some(passed) => (passed?, true),
+        None => (control::bind(path)?, false),
+    };
+    control::spawn(listener, path, is_activated, ctx)
+}
+
+/// SIGTERM/SIGINT: tell systemd we are stopping and stop every export gracefully
+/// ([`Shutdown`]): each connection's in-flight I/O completes (bounded by its stop
+/// timeout), a wait for a frontend ends at once, sockets we bound are removed (activated
+/// ones stay) and every backend is closed on the way out (an RBD image's lock released).
+/// A second signal (after a signal or the `shutdown` command) exits at once, for an
+/// operator who will not wait for the drains. SIGHUP: read the config file again and
+/// apply it ([`reload`]).
 fn install_signal_handlers(
     exports: Arc<Exports>,
     config: Option<PathBuf>,
-    notifier: Arc<Notifier>,
+    shutdown: Arc<Shutdown>,
 ) -> Result<(), Error> {
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(|source| {
@@ -109,24 +139,14 @@ fn install_signal_handlers(
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let mut stopping = false;
             for sig in signals.forever() {
-                match (sig, stopping) {
+                match (sig, shutdown.begun()) {
                     (SIGHUP, false) => reload(&exports, config.as_deref()),
                     (SIGHUP, true) => log::warn!("SIGHUP while stopping: ignoring it"),
                     (_, false) => {
                         log::info!("signal {sig}: shutting down");
-                        notifier.stopping();
-                        stopping = true;
-                        // The drains block; the next signal must still be seen.
-                        let exports = exports.clone();
-                        let spawned = std::thread::Builder::new()
-                            .name("stop".into())
-                            .spawn(move || exports.stop_all());
-                        if let Err(e) = spawned {
-                            log::error!("starting the stop thread: {e}; exiting now");
-                            std::process::exit(1);
-                        }
+                        // Returns at once: the next signal must still be seen.
+                        shutdown.begin("signal");
                     }
                     (_, true) => {
                         log::warn!(
@@ -203,14 +223,47 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
+/// `ctl`: the answer as pretty JSON on stdout and exit 0, or one error line and exit 1.
+fn run_ctl(
+    control: &Path,
+    command: &str,
+    args: &[String],
+    timeout: std::time::Duration,
+) -> ExitCode {
+    let result = ctl::arguments(args).and_then(|a| ctl::run(control, command, a, timeout));
+    match result {
+        Ok(value) => {
+            match serde_json::to_string_pretty(&value) {
+                Ok(text) => println!("{text}"),
+                Err(_) => println!("{value}"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("corodev ctl: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
     let cli = Cli::from_args(std::env::args_os()).unwrap_or_else(|e| e.exit());
-    let (prepared, config, once) = match cli.mode() {
+    let (prepared, config, once, daemon) = match cli.mode() {
         Mode::Check(path) => return check_config(&path),
-        Mode::Flags { export, once } => {
+        Mode::Ctl {
+            control,
+            timeout,
+            command,
+            args,
+        } => return run_ctl(&control, &command, &args, timeout),
+        Mode::Flags {
+            export,
+            once,
+            daemon,
+        } => {
             let spec = match export.validate() {
                 Ok(spec) => spec,
                 Err(errors) => {
@@ -221,15 +274,15 @@ fn main() -> ExitCode {
                 }
             };
             match exports::prepare(spec) {
-                Ok(p) => (vec![p], None, once),
+                Ok(p) => (vec![p], None, once, daemon),
                 Err(e) => {
                     eprintln!("corodev: error: {e}");
                     return ExitCode::FAILURE;
                 }
             }
         }
-        Mode::ConfigFile(path) => match config_file::check(&path) {
-            Ok(prepared) => (prepared, Some(path), false),
+        Mode::ConfigFile { file, daemon } => match config_file::check(&file) {
+            Ok(prepared) => (prepared, Some(file), false, daemon),
             Err(e) => {
                 for line in e.lines() {
                     eprintln!("corodev: error: {line}");
@@ -238,7 +291,7 @@ fn main() -> ExitCode {
             }
         },
     };
-    match serve(prepared, config, once) {
+    match serve(prepared, config, once, &daemon) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("corodev: error: {e}");

@@ -69,7 +69,13 @@ pub struct ServerConfig {
 /// image open leaves a lock and a watch behind, and the next opener (a restarted daemon or
 /// QEMU) waits for the cluster to time the watch out before it can write.
 pub struct Stop {
+    /// No further connection is accepted.
     requested: AtomicBool,
+    /// The current connection is ended too (not only the loop after it).
+    cut: AtomicBool,
+    /// The bound socket's file was removed by [`Stop::retire`]: the loop's end must not
+    /// remove it again (the path may be another export's by then).
+    unlinked: AtomicBool,
     current: Mutex<Option<(ShutdownHandle, Arc<Connection>)>>,
     /// Readable once a stop is requested (never read back), so a wait for a frontend
     /// that polls it alongside the listener ends.
@@ -86,6 +92,8 @@ impl Stop {
             })?;
         Ok(Stop {
             requested: AtomicBool::new(false),
+            cut: AtomicBool::new(false),
+            unlinked: AtomicBool::new(false),
             current: Mutex::new(None),
             wake,
         })
@@ -96,10 +104,8 @@ impl Stop {
     /// rings exactly as far as they were served when it sees the hang-up. Blocks for that
     /// long. A loop waiting for a frontend returns at once.
     pub fn request(&self) {
-        self.requested.store(true, Ordering::Release);
-        if let Err(e) = self.wake.write(1) {
-            log::error!("waking the connection loop to stop: {e}");
-        }
+        self.cut.store(true, Ordering::Release);
+        self.end_loop();
         let current = match self.current.lock() {
             Ok(cur) => cur.clone(),
             Err(_) => None,
@@ -114,6 +120,29 @@ impl Stop {
             );
         }
         handle.shutdown();
+    }
+
+    /// Ends the loop once the current connection (if any) ends by itself, and accepts no
+    /// other: `export-del` in safe mode. `socket`: the bound socket's file, removed now so
+    /// that no frontend connects to an export on its way out (`None` for an activated
+    /// socket, which its activator owns). Returns at once; a loop waiting for a frontend
+    /// ends at once.
+    pub fn retire(&self, socket: Option<&std::path::Path>) {
+        if let Some(path) = socket {
+            if !self.unlinked.swap(true, Ordering::AcqRel) {
+                if let Err(e) = std::fs::remove_file(path) {
+                    log::warn!("removing socket {}: {e}", path.display());
+                }
+            }
+        }
+        self.end_loop();
+    }
+
+    fn end_loop(&self) {
+        self.requested.store(true, Ordering::Release);
+        if let Err(e) = self.wake.write(1) {
+            log::error!("waking the connection loop to stop: {e}");
+        }
     }
 
     fn requested(&self) -> bool {
@@ -322,7 +351,7 @@ pub fn serve_on(
             stop.set(Some((h.clone(), conn.clone())));
             conn.set_shutdown(h);
             // A stop requested between the wait and `set` found no connection to end.
-            if stop.requested() {
+            if stop.cut.load(Ordering::Acquire) {
                 stop.request();
             }
         }
@@ -379,7 +408,7 @@ pub fn serve_on(
         sup.status.set(&cfg.name, status(served));
     }
     // The activator owns an activated socket: it stays, for the next process.
-    if !activated {
+    if !activated && !stop.unlinked.load(Ordering::Acquire) {
         let _ = std::fs::remove_file(&cfg.socket);
     }
     Ok(())

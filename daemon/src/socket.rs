@@ -23,6 +23,12 @@ fn socket_error(path: &Path, source: io::Error) -> Error {
 
 /// Binds `path` for vhost-user, after checking it is not in use.
 pub fn bind(path: &Path) -> Result<Listener, Error> {
+    bind_unix(path, None).map(Listener::from)
+}
+
+/// Binds a listening unix socket at `path`, after checking it is not in use; with
+/// `mode`, the socket file has those permissions before it appears at `path`.
+pub fn bind_unix(path: &Path, mode: Option<std::fs::Permissions>) -> Result<UnixListener, Error> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => {
             return Err(Error::SocketNotASocket(path.to_owned()));
@@ -48,11 +54,16 @@ pub fn bind(path: &Path) -> Result<Listener, Error> {
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp).map_err(|e| socket_error(path, e))?;
-    if let Err(e) = std::fs::rename(&tmp, path) {
+    let placed = match mode {
+        Some(mode) => std::fs::set_permissions(&tmp, mode),
+        None => Ok(()),
+    }
+    .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
         let _ = std::fs::remove_file(&tmp);
         return Err(socket_error(path, e));
     }
-    Ok(Listener::from(listener))
+    Ok(listener)
 }
 
 #[cfg(test)]

@@ -245,6 +245,11 @@ impl StatusBoard {
         }
     }
 
+    /// Export `name`'s last state.
+    pub fn get(&self, name: &str) -> Option<ExportStatus> {
+        self.lock().get(name).cloned()
+    }
+
     /// Export `name` stopped.
     pub fn remove(&self, name: &str) {
         self.lock().remove(name);

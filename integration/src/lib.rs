@@ -40,6 +40,7 @@
 
 pub mod ceph;
 pub mod console;
+pub mod control;
 pub mod daemon;
 pub mod frontend;
 pub mod image;
