@@ -3,7 +3,8 @@
 #   the binary            -> $DESTDIR/usr/local/bin/corodev
 #   the units             -> $DESTDIR/etc/systemd/system/corodev@.service, corodev@.socket
 #                            (one instance per disk), corodev.service and
-#                            corodev-export@.socket (every export of exports.toml)
+#                            corodev-export@.socket (every export of exports.toml),
+#                            corodev-control.socket (its control socket)
 #   the user and group    -> corodev (sysusers.d file in $DESTDIR/usr/local/lib/sysusers.d,
 #                            applied with systemd-sysusers --root=$DESTDIR)
 #   example configs       -> $DESTDIR/etc/corodev/example.env (one instance's flags) and
@@ -48,6 +49,7 @@ put 0644 "$top/daemon/systemd/corodev@.service" /etc/systemd/system/corodev@.ser
 put 0644 "$top/daemon/systemd/corodev@.socket" /etc/systemd/system/corodev@.socket
 put 0644 "$top/daemon/systemd/corodev.service" /etc/systemd/system/corodev.service
 put 0644 "$top/daemon/systemd/corodev-export@.socket" /etc/systemd/system/corodev-export@.socket
+put 0644 "$top/daemon/systemd/corodev-control.socket" /etc/systemd/system/corodev-control.socket
 put 0644 "$top/daemon/systemd/corodev.sysusers" /usr/local/lib/sysusers.d/corodev.conf
 put 0644 "$top/README.md" /usr/local/share/doc/corodev/README.md
 put 0644 "$top/daemon/systemd/rbd.conf" /usr/local/share/doc/corodev/rbd.conf

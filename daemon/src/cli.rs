@@ -11,6 +11,9 @@ use std::path::PathBuf;
 use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::logging::LogLevel;
 
 pub use crate::export_config::{
     BackendKind, CoroutineBackend, ExportConfig, LockMode, SizeArg, StackMode,
@@ -78,14 +81,31 @@ pub struct Cli {
     pub once: bool,
 }
 
-/// The daemon's own settings (not an export's): they go with flags and with `--config`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Args)]
+/// The daemon's own settings (not an export's): flags, or a config file's `[daemon]`
+/// table (a flag wins over the file).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct DaemonArgs {
     /// Serve the control API (QMP-shaped JSON; `corodev ctl` is its client) on a unix
     /// socket at PATH, mode 0600. Under socket activation, a socket named `control` is
     /// used instead (it must be bound at PATH).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+
+    /// Log level (default: as RUST_LOG says, else info). Under systemd each line carries
+    /// its syslog priority for the journal.
+    #[arg(long, value_enum, value_name = "LEVEL")]
+    pub log_level: Option<LogLevel>,
+}
+
+impl DaemonArgs {
+    /// These settings (flags), with the file's where a flag was not given.
+    pub fn over(self, file: DaemonArgs) -> DaemonArgs {
+        DaemonArgs {
+            control: self.control.or(file.control),
+            log_level: self.log_level.or(file.log_level),
+        }
+    }
 }
 
 /// Subcommands.

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::cli::DaemonArgs;
 use crate::error::Error;
 use crate::export_config::{Backend, ExportConfig, ExportSpec, Problem};
 use crate::exports::{prepare, Prepared};
@@ -25,7 +26,19 @@ use crate::exports::{prepare, Prepared};
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct ConfigFile {
     #[serde(default)]
+    daemon: DaemonArgs,
+    #[serde(default)]
     exports: Vec<ExportConfig>,
+}
+
+/// A validated file: the daemon's settings and its exports (`T`: as validated, or
+/// prepared).
+#[derive(Debug)]
+pub struct Config<T> {
+    /// The `[daemon]` table (empty when absent).
+    pub daemon: DaemonArgs,
+    /// The `[[exports]]`, in file order.
+    pub exports: Vec<T>,
 }
 
 /// What is wrong with one key of the file.
@@ -123,9 +136,9 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// Parses `text` (the contents of `path`) and validates every export; the exports in file
-/// order, or every problem.
-pub fn parse(path: &Path, text: &str) -> Result<Vec<ExportSpec>, ConfigError> {
+/// Parses `text` (the contents of `path`) and validates every export; the daemon's
+/// settings and the exports in file order, or every problem.
+pub fn parse(path: &Path, text: &str) -> Result<Config<ExportSpec>, ConfigError> {
     let file: ConfigFile = toml::from_str(text).map_err(|e| {
         let (line, column) = e.span().map_or((1, 1), |s| line_column(text, s.start));
         ConfigError::Syntax {
@@ -158,7 +171,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<ExportSpec>, ConfigError> {
     // Reported in file order, each export's keys in the order validation found them.
     errors.sort_by_key(|e| e.export.map_or(0, |i| i + 1));
     if errors.is_empty() {
-        Ok(specs.into_iter().map(|(_, s)| s).collect())
+        Ok(Config {
+            daemon: file.daemon,
+            exports: specs.into_iter().map(|(_, s)| s).collect(),
+        })
     } else {
         Err(ConfigError::Invalid(errors))
     }
@@ -224,7 +240,7 @@ fn same_path(a: &Path, b: &Path) -> bool {
 }
 
 /// Reads and validates `path`.
-pub fn load(path: &Path) -> Result<Vec<ExportSpec>, ConfigError> {
+pub fn load(path: &Path) -> Result<Config<ExportSpec>, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
@@ -259,9 +275,12 @@ pub fn prepare_all(
 
 /// Everything short of serving: reads and validates `path`, opens every disk and builds
 /// every device. What `check-config` reports and what startup starts from.
-pub fn check(path: &Path) -> Result<Vec<Prepared>, ConfigError> {
-    let specs = load(path)?;
-    prepare_all(&specs, |_| true)
+pub fn check(path: &Path) -> Result<Config<Prepared>, ConfigError> {
+    let config = load(path)?;
+    Ok(Config {
+        exports: prepare_all(&config.exports, |_| true)?,
+        daemon: config.daemon,
+    })
 }
 
 #[cfg(test)]
@@ -291,7 +310,7 @@ stack-size = 524288
 
     #[test]
     fn two_exports_parse_with_defaults_and_both_size_spellings() {
-        let specs = parse(Path::new("c.toml"), TWO).expect("valid");
+        let specs = parse(Path::new("c.toml"), TWO).expect("valid").exports;
         assert_eq!(specs.len(), 2);
         assert_eq!((specs[0].name.as_str(), specs[0].num_queues), ("vm1", 2));
         assert_eq!(specs[0].queue_size, 256, "the flag's default");
@@ -374,8 +393,40 @@ size = 4096
             include_str!("../systemd/example.toml"),
         )
         .expect("daemon/systemd/example.toml must stay valid");
-        let names: Vec<_> = specs.iter().map(|s| s.name.as_str()).collect();
+        let names: Vec<_> = specs.exports.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["vm1", "vm1-data", "scratch", "vm2"]);
+        assert_eq!(
+            specs.daemon,
+            DaemonArgs {
+                control: Some("/run/corodev/control.sock".into()),
+                log_level: Some(crate::logging::LogLevel::Info),
+            }
+        );
+    }
+
+    #[test]
+    fn the_daemon_table_is_checked_like_the_exports() {
+        let text = "[daemon]\nlog-level = \"debug\"\n[[exports]]\nsocket = \"/s\"\nbackend = \"null\"\nsize = 1024\n";
+        let config = parse(Path::new("c.toml"), text).expect("valid");
+        assert_eq!(
+            config.daemon.log_level,
+            Some(crate::logging::LogLevel::Debug)
+        );
+        assert_eq!(config.daemon.control, None);
+        let bad = lines("[daemon]\nlog-level = \"loud\"\n[[exports]]\nsocket = \"/s\"\n");
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert!(
+            bad[0]
+                .starts_with("c.toml:2:13: unknown variant `loud`, expected one of `off`, `error`"),
+            "{bad:?}"
+        );
+        let unknown = lines("[daemon]\nsocket = \"/s\"\n");
+        assert!(
+            unknown[0].starts_with(
+                "c.toml:2:1: unknown field `socket`, expected `control` or `log-level`"
+            ),
+            "{unknown:?}"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`control`]: the control socket's QMP-shaped API (tokio), and [`ctl`], its client.
 //! - [`events`]: what control clients are told unasked (export deleted, shutdown).
 //! - [`shutdown`]: the daemon's orderly end (SIGTERM, SIGINT, the `shutdown` command).
+//! - [`logging`]: the log's level and its journald-friendly form.
 //! - [`socket`]: binding the vhost-user socket (live vs. stale).
 //! - [`activation`]: taking the socket from systemd instead (socket activation).
 //! - [`systemd`]: READY/STATUS/STOPPING notifications and the watchdog's evidence.
@@ -47,6 +48,7 @@ pub mod exports;
 pub mod guest_fault;
 pub mod image_lock;
 pub mod inflight;
+pub mod logging;
 pub mod poll_window;
 pub mod ring;
 pub mod server;

@@ -24,6 +24,7 @@ use corodev::control::{self, commands::Context, ControlServer};
 use corodev::ctl;
 use corodev::error::Error;
 use corodev::exports::{self, Exports, Origin, Prepared};
+use corodev::logging;
 use corodev::shutdown::Shutdown;
 use corodev::systemd::{self as sd, Notifier, StatusBoard, Watched};
 
@@ -33,7 +34,7 @@ fn serve(
     prepared: Vec<Prepared>,
     config: Option<PathBuf>,
     once: bool,
-    daemon: &DaemonArgs,
+    settings: Settings,
 ) -> Result<(), Error> {
     // Claimed first: a bad activation setup is a configuration error like a bad option.
     let activated = Activated::from_env()?;
@@ -51,9 +52,10 @@ fn serve(
     let exports = Arc::new(exports);
     let shutdown = Arc::new(Shutdown::new(exports.clone(), notifier.clone()));
     // Before any socket exists, so that a SIGTERM during startup removes what was bound.
-    install_signal_handlers(exports.clone(), config, shutdown.clone())?;
+    let control = settings.effective.control.clone();
+    install_signal_handlers(exports.clone(), config, settings, shutdown.clone())?;
     // Kept to the end: dropping it removes the socket file.
-    let _control = match &daemon.control {
+    let _control = match &control {
         Some(path) => Some(start_control(
             path,
             Context {
@@ -127,6 +129,7 @@ fn start_control(path: &Path, ctx: Context) -> Result<ControlServer, Error> {
 fn install_signal_handlers(
     exports: Arc<Exports>,
     config: Option<PathBuf>,
+    mut settings: Settings,
     shutdown: Arc<Shutdown>,
 ) -> Result<(), Error> {
     let mut signals =
@@ -141,7 +144,7 @@ fn install_signal_handlers(
         .spawn(move || {
             for sig in signals.forever() {
                 match (sig, shutdown.begun()) {
-                    (SIGHUP, false) => reload(&exports, config.as_deref()),
+                    (SIGHUP, false) => reload(&exports, config.as_deref(), &mut settings),
                     (SIGHUP, true) => log::warn!("SIGHUP while stopping: ignoring it"),
                     (_, false) => {
                         log::info!("signal {sig}: shutting down");
@@ -164,16 +167,57 @@ fn install_signal_handlers(
     Ok(())
 }
 
+/// The daemon's own settings: as given by flags, and in effect (flags over the file's
+/// `[daemon]` table).
+struct Settings {
+    flags: DaemonArgs,
+    effective: DaemonArgs,
+}
+
+impl Settings {
+    fn new(flags: DaemonArgs, file: Option<DaemonArgs>) -> Settings {
+        let effective = flags.clone().over(file.unwrap_or_default());
+        Settings { flags, effective }
+    }
+
+    /// A reloaded file's `[daemon]` table: a new log level applies now (unless a flag set
+    /// it, or the logger follows RUST_LOG); a new control socket at the next start.
+    fn reload(&mut self, file: DaemonArgs) {
+        let new = self.flags.clone().over(file);
+        if new.log_level != self.effective.log_level {
+            match (self.effective.log_level, new.log_level) {
+                (Some(_), Some(level)) => {
+                    logging::set_level(level);
+                    log::info!("reload: log level is now {level:?}");
+                }
+                _ => log::warn!(
+                    "reload: [daemon] log-level changed between set and unset; that takes effect when corodev restarts"
+                ),
+            }
+        }
+        if new.control != self.effective.control {
+            log::warn!(
+                "reload: [daemon] control changed; the control socket moves when corodev restarts"
+            );
+        }
+        self.effective.log_level = new.log_level.or(self.effective.log_level);
+    }
+}
+
 /// SIGHUP: applies the config file as it is now (see `corodev::exports` for what changes
 /// and what does not). A file with any problem changes nothing: each problem is logged
 /// and the running exports keep serving.
-fn reload(exports: &Exports, config: Option<&Path>) {
+fn reload(exports: &Exports, config: Option<&Path>, settings: &mut Settings) {
     let Some(path) = config else {
         log::warn!("SIGHUP: no --config file to reload (the export comes from flags); ignoring it");
         return;
     };
     log::info!("SIGHUP: reloading {}", path.display());
-    let applied = config_file::load(path).and_then(|specs| exports.apply(&specs));
+    let applied = config_file::load(path).and_then(|config| {
+        let applied = exports.apply(&config.exports)?;
+        settings.reload(config.daemon);
+        Ok(applied)
+    });
     match applied {
         Ok(a) => log::info!(
             "reload: {} export(s) added, {} removed, {} restarted, {} unchanged{}",
@@ -204,8 +248,12 @@ fn reload(exports: &Exports, config: Option<&Path>) {
 /// summary on stdout and exit 0.
 fn check_config(path: &Path) -> ExitCode {
     match config_file::check(path) {
-        Ok(prepared) => {
-            let names: Vec<&str> = prepared.iter().map(|p| p.spec.name.as_str()).collect();
+        Ok(config) => {
+            let names: Vec<&str> = config
+                .exports
+                .iter()
+                .map(|p| p.spec.name.as_str())
+                .collect();
             println!(
                 "{}: {} export(s) OK: {}",
                 path.display(),
@@ -247,12 +295,12 @@ fn run_ctl(
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
     let cli = Cli::from_args(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let (prepared, config, once, daemon) = match cli.mode() {
-        Mode::Check(path) => return check_config(&path),
+        Mode::Check(path) => {
+            logging::init(None);
+            return check_config(&path);
+        }
         Mode::Ctl {
             control,
             timeout,
@@ -264,6 +312,7 @@ fn main() -> ExitCode {
             once,
             daemon,
         } => {
+            logging::init(daemon.log_level);
             let spec = match export.validate() {
                 Ok(spec) => spec,
                 Err(errors) => {
@@ -274,24 +323,33 @@ fn main() -> ExitCode {
                 }
             };
             match exports::prepare(spec) {
-                Ok(p) => (vec![p], None, once, daemon),
+                Ok(p) => (vec![p], None, once, Settings::new(daemon, None)),
                 Err(e) => {
                     eprintln!("corodev: error: {e}");
                     return ExitCode::FAILURE;
                 }
             }
         }
-        Mode::ConfigFile { file, daemon } => match config_file::check(&file) {
-            Ok(prepared) => (prepared, Some(file), false, daemon),
-            Err(e) => {
-                for line in e.lines() {
-                    eprintln!("corodev: error: {line}");
+        Mode::ConfigFile { file, daemon } => {
+            // The file is read before the disks are opened, so that its log level
+            // applies to what opening them logs.
+            let loaded = config_file::load(&file).and_then(|c| {
+                let settings = Settings::new(daemon, Some(c.daemon.clone()));
+                logging::init(settings.effective.log_level);
+                Ok((config_file::prepare_all(&c.exports, |_| true)?, settings))
+            });
+            match loaded {
+                Ok((prepared, settings)) => (prepared, Some(file), false, settings),
+                Err(e) => {
+                    for line in e.lines() {
+                        eprintln!("corodev: error: {line}");
+                    }
+                    return ExitCode::FAILURE;
                 }
-                return ExitCode::FAILURE;
             }
-        },
+        }
     };
-    match serve(prepared, config, once, &daemon) {
+    match serve(prepared, config, once, daemon) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("corodev: error: {e}");

@@ -76,6 +76,7 @@ fn installs_into_a_temp_root_and_a_second_run_changes_nothing() {
         ("etc/systemd/system/corodev@.socket", 0o644),
         ("etc/systemd/system/corodev.service", 0o644),
         ("etc/systemd/system/corodev-export@.socket", 0o644),
+        ("etc/systemd/system/corodev-control.socket", 0o644),
         ("usr/local/lib/sysusers.d/corodev.conf", 0o644),
         ("etc/corodev/example.env", 0o644),
         ("etc/corodev/example.toml", 0o644),
@@ -90,6 +91,7 @@ fn installs_into_a_temp_root_and_a_second_run_changes_nothing() {
         "corodev@.socket",
         "corodev.service",
         "corodev-export@.socket",
+        "corodev-control.socket",
     ] {
         assert_eq!(
             std::fs::read(root.join("etc/systemd/system").join(unit)).expect("installed"),

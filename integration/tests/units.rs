@@ -296,9 +296,29 @@ fn config_mode_units() {
     )
     .expect("write");
     std::fs::write(dir.path().join("corodev-export@.socket"), &socket).expect("write");
+    // The control socket: passed as "control" at the path example.toml's [daemon] names,
+    // to the same service, for the corodev group only.
+    let control = read(&unit("corodev-control.socket"));
+    assert_eq!(setting(&control, "Service"), vec!["corodev.service"]);
+    assert_eq!(setting(&control, "FileDescriptorName"), vec!["control"]);
+    assert_eq!(
+        setting(&control, "ListenStream"),
+        vec!["/run/corodev/control.sock"]
+    );
+    assert!(read(&workspace().join("daemon/systemd/example.toml"))
+        .contains("control = \"/run/corodev/control.sock\""));
+    assert_eq!(setting(&control, "SocketGroup"), vec!["corodev"]);
+    assert_eq!(setting(&control, "SocketMode"), vec!["0660"]);
+    std::fs::write(dir.path().join("corodev-control.socket"), &control).expect("write");
     let svc = dir.path().join("corodev.service");
     let sock = dir.path().join("corodev-export@vm1.socket");
-    let (ok, out, err) = analyze(&["verify".as_ref(), svc.as_os_str(), sock.as_os_str()]);
+    let ctl = dir.path().join("corodev-control.socket");
+    let (ok, out, err) = analyze(&[
+        "verify".as_ref(),
+        svc.as_os_str(),
+        sock.as_os_str(),
+        ctl.as_os_str(),
+    ]);
     assert!(
         ok && out.trim().is_empty() && err.trim().is_empty(),
         "systemd-analyze verify:\n{out}\n{err}"
