@@ -24,6 +24,7 @@ use crate::error::Error;
 use crate::guest_fault;
 use crate::image_lock::ImageLock;
 use crate::inflight::{InflightError, QueueTracker, Region, RingView};
+use crate::stats::ExportStats;
 
 /// Connection ids, unique in the process (0 is never used: the fault registry's "free").
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -66,6 +67,9 @@ pub struct Connection {
     pub blk: VirtioBlk,
     /// Live migration's dirty log: where the guest memory the daemon writes is marked.
     pub dirty: Arc<DirtyLog>,
+    /// The export's request statistics, which outlive the connection (see
+    /// [`with_stats`](Self::with_stats)).
+    pub stats: Arc<ExportStats>,
     /// Guest memory as updated by the frontend's memory table messages.
     pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
     /// How the workers run.
@@ -135,6 +139,7 @@ impl Connection {
             completions: CompletionEvents::new(thread_masks.len(), nq)?,
             blk: VirtioBlk::new(config, disk).with_write_log(dirty.clone()),
             dirty,
+            stats: Arc::new(ExportStats::new(usize::from(nq))),
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             workers,
             queues: (0..nq).map(|_| QueueState::default()).collect(),
@@ -148,6 +153,13 @@ impl Connection {
             watchdog_round: AtomicU64::new(0),
             image_lock: None,
         })
+    }
+
+    /// This connection counts its requests in `stats`, the export's, instead of in
+    /// counters of its own: the export's statistics go on over reconnects.
+    pub fn with_stats(mut self, stats: Arc<ExportStats>) -> Connection {
+        self.stats = stats;
+        self
     }
 
     /// This connection's device serves an image locked by `lock`.

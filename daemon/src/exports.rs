@@ -49,6 +49,7 @@ use crate::events::{Event, Events};
 use crate::export_config::{Backend, ExportSpec, LockMode, RbdSpec};
 use crate::image_lock::ImageLock;
 use crate::server::{self, Listening, ServerConfig, Stop, Supervision};
+use crate::stats::{ExportStats, ExportStatsSnapshot};
 use crate::systemd::{Liveness, StatusBoard, Watched};
 
 /// An export whose disk is open and whose device is built: everything that can fail
@@ -258,6 +259,8 @@ struct Running {
     disk: Arc<dyn BlockBackend>,
     stop: Arc<Stop>,
     liveness: Arc<Liveness>,
+    /// Its request counters, shared with every connection it serves.
+    stats: Arc<ExportStats>,
     thread: JoinHandle<()>,
 }
 
@@ -380,6 +383,24 @@ impl Exports {
             .collect()
     }
 
+    /// The request statistics of every running export, in name order: what `query-stats`
+    /// returns and `--metrics` exposes. Each export's counters run from its start (see
+    /// [`ExportStats`]). Waits while a reload or a stop holds the registry (at most the
+    /// drains' stop timeout).
+    pub fn stats(&self) -> Vec<ExportStatsSnapshot> {
+        let counters: Vec<(String, Arc<ExportStats>)> = self
+            .lock()
+            .running
+            .iter()
+            .map(|(name, r)| (name.clone(), r.stats.clone()))
+            .collect();
+        // Read after the registry's lock is released: it is not needed for the counters.
+        counters
+            .iter()
+            .map(|(name, stats)| stats.snapshot(name))
+            .collect()
+    }
+
     /// The settings of running export `name`.
     pub fn spec(&self, name: &str) -> Option<ExportSpec> {
         self.lock().running.get(name).map(|r| r.spec.clone())
@@ -441,8 +462,10 @@ impl Exports {
             );
         }
         let activated = listening.is_activated();
+        let stats = Arc::new(ExportStats::new(usize::from(device.num_queues())));
         let cfg = ServerConfig {
             image_lock,
+            stats: stats.clone(),
             socket: spec.socket.clone(),
             name: spec.name.clone(),
             disk: disk.clone(),
@@ -500,6 +523,7 @@ impl Exports {
                 disk,
                 stop,
                 liveness,
+                stats,
                 thread,
             },
         );

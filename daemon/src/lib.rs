@@ -24,6 +24,7 @@
 //! - [`inflight`]: the region that lets a restarted daemon resume requests left in flight.
 //! - [`guest_fault`]: surviving a frontend that truncates guest memory (SIGBUS recovery).
 //! - [`poll_window`]: how long a worker polls after its last work.
+//! - [`stats`]: per-export, per-queue request counters and latency histograms.
 
 #![deny(
     unsafe_op_in_unsafe_fn,
@@ -54,5 +55,6 @@ pub mod ring;
 pub mod server;
 pub mod shutdown;
 pub mod socket;
+pub mod stats;
 pub mod systemd;
 pub mod worker;

@@ -59,6 +59,8 @@ pub struct ServerConfig {
     pub once: bool,
     /// The image's lock, shared by every connection (see [`crate::image_lock`]).
     pub image_lock: Option<Arc<crate::image_lock::ImageLock>>,
+    /// The export's request statistics, counted by every connection in turn.
+    pub stats: Arc<crate::stats::ExportStats>,
 }
 
 /// Lets a signal handler end the current connection and the loop.
@@ -301,7 +303,8 @@ pub fn serve_on(
         connection += 1;
         let conn = Arc::new(
             Connection::new(cfg.disk.clone(), cfg.device.reset(), cfg.workers)?
-                .with_image_lock(cfg.image_lock.clone()),
+                .with_image_lock(cfg.image_lock.clone())
+                .with_stats(cfg.stats.clone()),
         );
         let mem = conn.mem.clone();
         let mut daemon = VhostUserDaemon::new("corodev".into(), BlkDevice(conn.clone()), mem)

@@ -45,6 +45,7 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
+use corodev_devices::blk::Served;
 use corodev_devices::request::{Used, WriteLog};
 
 use crate::connection::Connection;
@@ -98,12 +99,14 @@ struct Request {
     local: usize,
     chain: Chain,
     mem: Arc<GuestMemoryMmap>,
+    /// When its batch was popped: the start of its latency.
+    popped: Instant,
 }
 
 impl coro::Job for Request {
     fn run(self) {
-        let used = self.worker.conn.blk.serve(self.chain, self.mem);
-        self.worker.complete(self.local, used);
+        let served = self.worker.conn.blk.serve(self.chain, self.mem);
+        self.worker.complete(self.local, served, self.popped);
     }
 }
 
@@ -310,24 +313,32 @@ impl Worker {
             )
         };
         let count = popped.chains.len();
+        if let Some(stats) = conn.stats.queue(queue) {
+            stats.started(count as u64);
+        }
+        // One clock read per batch, not per request: its requests were popped together.
+        let now = Instant::now();
         for chain in popped.chains {
             let job = Request {
                 worker: self.clone(),
                 local,
                 chain,
                 mem: mem.clone(),
+                popped: now,
             };
             if let Err(refused) = self.sched.spawn(job) {
                 // No stack for it (memory or map count exhausted): answer it with IOERR
                 // now rather than leave it, or publish it with a stale status byte.
-                let Request { chain, mem, .. } = refused.job;
+                let Request {
+                    chain, mem, popped, ..
+                } = refused.job;
                 conn.blk.log().warn(format_args!(
                     "queue {queue}: cannot start a request coroutine for head {}: {}",
                     chain.head_index(),
                     refused.error
                 ));
-                let used = conn.blk.refuse(chain, mem);
-                self.complete(local, used);
+                let served = conn.blk.refuse(chain, mem);
+                self.complete(local, served, popped);
             }
         }
         if let Some(fault) = popped.fault {
@@ -432,11 +443,12 @@ impl Worker {
         }
     }
 
-    /// The one place a request leaves the device: its used element goes to the used ring
+    /// The one place a request leaves the device: it is counted in the export's
+    /// statistics (latency from `popped`), and its used element goes to the used ring
     /// now, bracketed by the inflight region's record of it (see [`crate::inflight`]);
     /// [`notify`](Self::notify) settles the batch.
-    fn complete(&self, local: usize, used: Used) {
-        let Used { head, len } = used;
+    fn complete(&self, local: usize, served: Served, popped: Instant) {
+        let Used { head, len } = served.used;
         let mut published = self.published.borrow_mut();
         let (Some(vring), Some(Some(queue)), Some(count)) = (
             self.vrings.get(local),
@@ -446,6 +458,9 @@ impl Worker {
             log::error!("request {head} completed on unknown vring {local}");
             return;
         };
+        if let Some(stats) = self.conn.stats.queue(*queue) {
+            stats.completed(&served, popped.elapsed());
+        }
         *count += 1;
         if let Some(heads) = self.heads.borrow_mut().get_mut(local) {
             heads.remove(head);

@@ -18,7 +18,27 @@ use vm_memory::GuestMemoryMmap;
 use crate::backend::BlockBackend;
 use crate::config::DeviceConfig;
 use crate::ratelimit::RateLimitedLog;
-use crate::request::{Op, Rejected, Request, Used, WriteLog, S_IOERR, S_OK};
+use crate::request::{Op, Rejected, Request, RequestType, Used, WriteLog, S_IOERR, S_OK};
+
+/// What serving one chain did: the used element to publish, and what the guest asked for
+/// and got, for the caller's statistics. Returned by value (no allocation), so a caller
+/// that keeps no statistics pays nothing for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    /// The used element to publish.
+    pub used: Used,
+    /// The request's type as its header said; `None` when the chain was refused before
+    /// its header could be read (no status byte, a header cut short).
+    pub kind: Option<RequestType>,
+    /// Data bytes moved between the disk and the guest's buffers: read into them or
+    /// written from them; 0 for the other types and for every failure.
+    pub bytes: u64,
+    /// The status written: `S_OK`, `S_IOERR` or `S_UNSUPP` (also when the chain had no
+    /// status byte to write it to).
+    pub status: u8,
+    /// Refused by validation (a malformed or unsupported request), not executed.
+    pub rejected: bool,
+}
 
 /// A virtio-blk device: its config space, its storage, and the one rate-limited log
 /// through which every guest-triggerable message goes (a guest that makes every request
@@ -68,7 +88,7 @@ impl VirtioBlk {
     /// Serves one descriptor chain end to end: parses it against `mem`, executes it (or
     /// rejects it, logging why), completes it. Must run inside a coroutine: the backend
     /// parks it while I/O is in flight.
-    pub fn serve<M, B>(&self, chain: DescriptorChain<M>, mem: Arc<GuestMemoryMmap<B>>) -> Used
+    pub fn serve<M, B>(&self, chain: DescriptorChain<M>, mem: Arc<GuestMemoryMmap<B>>) -> Served
     where
         M: Deref,
         M::Target: vm_memory::GuestMemory,
@@ -83,9 +103,22 @@ impl VirtioBlk {
     /// Executes a parsed `request` and completes it. Unless the guest chose writeback (and
     /// negotiated FLUSH), a write or write-zeroes is flushed before it completes (virtio
     /// 1.2, 5.2.6.1).
-    pub fn execute<B: Bitmap + 'static>(&self, request: Request<B>) -> Used {
+    pub fn execute<B: Bitmap + 'static>(&self, request: Request<B>) -> Served {
+        let kind = Some(request.request_type());
         match self.run(&request) {
-            Ok(written) => request.complete(S_OK, written, self.writes.as_deref()),
+            Ok(written) => {
+                let bytes = match request.op() {
+                    Op::Read { .. } | Op::Write { .. } => request.data_len(),
+                    _ => 0,
+                };
+                Served {
+                    used: request.complete(S_OK, written, self.writes.as_deref()),
+                    kind,
+                    bytes,
+                    status: S_OK,
+                    rejected: false,
+                }
+            }
             Err(e) => {
                 self.log.warn(format_args!(
                     "request {} ({} at sector {}): {e}",
@@ -93,7 +126,13 @@ impl VirtioBlk {
                     request.request_type(),
                     request.sector()
                 ));
-                request.complete(S_IOERR, 0, self.writes.as_deref())
+                Served {
+                    used: request.complete(S_IOERR, 0, self.writes.as_deref()),
+                    kind,
+                    bytes: 0,
+                    status: S_IOERR,
+                    rejected: false,
+                }
             }
         }
     }
@@ -101,20 +140,26 @@ impl VirtioBlk {
     /// Answers a chain with IOERR without executing it, for a caller that cannot run it
     /// (no coroutine could be started): the guest must read a failure, never a stale status
     /// byte as success. Parsing does no I/O, so this may run outside a coroutine.
-    pub fn refuse<M, B>(&self, chain: DescriptorChain<M>, mem: Arc<GuestMemoryMmap<B>>) -> Used
+    pub fn refuse<M, B>(&self, chain: DescriptorChain<M>, mem: Arc<GuestMemoryMmap<B>>) -> Served
     where
         M: Deref,
         M::Target: vm_memory::GuestMemory,
         B: Bitmap + 'static,
     {
         match Request::parse(chain, mem, &self.config) {
-            Ok(request) => request.complete(S_IOERR, 0, self.writes.as_deref()),
+            Ok(request) => Served {
+                kind: Some(request.request_type()),
+                used: request.complete(S_IOERR, 0, self.writes.as_deref()),
+                bytes: 0,
+                status: S_IOERR,
+                rejected: false,
+            },
             Err(rejected) => self.reject(*rejected),
         }
     }
 
     /// Answers a request that failed validation with its error's status.
-    fn reject<B: Bitmap + 'static>(&self, rejected: Rejected<B>) -> Used {
+    fn reject<B: Bitmap + 'static>(&self, rejected: Rejected<B>) -> Served {
         self.log.warn(format_args!(
             "request {}: rejected: {}{}",
             rejected.head(),
@@ -125,7 +170,14 @@ impl VirtioBlk {
                 " (no status byte; completed with nothing written)"
             }
         ));
-        rejected.complete(self.writes.as_deref())
+        let (kind, status) = (rejected.kind(), rejected.error().status());
+        Served {
+            used: rejected.complete(self.writes.as_deref()),
+            kind,
+            bytes: 0,
+            status,
+            rejected: true,
+        }
     }
 
     /// Does the I/O; returns the bytes written to the guest's data buffers.

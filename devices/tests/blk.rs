@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use corodev_devices::backend::{BlockBackend, GuestBuffers, NullBackend};
-use corodev_devices::blk::VirtioBlk;
+use corodev_devices::blk::{Served, VirtioBlk};
 use corodev_devices::config::{DeviceConfig, DeviceParams};
-use corodev_devices::request::{Request, Used, WriteLog, S_IOERR, S_OK, S_UNSUPP};
+use corodev_devices::request::{Request, RequestType, Used, WriteLog, S_IOERR, S_OK, S_UNSUPP};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
@@ -109,7 +109,7 @@ fn execute<B: Bitmap + 'static, D: BlockBackend + 'static>(
         cfg.ack_features(1 << VIRTIO_BLK_F_FLUSH);
     }
     assert_eq!(cfg.writeback(), writeback);
-    VirtioBlk::new(cfg, disk.clone()).execute(r)
+    VirtioBlk::new(cfg, disk.clone()).execute(r).used
 }
 
 fn config(serial: &str) -> DeviceConfig {
@@ -316,6 +316,43 @@ fn get_id_into_a_short_buffer_writes_what_fits() {
     assert_eq!(used, Used { head: 0, len: 6 });
 }
 
+/// What `execute` tells its caller to count: data bytes moved by reads and writes, none
+/// for a failure or for a type that moves no disk data (GET_ID copies the serial).
+#[test]
+fn served_counts_the_data_bytes_moved_and_the_status() {
+    let m = mem::<()>();
+    let disk = Arc::new(Recorder::default());
+    let cfg = config("");
+    cfg.ack_features(1 << VIRTIO_BLK_F_FLUSH);
+    let blk = VirtioBlk::new(cfg, disk.clone());
+    let read = [desc(HDR, 16, 0), desc(DATA, 1024, W), desc(STATUS, 1, W)];
+    let write = [desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)];
+    let outcome = |r| {
+        let s: Served = blk.execute(r);
+        (s.kind, s.bytes, s.status, s.rejected)
+    };
+    let req = |t, d: &[RawDescriptor]| request(&m, blk.config(), t, 0, d);
+    assert_eq!(
+        outcome(req(T_IN, &read)),
+        (Some(RequestType::In), 1024, S_OK, false)
+    );
+    assert_eq!(
+        outcome(req(T_OUT, &write)),
+        (Some(RequestType::Out), 512, S_OK, false)
+    );
+    let id = [desc(HDR, 16, 0), desc(DATA, 20, W), desc(STATUS, 1, W)];
+    assert_eq!(
+        outcome(req(T_GET_ID, &id)),
+        (Some(RequestType::GetId), 0, S_OK, false)
+    );
+    disk.fail_with(Some(io::ErrorKind::Other));
+    assert_eq!(
+        outcome(req(T_IN, &read)),
+        (Some(RequestType::In), 0, S_IOERR, false),
+        "a failed read moved nothing the guest can use"
+    );
+}
+
 #[test]
 fn backend_error_fails_only_that_request() {
     let m = mem::<()>();
@@ -385,8 +422,18 @@ fn serve_answers_a_rejected_request_with_its_status() {
         .build_desc_chain(&[desc(HDR, 16, 0), desc(STATUS, 1, W)])
         .expect("chain");
     let disk = Arc::new(Recorder::default());
-    let used = VirtioBlk::new(config(""), disk.clone()).serve(chain, m.clone());
-    assert_eq!(used, Used { head: 0, len: 1 });
+    let served = VirtioBlk::new(config(""), disk.clone()).serve(chain, m.clone());
+    assert_eq!(
+        served,
+        Served {
+            used: Used { head: 0, len: 1 },
+            kind: Some(RequestType::Unsupported(0x99)),
+            bytes: 0,
+            status: S_UNSUPP,
+            rejected: true,
+        },
+        "what the caller counts: an unsupported type, refused"
+    );
     assert_eq!(status(&m), S_UNSUPP);
     assert!(disk.calls().is_empty(), "no I/O for a rejected request");
 }
@@ -400,8 +447,13 @@ fn serve_without_a_status_byte_writes_nothing() {
         .expect("chain");
     m.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
     let disk = Arc::new(Recorder::default());
-    let used = VirtioBlk::new(config(""), disk).serve(chain, m.clone());
-    assert_eq!(used, Used { head: 0, len: 0 });
+    let served = VirtioBlk::new(config(""), disk).serve(chain, m.clone());
+    assert_eq!(served.used, Used { head: 0, len: 0 });
+    assert_eq!(
+        (served.kind, served.rejected),
+        (None, true),
+        "refused before the header was read: no type to count it under"
+    );
     assert_eq!(status(&m), 0xff, "untouched");
 }
 

@@ -385,7 +385,7 @@ fn requests_through_guest_memory_to_a_file() {
                 panic!("rejected: {}", r.error());
             });
             assert_eq!(req.iovecs().len(), 2, "one iovec per region");
-            let used = blk.execute(req);
+            let used = blk.execute(req).used;
             assert_eq!(
                 m.read_obj::<u8>(GuestAddress(0x3000)).expect("status"),
                 S_OK

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use corodev::connection::WorkerConfig;
 use corodev::server::{serve, ServerConfig, Stop};
+use corodev::stats::ExportStats;
 use corodev_devices::backend::NullBackend;
 use corodev_devices::config::{DeviceConfig, DeviceParams};
 use libfuzzer_sys::fuzz_target;
@@ -120,6 +121,7 @@ fn server() -> &'static PathBuf {
             },
             once: false,
             image_lock: None,
+            stats: Arc::new(ExportStats::new(2)),
         };
         std::thread::spawn(move || serve(&cfg, &Stop::new().expect("stop eventfd")).expect("server"));
         while !socket.exists() {

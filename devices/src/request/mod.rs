@@ -337,6 +337,8 @@ pub struct Request<B: Bitmap + 'static = ()> {
 /// A request that failed validation, with where to report it.
 pub struct Rejected<B: Bitmap + 'static = ()> {
     error: Error,
+    /// The type from the header, if validation got as far as reading it.
+    kind: Option<RequestType>,
     completion: Completion<B>,
 }
 
@@ -344,6 +346,11 @@ impl<B: Bitmap + 'static> Rejected<B> {
     /// What was wrong.
     pub fn error(&self) -> &Error {
         &self.error
+    }
+
+    /// The request's type, if its header could be read before the rule it broke.
+    pub fn kind(&self) -> Option<RequestType> {
+        self.kind
     }
 
     /// The descriptor chain's head index.

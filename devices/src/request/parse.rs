@@ -84,15 +84,22 @@ impl<B: Bitmap + 'static> Request<B> {
             writable_data: 0,
             written_spans: Spans::new(),
         };
-        let reject = |error, completion| Box::new(Rejected { error, completion });
+        let reject = |error, kind, completion| {
+            Box::new(Rejected {
+                error,
+                kind,
+                completion,
+            })
+        };
         if let Err(e) = status {
-            return Err(reject(e, completion));
+            return Err(reject(e, None, completion));
         }
         // The status byte is not data.
         if let Some(last) = shape.writable.last_mut() {
             last.len -= 1;
         }
-        match validate(&completion.mem, &shape, config) {
+        let mut kind = None;
+        match validate(&completion.mem, &shape, config, &mut kind) {
             Ok(v) => {
                 if matches!(v.op, Op::Read { .. } | Op::GetId(_)) {
                     completion.writable_data = total(shape.writable.iter().copied());
@@ -106,7 +113,7 @@ impl<B: Bitmap + 'static> Request<B> {
                     completion,
                 })
             }
-            Err(e) => Err(reject(e, completion)),
+            Err(e) => Err(reject(e, kind, completion)),
         }
     }
 }
@@ -156,11 +163,13 @@ struct Valid {
 }
 
 /// Validates everything after the status byte: order, length, header, type, data,
-/// ranges, segments. `shape.writable` no longer includes the status byte.
+/// ranges, segments. `shape.writable` no longer includes the status byte. `seen` gets
+/// the header's type once it is read, so a refusal can still say what was refused.
 fn validate<B: Bitmap + 'static>(
     mem: &GuestMemoryMmap<B>,
     shape: &Shape,
     config: &DeviceConfig,
+    seen: &mut Option<RequestType>,
 ) -> Result<Valid, Error> {
     if let Some(position) = shape.misordered {
         return Err(Error::ReadableAfterWritable { position });
@@ -176,6 +185,7 @@ fn validate<B: Bitmap + 'static>(
     let rest = skip_bytes(&shape.readable, HEADER_LEN as u64);
     let [t0, t1, t2, t3, _, _, _, _, s @ ..] = header;
     let kind = RequestType::from(u32::from_le_bytes([t0, t1, t2, t3]));
+    *seen = Some(kind);
     let sector = u64::from_le_bytes(s);
     // Writable bytes other than the status descriptor's: a longer status descriptor is
     // fine for every type (its leading bytes are ignored, as QEMU does), but a separate
