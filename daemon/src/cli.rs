@@ -96,6 +96,12 @@ pub struct DaemonArgs {
     /// its syslog priority for the journal.
     #[arg(long, value_enum, value_name = "LEVEL")]
     pub log_level: Option<LogLevel>,
+
+    /// Serve every export's request statistics in Prometheus's text format at
+    /// http://ADDR/metrics: IP:PORT, or a bare PORT for 127.0.0.1:PORT. Off by default.
+    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_addr)]
+    #[serde(deserialize_with = "crate::metrics::deserialize_addr")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl DaemonArgs {
@@ -104,6 +110,7 @@ impl DaemonArgs {
         DaemonArgs {
             control: self.control.or(file.control),
             log_level: self.log_level.or(file.log_level),
+            metrics: self.metrics.or(file.metrics),
         }
     }
 }
@@ -309,6 +316,31 @@ mod tests {
             Some(
                 "error: --queue-size is an export flag, and --config FILE describes every \
                  export: put it in the file's [[exports]] table, or drop --config"
+            )
+        );
+    }
+
+    #[test]
+    fn metrics_is_a_daemon_flag_for_both_modes() {
+        let flags = parse(&["--socket", "/s", "--metrics", "9400"]).expect("parses");
+        assert_eq!(
+            flags.daemon.metrics,
+            Some("127.0.0.1:9400".parse().unwrap())
+        );
+        let file = parse(&["--config", "f.toml", "--metrics", "[::]:9400"]).expect("parses");
+        assert_eq!(file.daemon.metrics, Some("[::]:9400".parse().unwrap()));
+        assert_eq!(
+            parse(&["--socket", "/s"]).expect("parses").daemon.metrics,
+            None
+        );
+        let err = Cli::from_args(["corodev", "--socket", "/s", "--metrics", "localhost:1"])
+            .expect_err("not an IP");
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        assert_eq!(
+            err.to_string().lines().next(),
+            Some(
+                "error: invalid value 'localhost:1' for '--metrics <ADDR>': expected a port \
+                 (e.g. 9400, on 127.0.0.1) or IP:PORT (e.g. 0.0.0.0:9400, [::1]:9400)"
             )
         );
     }

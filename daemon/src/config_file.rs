@@ -400,6 +400,7 @@ size = 4096
             DaemonArgs {
                 control: Some("/run/corodev/control.sock".into()),
                 log_level: Some(crate::logging::LogLevel::Info),
+                metrics: None,
             }
         );
     }
@@ -423,9 +424,25 @@ size = 4096
         let unknown = lines("[daemon]\nsocket = \"/s\"\n");
         assert!(
             unknown[0].starts_with(
-                "c.toml:2:1: unknown field `socket`, expected `control` or `log-level`"
+                "c.toml:2:1: unknown field `socket`, expected one of `control`, `log-level`, `metrics`"
             ),
             "{unknown:?}"
+        );
+        let metrics = |v: &str| {
+            let text = format!("[daemon]\nmetrics = {v}\n[[exports]]\nsocket = \"/s\"\nbackend = \"null\"\nsize = 1024\n");
+            parse(Path::new("c.toml"), &text).map(|c| c.daemon.metrics)
+        };
+        let loopback = Some("127.0.0.1:9400".parse().unwrap());
+        assert_eq!(metrics("9400").ok(), Some(loopback), "a bare port");
+        assert_eq!(metrics("\"9400\"").ok(), Some(loopback));
+        assert_eq!(
+            metrics("\"[::]:9400\"").ok(),
+            Some(Some("[::]:9400".parse().unwrap()))
+        );
+        let bad = lines("[daemon]\nmetrics = \"localhost:9400\"\n");
+        assert!(
+            bad[0].starts_with("c.toml:2:11: expected a port (e.g. 9400, on 127.0.0.1) or IP:PORT"),
+            "{bad:?}"
         );
     }
 

@@ -2,6 +2,7 @@
 //! here: they end one request with an error status.
 
 use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use corodev_devices::config::ConfigError;
@@ -123,6 +124,15 @@ pub enum Error {
         bound: String,
         /// The `--socket` path.
         socket: PathBuf,
+    },
+    /// `--metrics` cannot listen on its address (in use, not this host's, a privileged
+    /// port).
+    #[error("--metrics {addr}: cannot listen: {source}; choose another port or address (a bare port means 127.0.0.1:PORT)")]
+    Metrics {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What binding it said.
+        source: io::Error,
     },
     /// An OS resource (eventfd, thread, signal handler) could not be created.
     #[error("{what}: {source}")]

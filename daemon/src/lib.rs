@@ -25,6 +25,7 @@
 //! - [`guest_fault`]: surviving a frontend that truncates guest memory (SIGBUS recovery).
 //! - [`poll_window`]: how long a worker polls after its last work.
 //! - [`stats`]: per-export, per-queue request counters and latency histograms.
+//! - [`metrics`]: `--metrics`: the statistics in Prometheus's text format over HTTP.
 
 #![deny(
     unsafe_op_in_unsafe_fn,
@@ -50,6 +51,7 @@ pub mod guest_fault;
 pub mod image_lock;
 pub mod inflight;
 pub mod logging;
+pub mod metrics;
 pub mod poll_window;
 pub mod ring;
 pub mod server;

@@ -53,7 +53,13 @@ fn serve(
     let shutdown = Arc::new(Shutdown::new(exports.clone(), notifier.clone()));
     // Before any socket exists, so that a SIGTERM during startup removes what was bound.
     let control = settings.effective.control.clone();
+    let metrics = settings.effective.metrics;
     install_signal_handlers(exports.clone(), config, settings, shutdown.clone())?;
+    // Bound before any socket: a bad --metrics leaves nothing behind.
+    if let Some(addr) = metrics {
+        let exports = exports.clone();
+        corodev::metrics::spawn(addr, move || exports.stats())?;
+    }
     // Kept to the end: dropping it removes the socket file.
     let _control = match &control {
         Some(path) => Some(start_control(
@@ -181,7 +187,8 @@ impl Settings {
     }
 
     /// A reloaded file's `[daemon]` table: a new log level applies now (unless a flag set
-    /// it, or the logger follows RUST_LOG); a new control socket at the next start.
+    /// it, or the logger follows RUST_LOG); a new control socket or metrics address at the
+    /// next start.
     fn reload(&mut self, file: DaemonArgs) {
         let new = self.flags.clone().over(file);
         if new.log_level != self.effective.log_level {
@@ -198,6 +205,11 @@ impl Settings {
         if new.control != self.effective.control {
             log::warn!(
                 "reload: [daemon] control changed; the control socket moves when corodev restarts"
+            );
+        }
+        if new.metrics != self.effective.metrics {
+            log::warn!(
+                "reload: [daemon] metrics changed; the metrics address moves when corodev restarts"
             );
         }
         self.effective.log_level = new.log_level.or(self.effective.log_level);
