@@ -4,9 +4,11 @@
 //!
 //! **Cost on the data path.** Each queue is served by one worker thread at a time (the
 //! queue map of a connection is fixed, and an export serves one connection after
-//! another), so each [`QueueStats`] has a single writer: a counter is bumped with a
-//! relaxed load and a relaxed store, not a locked read-modify-write, and readers (a
-//! scrape, on another thread) see each counter whole, at most a few requests behind.
+//! another: [`crate::server::serve_on`] joins a connection's worker threads before it
+//! accepts the next, which also orders one writer's stores before the next one's), so
+//! each [`QueueStats`] has a single writer: a counter is bumped with a relaxed load and a
+//! relaxed store, not a locked read-modify-write, and readers (a scrape, on another
+//! thread) see each counter whole, at most a few requests behind.
 //! The struct is aligned to 128 bytes (two cache lines: Intel's adjacent-line prefetcher
 //! pairs them), so two queues' workers never write to one line. No lock, no allocation,
 //! no syscall; the clock is read once per popped batch and once per completion.
