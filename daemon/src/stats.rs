@@ -27,7 +27,7 @@ use serde::Serialize;
 /// Upper bounds of the latency buckets in microseconds: powers of two from 8 µs to
 /// 1,048,576 µs (about 1 s); a last bucket, without bound, takes the slower ones.
 /// Powers of two make finding a bucket a division by a constant and a leading-zeros
-/// count (see [`bucket`]), and cover five decades with 18 buckets.
+/// count, and cover five decades with 18 buckets.
 pub const BUCKET_BOUNDS_US: [u64; 18] = {
     let mut b = [0; 18];
     let mut i = 0;
