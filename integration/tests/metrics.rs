@@ -1,6 +1,7 @@
 //! `--metrics`: a real guest's I/O as Prometheus scrapes it (bytes, requests by type,
 //! the latency histogram's count, nothing left in flight), counters that go on over a
-//! second guest's connection, and the two ways the flag is refused (a value that is no
+//! second guest's connection, failed requests counted by cause (hand-built requests through
+//! a protocol-level frontend), and the two ways the flag is refused (a value that is no
 //! address, an address in use), each with one line naming `--metrics`.
 
 use std::collections::BTreeMap;
@@ -9,7 +10,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use integration::{corodev_bin, Daemon, Image};
+use integration::frontend::{TestFrontend, DATA_BASE, S_IOERR, S_OK, S_UNSUPP, T_IN, T_OUT};
+use integration::{corodev_bin, Daemon, Image, TEST_IMAGE_SIZE};
 
 const MIB: f64 = (1 << 20) as f64;
 
@@ -66,11 +68,8 @@ fn requests(s: &BTreeMap<String, f64>) -> f64 {
     .sum()
 }
 
-#[test]
-fn a_guests_io_is_counted_and_scraped_and_counting_goes_on_over_reconnects() {
-    let image = Image::new(64 << 20);
-    // A bare port: 127.0.0.1, and 0 lets the kernel choose a free one (from the log).
-    let mut daemon = Daemon::corodev(&image, &["--name", "vm1", "--metrics", "0"]);
+/// Where `daemon` serves its metrics: the address it logs.
+fn metrics_addr(daemon: &Daemon) -> SocketAddr {
     let line = daemon
         .wait_log_line("metrics: serving http://", Duration::from_secs(10))
         .expect("the metrics address is logged");
@@ -79,7 +78,15 @@ fn a_guests_io_is_counted_and_scraped_and_counting_goes_on_over_reconnects() {
         .nth(1)
         .and_then(|rest| rest.strip_suffix("/metrics"))
         .expect("http://ADDR/metrics");
-    let addr: SocketAddr = url.parse().expect("an address");
+    url.parse().expect("an address")
+}
+
+#[test]
+fn a_guests_io_is_counted_and_scraped_and_counting_goes_on_over_reconnects() {
+    let image = Image::new(64 << 20);
+    // A bare port: 127.0.0.1, and 0 lets the kernel choose a free one (from the log).
+    let mut daemon = Daemon::corodev(&image, &["--name", "vm1", "--metrics", "0"]);
+    let addr = metrics_addr(&daemon);
     assert!(addr.ip().is_loopback(), "a bare port listens on 127.0.0.1");
 
     let idle = scrape(addr);
@@ -146,6 +153,49 @@ fn a_guests_io_is_counted_and_scraped_and_counting_goes_on_over_reconnects() {
         .wait_exit(Duration::from_secs(30))
         .expect("exits on SIGTERM")
         .success());
+}
+
+#[test]
+fn failed_requests_are_counted_by_cause() {
+    let image = Image::new(TEST_IMAGE_SIZE);
+    let mut daemon = Daemon::corodev(
+        &image,
+        &["--queue-size", "128", "--name", "vm1", "--metrics", "0"],
+    );
+    let addr = metrics_addr(&daemon);
+    let mut fe = TestFrontend::connect(daemon.socket(), 1, 128).expect("connect");
+    let block = [(DATA_BASE, 4096)];
+    assert_eq!(fe.run(0, T_IN, 0, &block), S_OK);
+    assert_eq!(fe.run(0, T_OUT, 8, &block), S_OK);
+    assert_eq!(fe.run(0, 99, 0, &[]), S_UNSUPP, "an unknown type");
+    assert_eq!(
+        fe.run(0, T_IN, 1 << 40, &[(DATA_BASE, 512)]),
+        S_IOERR,
+        "a read past the end"
+    );
+    daemon.assert_alive();
+    let s = scrape(addr);
+    let op = |op: &str| sample(&s, "corodev_requests_total", &format!(",op=\"{op}\""));
+    assert_eq!((op("read"), op("write"), op("other")), (2.0, 1.0, 1.0));
+    let cause = |c: &str| sample(&s, "corodev_errors_total", &format!(",cause=\"{c}\""));
+    assert_eq!(
+        (cause("io"), cause("invalid"), cause("unsupported")),
+        (0.0, 1.0, 1.0),
+        "the read past the end was refused as invalid, the unknown type as unsupported"
+    );
+    assert_eq!(
+        (
+            sample(&s, "corodev_bytes_total", ",direction=\"read\""),
+            sample(&s, "corodev_bytes_total", ",direction=\"write\"")
+        ),
+        (4096.0, 4096.0),
+        "only the successful requests' data"
+    );
+    assert_eq!(
+        sample(&s, "corodev_request_duration_seconds_count", ""),
+        4.0
+    );
+    assert_eq!(sample(&s, "corodev_in_flight", ""), 0.0);
 }
 
 /// Runs corodev on `image` with `--metrics value`; returns its exit code and stderr.
