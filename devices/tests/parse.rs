@@ -825,6 +825,40 @@ fn readable_after_writable() {
 
 // ---------------------------------------------------------------- header and buffers
 
+/// A refusal keeps the header's type when the header was read before the broken rule
+/// (for the caller's per-type counts), and has none when it was not.
+#[test]
+fn a_refusal_keeps_the_type_its_header_gave() {
+    let kind = |p: Parsed| match p {
+        Ok(r) => panic!("expected a refusal, parsed {:?}", r.op()),
+        Err(r) => r.kind(),
+    };
+    assert_eq!(
+        kind(parse(T_IN, CAPACITY, &read_req(512))),
+        Some(RequestType::In),
+        "a read past the end is still a read"
+    );
+    assert_eq!(
+        kind(parse(T_OUT, 0, &read_req(512))),
+        Some(RequestType::Out),
+        "a write with its data in the wrong direction"
+    );
+    assert_eq!(
+        kind(parse(99, 0, &[desc(HDR, 16, 0), desc(STATUS, 1, W)])),
+        Some(RequestType::Unsupported(99))
+    );
+    assert_eq!(
+        kind(parse(T_IN, 0, &[desc(HDR, 8, 0), desc(STATUS, 1, W)])),
+        None,
+        "header too short: no type was read"
+    );
+    assert_eq!(
+        kind(parse(T_IN, 0, &[desc(HDR, 16, 0), desc(STATUS, 1, 0)])),
+        None,
+        "no status byte: refused before the header"
+    );
+}
+
 #[test]
 fn header_too_short() {
     assert_eq!(
