@@ -1,8 +1,9 @@
 //! `--metrics`: a real guest's I/O as Prometheus scrapes it (bytes, requests by type,
 //! the latency histogram's count, nothing left in flight), counters that go on over a
 //! second guest's connection, failed requests counted by cause (hand-built requests through
-//! a protocol-level frontend), and the two ways the flag is refused (a value that is no
-//! address, an address in use), each with one line naming `--metrics`.
+//! a protocol-level frontend), `[daemon] metrics` in a config file covering every export's
+//! queues, and the two ways the flag is refused (a value that is no address, an address in
+//! use), each with one line naming `--metrics`.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -196,6 +197,52 @@ fn failed_requests_are_counted_by_cause() {
         4.0
     );
     assert_eq!(sample(&s, "corodev_in_flight", ""), 0.0);
+}
+
+/// Config-file mode: `[daemon] metrics` serves every export, each queue of each labelled.
+#[test]
+fn a_config_files_daemon_table_serves_every_exports_queues() {
+    let dir = tempfile::Builder::new()
+        .prefix("corodev-metrics-")
+        .tempdir()
+        .expect("tempdir");
+    let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let config = dir.path().join("exports.toml");
+    let export = |name: &str, socket: &std::path::Path, queues: u32| {
+        format!(
+            "[[exports]]\nname = \"{name}\"\nsocket = \"{}\"\nbackend = \"null\"\nsize = \"1M\"\nnum-queues = {queues}\n",
+            socket.display()
+        )
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nmetrics = 0\n\n{}{}",
+            export("vm-a", &sa, 1),
+            export("vm-b", &sb, 2)
+        ),
+    )
+    .expect("write the config");
+    let mut daemon = Daemon::with_config(&config, &[&sa, &sb], &[]);
+    let s = scrape(metrics_addr(&daemon));
+    let series: Vec<&str> = s
+        .keys()
+        .filter_map(|k| k.strip_prefix("corodev_in_flight"))
+        .collect();
+    assert_eq!(
+        series,
+        [
+            r#"{export="vm-a",queue="0"}"#,
+            r#"{export="vm-b",queue="0"}"#,
+            r#"{export="vm-b",queue="1"}"#
+        ],
+        "one series per queue of each export"
+    );
+    daemon.sigterm();
+    assert!(daemon
+        .wait_exit(Duration::from_secs(30))
+        .expect("exits on SIGTERM")
+        .success());
 }
 
 /// Runs corodev on `image` with `--metrics value`; returns its exit code and stderr.
