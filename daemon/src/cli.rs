@@ -125,8 +125,8 @@ pub enum Command {
         file: PathBuf,
     },
     /// Send one command to a running daemon's control API and print its answer as JSON:
-    /// query-exports, query-commands, export-add KEY=VALUE..., export-del name=N
-    /// [mode=safe|hard], shutdown.
+    /// query-exports, query-stats [name=N], query-commands, export-add KEY=VALUE...,
+    /// export-del name=N [mode=safe|hard], shutdown.
     Ctl {
         /// The daemon's control socket (its --control PATH).
         #[arg(long, value_name = "PATH")]

@@ -100,6 +100,12 @@ fn malformed_input_gets_a_structured_error_and_the_session_and_daemon_stay_up() 
         "no export named 'nope': query-exports lists them"
     );
     assert_eq!(
+        error_of(s.send(br#"{"execute":"query-stats","arguments":{"name":"nope"}}"#)).1,
+        "no export named 'nope': query-exports lists them"
+    );
+    let stats = s.send(br#"{"execute":"query-stats"}"#).expect("an answer");
+    assert_eq!(stats["return"][0]["export"], "blk", "{stats}");
+    assert_eq!(
         error_of(s.send(
             br#"{"execute":"export-add","arguments":{"socket":"/tmp/x.sock","queue-size":100,"disk":"/nonexistent"}}"#
         ))
@@ -243,6 +249,21 @@ fn an_added_export_serves_a_guest_and_a_safe_delete_lets_it_finish() {
             vm.console()
         )
     });
+    // The counters see the guest's writes (query-stats shares the metrics' counters).
+    let stats = qmp.run("query-stats", Some(json!({"name": "added"})));
+    let queues = stats[0]["queues"].as_array().expect("per-queue stats");
+    assert_eq!(queues.len(), 2, "one entry per queue: {stats}");
+    let sum = |key: &str| -> u64 {
+        queues
+            .iter()
+            .map(|q| q.pointer(key).and_then(Value::as_u64).expect(key))
+            .sum()
+    };
+    assert!(
+        sum("/bytes-written") > 0 && sum("/requests/write") > 0,
+        "{stats}"
+    );
+    assert_eq!(sum("/errors/io"), 0, "{stats}");
     let run = vm.wait();
     let r = run.expect_pass();
     assert_eq!(r.get("errors"), "0");

@@ -28,6 +28,7 @@ const COMMANDS: &[&str] = &[
     "qmp_capabilities",
     "query-commands",
     "query-exports",
+    "query-stats",
     "export-add",
     "export-del",
     "shutdown",
@@ -52,6 +53,17 @@ pub fn run(ctx: &Context, req: Request) -> Result<Value, CommandError> {
             args::<NoArgs>(&execute, arguments)?;
             Ok(json!(ctx.exports.list()))
         }
+        "query-stats" => {
+            let QueryStats { name } = args(&execute, arguments)?;
+            let mut stats = ctx.exports.stats();
+            if let Some(name) = name {
+                stats.retain(|s| s.export == name);
+                if stats.is_empty() {
+                    return Err(no_such_export(&name));
+                }
+            }
+            Ok(json!(stats))
+        }
         "export-add" => export_add(ctx, args(&execute, arguments)?),
         "export-del" => export_del(ctx, args(&execute, arguments)?),
         "shutdown" => {
@@ -71,6 +83,14 @@ pub fn run(ctx: &Context, req: Request) -> Result<Value, CommandError> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NoArgs {}
+
+/// `query-stats`'s arguments: one export, or every one.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryStats {
+    #[serde(default)]
+    name: Option<String>,
+}
 
 /// `export-del`'s arguments.
 #[derive(Deserialize)]
@@ -140,9 +160,12 @@ fn export_del(ctx: &Context, del: ExportDel) -> Result<Value, CommandError> {
     if found {
         Ok(json!({}))
     } else {
-        Err(CommandError::generic(format!(
-            "no export named '{}': query-exports lists them",
-            del.name
-        )))
+        Err(no_such_export(&del.name))
     }
+}
+
+fn no_such_export(name: &str) -> CommandError {
+    CommandError::generic(format!(
+        "no export named '{name}': query-exports lists them"
+    ))
 }
