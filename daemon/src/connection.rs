@@ -1,14 +1,17 @@
 //! What one vhost-user connection shares between the frontend thread (configuration
 //! messages) and its worker threads (the data path): the device model, guest memory, the
-//! queue-to-worker map, per-queue in-flight counts and broken flags, the inflight region
-//! and the completion eventfds. A new connection gets a fresh one; only the disk outlives
-//! it (and the inflight region, which the frontend keeps and hands to the next daemon).
+//! queue-to-worker map, per-queue in-flight counts and broken flags, the inflight region,
+//! the completion eventfds, and the backend channel on which the daemon tells the frontend
+//! that the config changed. A new connection gets a fresh one; only the disk outlives it
+//! (and the inflight region, which the frontend keeps and hands to the next daemon).
 
+use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{ShutdownHandle, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -28,6 +31,11 @@ use crate::stats::ExportStats;
 
 /// Connection ids, unique in the process (0 is never used: the fault registry's "free").
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Longest wait for the frontend's answer on the backend channel (with REPLY_ACK). QEMU answers a config change after one GET_CONFIG round trip on
+/// the main socket, in milliseconds; a frontend stuck for this long must not hold the
+/// caller (a control API request) for ever.
+const BACKEND_REQ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How each worker thread runs its requests, and how long a ring stop waits for them.
 #[derive(Clone, Copy, Debug)]
@@ -81,6 +89,10 @@ pub struct Connection {
     /// The frontend's inflight region (SET_INFLIGHT_FD), if it gave one: each queue
     /// records its requests in flight there from its next start.
     inflight: Mutex<Option<Arc<Region>>>,
+    /// The backend channel (SET_BACKEND_REQ_FD, with `VHOST_USER_PROTOCOL_F_BACKEND_REQ`),
+    /// if the frontend gave one. The mutex is held only to store or clone the handle,
+    /// never while a message is sent (see [`notify_config_change`](Self::notify_config_change)).
+    backend_req: Mutex<Option<Backend>>,
     /// Set once the frontend is gone: each worker finishes what is in flight, frees its
     /// scheduler, ring, stacks and memory map, and counts itself out of `live_workers`.
     closing: AtomicBool,
@@ -144,6 +156,7 @@ impl Connection {
             workers,
             queues: (0..nq).map(|_| QueueState::default()).collect(),
             inflight: Mutex::new(None),
+            backend_req: Mutex::new(None),
             closing: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             live_workers: (Mutex::new(0), Condvar::new()),
@@ -274,6 +287,43 @@ impl Connection {
             );
             h.shutdown();
         }
+    }
+
+    /// Keeps the frontend's backend channel (SET_BACKEND_REQ_FD), its waits for replies
+    /// bounded by [`BACKEND_REQ_TIMEOUT`]. The library has already set its REPLY_ACK flag
+    /// if that feature was acked (the frontend negotiates features before it sends the
+    /// channel).
+    pub fn set_backend_req(&self, channel: Backend) {
+        channel.set_reply_timeout(Some(BACKEND_REQ_TIMEOUT));
+        *self
+            .backend_req
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(channel);
+    }
+
+    /// Tells the frontend that the config space changed (the export was resized):
+    /// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` on the backend channel. `Ok(false)` if the
+    /// frontend gave no channel: it sees the new config at its next GET_CONFIG (a reboot,
+    /// a reconnect).
+    ///
+    /// Call it from a thread of its own, holding no lock the frontend thread needs: with
+    /// REPLY_ACK, QEMU fetches the new config with GET_CONFIG on the main socket before
+    /// it answers, so this waits for the frontend thread to serve that. It takes only
+    /// the channel's mutex, to clone the handle, and waits at most
+    /// [`BACKEND_REQ_TIMEOUT`]; past it the library gives the channel up (a late answer
+    /// would be read as the next one's), and later notices on this connection fail at
+    /// once.
+    pub fn notify_config_change(&self) -> io::Result<bool> {
+        let channel = self
+            .backend_req
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(channel) = channel else {
+            return Ok(false);
+        };
+        channel.handle_config_change()?;
+        Ok(true)
     }
 
     /// Tracks requests in flight in `region` from each queue's next start.

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
+use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 
 use corodev_devices::request::WriteLog;
@@ -71,6 +72,8 @@ impl VhostUserBackend for BlkDevice {
         }
     }
 
+    /// `BACKEND_REQ`: the frontend hands over a channel on which the daemon tells it that
+    /// the config space changed (a resized export), see [`Connection::notify_config_change`].
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
@@ -78,14 +81,21 @@ impl VhostUserBackend for BlkDevice {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn set_event_idx(&self, _enabled: bool) {
         // The vrings track EVENT_IDX themselves (set_queue_event_idx); nothing to keep.
     }
 
+    /// Atomics only: a config-change notice may be waiting for this answer (see
+    /// [`Connection::notify_config_change`]).
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         self.0.blk.config().read(offset, size)
+    }
+
+    fn set_backend_req_fd(&self, channel: Backend) {
+        self.0.set_backend_req(channel);
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
@@ -321,7 +331,9 @@ mod tests {
         assert_eq!(dev.features(), model | vhost);
         let pf = dev.protocol_features();
         assert!(pf.contains(
-            VhostUserProtocolFeatures::LOG_SHMFD | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            VhostUserProtocolFeatures::LOG_SHMFD
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+                | VhostUserProtocolFeatures::BACKEND_REQ
         ));
         assert_eq!(dev.num_queues(), 3);
         assert_eq!(dev.queues_per_thread(), vec![0b011, 0b100]);

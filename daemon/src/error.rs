@@ -5,6 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use corodev_devices::backend::ResizeError;
 use corodev_devices::config::ConfigError;
 
 use crate::export_config::ExportErrors;
@@ -24,6 +25,54 @@ pub enum Error {
     /// The daemon is stopping: no export starts any more.
     #[error("the daemon is stopping")]
     Stopping,
+    /// No running export has that name.
+    #[error("no export named '{0}' is running")]
+    NoSuchExport(String),
+    /// A new size the guest could not address: zero, or a partial last block.
+    #[error("export {name}: cannot resize to {size} bytes: not a positive multiple of its {block_size}-byte block size")]
+    ResizeMisaligned {
+        /// The export.
+        name: String,
+        /// The size asked for, bytes.
+        size: u64,
+        /// The export's logical block size.
+        block_size: u32,
+    },
+    /// Shrinking is refused: the guest's file system may have data past the new end, and
+    /// it would see I/O errors there, or silently lose what it wrote.
+    #[error("export {name}: cannot shrink from {old} to {new} bytes: only growing is supported while the export runs (the guest may have data past the new end)")]
+    ResizeShrink {
+        /// The export.
+        name: String,
+        /// Its size now, bytes.
+        old: u64,
+        /// The size asked for, bytes.
+        new: u64,
+    },
+    /// The export cannot change its size (read-only, a block device) or its storage
+    /// refused.
+    #[error("export {name}: cannot resize to {size} bytes: {source}")]
+    Resize {
+        /// The export.
+        name: String,
+        /// The size asked for, bytes.
+        size: u64,
+        /// Why.
+        source: ResizeError,
+    },
+    /// The export has its new size, but its frontend did not take the config-change
+    /// notice (it did not answer in time, or its backend channel is broken).
+    #[error("export {name}: resized from {old} to {new} bytes, but the frontend was not told ({source}); the guest sees the new size after the frontend reconnects or the guest reboots")]
+    ResizeNotNotified {
+        /// The export.
+        name: String,
+        /// The old size, bytes.
+        old: u64,
+        /// The new size, bytes.
+        new: u64,
+        /// What sending the notice said.
+        source: io::Error,
+    },
     /// The disk image does not exist or cannot be opened.
     #[error("cannot open disk {path}: {source}; check the path and permissions")]
     OpenDisk {
@@ -150,7 +199,9 @@ fn device_hint(e: &ConfigError) -> &'static str {
         ConfigError::BlockSize(_) | ConfigError::BlockSizeBelowBackend { .. } => {
             "choose a --block-size the disk supports (4096 for a 4K-sector disk with --direct)"
         }
-        ConfigError::CapacityMisaligned { .. } => "resize the disk to whole blocks",
+        ConfigError::CapacityMisaligned { .. } | ConfigError::SizeMisaligned { .. } => {
+            "resize the disk to whole blocks"
+        }
         ConfigError::QueueSize(_) => "use a --queue-size that is a power of two from 2 to 32768",
         ConfigError::NoQueues => "use --num-queues 1 or more",
         ConfigError::SerialTooLong(_) => "use a --serial of at most 20 bytes",

@@ -2,7 +2,8 @@
 //! own thread, its socket, disk, image lock and [`Stop`]), with the operations that
 //! change it: [`Exports::add`], [`Exports::remove`], [`Exports::apply`] (a whole new
 //! configuration: what SIGHUP does) and [`Exports::stop_all`] (SIGTERM). A control API
-//! calls the same functions.
+//! calls the same functions, and [`Exports::resize`], which changes a running export's
+//! size and tells its frontend.
 //!
 //! **Where an export comes from** ([`Origin`]): the flags or the config file, or the
 //! control API's `export-add`. A reload manages the file's exports only: one added through
@@ -38,7 +39,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use corodev_devices::backend::{BlockBackend, FileBackend, NullBackend};
+use corodev_devices::backend::{BlockBackend, FileBackend, NullBackend, ResizeError};
 use corodev_devices::config::{ConfigError as DeviceError, DeviceConfig, DeviceParams};
 
 use crate::activation::Activated;
@@ -262,6 +263,16 @@ struct Running {
     /// Its request counters, shared with every connection it serves.
     stats: Arc<ExportStats>,
     thread: JoinHandle<()>,
+    sizing: Arc<Sizing>,
+}
+
+/// What [`Exports::resize`] changes besides the disk: the export's device, the same one its
+/// serve loop serves (every connection's device shares the capacity, see
+/// [`DeviceConfig::reset`]).
+struct Sizing {
+    device: DeviceConfig,
+    /// One resize of the export at a time: the size check and the change are one step.
+    busy: Mutex<()>,
 }
 
 struct Inner {
@@ -463,6 +474,10 @@ impl Exports {
         }
         let activated = listening.is_activated();
         let stats = Arc::new(ExportStats::new(usize::from(device.num_queues())));
+        let sizing = Arc::new(Sizing {
+            device: device.clone(),
+            busy: Mutex::new(()),
+        });
         let cfg = ServerConfig {
             image_lock,
             stats: stats.clone(),
@@ -525,9 +540,85 @@ impl Exports {
                 liveness,
                 stats,
                 thread,
+                sizing,
             },
         );
         Ok(())
+    }
+
+    /// Makes running export `name` `new_size` bytes large and tells its frontend, if one is
+    /// connected and gave a backend channel (`VHOST_USER_PROTOCOL_F_BACKEND_REQ`), so the
+    /// guest sees the new capacity without a reboot. Returns the old and new sizes; a size
+    /// equal to the current one changes nothing. With no frontend connected, the next
+    /// one reads the new size.
+    ///
+    /// Only growing is supported: shrinking is refused, as is a size that is not a
+    /// positive multiple of the export's block size, a read-only export and a block
+    /// device (whose size is the device's). The storage grows first, then the device's
+    /// capacity, so no request reaches past the old end before the storage is there.
+    ///
+    /// Blocks: the storage's resize, then the frontend's answer (up to the backend
+    /// channel's timeout). Call it from a thread that may block (a control API's
+    /// `spawn_blocking`): the notice is sent from this thread with no registry lock held,
+    /// because with REPLY_ACK QEMU answers it only after it has read the new config
+    /// (GET_CONFIG) from the export's frontend thread.
+    pub fn resize(&self, name: &str, new_size: u64) -> Result<(u64, u64), Error> {
+        let (disk, sizing, stop) = {
+            let inner = self.lock();
+            let r = inner
+                .running
+                .get(name)
+                .ok_or_else(|| Error::NoSuchExport(name.to_owned()))?;
+            (r.disk.clone(), r.sizing.clone(), r.stop.clone())
+        };
+        let _one_at_a_time = sizing.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        let device = &sizing.device;
+        let old = device.size();
+        let refused = |source| Error::Resize {
+            name: name.to_owned(),
+            size: new_size,
+            source,
+        };
+        if device.readonly() {
+            return Err(refused(ResizeError::ReadOnly));
+        }
+        let misaligned = |_| Error::ResizeMisaligned {
+            name: name.to_owned(),
+            size: new_size,
+            block_size: device.block_size(),
+        };
+        device.check_size(new_size).map_err(misaligned)?;
+        if new_size < old {
+            return Err(Error::ResizeShrink {
+                name: name.to_owned(),
+                old,
+                new: new_size,
+            });
+        }
+        if new_size == old {
+            return Ok((old, old));
+        }
+        disk.resize(new_size).map_err(refused)?;
+        device.set_size(new_size).map_err(misaligned)?;
+        log::info!("export {name}: resized from {old} to {new_size} bytes");
+        let Some(conn) = stop.connection() else {
+            return Ok((old, new_size));
+        };
+        match conn.notify_config_change() {
+            Ok(true) => log::info!("export {name}: frontend told of the new size"),
+            Ok(false) => log::info!(
+                "export {name}: the frontend gave no backend channel (VHOST_USER_PROTOCOL_F_BACKEND_REQ): the guest sees the new size after it reconnects or reboots"
+            ),
+            Err(source) => {
+                return Err(Error::ResizeNotNotified {
+                    name: name.to_owned(),
+                    old,
+                    new: new_size,
+                    source,
+                })
+            }
+        }
+        Ok((old, new_size))
     }
 
     /// The export's socket: activated (kept from an earlier start of the same name, or
@@ -791,7 +882,7 @@ fn changed_keys(old: &ExportSpec, new: &ExportSpec) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export_config::{BackendKind, ExportConfig, SizeArg};
+    use crate::export_config::{BackendKind, ExportConfig, LockMode, SizeArg};
 
     fn null_spec(dir: &Path, name: &str, queues: u64) -> ExportSpec {
         ExportConfig {
@@ -907,6 +998,74 @@ mod tests {
             ),
             Err(Error::Stopping)
         ));
+    }
+
+    #[test]
+    fn resize_grows_the_image_and_the_device_and_refuses_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (exports, _rx) = registry();
+        let image = dir.path().join("disk.img");
+        std::fs::write(&image, vec![0u8; 1 << 20]).expect("image");
+        let spec = |name: &str, readonly| {
+            ExportConfig {
+                socket: Some(dir.path().join(format!("{name}.sock"))),
+                disk: Some(image.clone()),
+                readonly,
+                lock: LockMode::Off,
+                ..ExportConfig::default()
+            }
+            .validate()
+            .expect("valid")
+        };
+        exports
+            .add(
+                prepare(spec("rw", false)).expect("prepares"),
+                Origin::Config,
+            )
+            .expect("starts");
+        assert_eq!(exports.resize("rw", 2 << 20).ok(), Some((1 << 20, 2 << 20)));
+        assert_eq!(std::fs::metadata(&image).expect("stat").len(), 2 << 20);
+        assert_eq!(
+            exports.resize("rw", 2 << 20).ok(),
+            Some((2 << 20, 2 << 20)),
+            "the same size changes nothing"
+        );
+        assert!(matches!(
+            exports.resize("rw", (2 << 20) + 100),
+            Err(Error::ResizeMisaligned { size, block_size: 512, .. }) if size == (2 << 20) + 100
+        ));
+        assert!(matches!(
+            exports.resize("rw", 0),
+            Err(Error::ResizeMisaligned { .. })
+        ));
+        assert!(matches!(
+            exports.resize("rw", 1 << 20),
+            Err(Error::ResizeShrink { old, new, .. }) if old == 2 << 20 && new == 1 << 20
+        ));
+        assert!(matches!(
+            exports.resize("nope", 4 << 20),
+            Err(Error::NoSuchExport(n)) if n == "nope"
+        ));
+        exports
+            .add(prepare(spec("ro", true)).expect("prepares"), Origin::Config)
+            .expect("starts");
+        let err = exports.resize("ro", 4 << 20).expect_err("read-only");
+        assert!(
+            matches!(
+                err,
+                Error::Resize {
+                    source: ResizeError::ReadOnly,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "export ro: cannot resize to 4194304 bytes: the disk is open read-only"
+        );
+        assert_eq!(std::fs::metadata(&image).expect("stat").len(), 2 << 20);
+        exports.stop_all();
     }
 
     #[test]

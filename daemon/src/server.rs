@@ -151,6 +151,15 @@ impl Stop {
         self.requested.load(Ordering::Acquire)
     }
 
+    /// The connection being served, if a frontend is connected: for messages to it
+    /// (a resize's config-change notice) from threads other than the serve loop.
+    pub fn connection(&self) -> Option<Arc<Connection>> {
+        match self.current.lock() {
+            Ok(cur) => cur.as_ref().map(|(_, conn)| conn.clone()),
+            Err(_) => None,
+        }
+    }
+
     fn set(&self, h: Option<(ShutdownHandle, Arc<Connection>)>) {
         if let Ok(mut cur) = self.current.lock() {
             *cur = h;

@@ -3,10 +3,11 @@
 //!
 //! [`VirtioBlkConfig`] is the wire layout: a `#[repr(C)]` struct of little-endian fields whose
 //! offsets are checked against the spec at compile time, so it can be handed to the frontend
-//! as bytes ([`ByteValued`]). [`DeviceConfig`] is the device's parameters plus the one piece
-//! of state a driver may change, the `writeback` byte (`VIRTIO_BLK_F_CONFIG_WCE`); every other
-//! config write is refused. This module stops at bytes: vhost-user message handling is the
-//! daemon's.
+//! as bytes ([`ByteValued`]). [`DeviceConfig`] is the device's parameters plus two pieces of
+//! state: the `writeback` byte, the one field a driver may change (`VIRTIO_BLK_F_CONFIG_WCE`;
+//! every other config write is refused), and the capacity, which the host may change while
+//! the device runs (a resized export). This module stops at bytes: vhost-user message
+//! handling, and telling the driver that the config changed, are the daemon's.
 
 use std::mem::{offset_of, size_of};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -198,6 +199,15 @@ pub enum ConfigError {
         /// Logical block size.
         block_size: u32,
     },
+    /// A new size for a running device that is zero or not a whole number of its logical
+    /// blocks (the guest could not address the last partial block).
+    #[error("size {size} is not a positive multiple of the device's {block_size}-byte block size")]
+    SizeMisaligned {
+        /// The size asked for, in bytes.
+        size: u64,
+        /// Logical block size.
+        block_size: u32,
+    },
     /// The queue size must be a power of two in 2..=32768 (virtio 1.2, 2.7).
     #[error("queue size {0} is not a power of two between {MIN_QUEUE_SIZE} and {MAX_QUEUE_SIZE}")]
     QueueSize(u16),
@@ -214,7 +224,7 @@ pub enum ConfigError {
 /// and adjust the fields, then [`DeviceConfig::build`] validates it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceParams {
-    /// Device size in 512-byte sectors.
+    /// Device size in 512-byte sectors at start ([`DeviceConfig::set_size`] changes it).
     pub capacity_sectors: u64,
     /// Number of request queues.
     pub num_queues: u16,
@@ -285,10 +295,15 @@ struct Inner {
     /// Volatile write cache enabled (writeback); false means every write is flushed.
     writeback: AtomicBool,
     acked: AtomicU64,
+    /// Device size in 512-byte sectors, a multiple of the block size: shared with every
+    /// [`reset`](DeviceConfig::reset) copy, because it is the disk's, not one
+    /// connection's (an export resized while no frontend is connected shows its new size
+    /// to the next one; one resized while a connection is being set up cannot be missed).
+    capacity: Arc<AtomicU64>,
 }
 
-/// Device parameters plus the mutable `writeback` state; cheap to clone and shared by the
-/// vhost-user frontend thread and the workers.
+/// Device parameters plus the mutable `writeback` and capacity state; cheap to clone and
+/// shared by the vhost-user frontend thread, the workers and whoever resizes the export.
 #[derive(Clone)]
 pub struct DeviceConfig(Arc<Inner>);
 
@@ -301,13 +316,15 @@ impl DeviceConfig {
         Ok(DeviceConfig(Arc::new(Inner {
             writeback: AtomicBool::new(params.writeback),
             acked: AtomicU64::new(0),
+            capacity: Arc::new(AtomicU64::new(params.capacity_sectors)),
             id,
             params,
         })))
     }
 
     /// The same device in its reset state (initial writeback, nothing negotiated), for a
-    /// new connection: what one guest set must not leak into the next.
+    /// new connection: what one guest set must not leak into the next. The capacity is
+    /// shared, not copied: it is the disk's size.
     pub fn reset(&self) -> DeviceConfig {
         let c = &self.0;
         DeviceConfig(Arc::new(Inner {
@@ -315,12 +332,8 @@ impl DeviceConfig {
             id: c.id,
             writeback: AtomicBool::new(c.params.writeback),
             acked: AtomicU64::new(0),
+            capacity: c.capacity.clone(),
         }))
-    }
-
-    /// The parameters the device was built from.
-    pub fn params(&self) -> &DeviceParams {
-        &self.0.params
     }
 
     /// Number of virtqueues.
@@ -354,9 +367,37 @@ impl DeviceConfig {
         self.0.id
     }
 
-    /// Device size in 512-byte sectors.
+    /// Device size in 512-byte sectors, as now.
     pub fn capacity_sectors(&self) -> u64 {
-        self.0.params.capacity_sectors
+        self.0.capacity.load(Ordering::Acquire)
+    }
+
+    /// Device size in bytes, as now.
+    pub fn size(&self) -> u64 {
+        self.capacity_sectors() * SECTOR_SIZE
+    }
+
+    /// Checks that `size` bytes can be this device's size: positive and a whole number of
+    /// its logical blocks.
+    pub fn check_size(&self, size: u64) -> Result<(), ConfigError> {
+        let bs = self.block_size();
+        if size == 0 || size % u64::from(bs) != 0 {
+            return Err(ConfigError::SizeMisaligned {
+                size,
+                block_size: bs,
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes the device `size` bytes large from the next request parsed and the next
+    /// config space read on (this and every [`reset`](Self::reset) copy). The storage must
+    /// already have that size; telling the driver is the caller's (vhost-user's
+    /// config-change message).
+    pub fn set_size(&self, size: u64) -> Result<(), ConfigError> {
+        self.check_size(size)?;
+        self.0.capacity.store(size / SECTOR_SIZE, Ordering::Release);
+        Ok(())
     }
 
     /// Data segments per request: the queue minus header and status descriptors.
@@ -417,7 +458,7 @@ impl DeviceConfig {
         let discard_sectors = if p.readonly { 0 } else { MAX_DISCARD_SECTORS };
         let discard_seg = if p.readonly { 0 } else { MAX_DISCARD_SEG };
         VirtioBlkConfig {
-            capacity: p.capacity_sectors.into(),
+            capacity: self.capacity_sectors().into(),
             size_max: SIZE_MAX.into(),
             seg_max: self.seg_max().into(),
             blk_size: bs.into(),
@@ -812,6 +853,37 @@ mod tests {
             .err(),
             Some(ConfigError::NoQueues)
         );
+    }
+
+    #[test]
+    fn a_new_size_reaches_the_config_space_and_every_connection() {
+        let c = cfg(false);
+        let next_connection = c.reset();
+        assert_eq!(c.set_size(2 << 30), Ok(()));
+        assert_eq!(c.capacity_sectors(), (2 << 30) / 512);
+        assert_eq!(c.size(), 2 << 30);
+        assert_eq!(c.read(0, 8), ((2u64 << 30) / 512).to_le_bytes());
+        assert_eq!(
+            next_connection.read(0, 8),
+            c.read(0, 8),
+            "a reset copy shares the disk's size"
+        );
+        assert_eq!(c.reset().capacity_sectors(), (2 << 30) / 512);
+    }
+
+    #[test]
+    fn a_new_size_must_be_whole_blocks() {
+        let c = cfg(false);
+        for size in [0, 512, (1 << 30) + 512] {
+            assert_eq!(
+                c.set_size(size),
+                Err(ConfigError::SizeMisaligned {
+                    size,
+                    block_size: 4096
+                })
+            );
+        }
+        assert_eq!(c.size(), 1 << 30, "unchanged");
     }
 
     #[test]

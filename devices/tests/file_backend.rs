@@ -7,7 +7,7 @@ use std::process::Command;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use corodev_devices::backend::{BlockBackend, FileBackend, GuestBuffers};
+use corodev_devices::backend::{BlockBackend, FileBackend, GuestBuffers, ResizeError};
 
 mod common;
 use common::{iov, run_in_task};
@@ -99,6 +99,50 @@ fn direct_io_with_misaligned_buffers_uses_bounce() {
         disk.read_vectored(&bufs, 0).expect("read back");
         assert_eq!(back[1..], content[4096..]);
     });
+}
+
+#[test]
+fn a_grown_file_serves_past_its_old_end() {
+    let img = image(&[7u8; 4096]);
+    let disk = FileBackend::open(img.path(), false, false).expect("open");
+    disk.resize(3 * 4096).expect("grow");
+    assert_eq!(disk.size(), 3 * 4096);
+    assert_eq!(
+        std::fs::metadata(img.path()).expect("stat").len(),
+        3 * 4096,
+        "the file itself grew"
+    );
+    run_in_task(move || {
+        let mut data = vec![0x5au8; 4096];
+        let v = [iov(&mut data)];
+        // SAFETY: the buffer is on the heap (not a coroutine stack) and outlives `bufs`.
+        let bufs = unsafe { GuestBuffers::new(&v) };
+        disk.write_vectored(&bufs, 2 * 4096)
+            .expect("write past the old end");
+        let mut back = vec![0xffu8; 3 * 4096];
+        let v = [iov(&mut back)];
+        // SAFETY: as above.
+        let bufs = unsafe { GuestBuffers::new(&v) };
+        disk.read_vectored(&bufs, 0).expect("read");
+        assert!(back[..4096].iter().all(|&b| b == 7), "old data kept");
+        assert!(
+            back[4096..8192].iter().all(|&b| b == 0),
+            "new blocks read zero"
+        );
+        assert!(
+            back[8192..].iter().all(|&b| b == 0x5a),
+            "written past the old end"
+        );
+    });
+}
+
+#[test]
+fn a_read_only_file_is_not_resized() {
+    let img = image(&[0u8; 4096]);
+    let disk = FileBackend::open(img.path(), true, false).expect("open");
+    assert!(matches!(disk.resize(8192), Err(ResizeError::ReadOnly)));
+    assert_eq!(disk.size(), 4096);
+    assert_eq!(std::fs::metadata(img.path()).expect("stat").len(), 4096);
 }
 
 #[test]
@@ -226,6 +270,11 @@ fn block_device_size_io_discard_and_zeroes() {
     let lo = Loop::new(8 << 20);
     let disk = FileBackend::open(lo.path(), false, true).expect("open loop");
     assert_eq!(disk.size(), 8 << 20, "size from BLKGETSIZE64");
+    assert!(
+        matches!(disk.resize(16 << 20), Err(ResizeError::BlockDevice)),
+        "a block device's size is the device's"
+    );
+    assert_eq!(disk.size(), 8 << 20);
     assert!(disk.topology().physical_block_size >= 512);
     run_in_task(move || {
         let mut data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();

@@ -1099,6 +1099,29 @@ fn sector_beyond_capacity() {
 }
 
 #[test]
+fn a_resized_device_checks_the_new_capacity() {
+    let cfg = config();
+    cfg.set_size(2 * CAPACITY * 512).expect("whole blocks");
+    let r = ok(parse_with(&cfg, T_OUT, CAPACITY, &write_req(512)));
+    assert_eq!(
+        r.op(),
+        &Op::Write {
+            offset: CAPACITY * 512
+        },
+        "past the old end"
+    );
+    assert_eq!(
+        err(parse_with(&cfg, T_IN, 2 * CAPACITY, &read_req(512))),
+        Error::OutOfRange {
+            sector: 2 * CAPACITY,
+            len: 512,
+            capacity: 2 * CAPACITY
+        },
+        "past the new end"
+    );
+}
+
+#[test]
 fn sector_plus_length_crosses_capacity() {
     assert_eq!(
         err(parse(T_IN, CAPACITY - 1, &read_req(1024))),

@@ -24,12 +24,12 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use coro::io::IoBuf;
 use smallvec::SmallVec;
 
-use super::{BlockBackend, GuestBuffers, Topology};
+use super::{BlockBackend, GuestBuffers, ResizeError, Topology};
 
 use libc::{BLKIOMIN, BLKIOOPT, BLKPBSZGET, BLKSSZGET};
 
@@ -52,7 +52,8 @@ const BOUNCE_MAX: usize = 1 << 20;
 /// An open image file or block device.
 pub struct FileBackend {
     file: File,
-    size: u64,
+    /// Changed only by [`BlockBackend::resize`].
+    size: AtomicU64,
     block_device: bool,
     /// O_DIRECT's required alignments; `None` when buffered.
     direct_align: Option<DirectAlign>,
@@ -163,7 +164,7 @@ impl FileBackend {
         topology.physical_block_size = topology.physical_block_size.max(logical);
         Ok(FileBackend {
             file,
-            size,
+            size: AtomicU64::new(size),
             block_device,
             direct_align,
             readonly,
@@ -293,7 +294,22 @@ impl FileBackend {
 
 impl BlockBackend for FileBackend {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// `ftruncate` of an image file opened read-write. A grown file is sparse: the new
+    /// blocks read as zeroes and take space only once written. A block device's size is
+    /// the device's (`BLKGETSIZE64`), which no call of ours changes.
+    fn resize(&self, new_size: u64) -> Result<(), ResizeError> {
+        if self.readonly {
+            return Err(ResizeError::ReadOnly);
+        }
+        if self.block_device {
+            return Err(ResizeError::BlockDevice);
+        }
+        self.file.set_len(new_size).map_err(ResizeError::Storage)?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
 
     fn topology(&self) -> Topology {

@@ -8,7 +8,8 @@
 //!
 //! Offsets and lengths reaching a backend have been validated by the request parser
 //! against the device's capacity; errors a backend returns become IOERR for that one
-//! request.
+//! request. The one exception to "inside a coroutine" is [`BlockBackend::resize`], a
+//! control operation called from a control thread.
 
 mod buffers;
 mod file;
@@ -50,11 +51,41 @@ impl Default for Topology {
     }
 }
 
+/// Why a backend refused a new size.
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    /// The storage is open read-only.
+    #[error("the disk is open read-only")]
+    ReadOnly,
+    /// A block device's size is the device's: corodev cannot change it.
+    #[error("the disk is a block device, whose size is the device's own; grow the device itself (e.g. lvextend), corodev cannot")]
+    BlockDevice,
+    /// This backend cannot change its size.
+    #[error("this backend cannot change its size")]
+    Unsupported,
+    /// The storage refused the new size (no space, permissions, the cluster's answer).
+    #[error("the storage refused the new size: {0}")]
+    Storage(#[source] io::Error),
+}
+
 /// Storage behind a virtio-blk device. Every method may park the calling coroutine; none
 /// may be called outside one unless the implementation says so.
 pub trait BlockBackend: Send + Sync {
-    /// Size in bytes.
+    /// Size in bytes, as now (see [`resize`](Self::resize)).
     fn size(&self) -> u64;
+
+    /// Makes the storage `new_size` bytes large, growing or shrinking it: whether a
+    /// smaller size is allowed, and whether it is a whole number of the guest's blocks,
+    /// are the caller's checks. On success [`size`](Self::size) returns `new_size`.
+    ///
+    /// Called on a control thread, never in a coroutine: it blocks until the storage has
+    /// the new size (a file's `ftruncate`, librbd's synchronous resize). Requests keep
+    /// running meanwhile; the device's capacity is raised only after this returns, so
+    /// none reaches past the old end before the storage is there. The default refuses.
+    fn resize(&self, new_size: u64) -> Result<(), ResizeError> {
+        let _ = new_size;
+        Err(ResizeError::Unsupported)
+    }
 
     /// Geometry hints for the guest.
     fn topology(&self) -> Topology {

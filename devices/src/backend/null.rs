@@ -2,13 +2,14 @@
 //! latency. For benchmarks that measure the data path rather than storage, and for tests.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::{BlockBackend, GuestBuffers};
+use super::{BlockBackend, GuestBuffers, ResizeError};
 
 /// A device of a given size that stores nothing.
 pub struct NullBackend {
-    size: u64,
+    size: AtomicU64,
     latency: Duration,
 }
 
@@ -17,7 +18,10 @@ impl NullBackend {
     /// coroutine (`coro::sleep`), as storage with that service time would. With a zero
     /// latency nothing parks, so the backend also works outside a coroutine.
     pub fn new(size: u64, latency: Duration) -> NullBackend {
-        NullBackend { size, latency }
+        NullBackend {
+            size: AtomicU64::new(size),
+            latency,
+        }
     }
 
     fn wait(&self) {
@@ -29,7 +33,13 @@ impl NullBackend {
 
 impl BlockBackend for NullBackend {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Any size: there is nothing to keep.
+    fn resize(&self, new_size: u64) -> Result<(), ResizeError> {
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
 
     /// True: it models a disk with a cache, so the guest's flushes reach it (and pay its

@@ -90,6 +90,9 @@ extern "C" {
     ) -> c_int;
     pub fn rbd_close(image: rbd_image_t) -> c_int;
     pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
+    /// Synchronous: returns once the image has the new size (shrinking deletes the
+    /// objects past the end first).
+    pub fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
     /// Every option as the open image applies it; `-ERANGE` and the count needed in
     /// `max_options` when `options` is too short.
     pub fn rbd_config_image_list(

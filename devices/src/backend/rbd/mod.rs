@@ -41,13 +41,14 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::io;
 use std::path::PathBuf;
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use coro::io::{Completer, IoBuf};
 use smallvec::SmallVec;
 
-use super::{BlockBackend, GuestBuffers};
+use super::{BlockBackend, GuestBuffers, ResizeError};
 
 /// What to open and how to reach the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -361,7 +362,8 @@ pub struct RbdBackend {
     ioctx: ffi::rados_ioctx_t,
     /// Kept so the connection outlives the image and its I/O context.
     _cluster: Arc<Cluster>,
-    size: u64,
+    /// Changed only by [`BlockBackend::resize`].
+    size: AtomicU64,
     readonly: bool,
     /// Whether librbd's cache holds writes until a flush (`rbd_cache`).
     writeback: bool,
@@ -445,7 +447,7 @@ impl RbdBackend {
             image,
             ioctx,
             _cluster: cluster,
-            size: 0,
+            size: AtomicU64::new(0),
             readonly: opts.readonly,
             writeback: false,
         };
@@ -492,7 +494,7 @@ impl RbdBackend {
         if r < 0 {
             return Err(image_err(errno(r)));
         }
-        backend.size = size;
+        backend.size = AtomicU64::new(size);
         Ok(backend)
     }
 
@@ -628,7 +630,24 @@ fn io_bufs<'a>(bufs: &GuestBuffers<'a>) -> SmallVec<[IoBuf<'a>; 8]> {
 
 impl BlockBackend for RbdBackend {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// `rbd_resize`, synchronous (a control thread calls this, not a worker). The image's
+    /// size as other clients see it changes too: librbd tells them through the header's
+    /// watch.
+    fn resize(&self, new_size: u64) -> Result<(), ResizeError> {
+        if self.readonly {
+            return Err(ResizeError::ReadOnly);
+        }
+        // SAFETY: an open, writable image; librbd locks its image state against the
+        // requests other threads submit meanwhile.
+        let r = unsafe { ffi::rbd_resize(self.image, new_size) };
+        if r < 0 {
+            return Err(ResizeError::Storage(errno(r)));
+        }
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
 
     fn is_read_only(&self) -> bool {
