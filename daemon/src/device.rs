@@ -340,6 +340,26 @@ mod tests {
     }
 
     #[test]
+    fn a_config_change_goes_out_on_the_backend_channel() {
+        use std::io::Read;
+        use std::os::unix::net::UnixStream;
+        let dev = device(false);
+        assert!(
+            !dev.0.notify_config_change().expect("no channel"),
+            "no channel: nothing to tell"
+        );
+        let (ours, mut frontend) = UnixStream::pair().expect("socketpair");
+        dev.set_backend_req_fd(Backend::from_stream(ours));
+        assert!(dev.0.notify_config_change().expect("sent"));
+        let mut hdr = [0u8; 12];
+        frontend.read_exact(&mut hdr).expect("the message");
+        let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+        assert_eq!(word(0), 2, "VHOST_USER_BACKEND_CONFIG_CHANGE_MSG");
+        assert_eq!(word(4), 1, "version 1, no reply asked without REPLY_ACK");
+        assert_eq!(word(8), 0, "no payload");
+    }
+
+    #[test]
     fn config_writes_other_than_writeback_are_refused() {
         let dev = device(false);
         let err = dev.set_config(0, &[1]).expect_err("capacity is read-only");
