@@ -464,6 +464,41 @@ discard)
         result FAIL "detail=$(tail -c 200 /tmp/log | clean)"
     fi
     ;;
+resize)
+    # The host grows the disk while this runs (integration/tests/resize.rs): the new size
+    # must show without a reboot, and the blocks past the old end must take a pattern.
+    old=$(cat /sys/block/vda/size)
+    new=$old
+    echo "CORODEV-PROGRESS name=resize size=$old t=$(uptime_s)"
+    t_end=$(awk "BEGIN{print $(uptime_s) + ${ARG:-120}}")
+    while awk "BEGIN{exit !($(uptime_s) < $t_end)}"; do
+        new=$(cat /sys/block/vda/size)
+        [ "$new" != "$old" ] && break
+        sleep 0.2
+    done
+    if [ "$new" = "$old" ]; then
+        result FAIL detail=size-unchanged old_size=$old new_size=$new
+        finish
+    fi
+    echo "CORODEV-PROGRESS name=resize size=$new t=$(uptime_s)"
+    # 1 MiB at the old end: blocks that did not exist when the guest booted.
+    off_mib=$((old / 2048)) len_mib=1
+    dd if=/dev/urandom of=/tmp/p bs=1M count=$len_mib 2>/dev/null
+    md5=$(md5sum /tmp/p | cut -d' ' -f1)
+    fields="old_size=$old new_size=$new offset=$((off_mib << 20)) length=$((len_mib << 20))"
+    if ! dd if=/tmp/p of=/dev/vda bs=1M seek=$off_mib oflag=direct conv=fsync 2>/tmp/err; then
+        result FAIL "detail=write-failed:$(clean </tmp/err)" $fields
+        finish
+    fi
+    echo 3 >/proc/sys/vm/drop_caches
+    got=$(dd if=/dev/vda bs=1M skip=$off_mib count=$len_mib iflag=direct 2>/tmp/err | md5sum | cut -d' ' -f1)
+    kmsg=$(dmesg | grep -m1 -E "capacity change|new size" | clean 120)
+    if [ "$md5" = "$got" ]; then
+        result PASS $fields md5="$md5" "kmsg=${kmsg:-none}"
+    else
+        result FAIL detail=readback-mismatch want="$md5" got="$got" "err=$(clean </tmp/err)" $fields
+    fi
+    ;;
 restart)
     VIO_WRITERS=8 VIO_REGION=$((8 << 20)) VIO_PAGES_MIN=256 VIO_PAGES_SPAN=769 # 1-4 MiB
     verified_io
