@@ -126,7 +126,7 @@ pub enum Command {
     },
     /// Send one command to a running daemon's control API and print its answer as JSON:
     /// query-exports, query-stats [name=N], query-commands, export-add KEY=VALUE...,
-    /// export-del name=N [mode=safe|hard], shutdown.
+    /// export-del name=N [mode=safe|hard], export-resize name=N size=BYTES|2G, shutdown.
     Ctl {
         /// The daemon's control socket (its --control PATH).
         #[arg(long, value_name = "PATH")]

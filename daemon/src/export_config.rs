@@ -127,7 +127,8 @@ impl std::str::FromStr for SizeArg {
 }
 
 impl SizeArg {
-    fn bytes(&self) -> Result<u64, String> {
+    /// The size in bytes.
+    pub fn bytes(&self) -> Result<u64, String> {
         match self {
             SizeArg::Bytes(n) => Ok(*n),
             SizeArg::Text(s) => parse_size(s),

@@ -73,10 +73,23 @@ impl RawSession {
     }
 
     /// Sends `bytes` and a newline, and returns the next line (`None`: the daemon closed
-    /// the connection).
+    /// the connection). The daemon may answer and hang up before it has read everything
+    /// (a line over its limit): a write refused by a closed connection is not an error,
+    /// the answer already sent still is read.
     pub fn send(&mut self, bytes: &[u8]) -> Option<Value> {
-        self.writer.write_all(bytes).expect("send");
-        self.writer.write_all(b"\n").expect("send");
+        let sent = self
+            .writer
+            .write_all(bytes)
+            .and_then(|()| self.writer.write_all(b"\n"));
+        match sent {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) => {}
+            Err(e) => panic!("sending to the control socket: {e}"),
+        }
         self.read()
     }
 

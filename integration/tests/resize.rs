@@ -77,8 +77,11 @@ fn a_running_guest_sees_the_grown_disk_and_writes_past_its_old_end() {
     );
 
     let out = export_resize(&control, 128 * MIB);
-    assert_eq!(out.code, 0, "export-resize failed: {}", out.stderr);
-    eprintln!("export-resize answered: {}", out.stdout.trim());
+    assert_eq!(
+        out.json(),
+        serde_json::json!({"old-size": 64 * MIB, "size": 128 * MIB}),
+        "export-resize answers the old and the new size"
+    );
     assert!(
         daemon
             .wait_log_line(
@@ -148,6 +151,11 @@ fn refused_sizes_get_one_line_and_the_next_guest_sees_a_size_set_while_none_was_
             out.stderr
         );
     }
+    let out = ctl(&control, &["export-resize", "name=blk", "size=12Q"]);
+    assert_eq!(
+        out.stderr.trim(),
+        "corodev ctl: error: GenericError: export-resize: argument 'size': unknown size suffix 'Q' in '12Q': use K, M, G or T"
+    );
     let out = ctl(&control, &["export-resize", "name=nope", "size=1048576"]);
     assert_ne!(out.code, 0);
     assert!(
@@ -161,8 +169,12 @@ fn refused_sizes_get_one_line_and_the_next_guest_sees_a_size_set_while_none_was_
         "nothing refused changed the image"
     );
 
-    let out = export_resize(&control, 48 * MIB);
-    assert_eq!(out.code, 0, "export-resize failed: {}", out.stderr);
+    // A size as people type it.
+    let out = ctl(&control, &["export-resize", "name=blk", "size=48M"]);
+    assert_eq!(
+        out.json(),
+        serde_json::json!({"old-size": 32 * MIB, "size": 48 * MIB})
+    );
     let run = daemon.boot(Guest::test("info"));
     run.expect_pass();
     assert_eq!(

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::protocol::{CommandError, Request};
-use crate::export_config::ExportConfig;
+use crate::export_config::{ExportConfig, SizeArg};
 use crate::exports::{self, Exports, Origin};
 use crate::shutdown::Shutdown;
 
@@ -31,6 +31,7 @@ const COMMANDS: &[&str] = &[
     "query-stats",
     "export-add",
     "export-del",
+    "export-resize",
     "shutdown",
 ];
 
@@ -66,6 +67,7 @@ pub fn run(ctx: &Context, req: Request) -> Result<Value, CommandError> {
         }
         "export-add" => export_add(ctx, args(&execute, arguments)?),
         "export-del" => export_del(ctx, args(&execute, arguments)?),
+        "export-resize" => export_resize(ctx, args(&execute, arguments)?),
         "shutdown" => {
             args::<NoArgs>(&execute, arguments)?;
             if ctx.shutdown.begin("command") {
@@ -99,6 +101,15 @@ struct ExportDel {
     name: String,
     #[serde(default)]
     mode: DelMode,
+}
+
+/// `export-resize`'s arguments.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportResize {
+    name: String,
+    /// Bytes, or a size such as "2G".
+    size: SizeArg,
 }
 
 /// How `export-del` treats a connected frontend.
@@ -162,6 +173,24 @@ fn export_del(ctx: &Context, del: ExportDel) -> Result<Value, CommandError> {
     } else {
         Err(no_such_export(&del.name))
     }
+}
+
+/// `export-resize`: grows the export's storage and tells its guest (see
+/// [`Exports::resize`]); returns the old and new size.
+fn export_resize(ctx: &Context, r: ExportResize) -> Result<Value, CommandError> {
+    let size = r
+        .size
+        .bytes()
+        .map_err(|e| CommandError::generic(format!("export-resize: argument 'size': {e}")))?;
+    let (old, new) = ctx
+        .exports
+        .resize(&r.name, size)
+        .map_err(|e| CommandError::generic(e.to_string()))?;
+    log::info!(
+        "control: export {} resized from {old} to {new} bytes",
+        r.name
+    );
+    Ok(json!({ "old-size": old, "size": new }))
 }
 
 fn no_such_export(name: &str) -> CommandError {
