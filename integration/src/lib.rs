@@ -29,7 +29,8 @@
 //! printed), [`frontend`] (the protocol-level client), [`qmp`] (talking to QEMU),
 //! [`migration`] (moving a guest between QEMUs), [`systemd`](mod@systemd) (the notify and
 //! activation sockets systemd would hold), [`ceph`] (a throw-away Ceph cluster for the RBD
-//! backend), [`libvirt`] (the same guest booted through a private libvirtd).
+//! backend), [`libvirt`] (the same guest booted through a private libvirtd), [`nvme`] (a
+//! guest that is itself an NVMe host behind an IOMMU, for the NVMe-over-VFIO backend).
 
 #![deny(
     unsafe_op_in_unsafe_fn,
@@ -46,6 +47,7 @@ pub mod frontend;
 pub mod image;
 pub mod libvirt;
 pub mod migration;
+pub mod nvme;
 mod procfs;
 pub mod qmp;
 pub mod server;
