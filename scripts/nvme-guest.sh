@@ -140,8 +140,11 @@ printf '%s\n' "$frontend" >"$work/run/etc/nvme-test/frontend"
 start=$(date +%s%N)
 set +e
 # TCG only: the guest's VFIO needs the emulated IOMMU, and this host has no KVM anyway.
-# intel-iommu comes first (QEMU wants it before the devices it translates for);
-# intremap=on gives the guest interrupt remapping, without which vfio-pci refuses MSI-X.
+# intel-iommu comes first (QEMU wants it before the devices it translates for).
+# intremap=on: without interrupt remapping the guest's vfio_iommu_type1 refuses to attach
+# the group ("No interrupt remapping support", EPERM on VFIO_SET_IOMMU) unless loaded with
+# allow_unsafe_interrupts=1; with it MSI-X reaches an eventfd. aw-bits: see --aw-bits (39,
+# QEMU's default, makes VFIO_IOMMU_MAP_DMA at a user address fail with EINVAL).
 # --foreground keeps QEMU in our process group, so a caller can kill the whole VM.
 timeout --foreground --kill-after=5 "$timeout" qemu-system-x86_64 -accel tcg -cpu max \
     -machine q35 -m "${mem}M" -smp "$smp" -nographic -nodefaults -serial stdio -no-reboot \

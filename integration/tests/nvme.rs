@@ -1,7 +1,7 @@
 //! The NVMe test environment of issue 16 (userspace NVMe backend over VFIO), proved before
 //! the backend exists: a TCG guest with QEMU's intel-iommu hands its emulated NVMe
 //! controller to vfio-pci and a userspace program drives it through the `vfio-ioctls`
-//! crate (`nvme-probe`), and corodev inside the guest serves that controller's namespace to
+//! crate (`nvme-probe`: registers, DMA, MSI-X), and corodev inside the guest serves that controller's namespace to
 //! a verifying frontend (`verify-load`), whose writes the host then finds in the NVMe
 //! backing file. [`verified_load_through_corodev`] is the check the NVMe backend's test
 //! will run with `--backend nvme --pci $NVME_BDF` on [`Bind::Vfio`].
@@ -46,6 +46,8 @@ fn vfio_pci_takes_the_controller_and_a_vfio_ioctls_program_drives_it() {
         ("sn", "corodev-nvme"),
         ("nn", "256"),
         ("ns1_lbads", "9"),
+        // Each of the two Identify commands raised MSI-X vector 0 on the eventfd.
+        ("msix_irqs", "2"),
     ] {
         assert_eq!(r.get(key), want, "{key} in {:?}", r.fields);
     }

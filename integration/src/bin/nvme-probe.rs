@@ -5,12 +5,13 @@
 //! through an `mmap` of BAR0, DMA-maps an anonymous buffer at IOVA = its virtual address
 //! (what the backend does with guest memory), and proves the mapping works by making the
 //! controller DMA through it: admin queues in that buffer, Identify Controller and
-//! Identify Namespace 1 polled to completion (no interrupts). Prints one line of fields,
+//! Identify Namespace 1 polled to completion, each of which must also raise MSI-X vector 0
+//! on an eventfd (interrupt delivery through the IOMMU's interrupt remapping). Prints one line of fields,
 //! which the guest's init puts on its result line (scripts/nvme-guest-init.sh),
 //!
 //! `cap=0x.. mqes=.. cqr=.. dstrd=.. to=.. css=0x.. mpsmin=.. mpsmax=.. vs=0x.. vs_major=..
 //!  vs_minor=.. vs_tertiary=.. bar0_size=.. bar0_mmap=yes iova=0x.. sn=.. mn=.. nn=..
-//!  ns1_nsze=.. ns1_lbads=..`
+//!  ns1_nsze=.. ns1_lbads=.. msix_irqs=..`
 //!
 //! or `detail=..` and exit status 1. Values never contain blanks.
 //!
@@ -30,6 +31,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioOps};
+use vmm_sys_util::eventfd::EventFd;
 
 /// NVMe 1.4 controller registers (section 3.1, "Register Definition"), byte offsets in BAR0.
 const REG_CAP: usize = 0x00;
@@ -88,6 +90,10 @@ enum ProbeError {
     Fatal { csts: u32 },
     #[error("admin command {opcode:#x} got no completion within {ms} ms")]
     CommandTimeout { opcode: u8, ms: u64 },
+    #[error("enabling MSI-X vector 0 on an eventfd: {0}")]
+    Msix(VfioError),
+    #[error("admin command {opcode:#x} completed but raised no MSI-X interrupt within {ms} ms")]
+    NoInterrupt { opcode: u8, ms: u64 },
     #[error("admin command {opcode:#x} failed: status field {status:#x}")]
     CommandFailed { opcode: u8, status: u16 },
 }
@@ -247,6 +253,9 @@ impl Drop for DmaBuf {
 struct Admin<'a> {
     bar: &'a Bar0,
     buf: &'a DmaBuf,
+    /// MSI-X vector 0's eventfd: the admin CQ's interrupt.
+    irq: &'a EventFd,
+    irqs: u64,
     stride: usize,
     timeout: Duration,
     sq_tail: usize,
@@ -257,8 +266,10 @@ struct Admin<'a> {
 
 impl Admin<'_> {
     /// Submits one admin command (a 64-byte SQ entry: `cdw0` opcode, `nsid`, PRP1 and
-    /// CDW10) and polls the CQ until its completion arrives; returns Err on a non-zero
-    /// status or after `timeout`.
+    /// CDW10) and polls the CQ until its completion arrives, then waits for its interrupt;
+    /// returns Err on a non-zero status, or without a completion after `timeout` or an
+    /// interrupt 1 s after it. Polls rather than sleeps on the interrupt so that a broken
+    /// interrupt path is told apart from a broken DMA path.
     fn run(&mut self, opcode: u8, nsid: u32, prp1: u64, cdw10: u32) -> Result<(), ProbeError> {
         let cid = self.next_cid;
         self.next_cid += 1;
@@ -295,7 +306,7 @@ impl Admin<'_> {
                 if status != 0 || (dw3 & 0xffff) as u16 != cid {
                     return Err(ProbeError::CommandFailed { opcode, status });
                 }
-                return Ok(());
+                return self.wait_irq(opcode);
             }
             if started.elapsed() > self.timeout {
                 return Err(ProbeError::CommandTimeout {
@@ -304,6 +315,25 @@ impl Admin<'_> {
                 });
             }
             std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// Waits up to 1 s for the admin CQ's interrupt and consumes it.
+    fn wait_irq(&mut self, opcode: u8) -> Result<(), ProbeError> {
+        let ms = 1000;
+        let mut pfd = libc::pollfd {
+            fd: self.irq.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polling one valid pollfd that lives across the call.
+        let ready = unsafe { libc::poll(&mut pfd, 1, ms as i32) };
+        match self.irq.read() {
+            Ok(n) if ready == 1 => {
+                self.irqs += n;
+                Ok(())
+            }
+            _ => Err(ProbeError::NoInterrupt { opcode, ms }),
         }
     }
 }
@@ -396,6 +426,13 @@ fn probe(bdf: &str) -> Result<String, ProbeError> {
         PCI_COMMAND,
     );
 
+    // One vector: the admin CQ's (vector 0; admin interrupts are always enabled).
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| ProbeError::Os {
+        what: "eventfd",
+        source: e.into(),
+    })?;
+    dev.enable_msix(vec![&irq]).map_err(ProbeError::Msix)?;
+
     let buf = DmaBuf::new(DMA_LEN)?;
     let iova = buf.addr();
     // SAFETY: `buf` is our anonymous mapping of DMA_LEN bytes, alive until after the unmap
@@ -423,6 +460,8 @@ fn probe(bdf: &str) -> Result<String, ProbeError> {
     let mut admin = Admin {
         bar: &bar,
         buf: &buf,
+        irq: &irq,
+        irqs: 0,
         stride,
         timeout,
         sq_tail: 0,
@@ -443,8 +482,11 @@ fn probe(bdf: &str) -> Result<String, ProbeError> {
     let flbas = buf.bytes(ns + 26, 1)[0] as usize & 0xf;
     let lbads = (buf.read32(ns + 128 + 4 * flbas) >> 16) & 0xff;
 
+    let msix_irqs = admin.irqs;
+
     bar.write32(REG_CC, 0);
     wait_ready(&bar, 0, timeout)?;
+    dev.disable_msix().map_err(ProbeError::Msix)?;
     container
         .vfio_dma_unmap(iova, DMA_LEN)
         .map_err(|source| ProbeError::DmaUnmap { iova, source })?;
@@ -453,7 +495,7 @@ fn probe(bdf: &str) -> Result<String, ProbeError> {
         "cap={cap:#x} mqes={mqes} cqr={cqr} dstrd={dstrd} to={to} css={css:#x} \
          mpsmin={mpsmin} mpsmax={mpsmax} vs={vs:#x} vs_major={} vs_minor={} vs_tertiary={} \
          bar0_size={bar0_size} bar0_mmap=yes iova={iova:#x} sn={sn} mn={mn} nn={nn} \
-         ns1_nsze={nsze} ns1_lbads={lbads}",
+         ns1_nsze={nsze} ns1_lbads={lbads} msix_irqs={msix_irqs}",
         vs >> 16,
         (vs >> 8) & 0xff,
         vs & 0xff,
