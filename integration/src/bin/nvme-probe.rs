@@ -2,7 +2,7 @@
 //! (`scripts/nvme-guest.sh`, integration/tests/nvme.rs): opens one PCI function already
 //! bound to vfio-pci through the `vfio-ioctls` crate (legacy container and group, type1
 //! IOMMU), reads BAR0's CAP and VS registers both with `pread` on the device fd and
-//! through an `mmap` of BAR0, DMA-maps an anonymous buffer at IOVA = its virtual address
+//! through an `mmap` of BAR0, DMA-maps a memfd buffer at IOVA = its virtual address
 //! (what the backend does with guest memory), and proves the mapping works by making the
 //! controller DMA through it: admin queues in that buffer, Identify Controller and
 //! Identify Namespace 1 polled to completion, each of which must also raise MSI-X vector 0
@@ -22,7 +22,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -180,8 +180,10 @@ impl Drop for Bar0 {
     }
 }
 
-/// Anonymous memory the controller reads and writes by DMA. Only raw-pointer volatile
-/// accesses touch it (never a reference), as `VfioOps::vfio_dma_map` requires.
+/// Memory the controller reads and writes by DMA: a shared mapping of a memfd, the kind of
+/// memory the backend maps (a vhost-user frontend's guest RAM is one), so the probe proves
+/// that type1 pins it. Only raw-pointer volatile accesses touch it (never a reference), as
+/// `VfioOps::vfio_dma_map` requires.
 struct DmaBuf {
     ptr: *mut u8,
     len: usize,
@@ -189,14 +191,24 @@ struct DmaBuf {
 
 impl DmaBuf {
     fn new(len: usize) -> Result<DmaBuf, ProbeError> {
-        // SAFETY: a fresh private anonymous mapping; the result is checked.
+        let os = |what| move |source| ProbeError::Os { what, source };
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"nvme-probe-dma".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(os("memfd_create")(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(len as u64).map_err(os("size the memfd"))?;
+        // SAFETY: a new shared mapping of our memfd, `len` bytes as just sized; the result is
+        // checked. The mapping outlives `file` (closing an fd does not unmap).
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
                 0,
             )
         };
@@ -435,7 +447,7 @@ fn probe(bdf: &str) -> Result<String, ProbeError> {
 
     let buf = DmaBuf::new(DMA_LEN)?;
     let iova = buf.addr();
-    // SAFETY: `buf` is our anonymous mapping of DMA_LEN bytes, alive until after the unmap
+    // SAFETY: `buf` is our memfd mapping of DMA_LEN bytes, alive until after the unmap
     // below; only volatile raw-pointer accesses touch it (DmaBuf has no references out).
     unsafe { container.vfio_dma_map(iova, DMA_LEN, buf.ptr) }.map_err(|source| {
         ProbeError::DmaMap {
