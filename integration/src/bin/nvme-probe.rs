@@ -439,9 +439,9 @@ fn probe(bdf: &str) -> Result<String, ProbeError> {
     );
 
     // One vector: the admin CQ's (vector 0; admin interrupts are always enabled).
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| ProbeError::Os {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| ProbeError::Os {
         what: "eventfd",
-        source: e.into(),
+        source,
     })?;
     dev.enable_msix(vec![&irq]).map_err(ProbeError::Msix)?;
 
