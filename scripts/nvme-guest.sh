@@ -48,7 +48,7 @@ while (($#)); do
         --mem) need "$@"; mem=$2; shift 2 ;;
         --smp) need "$@"; smp=$2; shift 2 ;;
         --aw-bits) need "$@"; aw_bits=$2; shift 2 ;;
-        -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,30p' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
