@@ -16,7 +16,7 @@ cargo build --release --bin corodev
 # has no makecontext): the coro suites on it, and the binary that
 # integration/tests/coro_backends.rs serves a real guest with. Without the RBD backend:
 # librbd has no static musl build to link.
-cargo build --release --target x86_64-unknown-linux-musl --bin corodev --no-default-features
+cargo build --release --target x86_64-unknown-linux-musl --bin corodev --no-default-features --features nvme
 # The programs integration/tests/nvme.rs runs inside its NVMe guest (which has no libc):
 # the vfio-ioctls probe and the verifying vhost-user frontend.
 cargo build --release --target x86_64-unknown-linux-musl -p integration --bin nvme-probe --bin verify-load

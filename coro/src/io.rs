@@ -709,6 +709,18 @@ pub fn writev(fd: RawFd, bufs: &[IoBuf<'_>], offset: u64) -> io::Result<usize> {
     to_result(res)
 }
 
+/// Parks until `fd` is readable (a one-shot `IORING_OP_POLL_ADD` for `POLLIN`): for a
+/// completion source that signals an eventfd (a device interrupt through VFIO), which the
+/// caller then reads without blocking.
+///
+/// # Errors
+/// The poll's errno.
+pub fn wait_readable(fd: RawFd) -> io::Result<()> {
+    let res =
+        submit_and_park(|_| opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build())?;
+    to_result(res).map(|_| ())
+}
+
 /// `fsync` (or `fdatasync` when `datasync`) of `fd`.
 pub fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
     let mut op = opcode::Fsync::new(types::Fd(fd));

@@ -3,7 +3,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -536,3 +536,29 @@ fn pooled_stack_buffers_are_not_checked() {
     assert_eq!(s.run_until_idle().expect("run"), 0);
     drop(file);
 }
+
+each_backend!(
+    wait_readable_parks_until_an_eventfd_fires,
+    |s: Scheduler| {
+        // SAFETY: eventfd(2) with valid flags; the result is checked and owned below.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(raw >= 0, "eventfd: {}", std::io::Error::last_os_error());
+        // SAFETY: `raw` is a new descriptor nothing else owns.
+        let efd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let fd = efd.as_raw_fd();
+        let woke = Rc::new(Cell::new(false));
+        let w = woke.clone();
+        s.spawn(move || {
+            coro::io::wait_readable(fd).expect("poll");
+            w.set(true);
+        })
+        .expect("spawn");
+        s.run().expect("run");
+        assert!(!woke.get(), "nothing to read yet: the task is parked");
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live array to our eventfd.
+        assert_eq!(unsafe { libc::write(fd, one.as_ptr().cast(), 8) }, 8);
+        assert_eq!(s.run_until_idle().expect("run"), 0);
+        assert!(woke.get(), "the eventfd firing resumed it");
+    }
+);

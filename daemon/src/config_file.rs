@@ -213,7 +213,7 @@ fn conflicts(specs: &[(usize, ExportSpec)]) -> Vec<KeyError> {
                 Backend::File { disk: d, .. } => {
                     same_path(d, disk) && !(s.readonly && spec.readonly)
                 }
-                Backend::Null { .. } | Backend::Rbd(_) => false,
+                Backend::Null { .. } | Backend::Rbd(_) | Backend::Nvme { .. } => false,
             });
             if let Some((first, _)) = shared {
                 errors.push(KeyError {

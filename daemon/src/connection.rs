@@ -263,6 +263,16 @@ impl Connection {
         *guarded = live;
     }
 
+    /// Tells the disk what guest memory is now (every region of the current map), so a
+    /// backend whose device reaches guest memory by DMA maps it (see
+    /// `BlockBackend::guest_memory`). A refusal fails the frontend's memory message.
+    pub fn share_memory_with_disk(&self) -> std::io::Result<()> {
+        use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+        let mem = self.mem.memory();
+        let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.as_ptr() as u64, r.len())).collect();
+        self.blk.disk().guest_memory(&regions)
+    }
+
     /// Called on the data path: if the frontend truncated this connection's guest memory
     /// (a SIGBUS was recovered in it), closes the connection once, loudly. Costs one atomic
     /// load while no fault ever happened in the process.

@@ -122,7 +122,7 @@ impl VhostUserBackend for BlkDevice {
         // The library updates the GuestMemoryAtomic we handed it; requests take an Arc of
         // the current map when they start, so in-flight ones keep the old map alive.
         self.0.guard_memory();
-        Ok(())
+        self.0.share_memory_with_disk()
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

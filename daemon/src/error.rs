@@ -103,6 +103,20 @@ pub enum Error {
         /// `--rbd-image`.
         image: String,
     },
+    /// The NVMe controller cannot be served (binding, VFIO, the controller itself).
+    #[cfg(feature = "nvme")]
+    #[error(transparent)]
+    Nvme(#[from] corodev_devices::backend::NvmeError),
+    /// `--pci` is not a PCI address.
+    #[error(
+        "'{0}' is not a PCI address: use DDDD:BB:DD.F as lspci -D shows it, e.g. 0000:01:00.0"
+    )]
+    PciAddress(String),
+    /// `--backend nvme` in a build without it.
+    #[error(
+        "this corodev was built without the NVMe backend (cargo feature 'nvme'); rebuild with it"
+    )]
+    NvmeNotBuilt,
     /// `--backend rbd` in a build without librbd.
     #[error("this corodev was built without the RBD backend (cargo feature 'rbd'); rebuild with it, on a host with librbd-dev and librados-dev")]
     RbdNotBuilt,

@@ -32,6 +32,9 @@ pub enum BackendKind {
     Null,
     /// An RBD image in a Ceph cluster, through librbd (rbd-pool, rbd-image).
     Rbd,
+    /// A namespace of a local NVMe controller bound to vfio-pci, driven from userspace
+    /// (pci, nvme-namespace).
+    Nvme,
 }
 
 impl BackendKind {
@@ -41,6 +44,7 @@ impl BackendKind {
             BackendKind::File => "file",
             BackendKind::Null => "null",
             BackendKind::Rbd => "rbd",
+            BackendKind::Nvme => "nvme",
         }
     }
 }
@@ -146,6 +150,7 @@ const DEFAULT_POLL_US: u64 = 32;
 const DEFAULT_STOP_TIMEOUT: u64 = 30;
 const DEFAULT_CEPH_CONNECT_TIMEOUT: u64 = 15;
 const DEFAULT_CEPH_OP_TIMEOUT: u64 = 20;
+const DEFAULT_NVME_NAMESPACE: u64 = 1;
 
 /// One export's settings as the user wrote them, from flags or from a config file's
 /// `[[exports]]` table: not yet validated (see [`ExportConfig::validate`]).
@@ -211,6 +216,15 @@ pub struct ExportConfig {
     /// connection.
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_CEPH_OP_TIMEOUT)]
     pub ceph_op_timeout: u64,
+
+    /// PCI address of the NVMe controller (--backend nvme), DDDD:BB:DD.F as lspci -D
+    /// shows it; the controller must be bound to vfio-pci.
+    #[arg(long, value_name = "DDDD:BB:DD.F")]
+    pub pci: Option<String>,
+
+    /// Namespace of the NVMe controller to export (--backend nvme).
+    #[arg(long, value_name = "NSID", default_value_t = DEFAULT_NVME_NAMESPACE)]
+    pub nvme_namespace: u64,
 
     /// Export read-only: the guest sees VIRTIO_BLK_F_RO and writes fail.
     #[arg(long)]
@@ -301,6 +315,8 @@ impl Default for ExportConfig {
             ceph_id: None,
             ceph_connect_timeout: DEFAULT_CEPH_CONNECT_TIMEOUT,
             ceph_op_timeout: DEFAULT_CEPH_OP_TIMEOUT,
+            pci: None,
+            nvme_namespace: DEFAULT_NVME_NAMESPACE,
             readonly: false,
             lock: LockMode::On,
             incoming: false,
@@ -343,6 +359,13 @@ pub enum Backend {
     },
     /// An RBD image in a Ceph cluster.
     Rbd(RbdSpec),
+    /// A namespace of an NVMe controller, through VFIO.
+    Nvme {
+        /// The controller's PCI address, as given.
+        pci: String,
+        /// The namespace.
+        namespace: u32,
+    },
 }
 
 /// Where an RBD export's image is and how the cluster is reached.
@@ -682,8 +705,53 @@ impl ExportConfig {
                 );
             }
         }
+        if self.backend != BackendKind::Nvme {
+            if self.pci.is_some() {
+                check(
+                    "pci",
+                    Err(Problem::NotForBackend {
+                        backend: self.backend.name(),
+                        hint: "it is only for backend nvme",
+                    }),
+                );
+            }
+            if self.nvme_namespace != DEFAULT_NVME_NAMESPACE {
+                check(
+                    "nvme-namespace",
+                    Err(Problem::NotForBackend {
+                        backend: self.backend.name(),
+                        hint: "it is only for backend nvme",
+                    }),
+                );
+            }
+        }
         match self.backend {
             BackendKind::Rbd => self.rbd_of(check).map(Backend::Rbd),
+            BackendKind::Nvme => {
+                for (key, given) in [("disk", self.disk.is_some()), ("size", self.size.is_some())] {
+                    if given {
+                        check(
+                            key,
+                            Err(Problem::NotForBackend {
+                                backend: "nvme",
+                                hint: "the namespace's size is its own",
+                            }),
+                        );
+                    }
+                }
+                let namespace = in_range::<u32>(self.nvme_namespace, 1, u64::from(u32::MAX));
+                check("nvme-namespace", namespace.clone().map(drop));
+                if self.pci.is_none() {
+                    check(
+                        "pci",
+                        Err(Problem::Required(" with backend nvme, e.g. 0000:01:00.0")),
+                    );
+                }
+                Some(Backend::Nvme {
+                    pci: self.pci.clone()?,
+                    namespace: namespace.ok()?,
+                })
+            }
             BackendKind::File => {
                 if self.size.is_some() {
                     check(
@@ -911,6 +979,48 @@ mod tests {
         assert_eq!(keys, ["queue-size", "block-size", "poll-us", "size"]);
     }
 
+    /// The keys of every problem of `c`.
+    fn keys(c: &ExportConfig) -> Vec<&'static str> {
+        errors(c).iter().map(|e| e.key).collect()
+    }
+
+    #[test]
+    fn nvme_needs_a_pci_address_and_only_it_takes_one() {
+        let nvme = |pci: Option<&str>, ns: u64| ExportConfig {
+            socket: Some("/s".into()),
+            backend: BackendKind::Nvme,
+            pci: pci.map(Into::into),
+            nvme_namespace: ns,
+            ..ExportConfig::default()
+        };
+        assert_eq!(
+            nvme(Some("0000:00:04.0"), 2).validate().map(|s| s.backend),
+            Ok(Backend::Nvme {
+                pci: "0000:00:04.0".into(),
+                namespace: 2
+            })
+        );
+        assert_eq!(
+            errors(&nvme(None, 1)),
+            one(
+                "pci",
+                Problem::Required(" with backend nvme, e.g. 0000:01:00.0")
+            )
+        );
+        assert_eq!(
+            keys(&nvme(Some("0000:00:04.0"), 0)),
+            ["nvme-namespace"],
+            "namespace ids start at 1"
+        );
+        let mut c = nvme(Some("0000:00:04.0"), 1);
+        c.disk = Some("d".into());
+        assert_eq!(keys(&c), ["disk"]);
+        let mut c = file("d");
+        c.pci = Some("0000:00:04.0".into());
+        c.nvme_namespace = 3;
+        assert_eq!(keys(&c), ["pci", "nvme-namespace"]);
+    }
+
     #[test]
     fn rbd_needs_its_keys_and_only_it_takes_them() {
         let rbd = |pool: Option<&str>, image: Option<&str>| ExportConfig {
@@ -928,7 +1038,6 @@ mod tests {
                     && connect_timeout == Duration::from_secs(15)
                     && op_timeout == Duration::from_secs(20)
         ));
-        let keys = |c: &ExportConfig| errors(c).iter().map(|e| e.key).collect::<Vec<_>>();
         assert_eq!(keys(&rbd(None, None)), ["rbd-pool", "rbd-image"]);
         assert_eq!(
             errors(&rbd(Some("a/b"), Some("i"))),

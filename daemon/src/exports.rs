@@ -96,6 +96,7 @@ pub fn prepare(spec: ExportSpec) -> Result<Prepared, Error> {
 fn open_disk(spec: &ExportSpec) -> Result<Arc<dyn BlockBackend>, Error> {
     match &spec.backend {
         Backend::Rbd(rbd) => open_rbd(rbd, spec.readonly),
+        Backend::Nvme { pci, namespace } => open_nvme(pci, *namespace),
         Backend::Null { size, latency } => Ok(Arc::new(NullBackend::new(*size, *latency))),
         Backend::File { disk, direct, .. } => {
             let file = FileBackend::open(disk, spec.readonly, *direct).map_err(|source| {
@@ -160,6 +161,19 @@ fn open_rbd(rbd: &RbdSpec, readonly: bool) -> Result<Arc<dyn BlockBackend>, Erro
     Ok(Arc::new(disk))
 }
 
+/// Takes over the NVMe controller at `pci` and serves namespace `namespace`.
+#[cfg(feature = "nvme")]
+fn open_nvme(pci: &str, namespace: u32) -> Result<Arc<dyn BlockBackend>, Error> {
+    use corodev_devices::backend::nvme::{parse_address, NvmeBackend};
+    let address = parse_address(pci).ok_or_else(|| Error::PciAddress(pci.to_owned()))?;
+    Ok(Arc::new(NvmeBackend::open(&address, namespace)?))
+}
+
+#[cfg(not(feature = "nvme"))]
+fn open_nvme(_pci: &str, _namespace: u32) -> Result<Arc<dyn BlockBackend>, Error> {
+    Err(Error::NvmeNotBuilt)
+}
+
 #[cfg(not(feature = "rbd"))]
 fn open_rbd(_rbd: &RbdSpec, _readonly: bool) -> Result<Arc<dyn BlockBackend>, Error> {
     Err(Error::RbdNotBuilt)
@@ -185,7 +199,10 @@ pub fn error_key(e: &Error) -> &'static str {
         Error::RbdEmpty { .. } => "rbd-image",
         #[cfg(feature = "rbd")]
         Error::Rbd(e) => rbd_error_key(e),
-        Error::RbdNotBuilt => "backend",
+        Error::RbdNotBuilt | Error::NvmeNotBuilt => "backend",
+        Error::PciAddress(_) => "pci",
+        #[cfg(feature = "nvme")]
+        Error::Nvme(_) => "pci",
         _ => "disk",
     }
 }
@@ -373,6 +390,9 @@ impl Exports {
                     Backend::File { disk, .. } => ("file", Some(disk.display().to_string())),
                     Backend::Null { .. } => ("null", None),
                     Backend::Rbd(rbd) => ("rbd", Some(format!("{}/{}", rbd.pool, rbd.image))),
+                    Backend::Nvme { pci, namespace } => {
+                        ("nvme", Some(format!("{pci} namespace {namespace}")))
+                    }
                 };
                 ExportInfo {
                     name: name.clone(),

@@ -407,6 +407,11 @@ pub fn serve_on(
         // The workers answer the watchdog until their threads are joined.
         live.set_connection(None);
         drop(daemon); // joins the worker threads
+                      // Nothing of this connection is in flight: a backend that mapped its guest
+                      // memory for DMA unmaps it before the mappings go.
+        if let Err(e) = cfg.disk.guest_memory(&[]) {
+            log::error!("export {}: releasing guest memory: {e}", cfg.name);
+        }
         let leaked = Arc::strong_count(&conn) - 1;
         if leaked > 0 {
             log::error!(

@@ -60,7 +60,7 @@ pub fn corodev_bin() -> PathBuf {
 }
 
 /// The statically linked musl build of corodev, which scripts/test.sh builds with
-/// `cargo build --release --target x86_64-unknown-linux-musl --bin corodev --no-default-features`
+/// `cargo build --release --target x86_64-unknown-linux-musl --bin corodev --no-default-features --features nvme`
 /// (no RBD backend: librbd has no static musl build); panics with that
 /// command when it is missing (a test of it must not pass without it).
 pub fn corodev_musl_bin() -> PathBuf {
@@ -68,7 +68,7 @@ pub fn corodev_musl_bin() -> PathBuf {
     assert!(
         p.is_file(),
         "no musl build at {}: run `rustup target add x86_64-unknown-linux-musl && cargo build \
-         --release --target x86_64-unknown-linux-musl --bin corodev --no-default-features` first \
+         --release --target x86_64-unknown-linux-musl --bin corodev --no-default-features --features nvme` first \
          (scripts/test.sh does)",
         p.display()
     );

@@ -14,6 +14,8 @@
 mod buffers;
 mod file;
 mod null;
+#[cfg(feature = "nvme")]
+pub mod nvme;
 #[cfg(feature = "rbd")]
 pub mod rbd;
 
@@ -22,6 +24,8 @@ use std::io;
 pub use buffers::GuestBuffers;
 pub use file::{FileBackend, UnsupportedDirectAlign};
 pub use null::NullBackend;
+#[cfg(feature = "nvme")]
+pub use nvme::{NvmeBackend, NvmeError};
 #[cfg(feature = "rbd")]
 pub use rbd::{RbdBackend, RbdError, RbdOptions};
 
@@ -134,4 +138,13 @@ pub trait BlockBackend: Send + Sync {
 
     /// Makes a range read as zeroes; `may_unmap` allows deallocating it.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;
+
+    /// The frontend's guest memory is now `regions` (address in this process, length):
+    /// what request buffers may point into until the next call. A backend whose device
+    /// reads and writes that memory itself (NVMe over VFIO) maps it for DMA here and
+    /// unmaps what is gone; `&[]` when the frontend leaves. Called outside coroutines,
+    /// with no request of the connection in flight when the memory goes away.
+    fn guest_memory(&self, _regions: &[(u64, u64)]) -> io::Result<()> {
+        Ok(())
+    }
 }

@@ -1,0 +1,298 @@
+//! A worker's I/O queue pair and the coroutines waiting on it.
+//!
+//! Each worker thread gets its own submission/completion queue pair, created on its first
+//! request and deleted when the thread ends, so the data path takes no lock: a request
+//! coroutine takes a command slot, writes its command, rings the doorbell and waits.
+//!
+//! Waiting: the first waiter becomes the *reaper*. It drains the queue's interrupt
+//! eventfd, reaps every posted completion (waking their coroutines), and, if its own
+//! command is still out, parks on the eventfd through io_uring (`coro::io::wait_readable`)
+//! so the worker sleeps in epoll like for any other I/O: an idle disk costs no CPU. Other
+//! waiters just park until the reaper wakes them with their completion. A reaper whose
+//! command completes hands the role to a waiter that is still waiting. Draining the eventfd
+//! *before* reaping means a completion posted in between still leaves the eventfd set, so
+//! no wake-up is lost.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coro::TaskId;
+
+use super::controller::Controller;
+use super::dma::DmaBuf;
+use super::queue::Rings;
+use super::spec::{admin, Command, Completion, PAGE};
+
+/// Bytes of bounce buffer per command slot: the most one bounced command moves.
+pub const BOUNCE: usize = 64 * 1024;
+/// Entries per I/O queue (one fewer commands in flight).
+const ENTRIES: u32 = 65;
+/// Longest a command may stay out once its waiter can no longer park (the scheduler is
+/// being torn down): its memory must not be reused before the controller is done.
+const ORPHAN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A command slot's DMA memory: a PRP list page and a bounce buffer.
+pub struct SlotMem {
+    /// The PRP list page (512 entries).
+    pub list: *mut u64,
+    /// Its IOVA.
+    pub list_iova: u64,
+    /// The bounce buffer, [`BOUNCE`] bytes.
+    pub bounce: *mut u8,
+    /// Its IOVA.
+    pub bounce_iova: u64,
+}
+
+#[derive(Default)]
+struct Slot {
+    task: Option<TaskId>,
+    done: Option<Completion>,
+}
+
+/// One worker's queue pair.
+pub struct IoQueue {
+    ctrl: Arc<Controller>,
+    rings: RefCell<Rings>,
+    slots: RefCell<Vec<Slot>>,
+    free: RefCell<Vec<u16>>,
+    waiting_for_slot: RefCell<VecDeque<TaskId>>,
+    reaping: Cell<bool>,
+    lists: DmaBuf,
+    bounce: DmaBuf,
+}
+
+thread_local! {
+    /// This worker's queue pairs, one per controller (keyed by its address in memory).
+    static QUEUES: RefCell<Vec<(usize, Rc<IoQueue>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The calling thread's queue pair on `ctrl`, created on first use.
+pub fn queue(ctrl: &Arc<Controller>) -> io::Result<Rc<IoQueue>> {
+    let key = Arc::as_ptr(ctrl) as usize;
+    if let Some(q) = QUEUES.with(|qs| {
+        qs.borrow()
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, q)| q.clone())
+    }) {
+        return Ok(q);
+    }
+    let q = Rc::new(IoQueue::create(ctrl)?);
+    QUEUES.with(|qs| qs.borrow_mut().push((key, q.clone())));
+    Ok(q)
+}
+
+impl IoQueue {
+    fn create(ctrl: &Arc<Controller>) -> io::Result<IoQueue> {
+        let qid = ctrl.take_qid().ok_or_else(|| {
+            io::Error::other(format!(
+                "NVMe {}: no I/O queue left for another worker thread",
+                ctrl.function.address
+            ))
+        })?;
+        let made = (|| {
+            let container = &ctrl.function.container;
+            let entries = ENTRIES.min(ctrl.cap.max_queue_entries);
+            let rings = Rings::new(container, &ctrl.cap, qid, entries)?;
+            let slots = entries as usize - 1;
+            let lists = DmaBuf::new(container, slots * PAGE)?;
+            let bounce = DmaBuf::new(container, slots * BOUNCE)?;
+            let to_io = |e: super::NvmeError| io::Error::other(e.to_string());
+            ctrl.admin(Command::create_cq(qid, entries, rings.cq_iova(), qid))
+                .map_err(to_io)?;
+            if let Err(e) = ctrl.admin(Command::create_sq(qid, entries, rings.sq_iova())) {
+                let _ = ctrl.admin(Command::delete_queue(admin::DELETE_CQ, qid));
+                return Err(to_io(e));
+            }
+            Ok(IoQueue {
+                ctrl: ctrl.clone(),
+                rings: RefCell::new(rings),
+                slots: RefCell::new((0..slots).map(|_| Slot::default()).collect()),
+                free: RefCell::new((0..slots as u16).rev().collect()),
+                waiting_for_slot: RefCell::new(VecDeque::new()),
+                reaping: Cell::new(false),
+                lists,
+                bounce,
+            })
+        })();
+        if made.is_err() {
+            ctrl.give_qid(qid);
+        }
+        made
+    }
+
+    fn slot_mem(&self, cid: u16) -> SlotMem {
+        let i = usize::from(cid);
+        SlotMem {
+            // SAFETY: `cid` < slots, and `lists` holds one page per slot.
+            list: unsafe { self.lists.ptr().add(i * PAGE) }.cast(),
+            list_iova: self.lists.iova() + (i * PAGE) as u64,
+            // SAFETY: `cid` < slots, and `bounce` holds BOUNCE bytes per slot.
+            bounce: unsafe { self.bounce.ptr().add(i * BOUNCE) },
+            bounce_iova: self.bounce.iova() + (i * BOUNCE) as u64,
+        }
+    }
+
+    /// Runs one command: `build` makes it given its slot's memory (and may fill the
+    /// bounce buffer), `finish` sees the completion and the slot's memory before the slot
+    /// is reused (to copy a bounced read out). A completion with an error status is an
+    /// I/O error.
+    pub fn execute<R>(
+        &self,
+        build: impl FnOnce(&SlotMem) -> Command,
+        finish: impl FnOnce(&SlotMem, &Completion) -> R,
+    ) -> io::Result<R> {
+        let cid = self.acquire();
+        let mem = self.slot_mem(cid);
+        let mut cmd = build(&mem);
+        cmd.set_cid(cid);
+        self.slots.borrow_mut()[usize::from(cid)].task = Some(coro::current_task());
+        self.rings.borrow_mut().submit(&self.ctrl.bar, &cmd);
+        let Some(done) = self.wait(cid) else {
+            // The controller never answered: the slot stays taken (its memory may still
+            // be written) and the request fails.
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "NVMe command got no completion",
+            ));
+        };
+        let result = finish(&mem, &done);
+        self.release(cid);
+        if done.status != 0 {
+            return Err(io::Error::other(format!(
+                "NVMe command {:#04x} failed with status {:#x}",
+                cmd.0[0] & 0xff,
+                done.status
+            )));
+        }
+        Ok(result)
+    }
+
+    fn acquire(&self) -> u16 {
+        loop {
+            if let Some(cid) = self.free.borrow_mut().pop() {
+                return cid;
+            }
+            self.waiting_for_slot
+                .borrow_mut()
+                .push_back(coro::current_task());
+            coro::park();
+        }
+    }
+
+    fn release(&self, cid: u16) {
+        let next_reaper = {
+            let mut slots = self.slots.borrow_mut();
+            slots[usize::from(cid)].task = None;
+            // Still-waiting commands need a reaper once this one (maybe it) leaves.
+            if self.reaping.get() {
+                None
+            } else {
+                slots.iter().find_map(|s| s.task)
+            }
+        };
+        self.free.borrow_mut().push(cid);
+        if let Some(t) = self.waiting_for_slot.borrow_mut().pop_front() {
+            coro::wake(t);
+        }
+        if let Some(t) = next_reaper {
+            coro::wake(t);
+        }
+    }
+
+    /// Waits for slot `cid`'s completion (see the module docs); `None` if it never came.
+    fn wait(&self, cid: u16) -> Option<Completion> {
+        let irq = self.ctrl.interrupts[usize::from(self.rings.borrow().qid)].as_raw_fd();
+        loop {
+            if let Some(c) = self.slots.borrow_mut()[usize::from(cid)].done.take() {
+                return Some(c);
+            }
+            if self.reaping.get() {
+                coro::park();
+                continue;
+            }
+            self.reaping.set(true);
+            drain(irq);
+            self.reap();
+            let parked = if self.slots.borrow()[usize::from(cid)].done.is_none() {
+                coro::io::wait_readable(irq)
+            } else {
+                Ok(())
+            };
+            self.reaping.set(false);
+            self.reap();
+            if parked.is_err() {
+                // This coroutine can no longer park (its scheduler is going away): poll.
+                return self.poll_orphan(cid);
+            }
+        }
+    }
+
+    fn poll_orphan(&self, cid: u16) -> Option<Completion> {
+        let deadline = Instant::now() + ORPHAN_TIMEOUT;
+        while Instant::now() < deadline {
+            self.reap();
+            if let Some(c) = self.slots.borrow_mut()[usize::from(cid)].done.take() {
+                return Some(c);
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        None
+    }
+
+    /// Takes every posted completion, marking its slot done and waking its coroutine.
+    fn reap(&self) {
+        let mut rings = self.rings.borrow_mut();
+        let mut slots = self.slots.borrow_mut();
+        let mut any = false;
+        while let Some(c) = rings.pop() {
+            any = true;
+            match slots.get_mut(usize::from(c.cid)) {
+                Some(slot) if slot.task.is_some() => {
+                    slot.done = Some(c);
+                    if let Some(t) = slot.task {
+                        coro::wake(t);
+                    }
+                }
+                _ => log::warn!(
+                    "NVMe {}: completion for command {} that is not outstanding",
+                    self.ctrl.function.address,
+                    c.cid
+                ),
+            }
+        }
+        if any {
+            rings.release(&self.ctrl.bar);
+        }
+    }
+}
+
+/// Empties an eventfd (non-blocking; nothing to read is fine).
+fn drain(fd: std::os::fd::RawFd) {
+    let mut buf = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into a live local buffer from our eventfd.
+    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+}
+
+impl Drop for IoQueue {
+    fn drop(&mut self) {
+        let qid = self.rings.borrow().qid;
+        let deleted = self
+            .ctrl
+            .admin(Command::delete_queue(admin::DELETE_SQ, qid))
+            .and_then(|_| {
+                self.ctrl
+                    .admin(Command::delete_queue(admin::DELETE_CQ, qid))
+            });
+        match deleted {
+            Ok(_) => self.ctrl.give_qid(qid),
+            // The queue id is not reused: the controller may still own those queues.
+            Err(e) => log::error!("NVMe: deleting I/O queue {qid}: {e}"),
+        }
+    }
+}
