@@ -81,6 +81,11 @@ fn verified_load_through_corodev(bind: Bind, corodev_args: &str) {
     let out = boot(&guest);
     let r = out.run.expect_pass();
     assert_eq!(r.get("daemon"), "exit0");
+    assert!(
+        !out.run.console.contains("ERROR]"),
+        "the daemon logged an error:\n{}",
+        out.run.console
+    );
     assert_eq!(r.num("capacity"), size, "the namespace's size");
     assert_eq!(r.num("seed"), seed);
     let chunk = r.num("chunk") as usize;
@@ -113,4 +118,12 @@ fn verified_load_through_corodev(bind: Bind, corodev_args: &str) {
 #[test]
 fn corodev_serves_the_nvme_namespace_and_the_backing_file_holds_the_writes() {
     verified_load_through_corodev(Bind::Kernel, "--disk $NVME_BLK");
+}
+
+/// The NVMe backend itself: corodev takes the controller through VFIO (the guest's
+/// controller on vfio-pci) and serves its namespace; every chunk the frontend wrote is in
+/// the backing file.
+#[test]
+fn the_nvme_backend_serves_the_namespace_from_userspace() {
+    verified_load_through_corodev(Bind::Vfio, "--backend nvme --pci $NVME_BDF");
 }

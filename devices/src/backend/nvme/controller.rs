@@ -34,9 +34,11 @@ struct Admin {
 }
 
 /// A running controller.
+///
+/// Field order is drop order, and it matters: the BAR mapping and the DMA memory go
+/// before the VFIO device and its container (a mapping of the device keeps it open, and
+/// the group could not leave its container).
 pub struct Controller {
-    /// The PCI function (its IOMMU container maps guest memory too).
-    pub function: Function,
     /// Registers and doorbells.
     pub bar: Bar,
     /// What CAP says.
@@ -54,6 +56,8 @@ pub struct Controller {
     free_qids: Mutex<Vec<u16>>,
     /// MSI-X vector i's eventfd (vector 0: admin, unused; vector q: I/O queue q).
     pub interrupts: Vec<EventFd>,
+    /// The PCI function (its IOMMU container maps guest memory too).
+    pub function: Function,
 }
 
 impl Controller {

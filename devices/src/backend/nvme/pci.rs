@@ -100,12 +100,13 @@ impl Drop for Bar {
     }
 }
 
-/// The controller's PCI function, opened through VFIO.
+/// The controller's PCI function, opened through VFIO. The device is closed before the
+/// container (field order), so its group can leave the container.
 pub struct Function {
-    /// The IOMMU context every DMA mapping goes into.
-    pub container: Arc<VfioContainer>,
     /// The VFIO device (regions, interrupts).
     pub device: VfioDevice,
+    /// The IOMMU context every DMA mapping goes into.
+    pub container: Arc<VfioContainer>,
     /// `DDDD:BB:DD.F`.
     pub address: String,
 }
