@@ -7,6 +7,7 @@
 //! pair blocks its other queues for the few milliseconds that takes (said here, as the
 //! backend rules ask).
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,12 @@ pub struct Controller {
     free_qids: Mutex<Vec<u16>>,
     /// MSI-X vector i's eventfd (vector 0: admin, unused; vector q: I/O queue q).
     pub interrupts: Vec<EventFd>,
+    /// I/O queue pairs the controller granted.
+    queue_count: u16,
+    /// Counts controller resets: an I/O queue made before the last one is gone.
+    generation: AtomicU64,
+    /// A reset failed: the controller is not used again.
+    failed: AtomicBool,
     /// The PCI function (its IOMMU container maps guest memory too).
     pub function: Function,
 }
@@ -79,28 +86,13 @@ impl Controller {
                 bar.read64(spec::REG_CAP)
             )));
         }
-        let timeout = Duration::from_millis(cap.timeout_ms.max(500));
-        // Disable (a previous owner may have left it running), then set up the admin
-        // queue and enable.
-        bar.write32(spec::REG_CC, 0);
-        wait_ready(&bar, false, timeout).map_err(|why| fail(why.into()))?;
-        let container = &function.container;
-        let io = |what: &'static str| {
-            let address = address.to_owned();
-            move |source| NvmeError::Io {
-                address,
-                what,
-                source,
-            }
-        };
-        let rings = Rings::new(container, &cap, 0, ADMIN_ENTRIES.min(cap.max_queue_entries))
-            .map_err(io("allocating the admin queue"))?;
-        let page = DmaBuf::new(container, PAGE).map_err(io("allocating the admin page"))?;
-        bar.write32(spec::REG_AQA, spec::aqa(rings.entries()));
-        bar.write64(spec::REG_ASQ, rings.sq_iova());
-        bar.write64(spec::REG_ACQ, rings.cq_iova());
-        bar.write32(spec::REG_CC, spec::CC_ENABLE);
-        wait_ready(&bar, true, timeout).map_err(|why| fail(why.into()))?;
+        // A previous owner may have left it running: reset it.
+        let rings = enable(&bar, &cap, &function)?;
+        let page = DmaBuf::new(&function.container, PAGE).map_err(|source| NvmeError::Io {
+            address: address.to_owned(),
+            what: "allocating the admin page",
+            source,
+        })?;
         let interrupts = function.enable_msix(u32::from(MAX_IO_QUEUES) + 1)?;
         let mut c = Controller {
             version: {
@@ -129,6 +121,9 @@ impl Controller {
             }),
             free_qids: Mutex::new(Vec::new()),
             interrupts,
+            queue_count: 0,
+            generation: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
         };
         c.identify = IdentifyController::parse(&*c.identify_page(1, 0)?);
         if nsid == 0 || nsid > c.identify.namespaces {
@@ -147,15 +142,41 @@ impl Controller {
         let queues = wanted
             .min((granted & 0xffff) as u16 + 1)
             .min((granted >> 16) as u16 + 1);
+        c.queue_count = queues;
         *c.free_qids
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner) = (1..=queues).rev().collect();
         Ok(Arc::new(c))
     }
 
-    /// Runs one admin command to completion; its status must be success.
-    pub fn admin(&self, mut cmd: Command) -> Result<Completion, NvmeError> {
+    /// Runs one admin command to completion; its status must be success. A controller
+    /// found disabled or failed is reset first (see [`recover`](Self::recover)).
+    pub fn admin(&self, cmd: Command) -> Result<Completion, NvmeError> {
         let mut admin = self.admin.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(why) = self.unhealthy() {
+            self.reset(&mut admin, why);
+        }
+        if self.failed() {
+            return Err(self.error("the controller failed and could not be reset".into()));
+        }
+        self.run_admin(&mut admin, cmd)
+    }
+
+    /// Why the controller cannot be serving commands now, from CSTS (one register read).
+    pub fn unhealthy(&self) -> Option<&'static str> {
+        let csts = self.bar.read32(spec::REG_CSTS);
+        if csts == u32::MAX {
+            Some("its registers read all ones")
+        } else if csts & spec::CSTS_CFS != 0 {
+            Some("it reports a fatal status (CSTS.CFS)")
+        } else if csts & spec::CSTS_RDY == 0 {
+            Some("it is no longer enabled (reset under us)")
+        } else {
+            None
+        }
+    }
+
+    fn run_admin(&self, admin: &mut Admin, mut cmd: Command) -> Result<Completion, NvmeError> {
         let cid = admin.next_cid;
         admin.next_cid = admin.next_cid.wrapping_add(1);
         cmd.set_cid(cid);
@@ -168,7 +189,7 @@ impl Controller {
                     continue; // a late answer to a command that timed out
                 }
                 if c.status != 0 {
-                    return Err(self.failed(format!(
+                    return Err(self.error(format!(
                         "admin command {:#04x} failed with status {:#x}",
                         cmd.0[0] & 0xff,
                         c.status
@@ -177,10 +198,10 @@ impl Controller {
                 return Ok(c);
             }
             if self.bar.read32(spec::REG_CSTS) & spec::CSTS_CFS != 0 {
-                return Err(self.failed("the controller reports a fatal status (CSTS.CFS)".into()));
+                return Err(self.error("the controller reports a fatal status (CSTS.CFS)".into()));
             }
             if Instant::now() > deadline {
-                return Err(self.failed(format!(
+                return Err(self.error(format!(
                     "admin command {:#04x} got no answer in {ADMIN_TIMEOUT:?}",
                     cmd.0[0] & 0xff
                 )));
@@ -207,6 +228,51 @@ impl Controller {
         Ok(page)
     }
 
+    /// How many resets the controller went through (see [`recover`](Self::recover)).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether a reset failed: every request fails from then on.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Resets the controller after it stopped answering (`why`), unless that was done
+    /// since generation `seen`: disable (which ends every command and all DMA), set the
+    /// admin queue up again, enable, ask for the queues again. The I/O queues are then
+    /// re-created by their workers, which resubmit what was in flight. If the reset fails
+    /// the controller is given up: every request fails from then on, loudly.
+    pub fn recover(&self, seen: u64, why: &str) {
+        let mut admin = self.admin.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.generation() == seen && !self.failed() {
+            self.reset(&mut admin, why);
+        }
+    }
+
+    /// The reset of [`recover`](Self::recover), with the admin queue held.
+    fn reset(&self, admin: &mut Admin, why: &str) {
+        let address = &self.function.address;
+        log::error!("NVMe {address}: {why}; resetting the controller");
+        let ok = enable(&self.bar, &self.cap, &self.function).and_then(|rings| {
+            admin.rings = rings;
+            self.run_admin(admin, Command::set_queue_count(self.queue_count))
+                .map(drop)
+        });
+        match ok {
+            Ok(()) => log::info!(
+                "NVMe {address}: controller reset; requests in flight are submitted again"
+            ),
+            Err(e) => {
+                self.failed.store(true, Ordering::Release);
+                log::error!(
+                    "NVMe {address}: the reset failed ({e}); every request of this export fails from now on"
+                );
+            }
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// A free I/O queue identifier, if any is left.
     pub fn take_qid(&self) -> Option<u16> {
         self.free_qids
@@ -223,7 +289,7 @@ impl Controller {
             .push(qid);
     }
 
-    fn failed(&self, why: String) -> NvmeError {
+    fn error(&self, why: String) -> NvmeError {
         NvmeError::Controller {
             address: self.function.address.clone(),
             why,
@@ -244,6 +310,36 @@ impl Drop for Controller {
     fn drop(&mut self) {
         self.shut_down();
     }
+}
+
+/// Disables the controller (ending every command and all its DMA), gives it fresh admin
+/// queues and enables it within CAP.TO. Returns the admin queues.
+fn enable(bar: &Bar, cap: &Cap, function: &Function) -> Result<Rings, NvmeError> {
+    let address = &function.address;
+    let fail = |why: &str| NvmeError::Controller {
+        address: address.clone(),
+        why: why.to_owned(),
+    };
+    let timeout = Duration::from_millis(cap.timeout_ms.max(500));
+    bar.write32(spec::REG_CC, 0);
+    wait_ready(bar, false, timeout).map_err(fail)?;
+    let rings = Rings::new(
+        &function.container,
+        cap,
+        0,
+        ADMIN_ENTRIES.min(cap.max_queue_entries),
+    )
+    .map_err(|source| NvmeError::Io {
+        address: address.clone(),
+        what: "allocating the admin queue",
+        source,
+    })?;
+    bar.write32(spec::REG_AQA, spec::aqa(rings.entries()));
+    bar.write64(spec::REG_ASQ, rings.sq_iova());
+    bar.write64(spec::REG_ACQ, rings.cq_iova());
+    bar.write32(spec::REG_CC, spec::CC_ENABLE);
+    wait_ready(bar, true, timeout).map_err(fail)?;
+    Ok(rings)
 }
 
 /// Waits until CSTS.RDY is `ready`, or the controller reports a fatal error, or `timeout`.

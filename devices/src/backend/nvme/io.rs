@@ -12,11 +12,20 @@
 //! command completes hands the role to a waiter that is still waiting. Draining the eventfd
 //! *before* reaping means a completion posted in between still leaves the eventfd set, so
 //! no wake-up is lost.
+//!
+//! **A controller that stops answering.** The reaper's wait also ends every
+//! [`CHECK_EVERY`] (a timerfd beside the interrupt eventfd, both behind one epoll
+//! descriptor the reaper polls). It then looks at the controller: fatal status, not ready
+//! (reset under us), or a command out longer than [`COMMAND_TIMEOUT`] make it reset the
+//! controller ([`Controller::recover`]). A reset ends every command and all DMA; each
+//! worker then re-creates its queue pair and submits again what it had in flight (a
+//! command is tried [`MAX_ATTEMPTS`] times, then fails with an I/O error). If the reset
+//! fails, every request fails from then on. A request never hangs.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +44,15 @@ const ENTRIES: u32 = 65;
 /// Longest a command may stay out once its waiter can no longer park (the scheduler is
 /// being torn down): its memory must not be reused before the controller is done.
 const ORPHAN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a waiting reaper looks at the controller's health.
+pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// A command out longer than this means the controller stopped answering (Linux's nvme
+/// driver waits as long).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Submissions of one command (the first and those after controller resets).
+pub const MAX_ATTEMPTS: u8 = 3;
+/// The status a command gets when it is given up (not one a controller sends).
+const GIVEN_UP: u16 = 0x7ff;
 
 /// A command slot's DMA memory: a PRP list page and a bounce buffer.
 pub struct SlotMem {
@@ -52,6 +70,12 @@ pub struct SlotMem {
 struct Slot {
     task: Option<TaskId>,
     done: Option<Completion>,
+    /// The command as submitted (resubmitted after a controller reset).
+    cmd: Command,
+    /// When it was last submitted.
+    submitted: Option<Instant>,
+    /// How many times it was submitted.
+    attempts: u8,
 }
 
 /// One worker's queue pair.
@@ -62,6 +86,12 @@ pub struct IoQueue {
     free: RefCell<Vec<u16>>,
     waiting_for_slot: RefCell<VecDeque<TaskId>>,
     reaping: Cell<bool>,
+    /// The controller generation the rings were created in.
+    generation: Cell<u64>,
+    /// Readable when the interrupt fires or the health timer expires.
+    wakeup: OwnedFd,
+    /// The health timer (see the module docs).
+    timer: OwnedFd,
     lists: DmaBuf,
     bounce: DmaBuf,
 }
@@ -97,18 +127,12 @@ impl IoQueue {
         })?;
         let made = (|| {
             let container = &ctrl.function.container;
-            let entries = ENTRIES.min(ctrl.cap.max_queue_entries);
-            let rings = Rings::new(container, &ctrl.cap, qid, entries)?;
-            let slots = entries as usize - 1;
+            let generation = ctrl.generation();
+            let rings = create_rings(ctrl, qid)?;
+            let slots = rings.entries() as usize - 1;
             let lists = DmaBuf::new(container, slots * PAGE)?;
             let bounce = DmaBuf::new(container, slots * BOUNCE)?;
-            let to_io = |e: super::NvmeError| io::Error::other(e.to_string());
-            ctrl.admin(Command::create_cq(qid, entries, rings.cq_iova(), qid))
-                .map_err(to_io)?;
-            if let Err(e) = ctrl.admin(Command::create_sq(qid, entries, rings.sq_iova())) {
-                let _ = ctrl.admin(Command::delete_queue(admin::DELETE_CQ, qid));
-                return Err(to_io(e));
-            }
+            let (wakeup, timer) = wakeup_fds(ctrl.interrupts[usize::from(qid)].as_raw_fd())?;
             Ok(IoQueue {
                 ctrl: ctrl.clone(),
                 rings: RefCell::new(rings),
@@ -116,6 +140,9 @@ impl IoQueue {
                 free: RefCell::new((0..slots as u16).rev().collect()),
                 waiting_for_slot: RefCell::new(VecDeque::new()),
                 reaping: Cell::new(false),
+                generation: Cell::new(generation),
+                wakeup,
+                timer,
                 lists,
                 bounce,
             })
@@ -147,11 +174,25 @@ impl IoQueue {
         build: impl FnOnce(&SlotMem) -> Command,
         finish: impl FnOnce(&SlotMem, &Completion) -> R,
     ) -> io::Result<R> {
+        if self.ctrl.failed() {
+            return Err(io::Error::other(format!(
+                "NVMe {}: the controller failed and could not be reset",
+                self.ctrl.function.address
+            )));
+        }
+        self.follow_resets();
         let cid = self.acquire();
         let mem = self.slot_mem(cid);
         let mut cmd = build(&mem);
         cmd.set_cid(cid);
-        self.slots.borrow_mut()[usize::from(cid)].task = Some(coro::current_task());
+        {
+            let mut slots = self.slots.borrow_mut();
+            let slot = &mut slots[usize::from(cid)];
+            slot.task = Some(coro::current_task());
+            slot.cmd = cmd;
+            slot.submitted = Some(Instant::now());
+            slot.attempts = 1;
+        }
         self.rings.borrow_mut().submit(&self.ctrl.bar, &cmd);
         let Some(done) = self.wait(cid) else {
             // The controller never answered: the slot stays taken (its memory may still
@@ -208,6 +249,16 @@ impl IoQueue {
     /// Waits for slot `cid`'s completion (see the module docs); `None` if it never came.
     fn wait(&self, cid: u16) -> Option<Completion> {
         let irq = self.ctrl.interrupts[usize::from(self.rings.borrow().qid)].as_raw_fd();
+        let check = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: CHECK_EVERY.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(CHECK_EVERY.subsec_nanos() as i32),
+            },
+        };
         loop {
             if let Some(c) = self.slots.borrow_mut()[usize::from(cid)].done.take() {
                 return Some(c);
@@ -220,7 +271,11 @@ impl IoQueue {
             drain(irq);
             self.reap();
             let parked = if self.slots.borrow()[usize::from(cid)].done.is_none() {
-                coro::io::wait_readable(irq)
+                // SAFETY: arms our own timerfd with a valid itimerspec.
+                unsafe {
+                    libc::timerfd_settime(self.timer.as_raw_fd(), 0, &check, std::ptr::null_mut())
+                };
+                coro::io::wait_readable(self.wakeup.as_raw_fd())
             } else {
                 Ok(())
             };
@@ -229,6 +284,9 @@ impl IoQueue {
             if parked.is_err() {
                 // This coroutine can no longer park (its scheduler is going away): poll.
                 return self.poll_orphan(cid);
+            }
+            if drain(self.timer.as_raw_fd()) {
+                self.check_health();
             }
         }
     }
@@ -243,6 +301,77 @@ impl IoQueue {
             std::thread::sleep(Duration::from_micros(100));
         }
         None
+    }
+
+    /// The controller's health, when the timer fired: see the module docs.
+    fn check_health(&self) {
+        let overdue = self.slots.borrow().iter().any(|s| {
+            s.task.is_some()
+                && s.done.is_none()
+                && s.submitted.is_some_and(|t| t.elapsed() > COMMAND_TIMEOUT)
+        });
+        let why = self
+            .ctrl
+            .unhealthy()
+            .or(overdue.then_some("a command got no completion in 30 s"));
+        if let Some(why) = why {
+            self.ctrl.recover(self.generation.get(), why);
+        }
+        self.follow_resets();
+    }
+
+    /// After a controller reset (by any worker): new rings for this queue pair, and every
+    /// command in flight submitted again (or failed after [`MAX_ATTEMPTS`]).
+    fn follow_resets(&self) {
+        let generation = self.ctrl.generation();
+        if generation == self.generation.get() {
+            return;
+        }
+        self.generation.set(generation);
+        let qid = self.rings.borrow().qid;
+        let rings = if self.ctrl.failed() {
+            None
+        } else {
+            // The controller's reset deleted this pair; deleting again is harmless.
+            let _ = self
+                .ctrl
+                .admin(Command::delete_queue(admin::DELETE_SQ, qid));
+            let _ = self
+                .ctrl
+                .admin(Command::delete_queue(admin::DELETE_CQ, qid));
+            match create_rings(&self.ctrl, qid) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    log::error!("NVMe: re-creating I/O queue {qid} after a reset: {e}");
+                    None
+                }
+            }
+        };
+        let mut slots = self.slots.borrow_mut();
+        let Some(rings) = rings else {
+            for slot in slots
+                .iter_mut()
+                .filter(|s| s.task.is_some() && s.done.is_none())
+            {
+                give_up(slot);
+            }
+            return;
+        };
+        let mut rings_now = self.rings.borrow_mut();
+        // The old rings are freed here: the reset stopped every access to them.
+        *rings_now = rings;
+        for slot in slots
+            .iter_mut()
+            .filter(|s| s.task.is_some() && s.done.is_none())
+        {
+            if slot.attempts >= MAX_ATTEMPTS {
+                give_up(slot);
+                continue;
+            }
+            slot.attempts += 1;
+            slot.submitted = Some(Instant::now());
+            rings_now.submit(&self.ctrl.bar, &slot.cmd);
+        }
     }
 
     /// Takes every posted completion, marking its slot done and waking its coroutine.
@@ -272,11 +401,71 @@ impl IoQueue {
     }
 }
 
-/// Empties an eventfd (non-blocking; nothing to read is fine).
-fn drain(fd: std::os::fd::RawFd) {
+/// Empties an eventfd or timerfd (non-blocking); whether it had fired.
+fn drain(fd: RawFd) -> bool {
     let mut buf = [0u8; 8];
-    // SAFETY: reads at most 8 bytes into a live local buffer from our eventfd.
-    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    // SAFETY: reads at most 8 bytes into a live local buffer from our descriptor.
+    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) == 8 }
+}
+
+/// Ends a command that will not complete: an I/O error for its request.
+fn give_up(slot: &mut Slot) {
+    slot.done = Some(Completion {
+        result: 0,
+        sq_head: 0,
+        cid: 0,
+        phase: false,
+        status: GIVEN_UP,
+    });
+    if let Some(t) = slot.task {
+        coro::wake(t);
+    }
+}
+
+/// New rings for I/O queue `qid`, created on the controller (completion queue first).
+fn create_rings(ctrl: &Controller, qid: u16) -> io::Result<Rings> {
+    let entries = ENTRIES.min(ctrl.cap.max_queue_entries);
+    let rings = Rings::new(&ctrl.function.container, &ctrl.cap, qid, entries)?;
+    let to_io = |e: super::NvmeError| io::Error::other(e.to_string());
+    ctrl.admin(Command::create_cq(qid, entries, rings.cq_iova(), qid))
+        .map_err(to_io)?;
+    if let Err(e) = ctrl.admin(Command::create_sq(qid, entries, rings.sq_iova())) {
+        let _ = ctrl.admin(Command::delete_queue(admin::DELETE_CQ, qid));
+        return Err(to_io(e));
+    }
+    Ok(rings)
+}
+
+/// An epoll descriptor readable when `irq` fires or the returned timerfd expires.
+fn wakeup_fds(irq: RawFd) -> io::Result<(OwnedFd, OwnedFd)> {
+    let owned = |fd: libc::c_int| {
+        if fd < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            // SAFETY: a descriptor just created by the kernel for us alone.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        }
+    };
+    // SAFETY: plain system calls with valid flags; results checked by `owned`.
+    let epoll = owned(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+    // SAFETY: as above.
+    let timer = owned(unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        )
+    })?;
+    for fd in [irq, timer.as_raw_fd()] {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: fd as u64,
+        };
+        // SAFETY: adds a live descriptor to our epoll set with a valid event.
+        if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((epoll, timer))
 }
 
 impl Drop for IoQueue {
