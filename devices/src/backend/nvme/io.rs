@@ -5,7 +5,9 @@
 //! coroutine takes a command slot, writes its command, rings the doorbell and waits.
 //!
 //! Waiting: the first waiter becomes the *reaper*. It drains the queue's interrupt
-//! eventfd, reaps every posted completion (waking their coroutines), and, if its own
+//! eventfd, reaps every posted completion (waking their coroutines), polls the completion
+//! queue for up to [`POLL`] (a fast drive answers within it, and taking the completion
+//! from memory saves the interrupt's trip through the kernel and epoll), and, if its own
 //! command is still out, parks on the eventfd through io_uring (`coro::io::wait_readable`)
 //! so the worker sleeps in epoll like for any other I/O: an idle disk costs no CPU. Other
 //! waiters just park until the reaper wakes them with their completion. A reaper whose
@@ -44,6 +46,9 @@ const ENTRIES: u32 = 65;
 /// Longest a command may stay out once its waiter can no longer park (the scheduler is
 /// being torn down): its memory must not be reused before the controller is done.
 const ORPHAN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a reaper polls the completion queue before it sleeps on the interrupt: about
+/// a flash read's latency. The worker serves nothing else meanwhile, so it is kept short.
+pub const POLL: Duration = Duration::from_micros(20);
 /// How often a waiting reaper looks at the controller's health.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// A command out longer than this means the controller stopped answering (Linux's nvme
@@ -270,6 +275,7 @@ impl IoQueue {
             self.reaping.set(true);
             drain(irq);
             self.reap();
+            self.poll();
             let parked = if self.slots.borrow()[usize::from(cid)].done.is_none() {
                 // SAFETY: arms our own timerfd with a valid itimerspec.
                 unsafe {
@@ -301,6 +307,18 @@ impl IoQueue {
             std::thread::sleep(Duration::from_micros(100));
         }
         None
+    }
+
+    /// Polls the completion queue for up to [`POLL`], reaping what arrives.
+    fn poll(&self) {
+        let start = Instant::now();
+        while start.elapsed() < POLL {
+            if self.rings.borrow().has_completion() {
+                self.reap();
+                return;
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// The controller's health, when the timer fired: see the module docs.

@@ -110,6 +110,16 @@ impl Rings {
         Some(Completion::parse(dw))
     }
 
+    /// Whether a completion is waiting to be popped (one read of its phase tag).
+    pub fn has_completion(&self) -> bool {
+        let base = self.cq.ptr().cast::<u32>();
+        let at = self.cq_head as usize * CQE_BYTES / 4;
+        // SAFETY: `cq_head` < entries: the entry's last dword lies in the ring; volatile
+        // because the controller writes it by DMA.
+        let dw3 = unsafe { base.add(at + 3).read_volatile() };
+        ((dw3 >> 16) & 1 == 1) == self.phase
+    }
+
     /// Tells the controller the completions popped so far are consumed.
     pub fn release(&self, bar: &Bar) {
         bar.write32(self.cq_doorbell, self.cq_head);
