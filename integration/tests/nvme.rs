@@ -171,3 +171,35 @@ fn a_controller_reset_during_the_load_is_recovered_and_nothing_is_lost() {
         run.console
     );
 }
+
+/// A controller still on the kernel's driver is refused at start with one line that says
+/// which driver has it and the exact commands that hand it to vfio-pci; it never listens.
+#[test]
+fn a_controller_not_on_vfio_pci_is_refused_with_the_commands_to_bind_it() {
+    let guest = NvmeGuest {
+        daemon: Some("corodev --socket $SOCK --backend nvme --pci $NVME_BDF"),
+        bins: vec![corodev_musl_bin()],
+        ..NvmeGuest::new(Bind::Kernel, "true")
+    };
+    let out = boot(&guest);
+    // The guest's init gives up before the frontend: the daemon never listened.
+    let r = out.run.result().expect("a result line");
+    assert!(!r.passed(), "{}", out.run.console);
+    assert!(
+        r.get("detail").starts_with("daemon-no-socket"),
+        "{}",
+        out.run.console
+    );
+    let bdf = out.run.info().get("bdf").to_owned();
+    let want = format!(
+        "corodev: error: PCI device {bdf} is bound to driver 'nvme', not vfio-pci; as root: \
+         modprobe vfio-pci; echo {bdf} > /sys/bus/pci/devices/{bdf}/driver/unbind; \
+         echo vfio-pci > /sys/bus/pci/devices/{bdf}/driver_override; \
+         echo {bdf} > /sys/bus/pci/drivers_probe"
+    );
+    assert!(
+        out.run.console.contains(&want),
+        "expected the line\n{want}\nin:\n{}",
+        out.run.console
+    );
+}
