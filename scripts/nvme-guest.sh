@@ -20,6 +20,8 @@
 #   --smp N           vCPUs (default 1)
 #   --aw-bits N       intel-iommu address width, 39 or 48 (default 48: the backend maps
 #                     memory at IOVA = its virtual address, which needs 47 bits)
+#   --trace PATTERN   enable QEMU trace events matching PATTERN (e.g. 'pci_nvme_flush*'),
+#                     printed on the console: what the controller was asked; repeatable
 # Environment inside the guest: NVME_BDF, NVME_GROUP, NVME_BLK, SOCK (see the init script).
 #
 # Exit status: 0 the guest printed a PASS result; 1 it printed FAIL or no result; 2 usage
@@ -31,7 +33,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-disk='' frontend='' daemon='' bind=vfio timeout=300 mem=512 smp=1 aw_bits=48 bins=()
+disk='' frontend='' daemon='' bind=vfio timeout=300 mem=512 smp=1 aw_bits=48 bins=() traces=()
 die() {
     echo "nvme-guest: $*" >&2
     exit 2
@@ -48,7 +50,8 @@ while (($#)); do
         --mem) need "$@"; mem=$2; shift 2 ;;
         --smp) need "$@"; smp=$2; shift 2 ;;
         --aw-bits) need "$@"; aw_bits=$2; shift 2 ;;
-        -h | --help) sed -n '2,30p' "$0"; exit 0 ;;
+        --trace) need "$@"; traces+=(-trace "enable=$2"); shift 2 ;;
+        -h | --help) sed -n '2,32p' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
@@ -145,13 +148,17 @@ set +e
 # the group ("No interrupt remapping support", EPERM on VFIO_SET_IOMMU) unless loaded with
 # allow_unsafe_interrupts=1; with it MSI-X reaches an eventfd. aw-bits: see --aw-bits (39,
 # QEMU's default, makes VFIO_IOMMU_MAP_DMA at a user address fail with EINVAL).
+# discard=unmap: QEMU's block layer drops discards by default (discard=ignore), so an NVMe
+# Deallocate would leave the data; with unmap it punches a hole in the backing file, which
+# then reads as zeroes, as the namespace's DLFEAT (0x1, "deallocated blocks read as zeroes")
+# promises.
 # --foreground keeps QEMU in our process group, so a caller can kill the whole VM.
 timeout --foreground --kill-after=5 "$timeout" qemu-system-x86_64 -accel tcg -cpu max \
     -machine q35 -m "${mem}M" -smp "$smp" -nographic -nodefaults -serial stdio -no-reboot \
     -device "intel-iommu,intremap=on,aw-bits=$aw_bits" \
-    -drive "file=$disk,if=none,id=nvm,format=raw" \
+    -drive "file=$disk,if=none,id=nvm,format=raw,discard=unmap" \
     -device nvme,drive=nvm,serial=corodev-nvme \
-    -kernel "$kernel" -initrd "$work/initrd" \
+    -kernel "$kernel" -initrd "$work/initrd" "${traces[@]}" \
     -append "console=ttyS0 panic=-1 quiet intel_iommu=on corodev.bind=$bind" </dev/null 2>&1 |
     tee "$work/console"
 rc=${PIPESTATUS[0]}

@@ -249,21 +249,32 @@ pub struct TestFrontend {
 impl TestFrontend {
     /// Connects and brings up `nq` queues of `qsize` entries.
     pub fn connect(sock: &Path, nq: usize, qsize: u16) -> io::Result<TestFrontend> {
-        TestFrontend::connect_with(sock, nq, qsize, false)
+        TestFrontend::connect_with(sock, nq, qsize, false, MEM_SIZE)
+    }
+
+    /// Like [`connect`](Self::connect) with `mem_size` bytes of guest memory instead of
+    /// [`MEM_SIZE`], for loads that keep many large buffers in flight at once.
+    pub fn connect_mem(
+        sock: &Path,
+        nq: usize,
+        qsize: u16,
+        mem_size: usize,
+    ) -> io::Result<TestFrontend> {
+        TestFrontend::connect_with(sock, nq, qsize, false, mem_size)
     }
 
     /// Like [`connect`](Self::connect), and also asks the backend for an inflight region
     /// (GET_INFLIGHT_FD) and hands it back (SET_INFLIGHT_FD), as QEMU's vhost-user-blk
     /// does, so that [`reconnect`](Self::reconnect) can give it to a restarted backend.
     pub fn connect_tracked(sock: &Path, nq: usize, qsize: u16) -> io::Result<TestFrontend> {
-        TestFrontend::connect_with(sock, nq, qsize, true)
+        TestFrontend::connect_with(sock, nq, qsize, true, MEM_SIZE)
     }
 
     /// Like [`connect`](Self::connect), with `VHOST_USER_PROTOCOL_F_LOG_SHMFD` negotiated
     /// (every message answered), so the test can hand over a dirty log (SET_LOG_BASE) and
     /// switch logging on and off with `VHOST_F_LOG_ALL`, as QEMU does when it migrates.
     pub fn connect_logged(sock: &Path, nq: usize, qsize: u16) -> io::Result<TestFrontend> {
-        let mut fe = TestFrontend::connect_with(sock, nq, qsize, false)?;
+        let mut fe = TestFrontend::connect_with(sock, nq, qsize, false, MEM_SIZE)?;
         let pf = fe.fe.get_protocol_features().map_err(err)?;
         assert!(
             pf.contains(VhostUserProtocolFeatures::LOG_SHMFD),
@@ -288,10 +299,16 @@ impl TestFrontend {
         self.fe.set_features(self.features)
     }
 
-    fn connect_with(sock: &Path, nq: usize, qsize: u16, track: bool) -> io::Result<TestFrontend> {
+    fn connect_with(
+        sock: &Path,
+        nq: usize,
+        qsize: u16,
+        track: bool,
+        mem_size: usize,
+    ) -> io::Result<TestFrontend> {
         let stream = UnixStream::connect(sock)?;
         let mut fe = Frontend::from_stream(stream, nq as u64);
-        let mem = GuestMem::new(MEM_SIZE);
+        let mem = GuestMem::new(mem_size);
         let features = handshake(&mut fe, &mem, track).map_err(err)?;
         let inflight = if track {
             let ask = VhostUserInflight::new(0, 0, nq as u16, qsize);

@@ -54,6 +54,7 @@ pub mod server;
 pub mod systemd;
 pub mod throttle;
 pub mod vm;
+pub mod workload;
 pub mod workspace;
 
 pub use ceph::CephCluster;

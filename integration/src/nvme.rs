@@ -46,10 +46,15 @@ pub struct NvmeGuest<'a> {
     pub disk_size: u64,
     /// Limit for boot + test; the VM is killed past it.
     pub timeout: Duration,
+    /// Guest memory in MiB (`--mem`).
+    pub mem_mib: u32,
+    /// QEMU trace event patterns to enable (`--trace`): the controller's side of the
+    /// test, on the console.
+    pub trace: Vec<&'a str>,
 }
 
 impl<'a> NvmeGuest<'a> {
-    /// `frontend` alone on a 64 MiB namespace, 3 minutes: a TCG boot to the test takes
+    /// `frontend` alone on a 64 MiB namespace, 512 MiB of guest memory, no trace, 3 minutes: a TCG boot to the test takes
     /// ~3 s here, but a loaded 2-core machine can be several times slower.
     pub fn new(bind: Bind, frontend: &'a str) -> NvmeGuest<'a> {
         NvmeGuest {
@@ -59,6 +64,8 @@ impl<'a> NvmeGuest<'a> {
             bins: Vec::new(),
             disk_size: 64 << 20,
             timeout: Duration::from_secs(180),
+            mem_mib: 512,
+            trace: Vec::new(),
         }
     }
 }
@@ -116,6 +123,7 @@ pub fn boot(guest: &NvmeGuest<'_>) -> NvmeRun {
         .arg(&disk.path)
         .args(["--frontend", guest.frontend])
         .args(["--timeout", &guest.timeout.as_secs().max(1).to_string()])
+        .args(["--mem", &guest.mem_mib.to_string()])
         .args([
             "--bind",
             match guest.bind {
@@ -125,6 +133,9 @@ pub fn boot(guest: &NvmeGuest<'_>) -> NvmeRun {
         ]);
     if let Some(daemon) = guest.daemon {
         cmd.args(["--daemon", daemon]);
+    }
+    for pattern in &guest.trace {
+        cmd.args(["--trace", pattern]);
     }
     for bin in &guest.bins {
         cmd.arg("--bin").arg(bin);
