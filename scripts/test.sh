@@ -18,8 +18,8 @@ cargo build --release --bin corodev
 # librbd has no static musl build to link.
 cargo build --release --target x86_64-unknown-linux-musl --bin corodev --no-default-features --features nvme
 # The programs integration/tests/nvme.rs runs inside its NVMe guest (which has no libc):
-# the vfio-ioctls probe and the verifying vhost-user frontend.
-cargo build --release --target x86_64-unknown-linux-musl -p integration --bin nvme-probe --bin verify-load
+# the vfio-ioctls probe, the verifying vhost-user frontend and the NVMe workloads.
+cargo build --release --target x86_64-unknown-linux-musl -p integration --bin nvme-probe --bin verify-load --bin nvme-load
 cargo test --release -p coro --target x86_64-unknown-linux-musl
 # Valgrind must understand every backend's stacks (registered stacks, the sigaltstack
 # bootstrap's parked frames, the thread backend's threads): the coroutine and scheduler

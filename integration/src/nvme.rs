@@ -1,7 +1,7 @@
 //! The NVMe test guest, for corodev's NVMe-over-VFIO backend: `scripts/nvme-guest.sh` boots
 //! a q35 machine (TCG) with QEMU's intel-iommu and one emulated NVMe controller on a host
 //! file ([`NvmeRun::disk`]), and inside it runs a daemon (corodev, static musl) and a
-//! frontend ([`guest_bin`]: `verify-load`, `nvme-probe`), each a shell command. The guest
+//! frontend ([`guest_bin`]: `verify-load`, `nvme-load`, `nvme-probe`), each a shell command. The guest
 //! prints the `CORODEV-*` lines [`crate::console`] parses; after it powers off, the test
 //! reads the backing file to check what reached the "hardware".
 //!
@@ -93,7 +93,7 @@ pub fn guest_bin(name: &str) -> PathBuf {
     assert!(
         p.is_file(),
         "no musl build at {}: run `cargo build --release --target x86_64-unknown-linux-musl \
-         -p integration --bin nvme-probe --bin verify-load` (scripts/test.sh does)",
+         -p integration --bin nvme-probe --bin verify-load --bin nvme-load` (scripts/test.sh does)",
         p.display()
     );
     p

@@ -37,7 +37,9 @@ const F_WRITE_ZEROES: u64 = 1 << 14;
 /// Descriptors per request slot of the concurrent modes: header, up to 3 data pieces,
 /// status.
 const DESCS: u16 = 5;
-/// Entries per virtqueue of the concurrent modes: room for 102 slots of [`DESCS`].
+/// Most entries per virtqueue of the concurrent modes (room for 102 slots of [`DESCS`]);
+/// each uses the smallest power of two its depth fits, so that `bench` at depth 32 (256)
+/// needs no `--queue-size` beyond corodev's default.
 const QUEUE_SIZE: u16 = 512;
 /// Where the concurrent modes put request headers (16 bytes) and status bytes: 32 bytes
 /// per slot, after the rings (64 KiB per queue).
@@ -150,7 +152,8 @@ struct Flights {
 impl Flights {
     fn connect(socket: &std::path::Path, queues: usize, depth: u16) -> Flights {
         let mem = SLOT_DATA as usize + queues * usize::from(depth) * MAX_WRITE as usize;
-        let fe = TestFrontend::connect_mem(socket, queues, QUEUE_SIZE, mem)
+        let qsize = (depth * DESCS).next_power_of_two();
+        let fe = TestFrontend::connect_mem(socket, queues, qsize, mem)
             .unwrap_or_else(|e| fail(&format!("cannot connect to {}: {e}", socket.display())));
         Flights {
             fe,
@@ -463,7 +466,7 @@ fn gather(fe: &TestFrontend, pieces: &Pieces) -> Vec<u8> {
 /// The bounce-path mode (module docs): layout `i` goes to byte `i * 2 MiB` with
 /// `pattern(seed + i)`.
 fn bounce(socket: &std::path::Path, seed: u64) {
-    let mut fe = TestFrontend::connect(socket.as_ref(), 1, 256)
+    let mut fe = TestFrontend::connect(socket, 1, 256)
         .unwrap_or_else(|e| fail(&format!("cannot connect: {e}")));
     let mut lens = Vec::new();
     for (i, name) in LAYOUTS.iter().enumerate() {
@@ -520,7 +523,7 @@ const ZEROES: [(u64, u64, u32); 2] = [(640 << 10, 128 << 10, 0), (896 << 10, 32 
 /// The flush / discard / write-zeroes mode (module docs). DISCARD sends both ranges in one
 /// request (two segments); each WRITE_ZEROES is its own request.
 fn trim(socket: &std::path::Path, seed: u64) {
-    let mut fe = TestFrontend::connect(socket.as_ref(), 1, 256)
+    let mut fe = TestFrontend::connect(socket, 1, 256)
         .unwrap_or_else(|e| fail(&format!("cannot connect: {e}")));
     for (bit, name) in [
         (F_FLUSH, "FLUSH"),
@@ -568,10 +571,7 @@ fn trim(socket: &std::path::Path, seed: u64) {
         }
     }
     flush(&mut fe);
-    for &(off, n) in DISCARDS
-        .iter()
-        .chain(ZEROES.iter().map(|z| (z.0, z.1)).collect::<Vec<_>>().iter())
-    {
+    for (off, n) in DISCARDS.iter().copied().chain(ZEROES.map(|z| (z.0, z.1))) {
         want[off as usize..(off + n) as usize].fill(0);
     }
     fe.mem.write(DATA_BASE, &vec![0x5a; len as usize]);
