@@ -38,7 +38,7 @@ disk=$(mktemp --suffix=.raw)
 trap 'rm -f "$disk"' EXIT
 
 # run SIDE RW ROUND: one guest boot, one line appended to $runs. A run whose load stalls
-# (no completion for 10 s) is run again once, and counted: the kernel side's random writes
+# (no completion for 10 s) is run again, up to 3 tries, and counted: the kernel side's random writes
 # sometimes stall in this guest (the nvme driver's requests complete only at poweroff, as
 # I/O errors), which no corodev code is on the path of; see BENCHMARKS.md.
 retries=0
@@ -49,7 +49,7 @@ run() {
         kernel) bind=kernel daemon='corodev --socket $SOCK --disk $NVME_BLK --direct' ;;
     esac
     local console=target/bench/nvme-console-$side-$rw-$round.log
-    for try in 1 2; do
+    for try in 1 2 3; do
         # A fresh 256 MiB file each time, filled so reads are not of holes.
         head -c $((256 << 20)) /dev/urandom >"$disk"
         bash scripts/nvme-guest.sh --disk "$disk" --bind "$bind" --timeout 300 \
@@ -60,10 +60,10 @@ run() {
         case "$line" in
             *status=PASS*) break ;;
             *no_completion_in_10_s*)
-                if [ "$try" = 1 ]; then
-                    cp "$console" "$console.stalled"
+                if [ "$try" != 3 ]; then
+                    cp "$console" "$console.stalled$try"
                     retries=$((retries + 1))
-                    echo "bench-nvme: $side $rw stalled (console: $console.stalled); again" >&2
+                    echo "bench-nvme: $side $rw stalled (console: $console.stalled$try); again" >&2
                     continue
                 fi
                 ;;
