@@ -6,9 +6,10 @@
 //!
 //! Waiting: the first waiter becomes the *reaper*. It drains the queue's interrupt
 //! eventfd, reaps every posted completion (waking their coroutines), polls the completion
-//! queue for up to [`POLL`] (a fast drive answers within it, and taking the completion
-//! from memory saves the interrupt's trip through the kernel and epoll), and, if its own
-//! command is still out, parks on the eventfd through io_uring (`coro::io::wait_readable`)
+//! queue for up to [`POLL`] when the drive has lately been answering within that time (a
+//! fast drive's completion is then taken from memory, saving the interrupt's trip through
+//! the kernel and epoll; a slower one would only burn the time), and, if its own command
+//! is still out, parks on the eventfd through io_uring (`coro::io::wait_readable`)
 //! so the worker sleeps in epoll like for any other I/O: an idle disk costs no CPU. Other
 //! waiters just park until the reaper wakes them with their completion. A reaper whose
 //! command completes hands the role to a waiter that is still waiting. Draining the eventfd
@@ -47,7 +48,8 @@ const ENTRIES: u32 = 65;
 /// being torn down): its memory must not be reused before the controller is done.
 const ORPHAN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a reaper polls the completion queue before it sleeps on the interrupt: about
-/// a flash read's latency. The worker serves nothing else meanwhile, so it is kept short.
+/// a flash read's latency. The worker serves nothing else meanwhile, so it is kept short,
+/// and it polls only while the queue's recent latency is below it (hybrid polling).
 pub const POLL: Duration = Duration::from_micros(20);
 /// How often a waiting reaper looks at the controller's health.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -91,6 +93,8 @@ pub struct IoQueue {
     free: RefCell<Vec<u16>>,
     waiting_for_slot: RefCell<VecDeque<TaskId>>,
     reaping: Cell<bool>,
+    /// Recent submission-to-completion time, nanoseconds (a moving average of 1/8 each).
+    latency_ns: Cell<u64>,
     /// The controller generation the rings were created in.
     generation: Cell<u64>,
     /// Readable when the interrupt fires or the health timer expires.
@@ -145,6 +149,7 @@ impl IoQueue {
                 free: RefCell::new((0..slots as u16).rev().collect()),
                 waiting_for_slot: RefCell::new(VecDeque::new()),
                 reaping: Cell::new(false),
+                latency_ns: Cell::new(0),
                 generation: Cell::new(generation),
                 wakeup,
                 timer,
@@ -260,7 +265,7 @@ impl IoQueue {
                 tv_nsec: 0,
             },
             it_value: libc::timespec {
-                tv_sec: CHECK_EVERY.as_secs() as libc::time_t,
+                tv_sec: CHECK_EVERY.as_secs() as _,
                 tv_nsec: libc::c_long::from(CHECK_EVERY.subsec_nanos() as i32),
             },
         };
@@ -309,8 +314,12 @@ impl IoQueue {
         None
     }
 
-    /// Polls the completion queue for up to [`POLL`], reaping what arrives.
+    /// Polls the completion queue for up to [`POLL`], reaping what arrives, if the drive
+    /// has lately been answering within it.
     fn poll(&self) {
+        if self.latency_ns.get() > POLL.as_nanos() as u64 {
+            return;
+        }
         let start = Instant::now();
         while start.elapsed() < POLL {
             if self.rings.borrow().has_completion() {
@@ -401,6 +410,11 @@ impl IoQueue {
             any = true;
             match slots.get_mut(usize::from(c.cid)) {
                 Some(slot) if slot.task.is_some() => {
+                    if let Some(t) = slot.submitted {
+                        let ns = t.elapsed().as_nanos().min(u128::from(u32::MAX)) as u64;
+                        let avg = self.latency_ns.get();
+                        self.latency_ns.set(avg - avg / 8 + ns / 8);
+                    }
                     slot.done = Some(c);
                     if let Some(t) = slot.task {
                         coro::wake(t);
