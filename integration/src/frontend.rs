@@ -868,6 +868,17 @@ fn start_queue(
     fe.set_vring_enable(q, true)
 }
 
+/// Ends a guest workload program with the result line `detail=<why>` (blanks and '='
+/// made '_', so it stays one field) and exit status 1: how verify-load and nvme-load
+/// report a failure to the guest's init.
+pub fn exit_with_detail(why: &str) -> ! {
+    let detail: String = why
+        .chars()
+        .map(|c| if c == ' ' || c == '=' { '_' } else { c })
+        .collect();
+    println!("detail={detail}");
+    std::process::exit(1)
+}
 /// A deterministic pseudo-random buffer.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;

@@ -10,14 +10,11 @@
 //! command line is `scripts/nvme-guest.sh`'s. Shares the one-guest-at-a-time lock with
 //! [`crate::vm`].
 
-use std::fs::File;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::console::{parse_results, GuestRun};
-use crate::vm::GuestSlot;
+use crate::vm::{GuestScript, GuestSlot};
 use crate::workspace::workspace;
 use crate::Image;
 
@@ -106,20 +103,13 @@ pub fn guest_bin(name: &str) -> PathBuf {
 pub fn boot(guest: &NvmeGuest<'_>) -> NvmeRun {
     let _slot = GuestSlot::take();
     let disk = Image::new(guest.disk_size);
-    let dir = tempfile::Builder::new()
-        .prefix("corodev-nvme-vm-")
-        .tempdir()
-        .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
-    let console = dir.path().join("console.log");
-    let out = File::create(&console)
-        .unwrap_or_else(|e| panic!("cannot create {}: {e}", console.display()));
-    let err = out
-        .try_clone()
-        .unwrap_or_else(|e| panic!("cannot dup the console file: {e}"));
-    let script = workspace().join("scripts/nvme-guest.sh");
-    let mut cmd = Command::new("bash");
-    cmd.arg(&script)
-        .arg("--disk")
+    // The temp dir holds the console file until the run is read.
+    let GuestScript {
+        mut cmd,
+        dir: _dir,
+        console,
+    } = GuestScript::new("nvme-guest.sh", "corodev-nvme-vm-");
+    cmd.arg("--disk")
         .arg(&disk.path)
         .args(["--frontend", guest.frontend])
         .args(["--timeout", &guest.timeout.as_secs().max(1).to_string()])
@@ -140,15 +130,8 @@ pub fn boot(guest: &NvmeGuest<'_>) -> NvmeRun {
     for bin in &guest.bins {
         cmd.arg("--bin").arg(bin);
     }
-    // Its own process group, so that a timeout kills QEMU and timeout(1) along with bash.
-    cmd.process_group(0)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
     let started = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    let mut child = GuestScript::spawn(&mut cmd);
     let deadline = started + guest.timeout + SETUP_GRACE;
     let status = loop {
         match child.try_wait() {

@@ -238,22 +238,12 @@ impl Vm {
             artifacts.kernel.is_file() && artifacts.initrd.is_file(),
             "guest kernel or initramfs missing ({artifacts:?}); {INSTALL_HINT}"
         );
-        let dir = tempfile::Builder::new()
-            .prefix("corodev-vm-")
-            .tempdir()
-            .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
-        let console = dir.path().join("console.log");
-        let out = File::create(&console)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", console.display()));
-        let err = out
-            .try_clone()
-            .unwrap_or_else(|e| panic!("cannot dup the console file: {e}"));
-        let script = workspace().join("scripts/run-vm.sh");
-        let mut cmd = Command::new("bash");
-        cmd.arg(&script)
-            .arg("--socket")
-            .arg(socket)
-            .args(guest.run_vm_args());
+        let GuestScript {
+            mut cmd,
+            dir,
+            console,
+        } = GuestScript::new("run-vm.sh", "corodev-vm-");
+        cmd.arg("--socket").arg(socket).args(guest.run_vm_args());
         let qmp = control.qmp.then(|| dir.path().join("qmp.sock"));
         if let Some(qmp) = &qmp {
             cmd.arg("--qmp").arg(qmp);
@@ -261,15 +251,8 @@ impl Vm {
         if let Some(incoming) = &control.incoming {
             cmd.args(["--incoming", incoming]);
         }
-        // Its own process group, so Drop can kill QEMU and timeout(1) along with bash.
-        cmd.process_group(0)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
         let started = Instant::now();
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        let child = GuestScript::spawn(&mut cmd);
         Vm {
             child,
             console,
@@ -382,5 +365,51 @@ impl Drop for Vm {
             // SAFETY: as in `kill`; an empty or reused-and-gone group just gets ESRCH.
             unsafe { libc::kill(-pgid, libc::SIGKILL) };
         }
+    }
+}
+
+/// A guest script of scripts/ (run-vm.sh, nvme-guest.sh) about to run: `bash SCRIPT` with
+/// stdout and stderr in a console file of a temp dir, in a process group of its own (so
+/// that a timeout or `Drop` kills QEMU and timeout(1) along with bash). The caller adds
+/// the script's options and spawns it.
+pub(crate) struct GuestScript {
+    /// The command.
+    pub cmd: Command,
+    /// Holds the console file (and whatever else the run puts there).
+    pub dir: tempfile::TempDir,
+    /// The console file.
+    pub console: PathBuf,
+}
+
+impl GuestScript {
+    /// `bash scripts/<script>` with its output going to `<temp dir named prefix*>/console.log`.
+    pub(crate) fn new(script: &str, prefix: &str) -> GuestScript {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
+        let console = dir.path().join("console.log");
+        let out = File::create(&console)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", console.display()));
+        let err = out
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot dup the console file: {e}"));
+        let mut cmd = Command::new("bash");
+        cmd.arg(workspace().join("scripts").join(script))
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        GuestScript { cmd, dir, console }
+    }
+
+    /// Starts `cmd` (a [`GuestScript`]'s, options added).
+    pub(crate) fn spawn(cmd: &mut Command) -> std::process::Child {
+        cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot run {:?}: {e}",
+                cmd.get_args().next().unwrap_or_default()
+            )
+        })
     }
 }

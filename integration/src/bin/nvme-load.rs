@@ -55,16 +55,6 @@ fn usage() -> ! {
     std::process::exit(2)
 }
 
-/// Ends the run with `detail=<why>` (blanks and '=' made '_') and exit status 1.
-fn fail(why: &str) -> ! {
-    let detail: String = why
-        .chars()
-        .map(|c| if c == ' ' || c == '=' { '_' } else { c })
-        .collect();
-    println!("detail={detail}");
-    std::process::exit(1)
-}
-
 /// Options of every mode; each mode reads those it uses.
 struct Opts {
     seed: u64,
@@ -122,7 +112,7 @@ fn capacity(fe: &mut TestFrontend) -> u64 {
     let (_, cfg) = fe
         .fe
         .get_config(0, 8, VhostUserConfigFlags::empty(), &[0; 8])
-        .unwrap_or_else(|e| fail(&format!("GET_CONFIG: {e}")));
+        .unwrap_or_else(|e| exit_with_detail(&format!("GET_CONFIG: {e}")));
     u64::from_le_bytes(cfg[..8].try_into().expect("8 bytes asked for")) * 512
 }
 
@@ -153,8 +143,9 @@ impl Flights {
     fn connect(socket: &std::path::Path, queues: usize, depth: u16) -> Flights {
         let mem = SLOT_DATA as usize + queues * usize::from(depth) * MAX_WRITE as usize;
         let qsize = (depth * DESCS).next_power_of_two();
-        let fe = TestFrontend::connect_mem(socket, queues, qsize, mem)
-            .unwrap_or_else(|e| fail(&format!("cannot connect to {}: {e}", socket.display())));
+        let fe = TestFrontend::connect_mem(socket, queues, qsize, mem).unwrap_or_else(|e| {
+            exit_with_detail(&format!("cannot connect to {}: {e}", socket.display()))
+        });
         Flights {
             fe,
             depth,
@@ -231,7 +222,7 @@ impl Flights {
                     };
                     let st = self.fe.mem.read(self.status_addr(q, slot), 1)[0];
                     if st != S_OK {
-                        fail(&format!("{io:?} on queue {q}: status {st}"));
+                        exit_with_detail(&format!("{io:?} on queue {q}: status {st}"));
                     }
                     check(&self.fe, io, self.buffer(q, slot));
                     self.free[q].push(slot);
@@ -243,7 +234,7 @@ impl Flights {
                 return;
             }
             if Instant::now() > deadline {
-                fail(&format!(
+                exit_with_detail(&format!(
                     "no completion in 10 s with {} requests in flight",
                     self.in_flight().count()
                 ));
@@ -346,11 +337,11 @@ fn verify(socket: &std::path::Path, o: &Opts) {
     let write_s = started.elapsed().as_secs_f64();
     let max_inflight = f.max_inflight;
     if f.fe.features & F_FLUSH == 0 {
-        fail("the server does not offer VIRTIO_BLK_F_FLUSH");
+        exit_with_detail("the server does not offer VIRTIO_BLK_F_FLUSH");
     }
     let st = f.fe.run(0, T_FLUSH, 0, &[]);
     if st != S_OK {
-        fail(&format!("flush: status {st}"));
+        exit_with_detail(&format!("flush: status {st}"));
     }
     // Every byte read back, in pieces of the writes' sizes, again many in flight.
     let image = work.image();
@@ -379,7 +370,7 @@ fn verify(socket: &std::path::Path, o: &Opts) {
             if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
                 let at = io.offset + i as u64;
                 let writer = work.last_writer(at).map(|(n, w)| format!("{n} {w:?}"));
-                fail(&format!(
+                exit_with_detail(&format!(
                     "byte {at} read back {:#04x}, want {:#04x} (last written by write {})",
                     got[i],
                     want[i],
@@ -467,7 +458,7 @@ fn gather(fe: &TestFrontend, pieces: &Pieces) -> Vec<u8> {
 /// `pattern(seed + i)`.
 fn bounce(socket: &std::path::Path, seed: u64) {
     let mut fe = TestFrontend::connect(socket, 1, 256)
-        .unwrap_or_else(|e| fail(&format!("cannot connect: {e}")));
+        .unwrap_or_else(|e| exit_with_detail(&format!("cannot connect: {e}")));
     let mut lens = Vec::new();
     for (i, name) in LAYOUTS.iter().enumerate() {
         let pieces = layout(name, DATA_BASE);
@@ -478,15 +469,15 @@ fn bounce(socket: &std::path::Path, seed: u64) {
         scatter(&fe, &pieces, &data);
         let st = fe.run(0, T_OUT, offset / 512, &pieces);
         if st != S_OK {
-            fail(&format!("write of layout {name}: status {st}"));
+            exit_with_detail(&format!("write of layout {name}: status {st}"));
         }
         scatter(&fe, &pieces, &vec![0x5a; len as usize]);
         let st = fe.run(0, T_IN, offset / 512, &pieces);
         if st != S_OK {
-            fail(&format!("bounced read of layout {name}: status {st}"));
+            exit_with_detail(&format!("bounced read of layout {name}: status {st}"));
         }
         if let Some(at) = first_difference(&gather(&fe, &pieces), &data) {
-            fail(&format!(
+            exit_with_detail(&format!(
                 "layout {name}: byte {at} read back through the same pieces differs"
             ));
         }
@@ -494,10 +485,10 @@ fn bounce(socket: &std::path::Path, seed: u64) {
         fe.mem.write(one, &vec![0x5a; len as usize]);
         let st = fe.run(0, T_IN, offset / 512, &[(one, len)]);
         if st != S_OK {
-            fail(&format!("direct read of layout {name}: status {st}"));
+            exit_with_detail(&format!("direct read of layout {name}: status {st}"));
         }
         if let Some(at) = first_difference(&fe.mem.read(one, len as usize), &data) {
-            fail(&format!(
+            exit_with_detail(&format!(
                 "layout {name}: byte {at} read back into one buffer differs"
             ));
         }
@@ -524,14 +515,14 @@ const ZEROES: [(u64, u64, u32); 2] = [(640 << 10, 128 << 10, 0), (896 << 10, 32 
 /// request (two segments); each WRITE_ZEROES is its own request.
 fn trim(socket: &std::path::Path, seed: u64) {
     let mut fe = TestFrontend::connect(socket, 1, 256)
-        .unwrap_or_else(|e| fail(&format!("cannot connect: {e}")));
+        .unwrap_or_else(|e| exit_with_detail(&format!("cannot connect: {e}")));
     for (bit, name) in [
         (F_FLUSH, "FLUSH"),
         (F_DISCARD, "DISCARD"),
         (F_WRITE_ZEROES, "WRITE_ZEROES"),
     ] {
         if fe.features & bit == 0 {
-            fail(&format!("the server does not offer VIRTIO_BLK_F_{name}"));
+            exit_with_detail(&format!("the server does not offer VIRTIO_BLK_F_{name}"));
         }
     }
     let len = 1u64 << 20;
@@ -539,13 +530,13 @@ fn trim(socket: &std::path::Path, seed: u64) {
     fe.mem.write(DATA_BASE, &want);
     let st = fe.run(0, T_OUT, TRIM_REGION / 512, &[(DATA_BASE, len as u32)]);
     if st != S_OK {
-        fail(&format!("write: status {st}"));
+        exit_with_detail(&format!("write: status {st}"));
     }
     let mut flushes = 0;
     let mut flush = |fe: &mut TestFrontend| {
         let st = fe.run(0, T_FLUSH, 0, &[]);
         if st != S_OK {
-            fail(&format!("flush: status {st}"));
+            exit_with_detail(&format!("flush: status {st}"));
         }
         flushes += 1;
     };
@@ -558,7 +549,7 @@ fn trim(socket: &std::path::Path, seed: u64) {
     fe.mem.write(table, &segments(&segs));
     let st = fe.run(0, T_DISCARD, 0, &[(table, 16 * segs.len() as u32)]);
     if st != S_OK {
-        fail(&format!("discard: status {st}"));
+        exit_with_detail(&format!("discard: status {st}"));
     }
     for &(off, n, flags) in &ZEROES {
         fe.mem.write(
@@ -567,7 +558,7 @@ fn trim(socket: &std::path::Path, seed: u64) {
         );
         let st = fe.run(0, T_WRITE_ZEROES, 0, &[(table, 16)]);
         if st != S_OK {
-            fail(&format!("write zeroes at {off}: status {st}"));
+            exit_with_detail(&format!("write zeroes at {off}: status {st}"));
         }
     }
     flush(&mut fe);
@@ -577,10 +568,10 @@ fn trim(socket: &std::path::Path, seed: u64) {
     fe.mem.write(DATA_BASE, &vec![0x5a; len as usize]);
     let st = fe.run(0, T_IN, TRIM_REGION / 512, &[(DATA_BASE, len as u32)]);
     if st != S_OK {
-        fail(&format!("read back: status {st}"));
+        exit_with_detail(&format!("read back: status {st}"));
     }
     if let Some(at) = first_difference(&fe.mem.read(DATA_BASE, len as usize), &want) {
-        fail(&format!("byte {at} of the region read back differs"));
+        exit_with_detail(&format!("byte {at} of the region read back differs"));
     }
     let ranges = |v: &mut dyn Iterator<Item = (u64, u64)>| {
         v.map(|(o, n)| format!("{}+{n}", TRIM_REGION + o))
@@ -598,7 +589,7 @@ fn trim(socket: &std::path::Path, seed: u64) {
 /// counted after the parenthesised command name, which may hold blanks).
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_else(|e| fail(&format!("/proc/{pid}/stat: {e}")));
+        .unwrap_or_else(|e| exit_with_detail(&format!("/proc/{pid}/stat: {e}")));
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<u64> = rest
         .split_whitespace()
@@ -607,7 +598,7 @@ fn cpu_ticks(pid: u32) -> u64 {
         .filter_map(|v| v.parse().ok())
         .collect();
     if f.len() != 2 {
-        fail(&format!("/proc/{pid}/stat: no utime and stime in {stat:?}"));
+        exit_with_detail(&format!("/proc/{pid}/stat: no utime and stime in {stat:?}"));
     }
     f[0] + f[1]
 }
@@ -623,7 +614,7 @@ fn find_daemon() -> u32 {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|c| c.trim() == "corodev")
         })
-        .unwrap_or_else(|| fail("no corodev process"))
+        .unwrap_or_else(|| exit_with_detail("no corodev process"))
 }
 
 /// The benchmark mode (module docs): one queue, `depth` 4 KiB requests always in flight at

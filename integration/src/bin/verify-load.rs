@@ -31,16 +31,6 @@ fn usage() -> ! {
     std::process::exit(2)
 }
 
-/// Ends the run with `detail=<why>` (blanks and '=' made '_') and exit status 1.
-fn fail(why: &str) -> ! {
-    let detail: String = why
-        .chars()
-        .map(|c| if c == ' ' || c == '=' { '_' } else { c })
-        .collect();
-    println!("detail={detail}");
-    std::process::exit(1)
-}
-
 fn main() {
     let mut args = std::env::args().skip(1);
     let Some(socket) = args.next() else { usage() };
@@ -65,20 +55,20 @@ fn main() {
         let mut b = [0u8; 8];
         std::fs::File::open("/dev/urandom")
             .and_then(|mut f| f.read_exact(&mut b))
-            .unwrap_or_else(|e| fail(&format!("/dev/urandom: {e}")));
+            .unwrap_or_else(|e| exit_with_detail(&format!("/dev/urandom: {e}")));
         u64::from_le_bytes(b)
     });
 
     let mut fe = TestFrontend::connect(socket.as_ref(), 1, 256)
-        .unwrap_or_else(|e| fail(&format!("cannot connect to {socket}: {e}")));
+        .unwrap_or_else(|e| exit_with_detail(&format!("cannot connect to {socket}: {e}")));
     // virtio-blk config space: capacity, in 512-byte sectors, at offset 0.
     let (_, cfg) = fe
         .fe
         .get_config(0, 8, VhostUserConfigFlags::empty(), &[0; 8])
-        .unwrap_or_else(|e| fail(&format!("GET_CONFIG: {e}")));
+        .unwrap_or_else(|e| exit_with_detail(&format!("GET_CONFIG: {e}")));
     let capacity = u64::from_le_bytes(cfg[..8].try_into().expect("8 bytes asked for")) * 512;
     if capacity < chunk * count {
-        fail(&format!(
+        exit_with_detail(&format!(
             "capacity {capacity} is less than {count} chunks of {chunk}"
         ));
     }
@@ -94,23 +84,23 @@ fn main() {
         fe.mem.write(WRITE_BUF, &data(i as u64));
         let st = fe.run(0, T_OUT, off / 512, &[(WRITE_BUF, chunk as u32)]);
         if st != S_OK {
-            fail(&format!("write of chunk {i} at {off}: status {st}"));
+            exit_with_detail(&format!("write of chunk {i} at {off}: status {st}"));
         }
     }
     let st = fe.run(0, T_FLUSH, 0, &[]);
     if st != S_OK {
-        fail(&format!("flush: status {st}"));
+        exit_with_detail(&format!("flush: status {st}"));
     }
     let mut md5 = md5::Context::new();
     for (i, &off) in offsets.iter().enumerate() {
         fe.mem.write(READ_BUF, &vec![0u8; chunk as usize]);
         let st = fe.run(0, T_IN, off / 512, &[(READ_BUF, chunk as u32)]);
         if st != S_OK {
-            fail(&format!("read of chunk {i} at {off}: status {st}"));
+            exit_with_detail(&format!("read of chunk {i} at {off}: status {st}"));
         }
         let want = data(i as u64);
         if fe.mem.read(READ_BUF, chunk as usize) != want {
-            fail(&format!("chunk {i} at {off} read back differs"));
+            exit_with_detail(&format!("chunk {i} at {off} read back differs"));
         }
         md5.consume(&want);
     }
