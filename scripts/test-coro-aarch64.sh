@@ -73,6 +73,12 @@ IO_URING_TESTS=(
     sleep_orders_by_deadline::shared
     sleep_orders_by_deadline::shared_sigaltstack
     submit_each_sends_io_before_the_batch_ends
+    wait_readable_parks_until_an_eventfd_fires::fast
+    wait_readable_parks_until_an_eventfd_fires::sigaltstack
+    wait_readable_parks_until_an_eventfd_fires::ucontext
+    wait_readable_parks_until_an_eventfd_fires::thread
+    wait_readable_parks_until_an_eventfd_fires::shared
+    wait_readable_parks_until_an_eventfd_fires::shared_sigaltstack
 )
 skips=()
 for t in "${IO_URING_TESTS[@]}"; do
