@@ -56,6 +56,7 @@ pub mod poll_window;
 pub mod ring;
 pub mod server;
 pub mod shutdown;
+pub mod signal_policy;
 pub mod socket;
 pub mod stats;
 pub mod systemd;

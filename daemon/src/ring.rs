@@ -17,8 +17,8 @@
 
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
+use corodev_devices::memory::GuestMap;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -26,8 +26,9 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use crate::connection::QueueState;
 use crate::inflight::QueueTracker;
 
-/// A chain as popped: it reads guest memory through the map it holds.
-pub type Chain = DescriptorChain<Arc<GuestMemoryMmap>>;
+/// A chain as popped: it reads guest memory through the map it holds (the worker's
+/// handle, see [`GuestMap`]).
+pub type Chain = DescriptorChain<GuestMap>;
 
 /// Why a queue is broken.
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +130,7 @@ pub struct Popped {
 /// avail ring, so a guest that keeps publishing cannot hold the lock forever.
 pub fn pop_all(
     vring: &VringRwLock,
-    mem: &Arc<GuestMemoryMmap>,
+    mem: &GuestMap,
     rearm: bool,
     heads: &mut InFlightHeads,
     queue: &QueueState,
@@ -179,7 +180,7 @@ pub fn pop_all(
 /// Their region entries already say they are in flight. Returns how many were added.
 fn resubmit(
     queue: &virtio_queue::Queue,
-    mem: &Arc<GuestMemoryMmap>,
+    mem: &GuestMap,
     state: &QueueState,
     heads: &mut InFlightHeads,
     popped: &mut Popped,
@@ -204,7 +205,7 @@ fn resubmit(
 /// added to `popped`.
 fn pop_pass(
     queue: &mut virtio_queue::Queue,
-    mem: &Arc<GuestMemoryMmap>,
+    mem: &GuestMap,
     size: u16,
     heads: &mut InFlightHeads,
     tracker: Option<&QueueTracker>,

@@ -11,7 +11,7 @@
 //! thread) see each counter whole, at most a few requests behind.
 //! The struct is aligned to 128 bytes (two cache lines: Intel's adjacent-line prefetcher
 //! pairs them), so two queues' workers never write to one line. No lock, no allocation,
-//! no syscall; the clock is read once per popped batch and once per completion.
+//! no syscall; the clock is read once per popped batch and once per pass of completions.
 //!
 //! Boundary: what a request did is [`corodev_devices::blk::Served`]'s; the worker calls
 //! [`QueueStats::started`] and [`QueueStats::completed`]. Encoding for Prometheus is

@@ -13,10 +13,10 @@ use std::sync::Arc;
 
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::GuestMemoryMmap;
 
 use crate::backend::BlockBackend;
 use crate::config::DeviceConfig;
+use crate::memory::GuestMap;
 use crate::ratelimit::RateLimitedLog;
 use crate::request::{Op, Rejected, Request, RequestType, Used, WriteLog, S_IOERR, S_OK};
 
@@ -88,7 +88,7 @@ impl VirtioBlk {
     /// Serves one descriptor chain end to end: parses it against `mem`, executes it (or
     /// rejects it, logging why), completes it. Must run inside a coroutine: the backend
     /// parks it while I/O is in flight.
-    pub fn serve<M, B>(&self, chain: DescriptorChain<M>, mem: Arc<GuestMemoryMmap<B>>) -> Served
+    pub fn serve<M, B>(&self, chain: DescriptorChain<M>, mem: GuestMap<B>) -> Served
     where
         M: Deref,
         M::Target: vm_memory::GuestMemory,
@@ -140,7 +140,7 @@ impl VirtioBlk {
     /// Answers a chain with IOERR without executing it, for a caller that cannot run it
     /// (no coroutine could be started): the guest must read a failure, never a stale status
     /// byte as success. Parsing does no I/O, so this may run outside a coroutine.
-    pub fn refuse<M, B>(&self, chain: DescriptorChain<M>, mem: Arc<GuestMemoryMmap<B>>) -> Served
+    pub fn refuse<M, B>(&self, chain: DescriptorChain<M>, mem: GuestMap<B>) -> Served
     where
         M: Deref,
         M::Target: vm_memory::GuestMemory,

@@ -7,6 +7,8 @@
 //!   execute on a [`backend::BlockBackend`] or reject, complete) inside its coroutine.
 //! - [`backend`]: storage (`file` through io_uring, `null`), as blocking-style calls that
 //!   park the calling coroutine.
+//! - [`memory`]: [`memory::GuestMap`], a worker's handle on the guest memory map that its
+//!   requests clone without touching what other threads share.
 //! - [`ratelimit`]: logging that a guest cannot use to flood the host's journal.
 //!
 //! This crate knows nothing of vhost-user sockets or threads: the daemon hands it
@@ -22,6 +24,7 @@
 pub mod backend;
 pub mod blk;
 pub mod config;
+pub mod memory;
 pub mod ratelimit;
 pub mod request;
 

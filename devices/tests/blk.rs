@@ -15,6 +15,7 @@ use common::*;
 use corodev_devices::backend::{BlockBackend, GuestBuffers, NullBackend};
 use corodev_devices::blk::{Served, VirtioBlk};
 use corodev_devices::config::{DeviceConfig, DeviceParams};
+use corodev_devices::memory::GuestMap;
 use corodev_devices::request::{Request, RequestType, Used, WriteLog, S_IOERR, S_OK, S_UNSUPP};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_queue::desc::RawDescriptor;
@@ -134,7 +135,7 @@ fn request<B: Bitmap + 'static>(
     m.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
     let vq = MockSplitQueue::new(&**m, 16);
     let chain = vq.build_desc_chain(descs).expect("chain");
-    match Request::parse(chain, m.clone(), cfg) {
+    match Request::parse(chain, GuestMap::new(m.clone()), cfg) {
         Ok(r) => r,
         Err(r) => panic!("rejected: {}", r.error()),
     }
@@ -422,7 +423,7 @@ fn serve_answers_a_rejected_request_with_its_status() {
         .build_desc_chain(&[desc(HDR, 16, 0), desc(STATUS, 1, W)])
         .expect("chain");
     let disk = Arc::new(Recorder::default());
-    let served = VirtioBlk::new(config(""), disk.clone()).serve(chain, m.clone());
+    let served = VirtioBlk::new(config(""), disk.clone()).serve(chain, GuestMap::new(m.clone()));
     assert_eq!(
         served,
         Served {
@@ -447,7 +448,7 @@ fn serve_without_a_status_byte_writes_nothing() {
         .expect("chain");
     m.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
     let disk = Arc::new(Recorder::default());
-    let served = VirtioBlk::new(config(""), disk).serve(chain, m.clone());
+    let served = VirtioBlk::new(config(""), disk).serve(chain, GuestMap::new(m.clone()));
     assert_eq!(served.used, Used { head: 0, len: 0 });
     assert_eq!(
         (served.kind, served.rejected),

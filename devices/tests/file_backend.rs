@@ -8,6 +8,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use corodev_devices::backend::{BlockBackend, FileBackend, GuestBuffers, ResizeError};
+use corodev_devices::memory::GuestMap;
 
 mod common;
 use common::{iov, run_in_task};
@@ -430,9 +431,10 @@ fn requests_through_guest_memory_to_a_file() {
                     d(0x3000, 1, 2),
                 ])
                 .expect("chain");
-            let req = Request::parse(chain, m.clone(), blk.config()).unwrap_or_else(|r| {
-                panic!("rejected: {}", r.error());
-            });
+            let req =
+                Request::parse(chain, GuestMap::new(m.clone()), blk.config()).unwrap_or_else(|r| {
+                    panic!("rejected: {}", r.error());
+                });
             assert_eq!(req.iovecs().len(), 2, "one iovec per region");
             let used = blk.execute(req).used;
             assert_eq!(

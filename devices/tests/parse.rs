@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::*;
 use corodev_devices::backend::NullBackend;
 use corodev_devices::config::{DeviceConfig, DeviceParams, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
+use corodev_devices::memory::GuestMap;
 use corodev_devices::request::{
     Error, Op, Rejected, Request, RequestType, Segment, Used, S_IOERR, S_OK, S_UNSUPP,
 };
@@ -68,7 +69,7 @@ type Parsed = Result<Request, Box<Rejected>>;
 fn parse_in(m: &Arc<GuestMemoryMmap>, cfg: &DeviceConfig, descs: &[RawDescriptor]) -> Parsed {
     let vq = MockSplitQueue::new(&**m, QSIZE);
     let chain = vq.build_desc_chain(descs).expect("build chain");
-    Request::parse(chain, m.clone(), cfg)
+    Request::parse(chain, GuestMap::new(m.clone()), cfg)
 }
 
 fn parse_with(cfg: &DeviceConfig, kind: u32, sector: u64, descs: &[RawDescriptor]) -> Parsed {
@@ -121,7 +122,7 @@ fn parse_table(
     vq.avail().idx().store(1);
     let mut q: Queue = vq.create_queue().expect("queue");
     let chain = q.iter(&**m).expect("iter").next().expect("one chain");
-    Request::parse(chain, m.clone(), cfg)
+    Request::parse(chain, GuestMap::new(m.clone()), cfg)
 }
 
 /// An indirect table of `descs` at TABLE (explicit flags and next fields), referenced by
@@ -241,7 +242,7 @@ fn header_split_into_sixteen_descriptors() {
     header_at(&m, HDR, T_FLUSH, 0);
     let vq = MockSplitQueue::new(&*m, 32);
     let chain = vq.build_desc_chain(&d).expect("chain");
-    let r = Request::parse(chain, m.clone(), &cfg)
+    let r = Request::parse(chain, GuestMap::new(m.clone()), &cfg)
         .map_err(|r| r.error().clone())
         .expect("valid");
     assert_eq!(r.op(), &Op::Flush);

@@ -12,6 +12,7 @@ use std::time::Duration;
 use corodev_devices::backend::NullBackend;
 use corodev_devices::blk::VirtioBlk;
 use corodev_devices::config::{DeviceConfig, DeviceParams};
+use corodev_devices::memory::GuestMap;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -57,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
         .spawn(move || {
             // Any outcome is fine; what must not happen is a panic or (under ASan) an access
             // outside the guest regions.
-            let _ = blk.serve(chain, m);
+            let _ = blk.serve(chain, GuestMap::new(m));
         })
         .expect("spawn");
     sched.run().expect("run");

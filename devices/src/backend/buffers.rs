@@ -24,7 +24,7 @@ impl<'a> GuestBuffers<'a> {
     ///
     /// # Safety
     /// Every iovec must describe memory that is mapped, writable, and stays so for `'a`
-    /// (for guest memory: an `Arc` of the memory map is held for `'a`), and that is not on
+    /// (for guest memory: a handle on the memory map is held for `'a`), and that is not on
     /// a coroutine stack: backends hand it to the kernel for I/O that runs while the
     /// request's coroutine is parked, when a shared stack holds another coroutine's bytes
     /// (guest memory and heap buffers qualify).

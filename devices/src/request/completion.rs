@@ -2,12 +2,11 @@
 //! what goes on the used ring. Kept apart from parsing so that every way a request ends,
 //! executed or rejected, goes through the same few lines.
 
-use std::sync::Arc;
-
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use super::spans::{Span, Spans};
+use crate::memory::GuestMap;
 
 /// A used-ring element: which chain finished and how many bytes the device wrote into its
 /// device-writable buffers (data plus the status byte). The worker publishes it as is.
@@ -44,7 +43,7 @@ pub struct Completion<B: Bitmap + 'static = ()> {
     pub(super) head: u16,
     /// From a one-byte slice of `mem`; `mem` keeps it mapped.
     pub(super) status: Option<StatusByte>,
-    pub(super) mem: Arc<GuestMemoryMmap<B>>,
+    pub(super) mem: GuestMap<B>,
     /// Device-writable data bytes the request may fill (reads and GET_ID; 0 otherwise):
     /// the used length can claim no more than these plus the status byte.
     pub(super) writable_data: u64,

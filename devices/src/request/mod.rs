@@ -20,8 +20,9 @@
 //!
 //! Data buffers are never copied: [`Request::buffers`] hands the backend host iovecs into
 //! guest memory. Those pointers are valid only while the memory map is mapped, so the
-//! request owns an `Arc` of the map it was parsed against; a memory table update swaps in
-//! a new map for new requests while a parked request keeps its old one alive.
+//! request owns a [`GuestMap`](crate::memory::GuestMap) of the map it was parsed against; a
+//! memory table update swaps in a new map for new requests while a parked request keeps
+//! its old one alive.
 
 use std::fmt;
 
@@ -412,7 +413,7 @@ impl<B: Bitmap + 'static> Request<B> {
     pub fn buffers(&self) -> GuestBuffers<'_> {
         // SAFETY: `parse` built every iovec from a `VolatileSlice` of `completion.mem`,
         // i.e. a range it checked lies inside one mapped, writable region of that map.
-        // `completion` holds an `Arc` of the map, so the mappings stay for as long as
+        // `completion` holds a `GuestMap` of the map, so the mappings stay for as long as
         // `self` is borrowed; the fields are private, so nothing else can add iovecs. Guest
         // memory is never on a coroutine stack.
         unsafe { GuestBuffers::new(&self.data) }

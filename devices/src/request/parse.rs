@@ -3,7 +3,6 @@
 //! (virtio 1.2, 2.7.4 and 5.2.6). Nothing here does I/O or writes guest memory.
 
 use std::ops::Deref;
-use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 use virtio_queue::DescriptorChain;
@@ -14,6 +13,7 @@ use super::completion::{Completion, StatusByte};
 use super::spans::{iovecs, read_spans, skip_bytes, take_bytes, total, IoVecs, Span, Spans};
 use super::{Error, Op, Rejected, Request, RequestType, Segment, HEADER_LEN, SEGMENT_LEN};
 use crate::config::{DeviceConfig, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
+use crate::memory::GuestMap;
 use crate::SECTOR_SIZE;
 
 /// The last descriptor of a chain, where the status byte must be.
@@ -46,7 +46,7 @@ impl<B: Bitmap + 'static> Request<B> {
     /// happens). Reads only the header and segment payloads; data stays in place.
     pub fn parse<M>(
         chain: DescriptorChain<M>,
-        mem: Arc<GuestMemoryMmap<B>>,
+        mem: GuestMap<B>,
         config: &DeviceConfig,
     ) -> Result<Request<B>, Box<Rejected<B>>>
     where
