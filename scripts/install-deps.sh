@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what corodev's guest image and end-to-end tests need on Debian 12, as root:
 # QEMU (system emulator and qemu-storage-daemon), the Debian cloud kernel the guest boots,
-# busybox-static, fio and e2fsprogs (packed into the guest), cpio/gzip to pack it (file checks that what goes in is static), and
+# busybox-static, fio and e2fsprogs (packed into the guest; busybox also into the bench bundle,
+# with binutils' strip for its binaries: scripts/bench-bundle.sh), cpio/gzip to pack it (file
+# checks that what goes in is static), util-linux's taskset (bench.sh's DAEMON_CPUS/CLIENT_CPUS), and
 # valgrind (the coroutine suites run under memcheck); systemd (systemd-analyze and
 # systemd-socket-activate, which the unit and socket-activation tests run); libvirt's
 # daemon, QEMU driver and virsh (integration/tests/libvirt.rs runs its own libvirtd: no
@@ -20,7 +22,7 @@ set -euo pipefail
 PKGS=(qemu-system-x86 qemu-system-common qemu-utils linux-image-cloud-amd64 busybox-static
     fio e2fsprogs cpio gzip valgrind systemd gcc-aarch64-linux-gnu libc6-dev-arm64-cross
     qemu-user-static ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev librados-dev uuid-runtime
-    qemu-block-extra strace libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients file)
+    qemu-block-extra strace libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients file binutils util-linux)
 
 missing_pkgs() {
     missing=()
@@ -49,7 +51,7 @@ done
 for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img busybox fio mke2fs e2fsck cpio gzip \
     valgrind systemd-analyze systemd-socket-activate aarch64-linux-gnu-gcc qemu-aarch64-static \
     ceph-mon ceph-mgr ceph-osd ceph ceph-authtool monmaptool rbd uuidgen strace \
-    libvirtd virsh unshare file; do
+    libvirtd virsh unshare file strip taskset; do
     command -v "$tool" >/dev/null || {
         echo "install-deps: $tool is not on PATH ($PATH) after installing" >&2
         exit 1
