@@ -11,6 +11,10 @@
 #   info      device as the guest kernel sees it (size, block sizes, ro, serial, cache, ...)
 #   pattern   4 MiB of random data written at 1 MiB with O_DIRECT, read back, compared;
 #             prints offset=, length=, md5=, sha256= so the host can check its image
+#   idle      the pattern test's I/O, then CORODEV-PROGRESS name=idle phase=idle and
+#             corodev.arg seconds (default 20) without touching the disk, for the host to
+#             measure what an idle guest costs the server; prints what pattern prints and
+#             idle_s=
 #   fio       fio randwrite, 4k, libaio, iodepth 16, corodev.arg jobs (default 2) of 8 MiB
 #             each in disjoint regions, crc32c verify, verify_fatal
 #   mq        like fio with one job per vCPU (or corodev.arg), split CPUs; prints the
@@ -52,7 +56,8 @@
 #             CORODEV-PROGRESS name=iobench window=N ios=<reads+writes> ms=<fio runtime>
 #             iops=<ios per second> errors=<failed windows>
 # shellcheck shell=dash
-# Word splitting of /proc/cmdline, the module list and $FIO_FIELDS is intended here:
+# Word splitting of /proc/cmdline, the module list, $FIO_FIELDS and $PATTERN_FIELDS is
+# intended here:
 # shellcheck disable=SC2013,SC2086
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin LD_LIBRARY_PATH=/lib:/lib64
@@ -369,12 +374,10 @@ EOF_SUM
     fi
 }
 
-case "$TEST" in
-info)
-    info
-    result PASS
-    ;;
-pattern)
+# pattern_io: 4 MiB of random data written at 1 MiB with O_DIRECT, synced, read back with
+# O_DIRECT and compared. On success PATTERN_FIELDS holds offset= length= md5= sha256=;
+# otherwise prints the FAIL result and powers off.
+pattern_io() {
     off_mib=1 len_mib=4
     dd if=/dev/urandom of=/tmp/p bs=1M count=$len_mib 2>/dev/null
     md5=$(md5sum /tmp/p | cut -d' ' -f1)
@@ -386,11 +389,31 @@ pattern)
     sync
     echo 3 >/proc/sys/vm/drop_caches
     got=$(dd if=/dev/vda bs=1M skip=$off_mib count=$len_mib iflag=direct 2>/tmp/err | md5sum | cut -d' ' -f1)
-    if [ "$md5" = "$got" ]; then
-        result PASS offset=$((off_mib << 20)) length=$((len_mib << 20)) md5="$md5" sha256="$sha"
-    else
+    if [ "$md5" != "$got" ]; then
         result FAIL detail=readback-mismatch want="$md5" got="$got" "err=$(clean </tmp/err)"
+        finish
     fi
+    PATTERN_FIELDS="offset=$((off_mib << 20)) length=$((len_mib << 20)) md5=$md5 sha256=$sha"
+}
+
+case "$TEST" in
+info)
+    info
+    result PASS
+    ;;
+pattern)
+    pattern_io
+    result PASS $PATTERN_FIELDS
+    ;;
+idle)
+    idle_s=${ARG:-20}
+    pattern_io
+    # Nothing touches /dev/vda from here to the result: the pattern went out with O_DIRECT
+    # and was synced, no filesystem is mounted on it, and busybox's sleep runs from the
+    # initramfs.
+    echo "CORODEV-PROGRESS name=idle phase=idle idle_s=$idle_s t=$(uptime_s)"
+    sleep "$idle_s"
+    result PASS $PATTERN_FIELDS idle_s=$idle_s
     ;;
 fio)
     fio_verify "${ARG:-2}"

@@ -6,7 +6,7 @@
 #   scripts/run-vm.sh --start-daemon --disk IMG [options] # start corodev (or qsd) first
 #
 # Guest:
-#   --test NAME       info, pattern, fio, mq, ext4, readonly, discard, restart, resize
+#   --test NAME       info, pattern, idle, fio, mq, ext4, readonly, discard, restart, resize
 #                     (default pattern); see scripts/guest-init.sh
 #   --arg VALUE       passed to the test as corodev.arg=VALUE (fio/mq: number of jobs)
 #   --queues N        virtqueues of the vhost-user-blk-pci device (default 1)

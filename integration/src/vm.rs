@@ -73,9 +73,11 @@ pub fn guest_artifacts() -> &'static GuestArtifacts {
 /// What to boot: the guest test to run (see `scripts/guest-init.sh`) and the VM shape.
 #[derive(Debug, Clone)]
 pub struct Guest<'a> {
-    /// `corodev.test=`: info, pattern, fio, mq, ext4, readonly, discard, restart, migrate.
+    /// `corodev.test=`: info, pattern, idle, fio, mq, ext4, readonly, discard, restart,
+    /// migrate.
     pub test: &'a str,
-    /// `corodev.arg=` (fio/mq: number of jobs; restart: longest run, seconds).
+    /// `corodev.arg=` (fio/mq: number of jobs; restart: longest run, seconds; idle: how long
+    /// it idles, seconds).
     pub arg: Option<&'a str>,
     /// Virtqueues of the vhost-user-blk-pci device.
     pub queues: u16,
@@ -270,6 +272,25 @@ impl Vm {
         std::fs::read(&self.console)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
+    }
+
+    /// The first whole console line that contains `needle`, waiting up to `timeout` for the
+    /// guest to print it (e.g. a test's `CORODEV-PROGRESS` line marking a phase); `None` if
+    /// it did not, or the VM ended first.
+    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let console = self.console();
+            // The file may end in the middle of the line being printed.
+            let whole = &console[..console.rfind('\n').map_or(0, |i| i + 1)];
+            if let Some(line) = whole.lines().find(|l| l.contains(needle)) {
+                return Some(line.trim_end().to_owned());
+            }
+            if !self.running() || Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The QMP socket, if started with [`VmControl::qmp`] (QEMU creates it soon after

@@ -1,12 +1,15 @@
 //! Real guests, real kernel driver: a Linux guest under QEMU does I/O through virtio_blk on
 //! a disk served by corodev, and the results are checked in the guest (the guest test's
-//! verdict) and on the host (the image file, the server still alive).
+//! verdict) and on the host (the image file, the server still alive); and what the server
+//! costs once that guest goes idle.
 //!
 //! `CORODEV_TEST_SERVER=qsd` runs the same tests against qemu-storage-daemon; the few
 //! assertions on corodev-only behaviour (serial, cache mode, connection log) are skipped
 //! there, and say so.
 
-use integration::{Daemon, Guest, GuestRun, Image, Server};
+use std::time::{Duration, Instant};
+
+use integration::{Daemon, Guest, GuestRun, Image, Server, Vm};
 
 const MIB: u64 = 1 << 20;
 
@@ -161,4 +164,58 @@ fn discard_from_the_guest() {
     let mut daemon = Daemon::start(&image, &[]);
     daemon.boot(Guest::test("discard")).expect_pass();
     daemon.assert_alive();
+}
+
+/// How long the server's CPU time is measured while the guest idles.
+const IDLE_MEASURED: Duration = Duration::from_secs(10);
+/// How long the `idle` guest idles: the measurement plus room for the host to notice the
+/// start marker late on a loaded machine, so the whole measurement falls inside it.
+const GUEST_IDLE_S: &str = "16";
+/// How long the guest may take to boot and finish its I/O (TCG, a loaded 2-core machine).
+const IO_PHASE_TIMEOUT: Duration = Duration::from_secs(150);
+
+/// The performance issue's promise: polling backs off when the guest is idle, so an idle
+/// guest costs under 1% of a core. The guest first does real I/O (the pattern, written and
+/// read back with O_DIRECT: the worker has served and polled), then idles without touching
+/// the disk; the server's CPU time (utime + stime, all threads) over that idle time must stay
+/// under 1% of it. Default polling settings (`--poll-us` not given).
+#[test]
+fn an_idle_guest_costs_the_daemon_under_one_percent_of_a_core() {
+    let image = Image::new(64 * MIB);
+    let mut daemon = Daemon::start(&image, &[]);
+    let mut guest = Guest::test("idle");
+    guest.arg = Some(GUEST_IDLE_S);
+    let mut vm = Vm::start(daemon.socket(), &guest);
+    let marker = vm.wait_line("CORODEV-PROGRESS name=idle phase=idle", IO_PHASE_TIMEOUT);
+    daemon.assert_alive();
+    assert!(
+        marker.is_some(),
+        "the guest never finished its I/O phase:\n{}",
+        vm.console()
+    );
+
+    let before = daemon.cpu_seconds();
+    let start = Instant::now();
+    std::thread::sleep(IDLE_MEASURED);
+    let used = daemon.cpu_seconds() - before;
+    let idle = start.elapsed();
+    assert!(
+        vm.running() && !vm.console().contains("CORODEV-RESULT"),
+        "the guest's idle phase ended before the measurement did:\n{}",
+        vm.console()
+    );
+    eprintln!(
+        "server CPU over {:.1} s of guest idleness: {used:.3} s ({:.2}% of a core)",
+        idle.as_secs_f64(),
+        100.0 * used / idle.as_secs_f64()
+    );
+
+    // The I/O phase really ran through the server: what the guest wrote is on the image.
+    let run = daemon.wait_guest(vm);
+    daemon.assert_pattern_landed(&image, &run);
+    assert!(
+        used < 0.01 * idle.as_secs_f64(),
+        "the server used {used:.3} CPU-s over {:.1} s of guest idleness: over 1% of a core",
+        idle.as_secs_f64()
+    );
 }
