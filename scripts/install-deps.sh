@@ -12,16 +12,17 @@
 # qemu-user-static to run them, and rustup's aarch64-unknown-linux-gnu target; rustup's
 # x86_64-unknown-linux-musl target for the static build; Ceph 16.2 (monitor, manager, OSD
 # and the ceph/rbd tools, which scripts/ceph-cluster.sh runs as a throw-away cluster, and
-# uuidgen for its ids) and librbd-dev/librados-dev, which the RBD backend links against;
-# qemu-block-extra (qemu-storage-daemon's rbd driver, for scripts/bench.sh) and strace (the RBD
-# instance's system calls are checked against the unit's filter).
+# uuidgen for its ids) and librbd1/librados2, which corodev loads at run time for
+# --backend rbd (building needs no Ceph package); qemu-block-extra (qemu-storage-daemon's
+# rbd driver, for scripts/bench.sh) and strace (the RBD instance's system calls are
+# checked against the unit's filter).
 # Idempotent: when everything is installed it only checks (well under a second) and
 # never touches the network.
 set -euo pipefail
 
 PKGS=(qemu-system-x86 qemu-system-common qemu-utils linux-image-cloud-amd64 busybox-static
     fio e2fsprogs cpio gzip valgrind systemd gcc-aarch64-linux-gnu libc6-dev-arm64-cross
-    qemu-user-static ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev librados-dev uuid-runtime
+    qemu-user-static ceph-mon ceph-mgr ceph-osd ceph-common librbd1 librados2 uuid-runtime
     qemu-block-extra strace libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients file binutils util-linux)
 
 missing_pkgs() {
@@ -61,10 +62,14 @@ if ! compgen -G '/boot/vmlinuz-*-cloud-amd64' >/dev/null; then
     echo "install-deps: no /boot/vmlinuz-*-cloud-amd64 after installing linux-image-cloud-amd64" >&2
     exit 1
 fi
-if [ ! -e /usr/include/rbd/librbd.h ] || [ ! -e /usr/include/rados/librados.h ]; then
-    echo "install-deps: no librbd.h/librados.h after installing librbd-dev and librados-dev" >&2
-    exit 1
-fi
+# The names the RBD backend opens with dlopen, as the dynamic loader finds them.
+loader_cache=$(ldconfig -p)
+for lib in librbd.so.1 librados.so.2; do
+    if ! grep -q "^[[:space:]]*$lib " <<<"$loader_cache"; then
+        echo "install-deps: the dynamic loader finds no $lib after installing librbd1 and librados2" >&2
+        exit 1
+    fi
+done
 if [ ! -e /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 ]; then
     echo "install-deps: no aarch64 dynamic loader (qemu-aarch64-static -L /usr/aarch64-linux-gnu) after installing libc6-dev-arm64-cross" >&2
     exit 1

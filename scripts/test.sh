@@ -15,7 +15,7 @@ cargo build --release --bin corodev
 # The statically linked musl build, whose coroutines run on the sigaltstack backend (musl
 # has no makecontext): the coro suites on it, and the binary that
 # integration/tests/coro_backends.rs serves a real guest with. Without the RBD backend:
-# librbd has no static musl build to link.
+# it loads librbd with dlopen, which a static binary cannot.
 cargo build --release --target x86_64-unknown-linux-musl --bin corodev --no-default-features --features nvme
 # The programs integration/tests/nvme.rs runs inside its NVMe guest (which has no libc):
 # the vfio-ioctls probe, the verifying vhost-user frontend and the NVMe workloads.

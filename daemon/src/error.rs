@@ -117,8 +117,8 @@ pub enum Error {
         "this corodev was built without the NVMe backend (cargo feature 'nvme'); rebuild with it"
     )]
     NvmeNotBuilt,
-    /// `--backend rbd` in a build without librbd.
-    #[error("this corodev was built without the RBD backend (cargo feature 'rbd'); rebuild with it, on a host with librbd-dev and librados-dev")]
+    /// `--backend rbd` in a build without the RBD backend (e.g. the static musl build).
+    #[error("this corodev was built without the RBD backend (cargo feature 'rbd'); use a dynamically linked build with the default features: it loads librbd.so.1 when an RBD image is opened, which a static binary cannot")]
     RbdNotBuilt,
     /// The disk is empty.
     #[error("disk {0} is empty; give it a size (e.g. truncate -s 1G {0})")]

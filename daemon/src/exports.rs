@@ -212,6 +212,9 @@ pub fn error_key(e: &Error) -> &'static str {
 fn rbd_error_key(e: &corodev_devices::backend::RbdError) -> &'static str {
     use corodev_devices::backend::RbdError;
     match e {
+        RbdError::LoadLibrary { .. }
+        | RbdError::MissingSymbol { .. }
+        | RbdError::LibraryTooOld { .. } => "backend",
         RbdError::Conf { .. } | RbdError::ConfSet { .. } => "ceph-conf",
         RbdError::Create { .. } | RbdError::Connect { .. } => "ceph-id",
         RbdError::NoPool { .. } | RbdError::Pool { .. } => "rbd-pool",

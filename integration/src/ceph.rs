@@ -12,7 +12,7 @@ use crate::workspace::{on_path, workspace};
 
 /// What a missing Ceph tool's failure says.
 pub const CEPH_HINT: &str = "run `bash scripts/install-deps.sh` (as root) to install Ceph \
-     (ceph-mon, ceph-mgr, ceph-osd, ceph-common) and librbd-dev";
+     (ceph-mon, ceph-mgr, ceph-osd, ceph-common) and librbd1";
 
 /// A single-node cluster (monitor, manager, one OSD) with pool `rbd`, torn down on drop.
 pub struct CephCluster {

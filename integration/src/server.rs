@@ -61,7 +61,7 @@ pub fn corodev_bin() -> PathBuf {
 
 /// The statically linked musl build of corodev, which scripts/test.sh builds with
 /// `cargo build --release --target x86_64-unknown-linux-musl --bin corodev --no-default-features --features nvme`
-/// (no RBD backend: librbd has no static musl build); panics with that
+/// (no RBD backend: a static binary cannot dlopen librbd); panics with that
 /// command when it is missing (a test of it must not pass without it).
 pub fn corodev_musl_bin() -> PathBuf {
     let p = workspace().join("target/x86_64-unknown-linux-musl/release/corodev");

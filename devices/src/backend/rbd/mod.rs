@@ -78,6 +78,24 @@ pub struct RbdOptions {
 /// Why an RBD image cannot be served. Each names what the user typed.
 #[derive(Debug, thiserror::Error)]
 pub enum RbdError {
+    /// librados or librbd cannot be loaded (not installed, or a broken installation).
+    #[error("--backend rbd: cannot load {library}: {source}; install Ceph's client library (Debian: apt-get install librbd1)")]
+    LoadLibrary {
+        /// The file the loader looked for (`librados.so.2`, `librbd.so.1`).
+        library: &'static str,
+        /// The loader's message (`dlerror`).
+        source: libloading::Error,
+    },
+    /// The library loaded but lacks a function the backend calls.
+    #[error("--backend rbd: {library} has no function {symbol}{}; the RBD backend needs librbd {}.{} (Ceph 16.2) or newer (Debian: apt-get install librbd1)", dl_suffix(.source), ffi::MIN_LIBRBD.0, ffi::MIN_LIBRBD.1)]
+    MissingSymbol {
+        /// The library's file name.
+        library: &'static str,
+        /// The function's name.
+        symbol: &'static str,
+        /// The loader's message (`dlerror`); `None` when the symbol exists but is null.
+        source: Option<libloading::Error>,
+    },
     /// The installed librbd is older than the API this build was written against.
     #[error("librbd {found_major}.{found_minor}.{found_extra} is too old: the RBD backend needs librbd {}.{} (Ceph 16.2) or newer", ffi::MIN_LIBRBD.0, ffi::MIN_LIBRBD.1)]
     LibraryTooOld {
@@ -193,6 +211,10 @@ fn id_suffix(id: &Option<String>) -> String {
         .map_or_else(String::new, |id| format!(" as client.{id}"))
 }
 
+fn dl_suffix(e: &Option<libloading::Error>) -> String {
+    e.as_ref().map_or_else(String::new, |e| format!(" ({e})"))
+}
+
 fn ns_suffix(ns: &Option<String>) -> String {
     ns.as_ref()
         .map_or_else(String::new, |ns| format!(", namespace '{ns}'"))
@@ -210,11 +232,13 @@ fn cstring(what: &'static str, value: &str) -> Result<CString, RbdError> {
     })
 }
 
-/// Checks the librbd loaded at run time against [`ffi::MIN_LIBRBD`].
+/// Checks the librbd loaded at run time against [`ffi::MIN_LIBRBD`], loading librados and
+/// librbd first if no RBD image was opened yet.
 pub fn check_librbd() -> Result<(i32, i32, i32), RbdError> {
+    let lib = ffi::Api::load()?;
     let (mut major, mut minor, mut extra) = (0, 0, 0);
     // SAFETY: rbd_version writes three ints through the pointers, which point at locals.
-    unsafe { ffi::rbd_version(&mut major, &mut minor, &mut extra) };
+    unsafe { (lib.rbd_version)(&mut major, &mut minor, &mut extra) };
     let (min_major, min_minor) = ffi::MIN_LIBRBD;
     // A new major version may have changed what these declarations assume.
     if major != min_major || minor < min_minor {
@@ -230,6 +254,8 @@ pub fn check_librbd() -> Result<(i32, i32, i32), RbdError> {
 /// A connection to a Ceph cluster (`rados_t`), shut down when the last user drops it.
 pub struct Cluster {
     handle: ffi::rados_t,
+    /// The loaded libraries' functions.
+    lib: &'static ffi::Api,
 }
 
 // SAFETY: librados cluster handles are thread-safe: the library serialises access to its
@@ -240,8 +266,10 @@ unsafe impl Sync for Cluster {}
 
 impl Cluster {
     /// Connects as `opts.id` with `opts.conf`, giving up after `opts.connect_timeout`, and
-    /// arms `opts.op_timeout` for every later request.
+    /// arms `opts.op_timeout` for every later request. Loads librados and librbd first if
+    /// no RBD image was opened yet.
     pub fn connect(opts: &RbdOptions) -> Result<Arc<Cluster>, RbdError> {
+        let lib = ffi::Api::load()?;
         let id = opts
             .id
             .as_deref()
@@ -250,7 +278,7 @@ impl Cluster {
         let mut handle: ffi::rados_t = ptr::null_mut();
         // SAFETY: `handle` is a local the call fills; `id` is NUL-terminated or NULL.
         let r = unsafe {
-            ffi::rados_create(&mut handle, id.as_ref().map_or(ptr::null(), |c| c.as_ptr()))
+            (lib.rados_create)(&mut handle, id.as_ref().map_or(ptr::null(), |c| c.as_ptr()))
         };
         if r < 0 {
             return Err(RbdError::Create {
@@ -259,14 +287,14 @@ impl Cluster {
             });
         }
         // From here `cluster`'s drop shuts the handle down on every error path.
-        let cluster = Cluster { handle };
+        let cluster = Cluster { handle, lib };
         let path = match &opts.conf {
             Some(p) => Some(cstring("--ceph-conf", &p.to_string_lossy())?),
             None => None,
         };
         // SAFETY: a live handle; `path` is NUL-terminated or NULL (default search).
         let r = unsafe {
-            ffi::rados_conf_read_file(handle, path.as_ref().map_or(ptr::null(), |c| c.as_ptr()))
+            (lib.rados_conf_read_file)(handle, path.as_ref().map_or(ptr::null(), |c| c.as_ptr()))
         };
         if r < 0 {
             return Err(RbdError::Conf {
@@ -306,7 +334,7 @@ impl Cluster {
         // not negotiate flushes or turned the write cache off (a flush after each write).
         cluster.set("rbd_cache_writethrough_until_flush", "false")?;
         // SAFETY: a live, configured handle.
-        let r = unsafe { ffi::rados_connect(handle) };
+        let r = unsafe { (lib.rados_connect)(handle) };
         if r < 0 {
             return Err(RbdError::Connect {
                 id: opts.id.clone(),
@@ -321,7 +349,7 @@ impl Cluster {
         let o = cstring(option, option)?;
         let v = cstring(option, value)?;
         // SAFETY: a live handle and two NUL-terminated strings, copied by librados.
-        let r = unsafe { ffi::rados_conf_set(self.handle, o.as_ptr(), v.as_ptr()) };
+        let r = unsafe { (self.lib.rados_conf_set)(self.handle, o.as_ptr(), v.as_ptr()) };
         if r < 0 {
             return Err(RbdError::ConfSet {
                 option,
@@ -337,7 +365,7 @@ impl Cluster {
         let mut buf = [0 as c_char; 256];
         // SAFETY: a live handle; librados writes at most `buf.len()` bytes, NUL included.
         let r = unsafe {
-            ffi::rados_conf_get(self.handle, option.as_ptr(), buf.as_mut_ptr(), buf.len())
+            (self.lib.rados_conf_get)(self.handle, option.as_ptr(), buf.as_mut_ptr(), buf.len())
         };
         if r < 0 {
             return None;
@@ -352,12 +380,14 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         // SAFETY: the handle is live, and every I/O context made from it was destroyed
         // first (each holds an `Arc<Cluster>`).
-        unsafe { ffi::rados_shutdown(self.handle) };
+        unsafe { (self.lib.rados_shutdown)(self.handle) };
     }
 }
 
 /// An open RBD image.
 pub struct RbdBackend {
+    /// The loaded libraries' functions.
+    lib: &'static ffi::Api,
     image: ffi::rbd_image_t,
     ioctx: ffi::rados_ioctx_t,
     /// Kept so the connection outlives the image and its I/O context.
@@ -387,6 +417,7 @@ impl RbdBackend {
 
     /// Opens the image on an existing connection (one connection per process).
     pub fn open_in(cluster: Arc<Cluster>, opts: &RbdOptions) -> Result<RbdBackend, RbdError> {
+        let lib = cluster.lib;
         let pool = cstring("--rbd-pool", &opts.pool)?;
         let image_name = cstring("--rbd-image", &opts.image)?;
         let namespace = opts
@@ -396,7 +427,7 @@ impl RbdBackend {
             .transpose()?;
         let mut ioctx: ffi::rados_ioctx_t = ptr::null_mut();
         // SAFETY: a connected cluster handle, a NUL-terminated name, a local to fill.
-        let r = unsafe { ffi::rados_ioctx_create(cluster.handle, pool.as_ptr(), &mut ioctx) };
+        let r = unsafe { (lib.rados_ioctx_create)(cluster.handle, pool.as_ptr(), &mut ioctx) };
         if r == -libc::ENOENT {
             return Err(RbdError::NoPool {
                 pool: opts.pool.clone(),
@@ -426,24 +457,25 @@ impl RbdBackend {
         };
         if let Some(ns) = &namespace {
             // SAFETY: a live I/O context and a NUL-terminated string librados copies.
-            unsafe { ffi::rados_ioctx_set_namespace(ioctx, ns.as_ptr()) };
+            unsafe { (lib.rados_ioctx_set_namespace)(ioctx, ns.as_ptr()) };
         }
         let mut image: ffi::rbd_image_t = ptr::null_mut();
         // SAFETY: a live I/O context, a NUL-terminated name, a local to fill, no snapshot.
         let r = unsafe {
             if opts.readonly {
-                ffi::rbd_open_read_only(ioctx, image_name.as_ptr(), &mut image, ptr::null())
+                (lib.rbd_open_read_only)(ioctx, image_name.as_ptr(), &mut image, ptr::null())
             } else {
-                ffi::rbd_open(ioctx, image_name.as_ptr(), &mut image, ptr::null())
+                (lib.rbd_open)(ioctx, image_name.as_ptr(), &mut image, ptr::null())
             }
         };
         if r < 0 {
             // SAFETY: the I/O context is live and nothing uses it any more.
-            unsafe { ffi::rados_ioctx_destroy(ioctx) };
+            unsafe { (lib.rados_ioctx_destroy)(ioctx) };
             return Err(image_err(errno(r)));
         }
         // From here `backend`'s drop closes the image and the I/O context.
         let mut backend = RbdBackend {
+            lib,
             image,
             ioctx,
             _cluster: cluster,
@@ -490,7 +522,7 @@ impl RbdBackend {
         backend.writeback = cache;
         let mut size = 0u64;
         // SAFETY: an open image and a local to fill.
-        let r = unsafe { ffi::rbd_get_size(backend.image, &mut size) };
+        let r = unsafe { (lib.rbd_get_size)(backend.image, &mut size) };
         if r < 0 {
             return Err(image_err(errno(r)));
         }
@@ -506,7 +538,7 @@ impl RbdBackend {
     ) -> Result<Vec<Option<(String, ffi::rbd_config_source_t)>>, io::Error> {
         let mut max: c_int = 0;
         // SAFETY: an open image; with no array librbd only reports the count needed.
-        let r = unsafe { ffi::rbd_config_image_list(self.image, ptr::null_mut(), &mut max) };
+        let r = unsafe { (self.lib.rbd_config_image_list)(self.image, ptr::null_mut(), &mut max) };
         if r != -libc::ERANGE && r < 0 {
             return Err(errno(r));
         }
@@ -520,7 +552,8 @@ impl RbdBackend {
             .collect();
         // SAFETY: an open image and an array of `max` entries, which librbd fills (each
         // string allocated by it) and `rbd_config_image_list_cleanup` frees below.
-        let r = unsafe { ffi::rbd_config_image_list(self.image, options.as_mut_ptr(), &mut max) };
+        let r =
+            unsafe { (self.lib.rbd_config_image_list)(self.image, options.as_mut_ptr(), &mut max) };
         if r < 0 {
             return Err(errno(r));
         }
@@ -539,7 +572,7 @@ impl RbdBackend {
             })
             .collect();
         // SAFETY: the array librbd filled, with the count it reported.
-        unsafe { ffi::rbd_config_image_list_cleanup(options.as_mut_ptr(), max) };
+        unsafe { (self.lib.rbd_config_image_list_cleanup)(options.as_mut_ptr(), max) };
         Ok(found)
     }
 
@@ -554,15 +587,19 @@ impl RbdBackend {
         let res = coro::io::remote(bufs, |op| {
             let (iov, n) = op.iovecs();
             let n = c_int::try_from(n).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-            let arg = Box::into_raw(Box::new(op.into_completer()));
+            let arg = Box::into_raw(Box::new(Waiter {
+                completer: op.into_completer(),
+                lib: self.lib,
+            }));
             let mut c: ffi::rbd_completion_t = ptr::null_mut();
             // SAFETY: `arg` is a live heap pointer that `on_complete` takes back exactly once
             // (librbd calls a completion's callback once); `c` is a local to fill.
-            let r =
-                unsafe { ffi::rbd_aio_create_completion(arg.cast(), Some(on_complete), &mut c) };
+            let r = unsafe {
+                (self.lib.rbd_aio_create_completion)(arg.cast(), Some(on_complete), &mut c)
+            };
             if r < 0 {
                 // SAFETY: librbd refused the completion, so it never saw `arg`: ours again.
-                unsafe { Box::from_raw(arg) }.disarm();
+                unsafe { Box::from_raw(arg) }.completer.disarm();
                 return Err(errno(r));
             }
             let r = submit(iov, n, c);
@@ -570,8 +607,8 @@ impl RbdBackend {
                 // SAFETY: a refused request never completes, so neither the completion nor
                 // `arg` is used by librbd any more.
                 unsafe {
-                    ffi::rbd_aio_release(c);
-                    Box::from_raw(arg).disarm();
+                    (self.lib.rbd_aio_release)(c);
+                    Box::from_raw(arg).completer.disarm();
                 }
                 return Err(errno(r));
             }
@@ -584,19 +621,28 @@ impl RbdBackend {
     }
 }
 
+/// What a request hands librbd as its completion's argument: how to wake the parked
+/// request, and the functions to read and release the completion with (the callback has
+/// no backend to take them from).
+struct Waiter {
+    completer: Completer,
+    lib: &'static ffi::Api,
+}
+
 /// librbd's completion callback, on one of librbd's threads: hands the result to the
 /// parked request's ring.
 ///
 /// # Safety
-/// `arg` must be the `Box<Completer>` pointer that [`RbdBackend::aio`] gave to this
+/// `arg` must be the `Box<Waiter>` pointer that [`RbdBackend::aio`] gave to this
 /// completion, and `c` that completion; librbd calls this once per completion.
 unsafe extern "C" fn on_complete(c: ffi::rbd_completion_t, arg: *mut c_void) {
     // SAFETY: per this function's contract, `arg` is our box, taken back once.
-    let completer = unsafe { Box::from_raw(arg.cast::<Completer>()) };
+    let waiter = unsafe { Box::from_raw(arg.cast::<Waiter>()) };
+    let Waiter { completer, lib } = *waiter;
     // SAFETY: `c` is the completing request's completion, released only here.
     let r = unsafe {
-        let r = ffi::rbd_aio_get_return_value(c);
-        ffi::rbd_aio_release(c);
+        let r = (lib.rbd_aio_get_return_value)(c);
+        (lib.rbd_aio_release)(c);
         r
     };
     // Reads return their length, which may not fit an i32 CQE result: only the sign is
@@ -617,8 +663,8 @@ impl Drop for RbdBackend {
         // request uses it (every worker drained its requests), and librbd's close waits for
         // anything of its own still in flight.
         unsafe {
-            ffi::rbd_close(self.image);
-            ffi::rados_ioctx_destroy(self.ioctx);
+            (self.lib.rbd_close)(self.image);
+            (self.lib.rados_ioctx_destroy)(self.ioctx);
         }
     }
 }
@@ -642,7 +688,7 @@ impl BlockBackend for RbdBackend {
         }
         // SAFETY: an open, writable image; librbd locks its image state against the
         // requests other threads submit meanwhile.
-        let r = unsafe { ffi::rbd_resize(self.image, new_size) };
+        let r = unsafe { (self.lib.rbd_resize)(self.image, new_size) };
         if r < 0 {
             return Err(ResizeError::Storage(errno(r)));
         }
@@ -673,7 +719,7 @@ impl BlockBackend for RbdBackend {
         self.aio(&iov, |iov, n, c| {
             // SAFETY: an open image, the slot's iovec array (valid until the
             // completion) and a fresh completion.
-            unsafe { ffi::rbd_aio_readv(self.image, iov, n, offset, c) }
+            unsafe { (self.lib.rbd_aio_readv)(self.image, iov, n, offset, c) }
         })
     }
 
@@ -683,7 +729,7 @@ impl BlockBackend for RbdBackend {
             // SAFETY: as for reads; librbd reads the guest's buffers (copying them at
             // submission, or, zero copy without the cache, until the completion) before
             // the completion.
-            unsafe { ffi::rbd_aio_writev(self.image, iov, n, offset, c) }
+            unsafe { (self.lib.rbd_aio_writev)(self.image, iov, n, offset, c) }
         })
     }
 
@@ -697,14 +743,14 @@ impl BlockBackend for RbdBackend {
         }
         self.aio(&[], |_, _, c| {
             // SAFETY: an open image and a fresh completion.
-            unsafe { ffi::rbd_aio_flush(self.image, c) }
+            unsafe { (self.lib.rbd_aio_flush)(self.image, c) }
         })
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.aio(&[], |_, _, c| {
             // SAFETY: an open image and a fresh completion.
-            unsafe { ffi::rbd_aio_discard(self.image, offset, len, c) }
+            unsafe { (self.lib.rbd_aio_discard)(self.image, offset, len, c) }
         })
     }
 
@@ -720,7 +766,7 @@ impl BlockBackend for RbdBackend {
         };
         self.aio(&[], |_, _, c| {
             // SAFETY: an open image and a fresh completion.
-            unsafe { ffi::rbd_aio_write_zeroes(self.image, offset, len, c, flags, 0) }
+            unsafe { (self.lib.rbd_aio_write_zeroes)(self.image, offset, len, c, flags, 0) }
         })
     }
 }
