@@ -8,8 +8,9 @@
 #   tar xzf bench-bundle.tar.gz && bash bench-bundle/run.sh   # report: bench-bundle/results/
 #
 # The bundle holds:
-#   bin/      corodev (release, --no-default-features --features nvme: no Ceph libraries),
-#             corodev-bench, qemu-storage-daemon (this machine's), busybox (static)
+#   bin/      corodev (release; it loads the Ceph libraries only for an RBD export, so the
+#             bundle has none), corodev-bench, qemu-storage-daemon (this machine's),
+#             busybox (static)
 #   lib/      every shared library the three dynamic binaries load (from ldd), and the
 #             dynamic loader ld-linux-x86-64.so.2 that starts each of them with
 #             --library-path lib, so nothing comes from the other machine's /lib
@@ -44,17 +45,15 @@ done
 
 echo "bench-bundle: building corodev-bench" >&2
 cargo build --release -p corodev-bench >&2 || die "building corodev-bench failed"
-echo "bench-bundle: building corodev without the RBD backend" >&2
-cargo build --release -p corodev --bin corodev --no-default-features --features nvme >&2 ||
-    die "building corodev (--no-default-features --features nvme) failed"
+echo "bench-bundle: building corodev" >&2
+cargo build --release -p corodev --bin corodev >&2 || die "building corodev failed"
 
 rm -rf "$B" "$B.tar.gz"
 mkdir -p "$B/bin" "$B/lib" "$B/bb" "$B/scripts"
 cp target/release/corodev target/release/corodev-bench "$QSD" "$B/bin/"
-# Copied now: the next plain cargo build puts the RBD-linked corodev back in target/release.
 strip --strip-debug "$B/bin/corodev" "$B/bin/corodev-bench" "$B/bin/qemu-storage-daemon"
 if ldd "$B/bin/corodev" | grep -E 'librbd|librados'; then
-    die "corodev links the Ceph libraries (above) although built without the rbd feature"
+    die "corodev links the Ceph libraries (above): they must be loaded only for an RBD export"
 fi
 
 # Every library ldd resolves for the three binaries, under the name they ask for; the
