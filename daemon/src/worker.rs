@@ -285,6 +285,7 @@ impl Worker {
 
     /// Handles the completion eventfd: resumes the requests whose I/O finished.
     pub fn on_completion(&self) {
+        self.pass_clock.set(None);
         if let Err(e) = self.sched.on_completion_event() {
             self.submission_failed(&e);
         }
@@ -511,12 +512,7 @@ impl Worker {
                     // it now, so it wakes while the rest of the batch is served (see
                     // crate::signal_policy); notify() checks again at the end.
                     if let Ok(true) = state.needs_notification() {
-                        if let Err(e) = state.signal_used_queue() {
-                            self.conn
-                                .blk
-                                .log()
-                                .warn(format_args!("queue {queue}: cannot notify the guest: {e}"));
-                        }
+                        self.signalled(*queue, state.signal_used_queue());
                     }
                 }
             }
@@ -528,8 +524,20 @@ impl Worker {
         }
     }
 
+    /// Logs a failed signal of `queue`'s call eventfd (the guest then learns of its
+    /// completions at its next look at the used ring, or the next signal).
+    fn signalled(&self, queue: usize, result: io::Result<()>) {
+        if let Err(e) = result {
+            self.conn
+                .blk
+                .log()
+                .warn(format_args!("queue {queue}: cannot notify the guest: {e}"));
+        }
+    }
+
     /// The clock for a request's completion: read by the first completion after the
-    /// coroutines are run and shared by the rest of that pass, so a batch of completions
+    /// coroutines are resumed (every path that resumes them clears it first) and shared by
+    /// the rest of that pass, so a batch of completions
     /// costs one clock read, not one each (a latency is at most one pass late, a few
     /// microseconds; reading it per request was 5% of a null-backend worker's time).
     fn pass_clock(&self) -> Instant {
@@ -569,12 +577,7 @@ impl Worker {
             match vring.needs_notification() {
                 Ok(false) => {}
                 Ok(true) | Err(_) => {
-                    if let Err(e) = vring.signal_used_queue() {
-                        self.conn
-                            .blk
-                            .log()
-                            .warn(format_args!("queue {queue}: cannot notify the guest: {e}"));
-                    }
+                    self.signalled(queue, vring.signal_used_queue());
                 }
             }
             // Only now: `stop_vring` may return (and the frontend tear the queue down) as

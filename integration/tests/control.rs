@@ -343,3 +343,46 @@ fn a_hard_delete_cuts_the_guest_off_and_shutdown_ends_the_daemon() {
     assert!(!control.exists(), "the control socket is removed at exit");
     assert!(!daemon.socket.exists(), "and the export's");
 }
+
+/// A request's latency in the statistics runs from its pop to its own completion, also when
+/// completions arrive one by one while the worker sleeps. Two flushes held 200 ms each by
+/// the null backend, the second published 100 ms after the first: each took at least 200 ms.
+/// (Regression: the completion time is read once per pass and was not cleared when the
+/// completion event resumed requests, so the second flush was stamped with the first one's
+/// time and counted at about 100 ms.)
+#[test]
+fn a_requests_latency_runs_to_its_own_completion() {
+    const HELD: Duration = Duration::from_millis(200);
+    let dir = dir();
+    let control = dir.path().join("control.sock");
+    let control_arg = control.to_str().expect("utf-8 path");
+    let held_us = HELD.as_micros().to_string();
+    let daemon = Daemon::corodev_null(&[
+        "--control",
+        control_arg,
+        "--null-latency-us",
+        &held_us,
+        "--queue-size",
+        "16",
+    ]);
+    let mut fe =
+        integration::frontend::TestFrontend::connect(daemon.socket(), 1, 16).expect("connect");
+    let first = fe.put_flush(0, 0);
+    fe.publish(0, first);
+    std::thread::sleep(HELD / 2);
+    let second = fe.put_flush(0, 1);
+    fe.publish(0, second);
+    for _ in 0..2 {
+        fe.wait_used(0, WAIT).expect("a flush answered");
+    }
+    let stats = ctl(&control, &["query-stats"]).json();
+    let queue = &stats[0]["queues"][0];
+    let count = queue.pointer("/latency/count").and_then(Value::as_u64);
+    let sum_ns = queue.pointer("/latency/sum-ns").and_then(Value::as_u64);
+    assert_eq!(count, Some(2), "{stats}");
+    let held_ns = u64::try_from(HELD.as_nanos()).expect("fits");
+    assert!(
+        sum_ns.is_some_and(|s| s >= 2 * held_ns),
+        "two requests held {HELD:?} each are counted as {sum_ns:?} ns in all: {stats}"
+    );
+}
