@@ -69,15 +69,24 @@ pub fn run(ctx: &Context, req: Request) -> Result<Value, CommandError> {
         "export-del" => export_del(ctx, args(&execute, arguments)?),
         "export-resize" => export_resize(ctx, args(&execute, arguments)?),
         "shutdown" => {
+            // Only checked here: the session begins the shutdown once this answer is
+            // written ([`after_answer`]), so the client reads it before the daemon exits.
             args::<NoArgs>(&execute, arguments)?;
-            if ctx.shutdown.begin("command") {
-                log::info!("control: shutdown requested; shutting down");
-            }
             Ok(json!({}))
         }
         other => Err(CommandError::not_found(format!(
             "The command {other} has not been found: query-commands lists them"
         ))),
+    }
+}
+
+/// What `execute` still does once its successful answer is on the socket: `shutdown` ends
+/// the daemon then, not before (QEMU's `quit` answers first too). Begun any earlier, the
+/// daemon could exit before the session wrote the answer, and the client would read only
+/// a closed connection.
+pub fn after_answer(ctx: &Context, execute: &str) {
+    if execute == "shutdown" && ctx.shutdown.begin("command") {
+        log::info!("control: shutdown requested; shutting down");
     }
 }
 

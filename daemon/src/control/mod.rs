@@ -200,6 +200,8 @@ async fn session(stream: UnixStream, ctx: Arc<Context>) -> std::io::Result<()> {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
+        // The command whose successful answer this is, for what follows it.
+        let mut succeeded = None;
         let reply = match protocol::parse(&line) {
             Err((err, id)) => protocol::answer(Err(err), id),
             Ok(req) if !negotiated => {
@@ -217,6 +219,7 @@ async fn session(stream: UnixStream, ctx: Arc<Context>) -> std::io::Result<()> {
             }
             Ok(req) => {
                 let id = req.id.clone();
+                let execute = req.execute.clone();
                 let ctx = ctx.clone();
                 let result = tokio::task::spawn_blocking(move || commands::run(&ctx, req))
                     .await
@@ -226,10 +229,16 @@ async fn session(stream: UnixStream, ctx: Arc<Context>) -> std::io::Result<()> {
                             "the command failed inside the daemon",
                         ))
                     });
+                if result.is_ok() {
+                    succeeded = Some(execute);
+                }
                 protocol::answer(result, id)
             }
         };
         write_line(&mut write, &reply).await?;
+        if let Some(execute) = succeeded {
+            commands::after_answer(&ctx, &execute);
+        }
     }
 }
 
