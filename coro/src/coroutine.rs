@@ -112,6 +112,11 @@ impl Builder {
         self
     }
 
+    /// Whether this builder's backend can run coroutines on a shared stack.
+    pub(crate) fn switches_by_register(&self) -> bool {
+        self.backend.switches_by_register()
+    }
+
     /// Creates a coroutine that will run `f` when first resumed.
     ///
     /// Fails when the pool has no parked fiber of this kind and a new stack cannot be

@@ -22,6 +22,7 @@ use slab::Slab;
 
 use crate::coroutine::{self, Builder, Coroutine, Resumed};
 use crate::io::Ring;
+use crate::shared_stack::StackMode;
 use crate::{Error, SpawnError};
 
 /// Identifies a task within its scheduler. The generation makes a stale id (of a finished
@@ -44,6 +45,9 @@ struct Task {
 
 pub(crate) struct Inner {
     builder: Builder,
+    /// Tasks spawned while this many or more are unfinished run on the thread's shared
+    /// stack (see [`Scheduler::share_stacks_beyond`]); `usize::MAX`: never.
+    shared_beyond: Cell<usize>,
     tasks: RefCell<Slab<Task>>,
     ready: RefCell<VecDeque<TaskId>>,
     current: Cell<Option<TaskId>>,
@@ -115,6 +119,7 @@ impl Scheduler {
         Scheduler {
             inner: Rc::new(Inner {
                 builder,
+                shared_beyond: Cell::new(usize::MAX),
                 tasks: RefCell::new(Slab::new()),
                 ready: RefCell::new(VecDeque::new()),
                 current: Cell::new(None),
@@ -129,6 +134,21 @@ impl Scheduler {
     /// creates a default ring of 256 entries.
     pub fn with_ring(self, ring: Ring) -> Scheduler {
         *self.inner.ring.borrow_mut() = Some(ring);
+        self
+    }
+
+    /// Runs the tasks spawned while `n` or more of this scheduler's tasks are unfinished
+    /// on the thread's shared stack ([`StackMode::Shared`]), the others as the builder
+    /// says. With a [`StackMode::Pooled`] builder, the first `n` tasks in flight switch
+    /// without copying and each one beyond costs the bytes it used (1-2 KiB for a request
+    /// handler) rather than the pages it touched (4 KiB or more): the cost of a copy is
+    /// paid only where many tasks are parked at once, which is where their memory adds
+    /// up. Ignored where the builder's backend cannot share a stack
+    /// ([`Backend::switches_by_register`](crate::Backend::switches_by_register)).
+    pub fn share_stacks_beyond(self, n: usize) -> Scheduler {
+        if self.inner.builder.switches_by_register() {
+            self.inner.shared_beyond.set(n);
+        }
         self
     }
 
@@ -282,8 +302,12 @@ impl Inner {
             let error = Error::TooManyTasks { slot };
             return Err(SpawnError { error, job });
         };
-        let co = self
-            .builder
+        let builder = if self.tasks.borrow().len() >= self.shared_beyond.get() {
+            self.builder.stack_mode(StackMode::Shared)
+        } else {
+            self.builder
+        };
+        let co = builder
             .spawn_job(job)
             .map_err(|(error, job)| SpawnError { error, job })?;
         let gen = self.next_gen.get().wrapping_add(1);

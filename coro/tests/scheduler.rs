@@ -13,7 +13,8 @@ use coro::{Backend, Builder, Error, Scheduler, StackMode};
 
 /// Defines `mod name { fn fast(); fn sigaltstack(); fn ucontext(); fn thread(); }` running
 /// `body(scheduler)` with pooled stacks on each backend, plus `fn shared();
-/// fn shared_sigaltstack();` on the shared stack with the two register switches.
+/// fn shared_sigaltstack();` on the shared stack with the two register switches, and
+/// `fn mixed();`: the first task in flight pooled, those beyond it shared.
 macro_rules! each_backend {
     ($name:ident, $body:expr) => {
         mod $name {
@@ -45,6 +46,12 @@ macro_rules! each_backend {
                     shared_builder().backend(Backend::Sigaltstack),
                 ))
             }
+            #[test]
+            fn mixed() {
+                ($body)(
+                    Scheduler::new(Builder::new().backend(Backend::Fast)).share_stacks_beyond(1),
+                )
+            }
         }
     };
 }
@@ -54,6 +61,55 @@ fn shared_builder() -> Builder {
     Builder::new()
         .backend(Backend::Fast)
         .stack_mode(StackMode::Shared)
+}
+
+/// Where task `t`'s frames are: the address of a local, parked and checked after.
+fn spawn_recording_frame(s: &Scheduler, t: usize, frames: &Rc<RefCell<Vec<(usize, usize)>>>) {
+    let frames = frames.clone();
+    s.spawn(move || {
+        let local = [t; 64];
+        frames
+            .borrow_mut()
+            .push((t, std::hint::black_box(&local).as_ptr() as usize));
+        coro::yield_task();
+        // A shared-stack task's bytes were copied out and back in between.
+        assert_eq!(std::hint::black_box(&local), &[t; 64]);
+    })
+    .expect("spawn");
+}
+
+#[test]
+fn tasks_beyond_the_limit_share_one_stack_and_the_first_ones_do_not() {
+    let s = Scheduler::new(Builder::new().backend(Backend::Fast)).share_stacks_beyond(2);
+    let frames = Rc::new(RefCell::new(Vec::new()));
+    for t in 0..5 {
+        spawn_recording_frame(&s, t, &frames);
+    }
+    s.run().expect("run");
+    assert_eq!(s.task_count(), 0);
+    let frames = frames.borrow();
+    let at = |t: usize| frames.iter().find(|f| f.0 == t).expect("task ran").1;
+    // Tasks 2-4 were spawned with two or more unfinished: the same frame on one stack.
+    assert_eq!(at(2), at(3));
+    assert_eq!(at(3), at(4));
+    // Tasks 0 and 1 have stacks of their own.
+    assert_ne!(at(0), at(1));
+    assert!(at(0) != at(2) && at(1) != at(2));
+}
+
+#[test]
+fn sharing_beyond_a_limit_is_ignored_by_a_backend_that_cannot_share() {
+    let s = Scheduler::new(Builder::new().backend(Backend::Thread)).share_stacks_beyond(0);
+    let frames = Rc::new(RefCell::new(Vec::new()));
+    for t in 0..3 {
+        spawn_recording_frame(&s, t, &frames);
+    }
+    s.run().expect("run");
+    assert_eq!(s.task_count(), 0);
+    let frames = frames.borrow();
+    let mut addrs: Vec<usize> = frames.iter().map(|f| f.1).collect();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 3, "each task its own stack: {frames:?}");
 }
 
 each_backend!(park_and_outside_wake, |s: Scheduler| {

@@ -24,6 +24,7 @@ use corodev_devices::request::WriteLog;
 use crate::completion_event::CompletionEvents;
 use crate::dirty_log::DirtyLog;
 use crate::error::Error;
+use crate::export_config::StackMode;
 use crate::guest_fault;
 use crate::image_lock::ImageLock;
 use crate::inflight::{InflightError, QueueTracker, Region, RingView};
@@ -45,7 +46,7 @@ pub struct WorkerConfig {
     /// Coroutine switch backend for the workers' schedulers.
     pub coroutine_backend: coro::Backend,
     /// Where the workers' coroutines keep their stacks (`--stack-mode`).
-    pub stack_mode: coro::StackMode,
+    pub stack_mode: StackMode,
     /// Coroutine stack size in bytes.
     pub stack_size: usize,
     /// Longest busy-poll window after the last work (zero: never poll).

@@ -311,7 +311,7 @@ mod tests {
         let workers = WorkerConfig {
             threads: 2,
             coroutine_backend: coro::Backend::Fast,
-            stack_mode: coro::StackMode::Pooled,
+            stack_mode: crate::export_config::StackMode::Auto,
             stack_size: coro::DEFAULT_STACK_SIZE,
             poll: Duration::ZERO,
             stop_timeout: Duration::from_secs(30),

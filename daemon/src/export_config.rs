@@ -92,6 +92,11 @@ impl From<CoroutineBackend> for coro::Backend {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StackMode {
+    /// Pooled stacks for a worker's first [`AUTO_POOLED`] requests in flight, the shared
+    /// stack for those beyond: requests at ordinary depths switch without copying, and
+    /// a deep queue of parked requests costs their used bytes each rather than a page or
+    /// more. Plain pooled where the backend cannot share a stack.
+    Auto,
     /// Each coroutine owns a guarded stack, reused from a per-thread pool. No copying on a
     /// switch; a parked request costs the stack pages it touched (4 KiB or more).
     Pooled,
@@ -101,12 +106,36 @@ pub enum StackMode {
     Shared,
 }
 
+/// Requests in flight on one worker that `auto` gives pooled stacks: the queue depth
+/// most drivers and benchmarks use. With 1,024 requests parked on 4 queues it kept the
+/// daemon's RSS at 11.1 MiB (pooled: 13.3, shared: 10.7) while null-backend reads at
+/// queue depth 32 never touched the shared stack (2-vCPU machine, BENCHMARKS.md).
+pub const AUTO_POOLED: usize = 32;
+
 impl StackMode {
-    /// The coroutine crate's value.
+    /// How the workers' coroutine builder keeps stacks: `auto` starts from pooled.
     pub fn to_coro(self) -> coro::StackMode {
         match self {
-            StackMode::Pooled => coro::StackMode::Pooled,
+            StackMode::Auto | StackMode::Pooled => coro::StackMode::Pooled,
             StackMode::Shared => coro::StackMode::Shared,
+        }
+    }
+
+    /// Requests in flight on a worker beyond which new ones go on the shared stack
+    /// ([`coro::Scheduler::share_stacks_beyond`]); `usize::MAX`: never.
+    pub fn shared_beyond(self) -> usize {
+        match self {
+            StackMode::Auto => AUTO_POOLED,
+            StackMode::Pooled | StackMode::Shared => usize::MAX,
+        }
+    }
+
+    /// The name `--stack-mode` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            StackMode::Auto => "auto",
+            StackMode::Pooled => "pooled",
+            StackMode::Shared => "shared",
         }
     }
 }
@@ -277,10 +306,11 @@ pub struct ExportConfig {
     /// Where request coroutines keep their stacks. `shared` runs all of a worker's
     /// requests on one stack and copies each parked request's used bytes (1-2 KiB) to the
     /// heap: use it when many requests sit parked (deep queues, slow storage) on a host
-    /// short of memory. Keep `pooled` (no copying) when latency matters or requests use
-    /// deep stacks. `shared` needs a register switch: --coroutine-backend fast or
-    /// sigaltstack.
-    #[arg(long, value_enum, default_value_t = StackMode::Pooled)]
+    /// short of memory. `pooled` gives each request a stack of its own (no copying, 4 KiB
+    /// or more per parked request). `auto` (the default) gives a worker's first 32
+    /// requests in flight pooled stacks and those beyond the shared one. `shared` needs a
+    /// register switch: --coroutine-backend fast or sigaltstack (`auto` is then pooled).
+    #[arg(long, value_enum, default_value_t = StackMode::Auto)]
     pub stack_mode: StackMode,
 
     /// Poll the queues for up to this many microseconds (0-10000) after the last request
@@ -328,7 +358,7 @@ impl Default for ExportConfig {
             block_size: DEFAULT_BLOCK_SIZE,
             stack_size: SizeArg::Text(DEFAULT_STACK_SIZE.to_owned()),
             coroutine_backend: CoroutineBackend::Fast,
-            stack_mode: StackMode::Pooled,
+            stack_mode: StackMode::Auto,
             poll_us: DEFAULT_POLL_US,
             stop_timeout: DEFAULT_STOP_TIMEOUT,
         }

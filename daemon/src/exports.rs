@@ -80,7 +80,7 @@ pub fn prepare(spec: ExportSpec) -> Result<Prepared, Error> {
         coroutine_backend: coro::Backend::from(spec.coroutine_backend)
             .check()
             .map_err(Error::CoroutineBackend)?,
-        stack_mode: spec.stack_mode.to_coro(),
+        stack_mode: spec.stack_mode,
         stack_size: spec.stack_size,
         poll: spec.poll,
         stop_timeout: spec.stop_timeout,

@@ -14,7 +14,7 @@
 //! until the end of a batch made the driver and the device take turns: the driver went to
 //! sleep on an empty used ring while the device finished the batch, and each of those
 //! sleeps cost an interrupt. The guest is signalled only if EVENT_IDX says it is waiting,
-//! and when depends on where it runs ([`crate::signal_policy`]): on another core, at the
+//! and when depends on where it runs ([`crate::core_sharing`]): on another core, at the
 //! first completion of a batch, so it wakes while the rest is served; on the worker's own
 //! core, once at the end of the batch, so it does not preempt the worker at every request.
 //!
@@ -24,7 +24,9 @@
 //! worker never sleeps in epoll; when the device stays idle for the window, notifications
 //! are re-enabled and the worker returns to epoll. The window adapts between zero and
 //! `--poll-us` to how long the worker actually waits for work ([`PollWindow`]), so slow
-//! storage does not cost a spinning core. This is QEMU's `poll-max-ns` idea. A worker
+//! storage does not cost a spinning core, and it stays shut while the worker shares its
+//! core ([`crate::core_sharing`]): spinning there takes the time the driver or an io_uring
+//! write thread needs. This is QEMU's `poll-max-ns` idea. A worker
 //! that stays busy still goes back through epoll every [`POLL_BUDGET`], so it sees a
 //! shutdown and the library's exit event however much work keeps arriving.
 //!
@@ -52,10 +54,10 @@ use corodev_devices::memory::GuestMap;
 use corodev_devices::request::{Used, WriteLog};
 
 use crate::connection::Connection;
+use crate::core_sharing::CoreSharing;
 use crate::inflight::QueueTracker;
 use crate::poll_window::PollWindow;
 use crate::ring::{self, has_avail, pop_all, Chain, InFlightHeads, RingFault};
-use crate::signal_policy::SignalPolicy;
 
 /// Submission queue entries per worker ring: enough for a full 1024-deep queue per batch;
 /// a fuller queue is flushed to the kernel early rather than failing.
@@ -91,8 +93,9 @@ pub struct Worker {
     published: RefCell<Vec<usize>>,
     /// How long to poll after the last work.
     window: PollWindow,
-    /// Whether to signal the driver as each request completes or once per batch.
-    signals: SignalPolicy,
+    /// Whether the worker shares its core: decides early or batched signals, and whether
+    /// it polls at all.
+    core: CoreSharing,
     /// When the worker last went back to epoll, idle, to measure how long it slept.
     idle_since: Cell<Option<Instant>>,
     /// The time shared by every completion of one pass (see [`Worker::pass_clock`]).
@@ -187,12 +190,14 @@ impl Worker {
             Ring::with_eventfd(RING_ENTRIES, efd)?.submit_each(conn.blk.disk().submit_each_io());
         let builder = coro::Builder::new()
             .backend(conn.workers.coroutine_backend)
-            .stack_mode(conn.workers.stack_mode)
+            .stack_mode(conn.workers.stack_mode.to_coro())
             .stack_size(conn.workers.stack_size);
         let worker = Rc::new(Worker {
             conn: conn.clone(),
             thread: thread_id,
-            sched: Scheduler::new(builder).with_ring(ring),
+            sched: Scheduler::new(builder)
+                .share_stacks_beyond(conn.workers.stack_mode.shared_beyond())
+                .with_ring(ring),
             vrings: vrings.to_vec(),
             queues: (0..vrings.len())
                 .map(|local| conn.global_queue(thread_id, local))
@@ -205,7 +210,7 @@ impl Worker {
             published: RefCell::new(vec![0; vrings.len()]),
             trackers: RefCell::new(vec![(0, None); vrings.len()]),
             window: PollWindow::new(conn.workers.poll),
-            signals: SignalPolicy::default(),
+            core: CoreSharing::default(),
             idle_since: Cell::new(None),
             pass_clock: Cell::new(None),
             map: RefCell::new(None),
@@ -391,7 +396,7 @@ impl Worker {
     pub fn poll(self: &Rc<Self>) {
         let conn = &self.conn;
         let started = Instant::now();
-        self.signals.update(started);
+        self.core.update(started);
         if conn.workers.poll.is_zero() {
             // Notifications were re-armed when the chains were popped.
             self.map.borrow_mut().take();
@@ -436,7 +441,12 @@ impl Worker {
             }
             // Reading the clock costs as much as a poll pass: look only every 64 idle
             // passes (at once when the window is closed).
-            let window = self.window.get();
+            // A worker sharing its core would spin on time someone else needs.
+            let window = if self.core.alone() {
+                self.window.get()
+            } else {
+                Duration::ZERO
+            };
             let expired = if window.is_zero() {
                 true
             } else {
@@ -507,10 +517,10 @@ impl Worker {
                     dirty.mark(ring.used_ring() + 2, 2);
                 }
                 let first = *count == 1;
-                if first && self.signals.early() && state.get_queue().event_idx_enabled() {
+                if first && self.core.alone() && state.get_queue().event_idx_enabled() {
                     // The batch's first completion: if the driver asked for a signal, give
                     // it now, so it wakes while the rest of the batch is served (see
-                    // crate::signal_policy); notify() checks again at the end.
+                    // crate::core_sharing); notify() checks again at the end.
                     if let Ok(true) = state.needs_notification() {
                         self.signalled(*queue, state.signal_used_queue());
                     }

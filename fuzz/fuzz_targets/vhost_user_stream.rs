@@ -114,7 +114,7 @@ fn server() -> &'static PathBuf {
             workers: WorkerConfig {
                 threads: 1,
                 coroutine_backend: coro::Backend::Fast,
-                stack_mode: coro::StackMode::Pooled,
+                stack_mode: corodev::export_config::StackMode::Auto,
                 stack_size: coro::DEFAULT_STACK_SIZE,
                 poll: Duration::ZERO,
                 stop_timeout: Duration::from_secs(5),

@@ -1,7 +1,8 @@
-//! When a worker signals the driver: as soon as a request completes, or once per batch.
+//! Whether a worker shares its core: what decides when it signals the driver, and
+//! whether it polls.
 //!
-//! A driver that waits for completions sleeps until it is signalled, and how much that
-//! sleep costs depends on where the driver runs relative to the worker:
+//! **Signals.** A driver that waits for completions sleeps until it is signalled, and
+//! how much that sleep costs depends on where the driver runs relative to the worker:
 //!
 //! - **On another core**, waking it is a cross-core wake-up (on a virtual machine, an
 //!   inter-processor interrupt through the hypervisor: tens of microseconds on some
@@ -28,13 +29,22 @@
 //! | early, at every completion          |      1.44M |     0.51M |
 //! | early, at a batch's first completion |     1.49M |         - |
 //!
-//! Neither is right for both, and an unpinned worker and driver move between the two
-//! placements. So the worker measures which one it is in: a worker sharing its core with
-//! the driver it signals is preempted at every signal (about 50,000 involuntary context
-//! switches a second in the run above), one on its own core almost never (under 20 a
-//! second). [`SignalPolicy`] reads the thread's involuntary context switch count (one
-//! `getrusage` call) each time the worker passes through its poll loop's end, at most
-//! every [`CHECK_EVERY`], and signals early while the rate stays under [`SHARED_RATE`].
+//! **Polling.** A worker that spins waiting for its next completion keeps the core from
+//! whoever shares it: the driver, or the io_uring worker threads that do buffered writes
+//! (the kernel cannot do those without blocking, so every one runs on such a thread). On
+//! 2 vCPUs, 4 KiB buffered random writes at queue depth 32 had the worker, the driver and
+//! an io_uring thread runnable at once; the worker was preempted about 15,000 times a
+//! second, and its polling took the time the write thread needed: 128 KiB sequential
+//! writes ran at 48K IOPS polling and 60K not (21 against 24-36 CPU-seconds per million
+//! I/Os). A worker that shares its core therefore goes to sleep as soon as it is idle;
+//! one on its own core polls within its window ([`crate::poll_window`]).
+//!
+//! **Telling the two apart.** A worker sharing its core is preempted over and over (about
+//! 50,000 involuntary context switches a second in the signalling run above, 15,000 in
+//! the write run), one on its own core almost never (under 20 a second). [`CoreSharing`]
+//! reads the thread's involuntary context switch count (one `getrusage` call) each time
+//! the worker enters its poll loop, at most every [`CHECK_EVERY`], and takes the core as
+//! shared while the rate is above [`SHARED_RATE`].
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -43,32 +53,34 @@ use std::time::{Duration, Instant};
 pub const CHECK_EVERY: Duration = Duration::from_millis(4);
 
 /// Involuntary context switches a second above which the worker is taken to share its
-/// core with the driver. Between the two measured regimes (about 20 and 50,000) by a
+/// core. Between the two measured regimes (about 20 and 50,000) by a
 /// wide margin either side; other load on the core also counts, and batching is then
 /// the better choice as well.
 pub const SHARED_RATE: u64 = 2_000;
 
-/// A worker's choice between early and batched signals (see the module docs).
-pub struct SignalPolicy {
-    /// Signal each completion the driver asked for, rather than once per batch.
-    early: Cell<bool>,
+/// Whether a worker shares its core, as last measured (see the module docs).
+pub struct CoreSharing {
+    /// The worker has its core to itself: signal early, and poll.
+    alone: Cell<bool>,
     /// When the count was last read, and what it was.
     last: Cell<Option<(Instant, u64)>>,
 }
 
-impl Default for SignalPolicy {
+impl Default for CoreSharing {
     fn default() -> Self {
-        SignalPolicy {
-            early: Cell::new(true),
+        CoreSharing {
+            alone: Cell::new(true),
             last: Cell::new(None),
         }
     }
 }
 
-impl SignalPolicy {
-    /// Whether to signal as each request completes (the driver permitting).
-    pub fn early(&self) -> bool {
-        self.early.get()
+impl CoreSharing {
+    /// Whether the worker has its core to itself: then it signals as each batch's first
+    /// request completes (the driver permitting) and polls; otherwise it signals once per
+    /// batch and sleeps when idle.
+    pub fn alone(&self) -> bool {
+        self.alone.get()
     }
 
     /// Re-measures, if [`CHECK_EVERY`] has passed since the last time: called from the
@@ -83,7 +95,7 @@ impl SignalPolicy {
             return;
         };
         if let Some((then, before)) = self.last.get() {
-            self.early.set(!shared(
+            self.alone.set(!shared(
                 count.saturating_sub(before),
                 now.duration_since(then),
             ));
@@ -128,14 +140,14 @@ mod tests {
     }
 
     #[test]
-    fn starts_early_and_a_quiet_thread_stays_early() {
-        let p = SignalPolicy::default();
-        assert!(p.early());
+    fn starts_alone_and_a_quiet_thread_stays_alone() {
+        let p = CoreSharing::default();
+        assert!(p.alone());
         let t0 = Instant::now();
         p.update(t0);
         p.update(t0 + CHECK_EVERY);
         // This test thread is not preempted 2,000 times a second.
-        assert!(p.early());
+        assert!(p.alone());
     }
 
     /// Pins the calling thread to `cpu`.
@@ -178,7 +190,7 @@ mod tests {
         };
         let writer = std::thread::spawn(move || {
             pin(cpu);
-            let p = SignalPolicy::default();
+            let p = CoreSharing::default();
             let start = Instant::now();
             p.update(start);
             while start.elapsed() < Duration::from_millis(200) {
@@ -191,13 +203,13 @@ mod tests {
             p.update(Instant::now());
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             efd.write(1).expect("eventfd write");
-            p.early()
+            p.alone()
         });
-        let early = writer.join().expect("writer thread");
+        let alone = writer.join().expect("writer thread");
         reader.join().expect("reader thread");
         assert!(
-            !early,
-            "a writer preempted at every signal kept signalling early"
+            !alone,
+            "a writer preempted at every signal was taken to have its core to itself"
         );
     }
 }
