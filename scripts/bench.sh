@@ -463,8 +463,6 @@ run_one() {
         echo "bench: $name $side pinning checked during the run: daemon pid ${DAEMON_PIDS[0]}: ${dseen[0]:-unpinned}; corodev-bench pid ${bpids[0]}: ${cseen[0]:-unpinned}$([ "$nd" = 1 ] || echo " (and as much for the other $((nd - 1)) of each)")" >&2
     fi
     stop_daemons
-    # Flush the dirty pages of a buffered write run now, not during the other side's run.
-    [ "$BACKEND" != file ] || sync "$IMAGE"
     local iops=() p50=() p99=() ios=() rss=0
     for ((i = 0; i < nd; i++)); do
         iops+=("$(jnum iops "$TMP/out.$i.json")") p50+=("$(jnum lat_p50_us "$TMP/out.$i.json")")

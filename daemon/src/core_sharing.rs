@@ -34,10 +34,12 @@
 //! (the kernel cannot do those without blocking, so every one runs on such a thread). On
 //! 2 vCPUs, 4 KiB buffered random writes at queue depth 32 had the worker, the driver and
 //! an io_uring thread runnable at once; the worker was preempted about 15,000 times a
-//! second, and its polling took the time the write thread needed: 128 KiB sequential
-//! writes ran at 48K IOPS polling and 60K not (21 against 24-36 CPU-seconds per million
-//! I/Os). A worker that shares its core therefore goes to sleep as soon as it is idle;
-//! one on its own core polls within its window ([`crate::poll_window`]).
+//! second, and its polling took the time the write thread needed (128 KiB sequential
+//! writes: 48K IOPS polling, 60K with `--poll-us 0`). A worker that shares its core
+//! therefore goes to sleep as soon as it is idle; one on its own core polls within its
+//! window ([`crate::poll_window`]). Daemon CPU per million I/Os, before and after, in the
+//! same benchmark rounds: 128 KiB sequential writes 31.7 -> 26.1 CPU-seconds, 4 KiB random
+//! writes 63.3 -> 52.3 (BENCHMARKS.md).
 //!
 //! **Telling the two apart.** A worker sharing its core is preempted over and over (about
 //! 50,000 involuntary context switches a second in the signalling run above, 15,000 in

@@ -108,8 +108,8 @@ pub enum StackMode {
 
 /// Requests in flight on one worker that `auto` gives pooled stacks: the queue depth
 /// most drivers and benchmarks use. With 1,024 requests parked on 4 queues it kept the
-/// daemon's RSS at 11.1 MiB (pooled: 13.3, shared: 10.7) while null-backend reads at
-/// queue depth 32 never touched the shared stack (2-vCPU machine, BENCHMARKS.md).
+/// daemon's RSS at 10.9 MiB (pooled: 13.3, shared: 10.7), while the queue depth 32 cases
+/// stay on pooled stacks (2-vCPU machine, BENCHMARKS.md).
 pub const AUTO_POOLED: usize = 32;
 
 impl StackMode {
