@@ -116,6 +116,8 @@ impl InFlightHeads {
 pub struct Popped {
     /// Chains to serve: resubmitted ones first (oldest first), then in avail order.
     pub chains: Vec<Chain>,
+    /// The memory map the chains are built on, to serve them with.
+    pub mem: GuestMap,
     /// Why the queue must stop, if it must.
     pub fault: Option<RingFault>,
 }
@@ -128,18 +130,28 @@ pub struct Popped {
 /// and re-checks, so a buffer added in between is not missed (the EVENT_IDX race);
 /// without, leaves them off for the poll loop. Never pops more than a queue size from the
 /// avail ring, so a guest that keeps publishing cannot hold the lock forever.
+///
+/// `map` gives the current memory map. It is read again once the chains are popped, and
+/// if the frontend changed the map meanwhile, the chains are rebuilt on the new one: a
+/// frontend adds a memory region, waits for our answer and only then publishes chains
+/// with buffers in it, so a chain popped after the change may need it, and the map read
+/// before the pop would refuse its buffers as outside guest memory (seen with libblkio
+/// mapping its buffers right after starting the rings).
 pub fn pop_all(
     vring: &VringRwLock,
-    mem: &GuestMap,
+    map: impl Fn() -> GuestMap,
     rearm: bool,
     heads: &mut InFlightHeads,
     queue: &QueueState,
     tracker: Option<&QueueTracker>,
 ) -> Popped {
+    let mem = map();
     let mut popped = Popped {
         chains: Vec::new(),
+        mem: mem.clone(),
         fault: None,
     };
+    let mem = &mem;
     let mut state = vring.get_mut();
     if !state.is_enabled() || !state.get_queue().ready() {
         return popped;
@@ -171,6 +183,16 @@ pub fn pop_all(
             Ok(true) => {}
             Err(e) => popped.fault = Some(RingFault::Unreadable(e)),
         }
+    }
+    // Every avail index read above comes before this load, so the map it returns holds
+    // every region the frontend had added before publishing those chains.
+    let latest = map();
+    if !popped.chains.is_empty() && !latest.is(mem) {
+        let table = GuestAddress(state.get_queue().desc_table());
+        for chain in &mut popped.chains {
+            *chain = DescriptorChain::new(latest.clone(), table, size, chain.head_index());
+        }
+        popped.mem = latest;
     }
     popped
 }

@@ -318,7 +318,6 @@ impl Worker {
         let Some(state) = conn.queue(queue) else {
             return 0;
         };
-        let mem = self.map();
         let popped = {
             let mut heads = self.heads.borrow_mut();
             let mut trackers = self.trackers.borrow_mut();
@@ -328,7 +327,7 @@ impl Worker {
             }
             pop_all(
                 &self.vrings[local],
-                &mem,
+                || self.map(),
                 rearm,
                 &mut heads[local],
                 state,
@@ -341,6 +340,7 @@ impl Worker {
         }
         // One clock read per batch, not per request: its requests were popped together.
         let now = Instant::now();
+        let mem = popped.mem;
         for chain in popped.chains {
             let job = Request {
                 worker: self.clone(),
