@@ -45,24 +45,28 @@ IO_URING_TESTS=(
     dropping_scheduler_unwinds_parked_tasks::thread
     dropping_scheduler_unwinds_parked_tasks::shared
     dropping_scheduler_unwinds_parked_tasks::shared_sigaltstack
+    dropping_scheduler_unwinds_parked_tasks::mixed
     io_uring_reads_resume_in_completion_order::fast
     io_uring_reads_resume_in_completion_order::sigaltstack
     io_uring_reads_resume_in_completion_order::ucontext
     io_uring_reads_resume_in_completion_order::thread
     io_uring_reads_resume_in_completion_order::shared
     io_uring_reads_resume_in_completion_order::shared_sigaltstack
+    io_uring_reads_resume_in_completion_order::mixed
     io_uring_write_fsync_fallocate_roundtrip::fast
     io_uring_write_fsync_fallocate_roundtrip::sigaltstack
     io_uring_write_fsync_fallocate_roundtrip::ucontext
     io_uring_write_fsync_fallocate_roundtrip::thread
     io_uring_write_fsync_fallocate_roundtrip::shared
     io_uring_write_fsync_fallocate_roundtrip::shared_sigaltstack
+    io_uring_write_fsync_fallocate_roundtrip::mixed
     parked_tasks_keep_stack_data_through_sleep_and_file_io::fast
     parked_tasks_keep_stack_data_through_sleep_and_file_io::sigaltstack
     parked_tasks_keep_stack_data_through_sleep_and_file_io::ucontext
     parked_tasks_keep_stack_data_through_sleep_and_file_io::thread
     parked_tasks_keep_stack_data_through_sleep_and_file_io::shared
     parked_tasks_keep_stack_data_through_sleep_and_file_io::shared_sigaltstack
+    parked_tasks_keep_stack_data_through_sleep_and_file_io::mixed
     pooled_stack_buffers_are_not_checked
     ring_setup_failure_names_the_call
     shared_stack_buffers_are_refused
@@ -72,6 +76,7 @@ IO_URING_TESTS=(
     sleep_orders_by_deadline::thread
     sleep_orders_by_deadline::shared
     sleep_orders_by_deadline::shared_sigaltstack
+    sleep_orders_by_deadline::mixed
     submit_each_sends_io_before_the_batch_ends
     wait_readable_parks_until_an_eventfd_fires::fast
     wait_readable_parks_until_an_eventfd_fires::sigaltstack
@@ -79,6 +84,7 @@ IO_URING_TESTS=(
     wait_readable_parks_until_an_eventfd_fires::thread
     wait_readable_parks_until_an_eventfd_fires::shared
     wait_readable_parks_until_an_eventfd_fires::shared_sigaltstack
+    wait_readable_parks_until_an_eventfd_fires::mixed
 )
 skips=()
 for t in "${IO_URING_TESTS[@]}"; do
