@@ -122,7 +122,10 @@ impl VhostUserBackend for BlkDevice {
         // The library updates the GuestMemoryAtomic we handed it; requests take an Arc of
         // the current map when they start, so in-flight ones keep the old map alive.
         self.0.guard_memory();
-        self.0.share_memory_with_disk()
+        let shared = self.0.share_memory_with_disk();
+        // The map is replaced whether or not the disk took it.
+        self.0.memory_changed();
+        shared
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

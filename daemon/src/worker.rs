@@ -101,9 +101,10 @@ pub struct Worker {
     /// The time shared by every completion of one pass (see [`Worker::pass_clock`]).
     pass_clock: Cell<Option<Instant>>,
     /// This worker's handle on the connection's current memory map, which its requests
-    /// clone (see [`GuestMap`]); dropped when the worker goes idle, so a replaced map is
-    /// not kept mapped by a worker with nothing to do.
-    map: RefCell<Option<GuestMap>>,
+    /// clone (see [`GuestMap`]), with the connection's memory generation it was taken at;
+    /// dropped when the worker goes idle, so a replaced map is not kept mapped by a
+    /// worker with nothing to do.
+    map: RefCell<Option<(u64, GuestMap)>>,
 }
 
 /// One request's coroutine: serve its chain, then publish the result. A type rather than a
@@ -410,7 +411,7 @@ impl Worker {
                 self.run();
                 work += 1;
             }
-            let mem = conn.mem.memory();
+            let mem = self.map();
             for (local, vring) in self.vrings.iter().enumerate() {
                 if let Some(queue) = self.serving(local) {
                     if has_avail(vring, &mem) {
@@ -498,11 +499,14 @@ impl Worker {
         }
         let trackers = self.trackers.borrow();
         let tracker = trackers.get(local).and_then(|(_, t)| t.as_deref());
+        // The queue's own calls with this worker's map: the vring's wrappers load the
+        // library's map (an ArcSwap load) on every call.
+        let mem = self.map();
         let mut state = vring.get_mut();
         if let Some(t) = tracker {
             t.completing(head);
         }
-        match state.add_used(head, len) {
+        match state.get_queue_mut().add_used(&*mem, head, len) {
             Ok(()) => {
                 let ring = state.get_queue();
                 let next_used = ring.next_used();
@@ -521,7 +525,7 @@ impl Worker {
                     // The batch's first completion: if the driver asked for a signal, give
                     // it now, so it wakes while the rest of the batch is served (see
                     // crate::core_sharing); notify() checks again at the end.
-                    if let Ok(true) = state.needs_notification() {
+                    if let Ok(true) = state.get_queue_mut().needs_notification(&*mem) {
                         self.signalled(*queue, state.signal_used_queue());
                     }
                 }
@@ -561,13 +565,13 @@ impl Worker {
     /// This worker's handle on the connection's current memory map: the one it holds if
     /// the frontend has not replaced the map since, else a new one.
     fn map(&self) -> GuestMap {
-        let current = self.conn.mem.memory();
+        let generation = self.conn.memory_generation();
         let mut held = self.map.borrow_mut();
         match &*held {
-            Some(map) if map.is(&current) => map.clone(),
+            Some((taken, map)) if *taken == generation => map.clone(),
             _ => {
-                let map = GuestMap::new(current.into_inner());
-                *held = Some(map.clone());
+                let map = GuestMap::new(self.conn.mem.memory().into_inner());
+                *held = Some((generation, map.clone()));
                 map
             }
         }
@@ -584,7 +588,11 @@ impl Worker {
                 continue;
             };
             *count = 0;
-            match vring.needs_notification() {
+            let needed = vring
+                .get_mut()
+                .get_queue_mut()
+                .needs_notification(&*self.map());
+            match needed {
                 Ok(false) => {}
                 Ok(true) | Err(_) => {
                     self.signalled(queue, vring.signal_used_queue());

@@ -15,7 +15,7 @@ use std::mem::size_of;
 use std::ops::Deref;
 
 use vm_memory::bitmap::{BitmapSlice, WithBitmapSlice};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, GuestAddress, GuestMemory};
 
 use crate::{desc::split::Descriptor, Error, Reader, Writer};
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_ALIGN_SIZE;
@@ -178,8 +178,8 @@ where
             .checked_add(self.next_index as u64 * size_of::<Descriptor>() as u64)?;
 
         // The guest device driver should not touch the descriptor once submitted, so it's safe
-        // to use read_obj() here.
-        let desc = self.mem.read_obj::<Descriptor>(desc_addr).ok()?;
+        // to use read_obj() here. (corodev patch: crate::obj::read, its quick form.)
+        let desc = crate::obj::read::<Descriptor, _>(&*self.mem, desc_addr).ok()?;
 
         if desc.refers_to_indirect_table() {
             self.switch_to_indirect_table(desc).ok()?;
@@ -261,7 +261,7 @@ mod tests {
     use crate::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use crate::mock::{DescriptorTable, MockSplitQueue};
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestMemoryMmap};
 
     #[test]
     fn test_checked_new_descriptor_chain() {

@@ -35,6 +35,7 @@ pub mod mock;
 
 mod chain;
 mod descriptor_utils;
+mod obj;
 mod queue;
 mod queue_sync;
 mod state;
