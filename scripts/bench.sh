@@ -65,7 +65,7 @@ SCALE=${SCALE:-2}
 DAEMON_CPUS=${DAEMON_CPUS:-}
 CLIENT_CPUS=${CLIENT_CPUS:-}
 PREBUILT=${PREBUILT:-0}
-ALL_CASES="null-qd1 null-qd32 null-2q-qd32 file-randread-buffered file-randwrite-buffered
+ALL_CASES="null-qd1 null-qd32 null-2q-qd32 null-qd256 file-randread-buffered file-randwrite-buffered
 file-randread-direct file-randwrite-direct file-seqread-128k file-seqwrite-128k rss-1024-inflight
 rbd-randread-qd1 rbd-randread-qd32 rbd-randwrite-qd1 rbd-randwrite-qd32
 rbd-randread-qd1-direct rbd-randread-qd32-direct rbd-randwrite-qd1-direct rbd-randwrite-qd32-direct
@@ -172,6 +172,10 @@ case_def() {
     null-qd1) LOAD=(--rw randread --bs 4K --iodepth 1) ;;
     null-qd32) LOAD=(--rw randread --bs 4K --iodepth 32) ;;
     null-2q-qd32) NQ=2 LOAD=(--rw randread --bs 4K --iodepth 32 --queues 2) ;;
+    # 256 reads in flight on one queue: the client rarely waits for the daemon, so with the
+    # two pinned apart (DAEMON_CPUS, CLIENT_CPUS) the daemon's own cost per I/O sets the
+    # pace; the case to judge a change to the request path by (with BASELINE).
+    null-qd256) QSIZE=1024 LOAD=(--rw randread --bs 4K --iodepth 256) ;;
     file-randread-buffered) BACKEND=file LOAD=(--rw randread --bs 4K --iodepth 32) ;;
     file-randwrite-buffered) BACKEND=file LOAD=(--rw randwrite --bs 4K --iodepth 32) ;;
     file-randread-direct) BACKEND=file DIRECT=1 LOAD=(--rw randread --bs 4K --iodepth 32) ;;
