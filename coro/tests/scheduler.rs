@@ -78,16 +78,22 @@ fn spawn_recording_frame(s: &Scheduler, t: usize, frames: &Rc<RefCell<Vec<(usize
     .expect("spawn");
 }
 
-#[test]
-fn tasks_beyond_the_limit_share_one_stack_and_the_first_ones_do_not() {
-    let s = Scheduler::new(Builder::new().backend(Backend::Fast)).share_stacks_beyond(2);
+/// Runs `tasks` tasks that each record their frame address (see
+/// [`spawn_recording_frame`]) to completion; returns the records.
+fn frames_of(s: &Scheduler, tasks: usize) -> Vec<(usize, usize)> {
     let frames = Rc::new(RefCell::new(Vec::new()));
-    for t in 0..5 {
-        spawn_recording_frame(&s, t, &frames);
+    for t in 0..tasks {
+        spawn_recording_frame(s, t, &frames);
     }
     s.run().expect("run");
     assert_eq!(s.task_count(), 0);
-    let frames = frames.borrow();
+    frames.take()
+}
+
+#[test]
+fn tasks_beyond_the_limit_share_one_stack_and_the_first_ones_do_not() {
+    let s = Scheduler::new(Builder::new().backend(Backend::Fast)).share_stacks_beyond(2);
+    let frames = frames_of(&s, 5);
     let at = |t: usize| frames.iter().find(|f| f.0 == t).expect("task ran").1;
     // Tasks 2-4 were spawned with two or more unfinished: the same frame on one stack.
     assert_eq!(at(2), at(3));
@@ -100,13 +106,7 @@ fn tasks_beyond_the_limit_share_one_stack_and_the_first_ones_do_not() {
 #[test]
 fn sharing_beyond_a_limit_is_ignored_by_a_backend_that_cannot_share() {
     let s = Scheduler::new(Builder::new().backend(Backend::Thread)).share_stacks_beyond(0);
-    let frames = Rc::new(RefCell::new(Vec::new()));
-    for t in 0..3 {
-        spawn_recording_frame(&s, t, &frames);
-    }
-    s.run().expect("run");
-    assert_eq!(s.task_count(), 0);
-    let frames = frames.borrow();
+    let frames = frames_of(&s, 3);
     let mut addrs: Vec<usize> = frames.iter().map(|f| f.1).collect();
     addrs.dedup();
     assert_eq!(addrs.len(), 3, "each task its own stack: {frames:?}");
