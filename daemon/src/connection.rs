@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{ShutdownHandle, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 use corodev_devices::backend::BlockBackend;
 use corodev_devices::blk::VirtioBlk;
@@ -79,12 +79,18 @@ pub struct Connection {
     /// The export's request statistics, which outlive the connection (see
     /// [`with_stats`](Self::with_stats)).
     pub stats: Arc<ExportStats>,
-    /// Guest memory as updated by the frontend's memory table messages.
+    /// Guest memory as the vhost-user library keeps it. The library swaps a new map in
+    /// here *before* it tells us ([`memory_changed`](Self::memory_changed)), so the data
+    /// path never reads it: a worker that took the new map in between touched memory not
+    /// yet registered with [`guest_fault`], and a frontend truncating its file meanwhile
+    /// killed the daemon with SIGBUS. Workers use [`memory_map`](Self::memory_map).
     pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    /// Counts the memory table changes whose new map is guarded and shared (see
-    /// [`memory_changed`](Self::memory_changed)): a worker keeps its own handle on the map
-    /// and compares this, one plain load, where loading `mem` (an ArcSwap load, about
-    /// 20 ns) on every poll pass and pop was 3% of a busy worker's time.
+    /// The map the data path uses, with its generation: replaced only once the library's
+    /// new map is guarded and shared with the disk.
+    map: Mutex<(u64, Arc<GuestMemoryMmap>)>,
+    /// The generation of `map`: a worker keeps its own handle on the map and compares
+    /// this, one plain load, where loading a shared map (about 20 ns) on every poll pass
+    /// and pop was 3% of a busy worker's time.
     mem_generation: AtomicU64,
     /// How the workers run.
     pub workers: WorkerConfig,
@@ -159,6 +165,7 @@ impl Connection {
             dirty,
             stats: Arc::new(ExportStats::new(usize::from(nq))),
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            map: Mutex::new((0, Arc::new(GuestMemoryMmap::new()))),
             mem_generation: AtomicU64::new(0),
             workers,
             queues: (0..nq).map(|_| QueueState::default()).collect(),
@@ -243,25 +250,42 @@ impl Connection {
         let _ = self.shutdown.set(handle);
     }
 
-    /// Tells the workers that `mem` holds a new map. Called after every memory table
-    /// change, before the frontend gets its answer: a frontend publishes requests that use
-    /// a new region only after that answer, so a worker that reads the avail index and
-    /// then this count sees the change before it parses them (see `ring::pop_all`).
-    pub fn memory_changed(&self) {
-        self.mem_generation.fetch_add(1, Ordering::Release);
+    /// Adopts the map the library has just put in `mem` (after every memory table
+    /// change, before the frontend gets its answer): registers its regions for SIGBUS
+    /// recovery, tells the disk, and only then hands it to the workers under a new
+    /// generation. A frontend publishes requests that use a new region only after that
+    /// answer, so a worker that reads the avail index and then the generation sees the
+    /// change before it parses them (see `ring::pop_all`). A refusal from the disk fails
+    /// the frontend's message; the map is adopted anyway (the library holds it already).
+    pub fn memory_changed(&self) -> std::io::Result<()> {
+        use vm_memory::GuestAddressSpace;
+        let mem = self.mem.memory().into_inner();
+        self.guard_memory(&mem);
+        let shared = self.share_memory_with_disk(&mem);
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let generation = map.0 + 1;
+        *map = (generation, mem);
+        self.mem_generation.store(generation, Ordering::Release);
+        shared
     }
 
-    /// Which map `mem` holds: changes after every [`memory_changed`](Self::memory_changed).
-    /// Read it before loading `mem`, so a handle tagged with it is never newer than it.
+    /// Which map [`memory_map`](Self::memory_map) holds: changes after every
+    /// [`memory_changed`](Self::memory_changed). One atomic load.
     pub fn memory_generation(&self) -> u64 {
         self.mem_generation.load(Ordering::Acquire)
     }
 
-    /// Registers the current guest memory map's regions for SIGBUS recovery (after every
-    /// memory table change).
-    pub fn guard_memory(&self) {
-        use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
-        let mem = self.mem.memory().into_inner();
+    /// The guest memory map for the data path, with its generation: every region of it is
+    /// registered for SIGBUS recovery.
+    pub fn memory_map(&self) -> (u64, Arc<GuestMemoryMmap>) {
+        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        (map.0, map.1.clone())
+    }
+
+    /// Registers `mem`'s regions for SIGBUS recovery, and releases those of maps no
+    /// longer alive.
+    fn guard_memory(&self, mem: &Arc<GuestMemoryMmap>) {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
         let mut ranges = Vec::new();
         for region in mem.iter() {
             let page = region
@@ -273,7 +297,7 @@ impl Connection {
             ranges.push((region.as_ptr() as usize, region.as_ptr() as usize + len));
         }
         let mut guarded = self.guarded.lock().unwrap_or_else(PoisonError::into_inner);
-        guarded.push((Arc::downgrade(&mem), ranges));
+        guarded.push((Arc::downgrade(mem), ranges));
         let (live, dead): (Vec<_>, Vec<_>) =
             guarded.drain(..).partition(|(m, _)| m.strong_count() > 0);
         for range in dead.iter().flat_map(|(_, r)| r) {
@@ -284,12 +308,10 @@ impl Connection {
         *guarded = live;
     }
 
-    /// Tells the disk what guest memory is now (every region of the current map), so a
-    /// backend whose device reaches guest memory by DMA maps it (see
-    /// `BlockBackend::guest_memory`). A refusal fails the frontend's memory message.
-    pub fn share_memory_with_disk(&self) -> std::io::Result<()> {
-        use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
-        let mem = self.mem.memory();
+    /// Tells the disk what guest memory is now (every region of `mem`), so a backend
+    /// whose device reaches guest memory by DMA maps it (see `BlockBackend::guest_memory`).
+    fn share_memory_with_disk(&self, mem: &GuestMemoryMmap) -> std::io::Result<()> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
         let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.as_ptr() as u64, r.len())).collect();
         self.blk.disk().guest_memory(&regions)
     }
@@ -388,7 +410,7 @@ impl Connection {
             return Ok(());
         };
         let tracker = region.queue(queue)?;
-        let mem = self.mem.memory();
+        let (_, mem) = self.memory_map();
         let mut vstate = vring.get_mut();
         let q = vstate.get_queue();
         let (size, avail_ring) = (q.size(), q.avail_ring());

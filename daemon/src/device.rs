@@ -119,13 +119,9 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        // The library updates the GuestMemoryAtomic we handed it; requests take an Arc of
-        // the current map when they start, so in-flight ones keep the old map alive.
-        self.0.guard_memory();
-        let shared = self.0.share_memory_with_disk();
-        // The map is replaced whether or not the disk took it.
-        self.0.memory_changed();
-        shared
+        // The library has put the new map in the GuestMemoryAtomic we handed it; requests
+        // take an Arc of the map when they start, so in-flight ones keep the old one alive.
+        self.0.memory_changed()
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -204,8 +200,8 @@ impl VhostUserBackend for BlkDevice {
 
     /// SET_LOG_BASE: the daemon marks dirty pages itself (see [`crate::dirty_log`]).
     fn set_log_base(&self, log: &VhostUserLog, file: &File) -> io::Result<bool> {
-        use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
-        let mem_end = self.0.mem.memory().last_addr().0.saturating_add(1);
+        use vm_memory::GuestMemoryBackend;
+        let mem_end = self.0.memory_map().1.last_addr().0.saturating_add(1);
         if let Err(e) = self.0.dirty.set_base(log, file, mem_end) {
             self.0.blk.log().log(log::Level::Error, format_args!("{e}"));
             return Err(e);
@@ -340,6 +336,50 @@ mod tests {
         ));
         assert_eq!(dev.num_queues(), 3);
         assert_eq!(dev.queues_per_thread(), vec![0b011, 0b100]);
+    }
+
+    /// The library puts a frontend's new map in `mem` before it calls `update_memory`. A
+    /// worker that took the map from there in between touched memory not yet registered
+    /// for SIGBUS recovery, and a frontend truncating its file meanwhile killed the daemon
+    /// (the hostile-frontend suite's churn test, once in CI). The data path's map changes
+    /// only once the new one is guarded: before, this test died of SIGBUS.
+    #[test]
+    fn the_data_path_gets_a_new_map_only_once_it_is_guarded() {
+        use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+        let dev = device(false);
+        let file = tempfile::tempfile().expect("a memory file");
+        file.set_len(8192).expect("two pages");
+        let region = (
+            GuestAddress(0),
+            8192,
+            Some(FileOffset::new(file.try_clone().expect("fd"), 0)),
+        );
+        let map = GuestMemoryMmap::from_ranges_with_files([region]).expect("mapped");
+        // The frontend truncates its file; the library swaps the map in.
+        file.set_len(4096).expect("truncated");
+        dev.0.mem.lock().expect("lock").replace(map);
+        let read = |dev: &BlkDevice| {
+            let mut byte = [0xffu8];
+            let (_, mem) = dev.0.memory_map();
+            mem.read_slice(&mut byte, GuestAddress(4096))
+                .map(|()| byte[0])
+        };
+        assert!(
+            read(&dev).is_err(),
+            "until update_memory the data path keeps the old (empty) map"
+        );
+        let faults = crate::guest_fault::total_faults();
+        dev.update_memory(dev.0.mem.clone()).expect("adopted");
+        assert_eq!(
+            read(&dev).ok(),
+            Some(0),
+            "the page past the end reads as zeroes"
+        );
+        assert_eq!(
+            crate::guest_fault::total_faults(),
+            faults + 1,
+            "one recovered fault"
+        );
     }
 
     #[test]

@@ -178,7 +178,7 @@ pub fn pop_all(
         if popped.fault.is_some() || !rearm || avail >= usize::from(size) {
             break;
         }
-        match state.enable_notification() {
+        match state.get_queue_mut().enable_notification(&**mem) {
             Ok(false) => break,
             Ok(true) => {}
             Err(e) => popped.fault = Some(RingFault::Unreadable(e)),
@@ -296,6 +296,18 @@ fn rings_in_memory(queue: &virtio_queue::Queue, mem: &GuestMemoryMmap) -> Result
 pub fn accepts_requests(vring: &VringRwLock) -> bool {
     let state = vring.get_ref();
     state.is_enabled() && state.get_queue().ready()
+}
+
+/// Re-enables guest notifications on a queue, through `mem` (the library's own call loads
+/// its map, which a worker must not touch: see `Connection::mem`). Returns whether the
+/// driver published buffers meanwhile; an unreadable ring returns false (the next pop
+/// reports it).
+pub fn rearm(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+    let mut state = vring.get_mut();
+    state
+        .get_queue_mut()
+        .enable_notification(mem)
+        .unwrap_or(false)
 }
 
 /// Whether the driver has published buffers we have not popped on an enabled, ready queue

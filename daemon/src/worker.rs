@@ -47,7 +47,6 @@ use coro::io::Ring;
 use coro::Scheduler;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::GuestAddressSpace;
 
 use corodev_devices::blk::Served;
 use corodev_devices::memory::GuestMap;
@@ -462,7 +461,7 @@ impl Worker {
                 let raced = self.vrings.iter().enumerate().any(|(local, v)| {
                     self.serving(local).is_some()
                         && ring::accepts_requests(v)
-                        && v.enable_notification().unwrap_or(false)
+                        && ring::rearm(v, &mem)
                 });
                 if !raced {
                     self.idle_since.set(Some(idle_start));
@@ -570,8 +569,9 @@ impl Worker {
         match &*held {
             Some((taken, map)) if *taken == generation => map.clone(),
             _ => {
-                let map = GuestMap::new(self.conn.mem.memory().into_inner());
-                *held = Some((generation, map.clone()));
+                let (taken, map) = self.conn.memory_map();
+                let map = GuestMap::new(map);
+                *held = Some((taken, map.clone()));
                 map
             }
         }
