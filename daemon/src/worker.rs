@@ -499,7 +499,8 @@ impl Worker {
         let trackers = self.trackers.borrow();
         let tracker = trackers.get(local).and_then(|(_, t)| t.as_deref());
         // The queue's own calls with this worker's map: the vring's wrappers load the
-        // library's map (an ArcSwap load) on every call.
+        // library's map on every call (an ArcSwap load, and a map maybe not yet guarded:
+        // see `Connection::mem`).
         let mem = self.map();
         let mut state = vring.get_mut();
         if let Some(t) = tracker {
